@@ -1,0 +1,111 @@
+"""Training flow: validate → fine-tune → evaluate vs champion → gate → register → alias.
+
+    tuneloop train --data data.jsonl            # CLI
+    python -m flows.training                    # the embedded default, configs/local.yaml
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlflow
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.data import load_dataset, split_dataset, validate_dataset
+from tasks.evaluate import decide_gate, evaluate_model
+from tasks.finetune import finetune_lora, prepare_base_model
+from tasks.registry import (
+    ModelVersionRef, download_version, find_champion, register_adapter, set_alias, start_training_run,
+)
+from tuneloop.config import TuneloopConfig, load_config
+from tuneloop.state import state_paths, tracking_uri
+
+
+@dataclass
+class TrainingResult:
+    version: ModelVersionRef
+    champion: bool
+    reason: str
+    metrics: dict[str, float]
+    champion_metrics: dict[str, float] | None
+    dataset_digest: str
+    trigger: str
+
+
+@flow(name="training-flow", log_prints=False)
+def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual") -> TrainingResult:
+    """Train a LoRA adapter on `config.data`, gate it against the champion, register it."""
+    cfg = config or load_config()
+    logger = get_run_logger()
+    paths = state_paths(cfg).ensure()
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+
+    dataset = load_dataset(cfg.data)
+    report = validate_dataset(dataset, cfg.validation, cfg.data, paths.reports / "data-docs")
+    logger.info(report.summary())
+    split = split_dataset(dataset, cfg.data)
+    base = prepare_base_model(cfg.model, paths.models)
+
+    run_id = start_training_run(
+        cfg.registry, f"train-{split.digest}", _params(cfg), split.train, split.source,
+        tags={"tuneloop.trigger": trigger},
+    )
+    workdir = paths.runs / run_id
+    trained = finetune_lora(split.train, base, cfg.model, cfg.train, workdir, run_id)
+    candidate = evaluate_model(trained.artifact_dir, split.eval, cfg.eval, "candidate")
+
+    champion_ref = find_champion(cfg.registry)
+    champion = None
+    if champion_ref is not None:
+        champion_dir = download_version(champion_ref, workdir / "champion")
+        champion = evaluate_model(champion_dir, split.eval, cfg.eval, f"champion v{champion_ref.version}")
+    verdict = decide_gate(candidate, champion, cfg.gate)
+
+    lineage = {
+        "tuneloop.base_model": base.location, "tuneloop.base_sha256": base.sha256,
+        "tuneloop.base_revision": base.revision or "", "tuneloop.dataset_digest": split.digest,
+        "tuneloop.dataset_source": split.source, "tuneloop.training_run": run_id,
+        "tuneloop.trigger": trigger, "tuneloop.gate": "passed" if verdict.passed else "rejected",
+        "tuneloop.gate_reason": verdict.reason,
+    }
+    prompts = list(split.train["prompt"].head(cfg.monitor.reference_samples))
+    version = register_adapter(cfg.registry, run_id, trained.artifact_dir, candidate.metrics, lineage, prompts)
+    if verdict.passed:
+        set_alias(version, cfg.registry.champion_alias, verdict.reason)
+        logger.info("Version %s is the new %s: %s", version.version, cfg.registry.champion_alias, verdict.reason)
+    else:
+        logger.warning("Version %s registered without alias: %s", version.version, verdict.reason)
+    create_markdown_artifact(
+        key="training-result",
+        markdown=_summary_markdown(version, verdict.passed, verdict.reason, candidate.metrics,
+                                   champion.metrics if champion else None, report.data_docs),
+        description=f"{cfg.registry.model_name} v{version.version}",
+    )
+    return TrainingResult(version, verdict.passed, verdict.reason, candidate.metrics,
+                          champion.metrics if champion else None, split.digest, trigger)
+
+
+def _params(cfg: TuneloopConfig) -> dict[str, object]:
+    return {
+        "base_model": cfg.model.base, **{f"train.{k}": v for k, v in cfg.train.model_dump().items()},
+        "eval.max_examples": cfg.eval.max_examples, "gate.metric": cfg.gate.metric,
+        "gate.tolerance": cfg.gate.tolerance,
+    }
+
+
+def _summary_markdown(version, passed, reason, metrics, champion_metrics, data_docs) -> str:
+    rows = "\n".join(
+        f"| {k} | {v:.4f} | {champion_metrics.get(k, float('nan')):.4f} |" if champion_metrics
+        else f"| {k} | {v:.4f} | – |" for k, v in metrics.items()
+    )
+    docs = f"\n\nData Docs: `{data_docs}`" if data_docs else ""
+    return (
+        f"## {version.name} v{version.version}: {'champion' if passed else 'rejected'}\n\n"
+        f"Gate: {reason}\n\n| metric | candidate | champion |\n|---|---|---|\n{rows}\n\n"
+        f"MLflow model: `{version.uri}`, training run `{version.run_id}`{docs}"
+    )
+
+
+if __name__ == "__main__":
+    training_flow()

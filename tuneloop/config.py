@@ -1,0 +1,199 @@
+"""Typed configuration for every stage, loaded from `configs/<env>.yaml`.
+
+    from tuneloop.config import load_config
+    cfg = load_config("configs/local.yaml", ["train.max_steps=5", "serve.num_replicas=1"])
+
+One mechanism end to end: the YAML gives the values, `key.path=value` overrides (CLI) and
+flow parameters (Prefect renders these models as forms) replace them, pydantic validates.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_HOME = ".tuneloop"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    base: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="Base model: a local path, a hub id, or `builtin:smollm2-135m-instruct` / "
+        "`builtin:tiny-llama`, which are built once into the state dir from packaged assets.",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Compute dtype; bfloat16 halves memory but is slow on most CPUs."
+    )
+
+
+class DataConfig(Strict):
+    path: Path | None = Field(None, description="JSONL file with one example per line.")
+    prompt_field: str = Field("prompt", description="Column holding the instruction.")
+    response_field: str = Field("response", description="Column holding the target answer.")
+    eval_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of rows held out for evaluation."
+    )
+    max_rows: int | None = Field(None, gt=0, description="Use at most this many rows.")
+    seed: int = Field(0, description="Seed of the train/eval split.")
+
+
+class ValidationConfig(Strict):
+    min_rows: int = Field(10, ge=1, description="Fewer rows than this fail validation.")
+    max_prompt_chars: int = Field(4000, gt=0, description="Longest prompt allowed, in characters.")
+    max_response_chars: int = Field(8000, gt=0, description="Longest response allowed.")
+    data_docs: bool = Field(True, description="Build great-expectations Data Docs (HTML).")
+
+
+class TrainConfig(Strict):
+    method: Literal["lora"] = Field("lora", description="Fine-tuning method.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank: higher, more capacity and memory.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (alpha / rank).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(["q_proj", "v_proj"], description="Modules given adapters.")
+    max_steps: int = Field(20, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    max_seq_len: int = Field(128, ge=8, description="Tokens per example after truncation.")
+    seed: int = 0
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads; None: torch's default.")
+
+
+class EvalConfig(Strict):
+    max_examples: int = Field(16, ge=1, description="Held-out examples scored per model.")
+    max_new_tokens: int = Field(24, ge=1, description="Tokens generated per example.")
+    batch_size: int = Field(8, ge=1)
+
+
+class GateConfig(Strict):
+    metric: Literal["rougeL"] = Field("rougeL", description="Metric that decides the alias.")
+    tolerance: float = Field(
+        0.01,
+        ge=0,
+        description="Non-inferiority margin: the candidate wins when "
+        "metric >= champion's metric - tolerance.",
+    )
+
+
+class RegistryConfig(Strict):
+    model_name: str = Field("tuneloop-chat", description="MLflow registered model name.")
+    experiment: str = Field("tuneloop-training", description="MLflow experiment of training runs.")
+    monitoring_experiment: str = Field("tuneloop-monitoring")
+    champion_alias: str = "champion"
+
+
+class MlflowConfig(Strict):
+    tracking_uri: str | None = Field(
+        None, description="None: SQLite under the state dir. A team sets its server URL."
+    )
+    ui_port: int = 5000
+
+
+class PrefectConfig(Strict):
+    api_url: str | None = Field(
+        None, description="None: the local server started by `tuneloop up` / the demo."
+    )
+    port: int = 4200
+    training_deployment: str = "training-flow/tuneloop-training"
+
+
+class ServeConfig(Strict):
+    app_name: str = "tuneloop"
+    host: Literal["127.0.0.1"] = Field("127.0.0.1", description="Loopback only by default.")
+    port: int = 8000
+    ray_address: str | None = Field(
+        None, description="None: the local Ray head started by `tuneloop up` / the demo."
+    )
+    ray_port: int = 6390
+    num_replicas: int = Field(2, ge=1)
+    replica_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per model replica.")
+    torch_threads: int = Field(1, ge=1, description="Torch threads per replica.")
+    max_batch_size: int = Field(8, ge=1, description="Serve dynamic batching: requests per batch.")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="Wait to fill a batch.")
+    default_max_tokens: int = Field(32, ge=1)
+    max_tokens_limit: int = Field(256, ge=1, description="Larger `max_tokens` gets a 422.")
+    smoke_prompt: str = "What is the capital of France?"
+
+
+class MonitorConfig(Strict):
+    window: int = Field(40, ge=1, description="Most recent logged requests compared.")
+    min_samples: int = Field(10, ge=2, description="Fewer requests: verdict `no_data`.")
+    reference_samples: int = Field(200, ge=2, description="Training prompts in the reference.")
+    permutations: int = Field(200, ge=10, description="Permutations of the MMD test.")
+    alpha: float = Field(0.01, gt=0, lt=1, description="Drift when p-value < alpha.")
+    retrain_data: Path | None = Field(None, description="Fresh dataset used for retraining.")
+
+
+class TuneloopConfig(Strict):
+    home: Path = Field(
+        default_factory=lambda: Path(os.environ.get("TUNELOOP_HOME", DEFAULT_HOME)),
+        description="State dir of the embedded default (MLflow, Prefect, logs, models).",
+    )
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    validation: ValidationConfig = ValidationConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    prefect: PrefectConfig = PrefectConfig()
+    serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        return home.expanduser().resolve()
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used."""
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"Override {item!r}: expected key.path=value, e.g. train.max_steps=5")
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each `key.path=value` override set (values parsed as YAML)."""
+    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {item!r}: {key!r} is not a section")
+        node[keys[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TuneloopConfig:
+    """Load a YAML config (default `configs/local.yaml`), apply overrides, and validate it."""
+    path = Path(path) if path else REPO_ROOT / "configs" / "local.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
+    data = apply_overrides(data, overrides or [])
+    try:
+        return TuneloopConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"Config {path} is invalid:\n" + "\n".join(lines)) from None

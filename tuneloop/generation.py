@@ -1,0 +1,48 @@
+"""Chat formatting and batched greedy generation, shared by evaluation and serving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn) or "length" (max_new_tokens reached)
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Return the token ids of `messages` rendered by the model's chat template."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def generate_batch(
+    model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int
+) -> list[Generation]:
+    """Greedily continue each conversation in one left-padded batch."""
+    import torch
+
+    prompts = [chat_prompt(tokenizer, c) for c in conversations]
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        )
+    results = []
+    for prompt, row in zip(prompts, out[:, width:].tolist()):
+        stop = tokenizer.eos_token_id in row
+        tokens = row[: row.index(tokenizer.eos_token_id)] if stop else row
+        tokens = [t for t in tokens if t != pad]
+        text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        results.append(Generation(text, len(prompt), len(tokens), "stop" if stop else "length"))
+    return results

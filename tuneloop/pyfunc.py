@@ -1,0 +1,28 @@
+"""The MLflow pyfunc face of an adapter artifact: `mlflow.pyfunc.load_model("models:/…@champion")`.
+
+The registry entry holds the adapter and its base reference (tuneloop.models), never the
+base weights, so MLflow cannot corrupt the base on the way back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+
+
+class AdapterModel(mlflow.pyfunc.PythonModel):
+    """Answer prompts with a LoRA adapter on its verified base model."""
+
+    def load_context(self, context: Any) -> None:
+        from tuneloop.models import load_adapter_model
+
+        self.model, self.tokenizer = load_adapter_model(context.artifacts["adapter"])
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+        from tuneloop.generation import generate_batch
+
+        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+        max_new_tokens = int((params or {}).get("max_new_tokens", 32))
+        chats = [[{"role": "user", "content": str(p)}] for p in prompts]
+        return [g.text for g in generate_batch(self.model, self.tokenizer, chats, max_new_tokens)]
