@@ -61,7 +61,7 @@ def find_champion(cfg: RegistryConfig) -> ModelVersionRef | None:
         mv = MlflowClient().get_model_version_by_alias(cfg.model_name, cfg.champion_alias)
     except MlflowException:
         return None
-    return ModelVersionRef(mv.name, mv.version, mv.run_id)
+    return ModelVersionRef(mv.name, str(mv.version), mv.run_id)
 
 
 @task(name="download-model-version", retries=2, retry_delay_seconds=2)

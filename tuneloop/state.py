@@ -12,9 +12,10 @@ from pathlib import Path
 
 from tuneloop.config import TuneloopConfig
 
-# Usage reporting and public-host probes off: users keep their data private, and build
-# machines reach no such host. A team may change any of these in its environment.
-PRIVACY_ENV = {
+# Usage reporting and public-host probes off (users keep their data private, and build
+# machines reach no such host), servers on loopback. A team may change any of these in its
+# environment: values already set there win.
+DEFAULT_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -24,8 +25,9 @@ PRIVACY_ENV = {
     # First start of Prefect's SQLite DB takes ~25 s; the default timeout is 20 s.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_LOGGING_LEVEL": "INFO",
-    # Ray would otherwise resolve a non-loopback node address.
-    "RAY_NODE_IP_ADDRESS": "127.0.0.1",
+    # Ray replaces a loopback --node-ip-address with the machine's routable address (and
+    # binds its servers there) unless single-machine mode is set. A multi-node cluster sets 1.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     # Progress bars of artifact downloads and weight loading flood flow logs.
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -117,7 +119,7 @@ def ray_address(cfg: TuneloopConfig) -> str:
 def service_env(cfg: TuneloopConfig) -> dict[str, str]:
     """Return the environment variables a tuneloop process of this config runs with."""
     paths = state_paths(cfg)
-    env = dict(PRIVACY_ENV)
+    env = dict(DEFAULT_ENV)
     env.update(
         TUNELOOP_HOME=str(cfg.home),
         PREFECT_HOME=str(paths.prefect_home),
@@ -134,7 +136,7 @@ def apply_environment(cfg: TuneloopConfig, *, prefect_api: bool = True) -> None:
     """
     state_paths(cfg).ensure()
     for key, value in service_env(cfg).items():
-        if key in PRIVACY_ENV:
+        if key in DEFAULT_ENV:
             os.environ.setdefault(key, value)
         else:
             os.environ[key] = value
