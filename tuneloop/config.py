@@ -90,6 +90,9 @@ class RegistryConfig(Strict):
     experiment: str = Field("tuneloop-training", description="MLflow experiment of training runs.")
     monitoring_experiment: str = Field("tuneloop-monitoring")
     champion_alias: str = "champion"
+    on_new_champion: Literal["promote", "register_only"] = Field(
+        "promote", description="After a version takes the champion alias: deploy it to Serve, or not."
+    )
 
 
 class MlflowConfig(Strict):
@@ -132,12 +135,17 @@ class MonitorConfig(Strict):
     permutations: int = Field(200, ge=10, description="Permutations of the MMD test.")
     alpha: float = Field(0.01, gt=0, lt=1, description="Drift when p-value < alpha.")
     retrain_data: Path | None = Field(None, description="Fresh dataset used for retraining.")
+    embedding_model: str = Field(
+        "builtin:all-minilm-l6-v2", description="Sentence-transformers model: builtin, path or hub id."
+    )
+    cron: str = Field("*/30 * * * *", description="Schedule of the monitoring deployment.")
 
 
 class TuneloopConfig(Strict):
     home: Path = Field(
         default_factory=lambda: Path(os.environ.get("TUNELOOP_HOME", DEFAULT_HOME)),
         description="State dir of the embedded default (MLflow, Prefect, logs, models).",
+        validate_default=True,  # made absolute: servers run with the state dir as cwd
     )
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

@@ -148,13 +148,18 @@ def stop_ray(cfg: TuneloopConfig) -> None:
                        env=_env(cfg), timeout=120)
 
 
-def start_flow_runner(cfg: TuneloopConfig, config_path: Path, *, schedules: bool, api_url: str | None = None,
-                      timeout: float = 120) -> Service:
-    """Serve the training, promotion and monitoring deployments from a background runner."""
+def start_flow_runner(cfg: TuneloopConfig, config_path: Path, *, schedules: bool, overrides: list[str] = (),
+                      api_url: str | None = None, timeout: float = 120) -> Service:
+    """Serve the training, promotion and monitoring deployments from a background runner.
+
+    The runner loads the same config file and overrides as the caller, so a run started from
+    the Prefect UI uses the caller's settings.
+    """
     api = api_url or prefect_api_url(cfg)
     argv = [sys.executable, "-m", "flows.deployments", "--config", str(config_path)]
     if not schedules:
         argv.append("--no-schedules")
+    argv += ["--", f"home={cfg.home}", *overrides]
     # Poll for scheduled runs every 2 s (default 10 s): `run_deployment` waits on it.
     proc = _spawn(cfg, "runner", argv, {"PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "2"})
     logfile = state_paths(cfg).services / "runner.log"

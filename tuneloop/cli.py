@@ -1,0 +1,358 @@
+"""The `tuneloop` command line: the one module that stands above every layer.
+
+    tuneloop demo                      # the whole loop on the embedded default
+    tuneloop up / tuneloop down        # local Prefect, MLflow and Ray (+ Serve) on 127.0.0.1
+    tuneloop train --data data.jsonl   # one training flow run
+    tuneloop promote [--version N]     # serve the champion (or version N)
+    tuneloop monitor                   # one drift check
+    tuneloop validate data.jsonl       # data validation only
+
+Heavy libraries are imported inside commands: `tuneloop --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tuneloop.config import ConfigError, TuneloopConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="An LLMOps loop: validate, "
+                  "fine-tune, evaluate, register, serve, monitor, retrain.")
+console = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default configs/local.yaml)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override, e.g. train.max_steps=5")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show every flow and task log line")]
+
+
+def _config(path: Path | None, overrides: list[str] | None, extra: list[str] | None = None) -> TuneloopConfig:
+    try:
+        return load_config(path, [*(overrides or []), *(extra or [])])
+    except ConfigError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _environment(cfg: TuneloopConfig, *, use_server: bool, verbose: bool = False) -> None:
+    """Export the state dir's environment; use the local Prefect server when one is up."""
+    from tuneloop.services import port_open
+    from tuneloop.state import apply_environment
+
+    server = use_server or port_open("127.0.0.1", cfg.prefect.port)
+    apply_environment(cfg, prefect_api=server)
+    if not server:
+        os.environ.pop("PREFECT_API_URL", None)  # ephemeral API on the state dir's database
+    if not verbose:
+        # Full logs still reach the Prefect UI; the terminal shows progress and warnings.
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+
+
+def _fail(err: BaseException) -> typer.Exit:
+    console.print(f"[red]Failed:[/red] {err}")
+    return typer.Exit(1)
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=console)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@dataclass
+class DemoReport:
+    stages: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Callable[[str], None] = lambda s: None,
+             retraining_timeout_s: int = 1800) -> DemoReport:
+    """Run the loop's stages in order against running local services; return what each did.
+
+    `data` is a tasks.data.DemoData. Training promotes its champion (registry.on_new_champion),
+    and retraining is started by the monitoring flow through the training deployment.
+    """
+    from flows.monitoring import monitoring_flow
+    from flows.training import training_flow
+    from tasks.deploy import endpoint
+    from tasks.drift import wait_for_retraining
+    from tasks.traffic import send_chat_traffic
+
+    start = time.perf_counter()
+    cfg = cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"path": data.trivia_train}),
+        "monitor": cfg.monitor.model_copy(update={"retrain_data": data.medication_train}),
+    })
+    report = DemoReport()
+    url, name = endpoint(cfg.serve), cfg.registry.model_name
+    on_stage("train on trivia, gate, register, promote to Ray Serve")
+    report.stages["first_training"] = training_flow(cfg, trigger="demo: initial training")
+    on_stage(f"send {len(data.trivia_traffic)} trivia requests")
+    report.stages["trivia_traffic"] = send_chat_traffic(url, name, data.trivia_traffic, max_tokens)
+    on_stage("monitor: drift check on trivia traffic")
+    report.stages["check_before"] = monitoring_flow(cfg)
+    on_stage(f"send {len(data.medication_traffic)} medication requests")
+    report.stages["medication_traffic"] = send_chat_traffic(url, name, data.medication_traffic, max_tokens)
+    on_stage("monitor: drift check on medication traffic")
+    after = report.stages["check_after"] = monitoring_flow(cfg)
+    on_stage("retrain on medication data (training deployment), gate, promote")
+    if after.retraining_flow_run_id:
+        report.stages["retraining_state"] = wait_for_retraining(after.retraining_flow_run_id, retraining_timeout_s)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+DEMO_STAGES = 6
+
+
+def registry_table(cfg: TuneloopConfig) -> Table:
+    """Return a table of the registered versions with their lineage, metrics and aliases."""
+    import mlflow
+
+    from tuneloop.state import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    table = Table(title=f"Registered versions of {cfg.registry.model_name}")
+    for col in ("version", "aliases", "trained on", "ROUGE-L", "gate", "triggered by"):
+        table.add_column(col)
+    versions = client.search_model_versions(f"name='{cfg.registry.model_name}'")
+    for mv in sorted(versions, key=lambda v: int(v.version)):
+        t = mv.tags
+        table.add_row(str(mv.version), ", ".join(mv.aliases) or "–", Path(t.get("tuneloop.dataset_source", "?")).name,
+                      t.get("eval.rougeL", "?"), t.get("tuneloop.gate", "?"), t.get("tuneloop.trigger", "?"))
+    return table
+
+
+def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
+    from tasks.deploy import endpoint
+
+    console.print(registry_table(cfg))
+    checks = Table(title="Drift checks (MMD² on MiniLM embeddings, permutation test)")
+    for col in ("check", "window", "MMD²", "p-value", "verdict", "started"):
+        checks.add_column(col)
+    for key, label in (("check_before", "after trivia traffic"), ("check_after", "after medication traffic")):
+        m = report.stages[key]
+        d = m.drift
+        checks.add_row(label, str(d.window_size), f"{d.statistic:.4f}" if d.statistic is not None else "–",
+                       f"{d.p_value:.4f}" if d.p_value is not None else "–", d.verdict,
+                       f"training run {m.retraining_flow_run_id}" if m.retraining_flow_run_id else "–")
+    console.print(checks)
+    for key in ("trivia_traffic", "medication_traffic"):
+        t = report.stages[key]
+        console.print(f"{key.replace('_', ' ')}: {t.ok}/{t.sent} answered, by version {t.versions}")
+    console.print(f"Retraining run: {report.stages.get('retraining_state', 'not started')}; "
+                  f"loop took {report.seconds:.0f} s")
+    console.print(
+        "\n[bold]Look around[/bold] (state in "
+        f"{cfg.home}):\n  .venv/bin/tuneloop up      # Prefect UI http://127.0.0.1:{cfg.prefect.port}, "
+        f"MLflow UI http://127.0.0.1:{cfg.mlflow.ui_port}, Ray dashboard http://127.0.0.1:8265\n"
+        f"  curl -s {endpoint(cfg.serve)}/v1/chat/completions -H 'content-type: application/json' \\\n"
+        "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is morphine?\"}]}'\n"
+        "  .venv/bin/tuneloop down    # stop everything")
+
+
+@app.command()
+def demo(
+    config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
+    keep_up: Annotated[bool, typer.Option(help="Leave the servers running at the end")] = False,
+    trivia_rows: Annotated[int, typer.Option(help="Trivia training rows")] = 400,
+    traffic: Annotated[int, typer.Option(help="Requests per traffic phase")] = 24,
+) -> None:
+    """Run the whole loop on the embedded default: train, serve, drift, retrain, promote."""
+    cfg = _config(config, set_)
+    _environment(cfg, use_server=True, verbose=verbose)
+    from tasks.data import export_demo_data
+    from tuneloop import services
+    from tuneloop.state import state_paths
+
+    paths = state_paths(cfg).ensure()
+    with _progress() as progress:
+        task = progress.add_task("start Prefect, Ray and the flow runner", total=DEMO_STAGES + 2)
+        try:
+            services.start_prefect_server(cfg)
+            services.start_ray(cfg)
+            data = export_demo_data.fn(paths.data, trivia_rows, traffic)
+            services.start_flow_runner(cfg, config or Path(__file__).resolve().parent.parent / "configs" / "local.yaml",
+                                       schedules=False, overrides=set_ or [])
+            progress.advance(task)
+
+            def stage(name: str) -> None:
+                progress.update(task, description=name)
+                progress.advance(task)
+
+            report = run_demo(cfg, data, on_stage=stage)
+            progress.advance(task)
+        except Exception as err:
+            raise _fail(err) from err
+        finally:
+            if not keep_up:
+                progress.update(task, description="stop servers")
+                _stop_all(cfg)
+    _demo_summary(cfg, report)
+
+
+# --------------------------------------------------------------------------- up / down
+
+
+def _stop_all(cfg: TuneloopConfig) -> list[str]:
+    from tuneloop import services
+
+    stopped = [n for n in ("runner", "mlflow") if services.stop_service(cfg, n)]
+    services.stop_ray(cfg)
+    if services.stop_service(cfg, "prefect"):
+        stopped.append("prefect")
+    return stopped + ["ray"]
+
+
+@app.command()
+def up(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+    """Start Prefect, MLflow and Ray on 127.0.0.1, register the flows, serve the champion."""
+    cfg = _config(config, set_)
+    _environment(cfg, use_server=True, verbose=verbose)
+    from flows.promotion import promotion_flow
+    from tasks.deploy import endpoint
+    from tasks.registry import find_champion
+    from tuneloop import services
+    from tuneloop.state import tracking_uri
+
+    with _progress() as progress:
+        task = progress.add_task("start servers", total=5)
+        try:
+            for label, start in (("Prefect server", services.start_prefect_server),
+                                 ("MLflow server", services.start_mlflow_server),
+                                 ("Ray (with dashboard)", lambda c: services.start_ray(c, dashboard=True))):
+                progress.update(task, description=f"start {label}")
+                start(cfg)
+                progress.advance(task)
+            progress.update(task, description="register flows as deployments")
+            services.start_flow_runner(cfg, config or Path(__file__).resolve().parent.parent / "configs" / "local.yaml",
+                                       schedules=True, overrides=set_ or [])
+            progress.advance(task)
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri(cfg))
+            champion = find_champion.fn(cfg.registry)
+            if champion:
+                progress.update(task, description=f"serve champion v{champion.version}")
+                promotion_flow(cfg, champion.version)
+            progress.advance(task)
+        except Exception as err:
+            raise _fail(err) from err
+    console.print(f"Prefect UI    http://127.0.0.1:{cfg.prefect.port}\n"
+                  f"MLflow UI     http://127.0.0.1:{cfg.mlflow.ui_port}\n"
+                  f"Ray dashboard http://127.0.0.1:8265\n"
+                  f"Endpoint      {endpoint(cfg.serve)}/v1/chat/completions "
+                  f"({'champion v' + champion.version if champion else 'nothing serves yet: run a training'})\n"
+                  "Stop with: tuneloop down")
+
+
+@app.command()
+def down(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Stop every server `up` or `demo` started; leave the state dir as it is."""
+    cfg = _config(config, set_)
+    _environment(cfg, use_server=False)
+    with console.status("stopping servers"):
+        stopped = _stop_all(cfg)
+    console.print(f"Stopped: {', '.join(stopped)}")
+
+
+# --------------------------------------------------------------------------- single flows
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", "-d", help="JSONL dataset")],
+    config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Validate DATA, fine-tune, evaluate against the champion, register (and promote)."""
+    cfg = _config(config, set_, [f"data.path={data}"])
+    _environment(cfg, use_server=False, verbose=verbose)
+    from flows.training import training_flow
+
+    with console.status("training flow"):
+        try:
+            result = training_flow(cfg, trigger="cli")
+        except Exception as err:
+            raise _fail(err) from err
+    console.print(f"Registered {result.version.name} v{result.version.version}: "
+                  f"{'champion' if result.champion else 'rejected'} ({result.reason})")
+
+
+@app.command()
+def promote(
+    version: Annotated[str | None, typer.Option(help="Version to serve (default: the champion)")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Deploy a registered version to Ray Serve; keep the old one if it fails."""
+    cfg = _config(config, set_)
+    _environment(cfg, use_server=False, verbose=verbose)
+    from flows.promotion import promotion_flow
+
+    with console.status("promotion flow"):
+        try:
+            result = promotion_flow(cfg, version)
+        except Exception as err:
+            raise _fail(err) from err
+    console.print(f"v{result.serving} serves at {result.endpoint} (was {result.previous or 'nothing'})")
+
+
+@app.command()
+def monitor(
+    window: Annotated[int | None, typer.Option(help="Newest requests to check")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Run one drift check now and print its verdict."""
+    cfg = _config(config, set_, [f"monitor.window={window}"] if window else [])
+    _environment(cfg, use_server=False, verbose=verbose)
+    from flows.monitoring import monitoring_flow
+
+    with console.status("monitoring flow"):
+        try:
+            result = monitoring_flow(cfg)
+        except Exception as err:
+            raise _fail(err) from err
+    d = result.drift
+    console.print(f"Prompt drift: [bold]{d.verdict}[/bold] — {d.reason}")
+    if result.retraining_flow_run_id:
+        console.print(f"Started retraining flow run {result.retraining_flow_run_id}")
+
+
+@app.command()
+def validate(
+    data: Annotated[Path, typer.Argument(help="JSONL dataset")],
+    config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """Validate a dataset with the great-expectations suite; exit 1 on failure."""
+    cfg = _config(config, set_, [f"data.path={data}"])
+    _environment(cfg, use_server=False)
+    from tasks.data import DataValidationError, read_jsonl_dataset, run_expectations
+    from tuneloop.state import state_paths
+
+    try:
+        dataset = read_jsonl_dataset(cfg.data)
+        report = run_expectations(dataset, cfg.validation, cfg.data, state_paths(cfg).reports / "data-docs")
+    except DataValidationError as err:
+        raise _fail(err) from err
+    console.print(report.summary())
+    if report.data_docs:
+        console.print(f"Data Docs: {report.data_docs}")
+    if not report.success:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
