@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,12 @@ def read_jsonl_dataset(cfg: DataConfig) -> LoadedDataset:
     return LoadedDataset(str(path), frame[keep])
 
 
+def _as_text(value: object) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # a missing key reads as NaN
+        return None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def _build_suite(gx, cfg: ValidationConfig, fields: dict[str, str]):
     suite = gx.ExpectationSuite(name=SUITE_NAME)
     E = gx.expectations
@@ -148,8 +155,9 @@ def run_expectations(
     frame = dataset.frame.copy()
     for column in (PROMPT, RESPONSE):  # non-strings (numbers, lists) are checked as text
         if column in frame:
-            frame[column] = frame[column].map(lambda v: v if v is None or isinstance(v, str) else json.dumps(v))
+            frame[column] = frame[column].map(_as_text)
     ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = {"globally": False}  # per-metric tqdm bars flood flow logs
     actions = []
     if docs_dir is not None and cfg.data_docs:
         ctx.add_data_docs_site(
@@ -176,7 +184,8 @@ def run_expectations(
     for run in result.run_results.values():
         for r in run.results:
             column = r.expectation_config.kwargs.get("column")
-            rows = list(r.result.get("unexpected_index_list") or [])[:5]
+            # With a named index GX reports {"line": n, column: value} per offending row.
+            rows = [i["line"] if isinstance(i, dict) else i for i in (r.result.get("unexpected_index_list") or [])[:5]]
             detail = ""
             kind = r.expectation_config.type
             if kind == "expect_column_to_exist":

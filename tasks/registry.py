@@ -86,7 +86,7 @@ def register_adapter(
     """Log the adapter as an MLflow pyfunc model in `run_id` and register it as a new version."""
     from mlflow.models import infer_signature
 
-    from tuneloop.pyfunc import AdapterModel
+    import tuneloop.pyfunc
 
     signature = infer_signature(pd.DataFrame({"prompt": ["What is the capital of France?"]}), ["Paris"],
                                 params={"max_new_tokens": 32})
@@ -94,7 +94,7 @@ def register_adapter(
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
         mlflow.log_text("\n".join(json.dumps(p) for p in reference_prompts), "reference/prompts.jsonl")
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=AdapterModel(), artifacts={"adapter": str(artifact_dir)},
+            name="model", python_model=tuneloop.pyfunc.__file__, artifacts={"adapter": str(artifact_dir)},
             signature=signature, registered_model_name=cfg.model_name,
             pip_requirements=["tuneloop", "torch", "transformers", "peft"],
             metadata={"tuneloop_format": "adapter+base-ref/1", **lineage},

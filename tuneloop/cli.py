@@ -55,9 +55,12 @@ def _environment(cfg: TuneloopConfig, *, use_server: bool, verbose: bool = False
         # Full logs still reach the Prefect UI; the terminal shows progress and warnings.
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        import logging
         import warnings
 
         warnings.filterwarnings("ignore")
+        for name in ("mlflow", "ray", "ray.serve", "great_expectations", "transformers", "py.warnings"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _fail(err: BaseException) -> typer.Exit:
@@ -88,7 +91,7 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
     """
     from flows.monitoring import monitoring_flow
     from flows.training import training_flow
-    from tasks.deploy import endpoint
+    from tasks.deploy import endpoint, serving_version
     from tasks.drift import wait_for_retraining
     from tasks.traffic import send_chat_traffic
 
@@ -112,6 +115,7 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
     on_stage("retrain on medication data (training deployment), gate, promote")
     if after.retraining_flow_run_id:
         report.stages["retraining_state"] = wait_for_retraining(after.retraining_flow_run_id, retraining_timeout_s)
+    report.stages["serving"] = serving_version.fn(cfg.serve)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -130,9 +134,13 @@ def registry_table(cfg: TuneloopConfig) -> Table:
     for col in ("version", "aliases", "trained on", "ROUGE-L", "gate", "triggered by"):
         table.add_column(col)
     versions = client.search_model_versions(f"name='{cfg.registry.model_name}'")
+    aliases: dict[str, list[str]] = {}
+    if versions:  # search results carry no aliases; the registered model does
+        for alias, version in client.get_registered_model(cfg.registry.model_name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
     for mv in sorted(versions, key=lambda v: int(v.version)):
         t = mv.tags
-        table.add_row(str(mv.version), ", ".join(mv.aliases) or "–", Path(t.get("tuneloop.dataset_source", "?")).name,
+        table.add_row(str(mv.version), ", ".join(aliases.get(str(mv.version), [])) or "–", Path(t.get("tuneloop.dataset_source", "?")).name,
                       t.get("eval.rougeL", "?"), t.get("tuneloop.gate", "?"), t.get("tuneloop.trigger", "?"))
     return table
 
@@ -154,8 +162,8 @@ def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
     for key in ("trivia_traffic", "medication_traffic"):
         t = report.stages[key]
         console.print(f"{key.replace('_', ' ')}: {t.ok}/{t.sent} answered, by version {t.versions}")
-    console.print(f"Retraining run: {report.stages.get('retraining_state', 'not started')}; "
-                  f"loop took {report.seconds:.0f} s")
+    console.print(f"Retraining run: {report.stages.get('retraining_state', 'not started')}; now serving "
+                  f"v{report.stages['serving']}; loop took {report.seconds:.0f} s")
     console.print(
         "\n[bold]Look around[/bold] (state in "
         f"{cfg.home}):\n  .venv/bin/tuneloop up      # Prefect UI http://127.0.0.1:{cfg.prefect.port}, "

@@ -1,13 +1,15 @@
 """The MLflow pyfunc face of an adapter artifact: `mlflow.pyfunc.load_model("models:/…@champion")`.
 
 The registry entry holds the adapter and its base reference (tuneloop.models), never the
-base weights, so MLflow cannot corrupt the base on the way back.
+base weights, so MLflow cannot corrupt the base on the way back. Logged as a model from
+code (this file is the model's definition), not pickled.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import mlflow.models
 import mlflow.pyfunc
 
 
@@ -19,10 +21,14 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
 
         self.model, self.tokenizer = load_adapter_model(context.artifacts["adapter"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would enforce them
+        """Return one answer per prompt (a list of prompts, or a frame with a `prompt` column)."""
         from tuneloop.generation import generate_batch
 
         prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
         max_new_tokens = int((params or {}).get("max_new_tokens", 32))
         chats = [[{"role": "user", "content": str(p)}] for p in prompts]
         return [g.text for g in generate_batch(self.model, self.tokenizer, chats, max_new_tokens)]
+
+
+mlflow.models.set_model(AdapterModel())

@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny model built once, a config per test in a temp state dir, and one
+session-wide Prefect test harness for the tests that run flows."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tuneloop.config import REPO_ROOT, TuneloopConfig, load_config
+from tuneloop.state import DEFAULT_ENV
+
+ASSETS = Path(__file__).parent / "assets"
+LOCAL_CONFIG = REPO_ROOT / "configs" / "local.yaml"
+
+# A 0.6M-parameter model and a few steps: the whole flow in seconds on 2 CPUs.
+TINY = [
+    "model.base=builtin:tiny-llama",
+    "train.max_steps=4", "train.batch_size=4", "train.max_seq_len=48",
+    "eval.max_examples=4", "eval.max_new_tokens=4", "eval.batch_size=4",
+    "validation.data_docs=false",
+    "serve.port=18000", "serve.ray_port=16390", "serve.num_replicas=2",
+    "serve.replica_cpus=0.5", "serve.default_max_tokens=4",
+    "monitor.window=12", "monitor.min_samples=8", "monitor.permutations=100", "monitor.alpha=0.02",
+    "prefect.port=14200",
+]
+
+for key, value in DEFAULT_ENV.items():
+    os.environ.setdefault(key, value)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(autouse=True)
+def _seeds() -> None:
+    random.seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder of built base models for the whole session (the tiny model builds in ~1 s)."""
+    return tmp_path_factory.mktemp("models")
+
+
+def make_config(home: Path, models_dir: Path, *extra: str) -> TuneloopConfig:
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to(models_dir, target_is_directory=True)
+    return load_config(LOCAL_CONFIG, [*TINY, f"home={home}", *extra])
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, models_dir: Path) -> TuneloopConfig:
+    return make_config(tmp_path / "home", models_dir, f"data.path={ASSETS / 'tiny_qa.jsonl'}")
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """A real Prefect API (temporary server on 127.0.0.1) for every flow in the session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.pop("PREFECT_API_URL", None)
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()

@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+
+from tuneloop.config import REPO_ROOT, ConfigError, TuneloopConfig, apply_overrides, load_config
+
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, TuneloopConfig)
+    assert cfg.home.is_absolute()
+
+
+def test_overrides_are_parsed_as_yaml() -> None:
+    cfg = load_config(None, ["train.max_steps=3", "train.target_modules=[q_proj]", "gate.tolerance=0.5"])
+    assert cfg.train.max_steps == 3
+    assert cfg.train.target_modules == ["q_proj"]
+    assert cfg.gate.tolerance == 0.5
+
+
+def test_home_follows_tuneloop_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TUNELOOP_HOME", str(tmp_path / "state"))
+    assert load_config().home == tmp_path / "state"
+
+
+def test_unknown_key_is_an_error_naming_it() -> None:
+    with pytest.raises(ConfigError, match="train.max_stpes"):
+        load_config(None, ["train.max_stpes=3"])
+
+
+def test_invalid_value_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(None, ["train.max_steps=0"])
+
+
+def test_malformed_override() -> None:
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides({}, ["train.max_steps"])
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
