@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,35 +60,80 @@ def serving_version(cfg: ServeConfig) -> str | None:
 
 
 @task(name="deploy-to-ray-serve")
-def deploy_version(spec: ServeSpec, cfg: ServeConfig, ray_address: str) -> None:
-    """Run `spec` as the Serve application (rolling update; new replicas before old stop)."""
+def deploy_version(spec: ServeSpec, cfg: ServeConfig, ray_address: str, timeout_s: float = 300) -> None:
+    """Run `spec` as the Serve application and return once Serve runs it (or raise).
+
+    Serve starts the new replicas before it stops the old ones (max_surge_percent), so a
+    version whose replicas cannot start never takes the old one's traffic.
+    """
     from ray import serve
 
     with ray_client(ray_address):
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        try:
-            serve.run(build_app(spec), name=cfg.app_name, route_prefix="/")
-        except Exception as err:  # Serve raises RuntimeError subclasses with the replica's traceback
-            raise DeployError(f"Version {spec.version} failed to start on Ray Serve: {err}"[:2000]) from err
+        def submit() -> None:
+            try:
+                serve.run(build_app(spec), name=cfg.app_name, route_prefix="/")
+            except Exception as err:  # Serve raises RuntimeError subclasses with the replica's traceback
+                raise DeployError(f"Version {spec.version} failed to start on Ray Serve: {err}"[:2000]) from err
+
+        submit()
+        # `serve.run` hands the new config to the controller and may return while the old
+        # version still reads RUNNING; the driver must stay attached until the controller
+        # has applied it (the config is an object this driver owns).
+        _wait_until_serving(spec, cfg, timeout_s, submit)
     log.info("Serving %s v%s at %s", spec.model_name, spec.version, endpoint(cfg))
 
 
-@task(name="smoke-test-endpoint", retries=2, retry_delay_seconds=2)
-def smoke_test(cfg: ServeConfig, model_name: str, expected_version: str) -> SmokeResult:
-    """Ask the live endpoint one question; raise unless the expected version answers."""
+def _wait_until_serving(spec: ServeSpec, cfg: ServeConfig, timeout_s: float, resubmit: callable) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    resubmit_at = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(cfg.app_name)
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise DeployError(f"Version {spec.version} failed to start on Ray Serve: {app.message}"[:2000])
+        current = serving_version.fn(cfg)
+        if app is not None and app.status == "RUNNING" and current == spec.version:
+            return
+        if app is not None and app.status == "RUNNING" and time.monotonic() > resubmit_at:
+            # Seen here: an update submitted right after another process's deploy was
+            # acknowledged but never applied; submitting it again applies it.
+            log.warning("Serve still runs v%s, not v%s: submitting the update again (%s)",
+                        current, spec.version, app)
+            resubmit()
+            resubmit_at = time.monotonic() + 30
+        time.sleep(1)
+    raise DeployError(f"Version {spec.version} was not running on Ray Serve after {timeout_s:.0f} s")
+
+
+@task(name="smoke-test-endpoint")
+def smoke_test(cfg: ServeConfig, model_name: str, expected_version: str, timeout_s: float = 90) -> SmokeResult:
+    """Ask the live endpoint one question until the expected version answers; raise if it never does.
+
+    `serve.run` returns once the new replicas are up; old-version replicas drain for a few
+    seconds after, and may still answer meanwhile.
+    """
     body = {"model": model_name, "messages": [{"role": "user", "content": cfg.smoke_prompt}], "max_tokens": 8}
-    try:
-        r = httpx.post(f"{endpoint(cfg)}/v1/chat/completions", json=body, timeout=120)
-    except httpx.HTTPError as err:
-        raise DeployError(f"Smoke test: {endpoint(cfg)} unreachable: {err}") from err
-    if r.status_code != 200:
-        raise DeployError(f"Smoke test: HTTP {r.status_code}: {r.text[:500]}")
-    data = r.json()
-    version = data["system_fingerprint"].removeprefix("v")
-    if version != str(expected_version):
-        raise DeployError(f"Smoke test: version {version} answered, expected {expected_version}")
-    latency = r.elapsed.total_seconds() * 1000
-    return SmokeResult(version, data["choices"][0]["message"]["content"], latency)
+    deadline = time.monotonic() + timeout_s
+    problem = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.post(f"{endpoint(cfg)}/v1/chat/completions", json=body, timeout=120)
+        except httpx.HTTPError as err:
+            problem = f"{endpoint(cfg)} unreachable: {err}"
+        else:
+            if r.status_code == 200:
+                data = r.json()
+                version = data["system_fingerprint"].removeprefix("v")
+                if version == str(expected_version):
+                    latency = r.elapsed.total_seconds() * 1000
+                    return SmokeResult(version, data["choices"][0]["message"]["content"], latency)
+                problem = f"version {version} answered, expected {expected_version}"
+            else:
+                problem = f"HTTP {r.status_code}: {r.text[:500]}"
+        time.sleep(1)
+    raise DeployError(f"Smoke test: {problem} (after {timeout_s:.0f} s)")
 
 
 @task(name="shutdown-serve-app")

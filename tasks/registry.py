@@ -90,6 +90,8 @@ def register_adapter(
 
     signature = infer_signature(pd.DataFrame({"prompt": ["What is the capital of France?"]}), ["Paris"],
                                 params={"max_new_tokens": 32})
+    # Resume the run in its own experiment, whatever experiment this process used last.
+    mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
         mlflow.log_text("\n".join(json.dumps(p) for p in reference_prompts), "reference/prompts.jsonl")

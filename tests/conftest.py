@@ -22,10 +22,10 @@ TINY = [
     "train.max_steps=4", "train.batch_size=4", "train.max_seq_len=48",
     "eval.max_examples=4", "eval.max_new_tokens=4", "eval.batch_size=4",
     "validation.data_docs=false",
-    "serve.port=18000", "serve.ray_port=16390", "serve.num_replicas=2",
+    "serve.port=28000", "serve.ray_port=26390", "serve.dashboard_port=28265", "serve.num_replicas=2",
     "serve.replica_cpus=0.5", "serve.default_max_tokens=4",
     "monitor.window=12", "monitor.min_samples=8", "monitor.permutations=100", "monitor.alpha=0.02",
-    "prefect.port=14200",
+    "prefect.port=24200",
 ]
 
 for key, value in DEFAULT_ENV.items():

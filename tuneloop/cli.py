@@ -167,7 +167,7 @@ def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
     console.print(
         "\n[bold]Look around[/bold] (state in "
         f"{cfg.home}):\n  .venv/bin/tuneloop up      # Prefect UI http://127.0.0.1:{cfg.prefect.port}, "
-        f"MLflow UI http://127.0.0.1:{cfg.mlflow.ui_port}, Ray dashboard http://127.0.0.1:8265\n"
+        f"MLflow UI http://127.0.0.1:{cfg.mlflow.ui_port}, Ray dashboard http://127.0.0.1:{cfg.serve.dashboard_port}\n"
         f"  curl -s {endpoint(cfg.serve)}/v1/chat/completions -H 'content-type: application/json' \\\n"
         "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is morphine?\"}]}'\n"
         "  .venv/bin/tuneloop down    # stop everything")
@@ -262,7 +262,7 @@ def up(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = Fals
             raise _fail(err) from err
     console.print(f"Prefect UI    http://127.0.0.1:{cfg.prefect.port}\n"
                   f"MLflow UI     http://127.0.0.1:{cfg.mlflow.ui_port}\n"
-                  f"Ray dashboard http://127.0.0.1:8265\n"
+                  f"Ray dashboard http://127.0.0.1:{cfg.serve.dashboard_port}\n"
                   f"Endpoint      {endpoint(cfg.serve)}/v1/chat/completions "
                   f"({'champion v' + champion.version if champion else 'nothing serves yet: run a training'})\n"
                   "Stop with: tuneloop down")

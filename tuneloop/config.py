@@ -117,7 +117,8 @@ class ServeConfig(Strict):
     ray_address: str | None = Field(
         None, description="None: the local Ray head started by `tuneloop up` / the demo."
     )
-    ray_port: int = 6390
+    ray_port: int = Field(6390, description="Ray GCS port (keep outside Ray's worker ports 10002-19999).")
+    dashboard_port: int = 8265
     num_replicas: int = Field(2, ge=1)
     replica_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per model replica.")
     torch_threads: int = Field(1, ge=1, description="Torch threads per replica.")

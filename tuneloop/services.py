@@ -131,7 +131,8 @@ def start_ray(cfg: TuneloopConfig, *, dashboard: bool = False, num_cpus: int | N
         argv = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                 f"--port={cfg.serve.ray_port}", f"--temp-dir={paths.ray_tmp}", "--disable-usage-stats",
                 f"--num-cpus={num_cpus or max(4, os.cpu_count() or 2)}",
-                f"--include-dashboard={'true' if dashboard else 'false'}", "--dashboard-host=127.0.0.1"]
+                f"--include-dashboard={'true' if dashboard else 'false'}", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={cfg.serve.dashboard_port}", f"--ray-client-server-port={cfg.serve.ray_port + 1}"]
         logfile = paths.ensure().services / "ray.log"
         with logfile.open("ab") as out:
             done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(cfg), timeout=180)

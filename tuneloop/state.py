@@ -6,6 +6,7 @@ resets the system. Every location is derived here, so nothing else builds paths 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,8 @@ class StatePaths:
     @property
     def ray_tmp(self) -> Path:
         # Ray puts unix sockets under its temp dir: keep the path short (<= 107 bytes).
-        return Path("/tmp") / f"tuneloop-ray-{abs(hash(str(self.home))) % 10**8}"
+        digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:10]
+        return Path("/tmp") / f"tuneloop-ray-{digest}"
 
     def ensure(self) -> "StatePaths":
         for path in (self.mlflow_artifacts, self.prefect_home, self.inference_db.parent,
