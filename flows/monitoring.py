@@ -16,7 +16,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from tasks.drift import (
-    DriftResult, detect_drift, embed_texts, log_monitoring_run, read_window, start_retraining,
+    DriftResult,
+    detect_drift,
+    embed_texts,
+    log_monitoring_run,
+    read_window,
+    start_retraining,
 )
 from tasks.registry import find_champion, reference_prompts
 from tuneloop.config import TuneloopConfig, load_config

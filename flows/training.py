@@ -17,7 +17,12 @@ from tasks.data import load_dataset, split_dataset, validate_dataset
 from tasks.evaluate import decide_gate, evaluate_model
 from tasks.finetune import finetune_lora, prepare_base_model
 from tasks.registry import (
-    ModelVersionRef, download_version, find_champion, register_adapter, set_alias, start_training_run,
+    ModelVersionRef,
+    download_version,
+    find_champion,
+    register_adapter,
+    set_alias,
+    start_training_run,
 )
 from tuneloop.config import TuneloopConfig, load_config
 from tuneloop.state import state_paths, tracking_uri
@@ -76,7 +81,9 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
         set_alias(version, cfg.registry.champion_alias, verdict.reason)
         logger.info("Version %s is the new %s: %s", version.version, cfg.registry.champion_alias, verdict.reason)
         if cfg.registry.on_new_champion == "promote":
-            promotion_flow(cfg, version.version)
+            promoted = promotion_flow(cfg, version.version, return_state=True)
+            if promoted.is_failed():  # the version stays registered; what served before still serves
+                logger.warning("Version %s is champion but not served: %s", version.version, promoted.message)
     else:
         logger.warning("Version %s registered without alias: %s", version.version, verdict.reason)
     create_markdown_artifact(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -40,7 +40,10 @@ def ray_client(address: str) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    ray.init(address=address, namespace="tuneloop", log_to_driver=False, logging_level="WARNING")
+    try:
+        ray.init(address=address, namespace="tuneloop", log_to_driver=False, logging_level="WARNING")
+    except ConnectionError as err:
+        raise DeployError(f"No Ray cluster answers at {address} ({err}); start one with `tuneloop up`") from err
     try:
         yield
     finally:
@@ -84,7 +87,7 @@ def deploy_version(spec: ServeSpec, cfg: ServeConfig, ray_address: str, timeout_
     log.info("Serving %s v%s at %s", spec.model_name, spec.version, endpoint(cfg))
 
 
-def _wait_until_serving(spec: ServeSpec, cfg: ServeConfig, timeout_s: float, resubmit: callable) -> None:
+def _wait_until_serving(spec: ServeSpec, cfg: ServeConfig, timeout_s: float, resubmit: Callable[[], None]) -> None:
     from ray import serve
 
     deadline = time.monotonic() + timeout_s

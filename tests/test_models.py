@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from tuneloop.models import (
-    BaseModelError, load_adapter_model, load_base, read_base_ref, resolve_base, save_adapter_artifact,
+    BaseModelError,
+    load_adapter_model,
+    load_base,
+    read_base_ref,
+    resolve_base,
+    save_adapter_artifact,
     weights_sha256,
 )
 

@@ -11,7 +11,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import (
-    Column, DateTime, Float, Integer, MetaData, String, Table, Text, create_engine, event, insert, select,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    select,
 )
 from sqlalchemy.engine import Engine
 
@@ -46,7 +57,7 @@ class InferenceRecord:
     completion_tokens: int | None = None
     latency_ms: float | None = None
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

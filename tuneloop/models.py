@@ -58,7 +58,7 @@ class BaseRef:
         return {"location": self.location, "sha256": self.sha256, "revision": self.revision}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "BaseRef":
+    def from_json(cls, data: dict[str, Any]) -> BaseRef:
         return cls(data["location"], data["sha256"], data.get("revision"))
 
 
@@ -185,7 +185,7 @@ def resolve_base(spec: str, models_dir: Path) -> BaseRef:
     return BaseRef(spec, sha256="", revision="main")  # hub id: the hub pins content by revision
 
 
-def load_base(ref: BaseRef, dtype: str = "float32") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+def load_base(ref: BaseRef, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a base model and tokenizer, checking the weights against the recorded hash."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -135,7 +135,8 @@ def start_ray(cfg: TuneloopConfig, *, dashboard: bool = False, num_cpus: int | N
                 f"--dashboard-port={cfg.serve.dashboard_port}", f"--ray-client-server-port={cfg.serve.ray_port + 1}"]
         logfile = paths.ensure().services / "ray.log"
         with logfile.open("ab") as out:
-            done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(cfg), timeout=180)
+            done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(cfg), timeout=180,
+                                  check=False)
         if done.returncode:
             raise ServiceError(f"`ray start` failed with code {done.returncode}; see {logfile}")
     return Service("ray", address)
@@ -146,7 +147,7 @@ def stop_ray(cfg: TuneloopConfig) -> None:
     logfile = state_paths(cfg).ensure().services / "ray.log"
     with logfile.open("ab") as out:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], stdout=out, stderr=subprocess.STDOUT,
-                       env=_env(cfg), timeout=120)
+                       env=_env(cfg), timeout=120, check=False)
 
 
 def start_flow_runner(cfg: TuneloopConfig, config_path: Path, *, schedules: bool, overrides: list[str] = (),

@@ -91,7 +91,7 @@ class StatePaths:
         digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:10]
         return Path("/tmp") / f"tuneloop-ray-{digest}"
 
-    def ensure(self) -> "StatePaths":
+    def ensure(self) -> StatePaths:
         for path in (self.mlflow_artifacts, self.prefect_home, self.inference_db.parent,
                      self.models, self.data, self.reports, self.runs, self.cache, self.services):
             path.mkdir(parents=True, exist_ok=True)
