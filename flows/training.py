@@ -74,6 +74,7 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
         "tuneloop.dataset_source": split.source, "tuneloop.training_run": run_id,
         "tuneloop.trigger": trigger, "tuneloop.gate": "passed" if verdict.passed else "rejected",
         "tuneloop.gate_reason": verdict.reason,
+        **({f"tuneloop.champion_{k}": f"{v:.6g}" for k, v in champion.metrics.items()} if champion else {}),
     }
     prompts = list(split.train["prompt"].head(cfg.monitor.reference_samples))
     version = register_adapter(cfg.registry, run_id, trained.artifact_dir, candidate.metrics, lineage, prompts)

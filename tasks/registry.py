@@ -103,7 +103,8 @@ def register_adapter(
         )
     version = str(info.registered_model_version)
     client = MlflowClient()
-    for key, value in {**lineage, **{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()}}.items():
+    tags = {**lineage, "tuneloop.code_version": code_version(), **{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()}}
+    for key, value in tags.items():
         client.set_model_version_tag(cfg.model_name, version, key, value)
     log.info("Registered %s version %s", cfg.model_name, version)
     return ModelVersionRef(cfg.model_name, version, run_id)

@@ -55,6 +55,7 @@ def _environment(cfg: TuneloopConfig, *, use_server: bool, verbose: bool = False
     if not verbose:
         # Full logs still reach the Prefect UI; the terminal shows progress and warnings.
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
         import logging
         import warnings
@@ -132,7 +133,7 @@ def registry_table(cfg: TuneloopConfig) -> Table:
 
     client = mlflow.MlflowClient(tracking_uri(cfg))
     table = Table(title=f"Registered versions of {cfg.registry.model_name}")
-    for col in ("version", "aliases", "trained on", "ROUGE-L", "gate", "triggered by"):
+    for col in ("version", "aliases", "trained on", "ROUGE-L", "gate (vs champion)", "triggered by"):
         table.add_column(col)
     versions = client.search_model_versions(f"name='{cfg.registry.model_name}'")
     aliases: dict[str, list[str]] = {}
@@ -141,8 +142,12 @@ def registry_table(cfg: TuneloopConfig) -> Table:
             aliases.setdefault(str(version), []).append(alias)
     for mv in sorted(versions, key=lambda v: int(v.version)):
         t = mv.tags
-        table.add_row(str(mv.version), ", ".join(aliases.get(str(mv.version), [])) or "–", Path(t.get("tuneloop.dataset_source", "?")).name,
-                      t.get("eval.rougeL", "?"), t.get("tuneloop.gate", "?"), t.get("tuneloop.trigger", "?"))
+        gate = t.get("tuneloop.gate", "?")
+        if "tuneloop.champion_rougeL" in t:
+            gate += f" ({float(t['tuneloop.champion_rougeL']):.4f})"
+        table.add_row(str(mv.version), ", ".join(aliases.get(str(mv.version), [])) or "–",
+                      Path(t.get("tuneloop.dataset_source", "?")).name, f"{float(t.get('eval.rougeL', 'nan')):.4f}",
+                      gate, t.get("tuneloop.trigger", "?"))
     return table
 
 
@@ -151,14 +156,14 @@ def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
 
     console.print(registry_table(cfg))
     checks = Table(title="Drift checks (MMD² on MiniLM embeddings, permutation test)")
-    for col in ("check", "window", "MMD²", "p-value", "verdict", "started"):
+    for col in ("check", "window", "MMD²", "p-value", "verdict", "retraining run"):
         checks.add_column(col)
     for key, label in (("check_before", "after trivia traffic"), ("check_after", "after medication traffic")):
         m = report.stages[key]
         d = m.drift
         checks.add_row(label, str(d.window_size), f"{d.statistic:.4f}" if d.statistic is not None else "–",
                        f"{d.p_value:.4f}" if d.p_value is not None else "–", d.verdict,
-                       f"training run {m.retraining_flow_run_id}" if m.retraining_flow_run_id else "–")
+                       m.retraining_flow_run_id[:8] if m.retraining_flow_run_id else "–")
     console.print(checks)
     for key in ("trivia_traffic", "medication_traffic"):
         t = report.stages[key]
