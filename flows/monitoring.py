@@ -22,6 +22,7 @@ from tasks.drift import (
     log_monitoring_run,
     read_window,
     start_retraining,
+    write_drift_report,
 )
 from tasks.registry import find_champion, reference_prompts
 from tuneloop.config import TuneloopConfig, load_config
@@ -47,18 +48,22 @@ def monitoring_flow(config: TuneloopConfig | None = None) -> MonitoringResult:
 
     champion = find_champion(cfg.registry)
     rows = read_window(inference_db_url(cfg), m.window)
+    prompts = [r["prompt"] for r in rows]
+    ref_emb = cur_emb = np.zeros((0, 0))
     if champion is None:
         drift = DriftResult("no_data", None, None, 0, len(rows), None, "no champion to compare with")
     else:
         reference = reference_prompts(champion, paths.cache / "reference" / champion.version)
         ref_emb = embed_texts(reference[: m.reference_samples], m.embedding_model, paths.cache)
-        cur_emb = (embed_texts([r["prompt"] for r in rows], m.embedding_model, paths.cache)
+        cur_emb = (embed_texts(prompts, m.embedding_model, paths.cache)
                    if rows else np.zeros((0, ref_emb.shape[1])))
         drift = detect_drift(ref_emb, cur_emb, rows[0]["id"] if rows else None, m.min_samples,
                              m.permutations, m.alpha)
     logger.info("Drift verdict: %s (%s)", drift.verdict, drift.reason)
+    report = write_drift_report(ref_emb, cur_emb, prompts, drift,
+                                paths.reports / f"drift-{flow_run.get_id() or 'local'}.html")
     run_id = log_monitoring_run(cfg.registry.monitoring_experiment, drift,
-                                champion.version if champion else None)
+                                champion.version if champion else None, report)
 
     retraining = None
     if drift.verdict == "drift" and m.retrain_data is not None:
@@ -78,7 +83,8 @@ def monitoring_flow(config: TuneloopConfig | None = None) -> MonitoringResult:
         markdown=(f"## Prompt drift: **{drift.verdict}**\n\n{drift.reason}\n\n"
                   f"| | |\n|---|---|\n| champion | v{champion.version if champion else '–'} |\n"
                   f"| window | {drift.window_size} requests |\n| reference | {drift.reference_size} prompts |\n"
-                  f"| MLflow run | `{run_id}` |\n| retraining flow run | {retraining or '–'} |"),
+                  f"| MLflow run | `{run_id}` (artifact `{report.name}`) |\n"
+                  f"| report | `{report}` |\n| retraining flow run | {retraining or '–'} |"),
     )
     return MonitoringResult(drift, champion.version if champion else None, run_id, retraining)
 

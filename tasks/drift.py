@@ -105,13 +105,77 @@ def detect_drift(
                        f"MMD²={stat:.4f}, p={p:.4f} {rel} alpha={alpha}")
 
 
+def _png(fig) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@task(name="write-drift-report")
+def write_drift_report(
+    reference: np.ndarray, current: np.ndarray, current_prompts: list[str], result: DriftResult, out: Path,
+) -> Path:
+    """Write a self-contained HTML report: verdict, 2-D projection, similarity histogram, outliers."""
+    import html
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    images, outliers = [], ""
+    if len(reference) and len(current):
+        pooled = np.concatenate([reference, current])
+        centred = pooled - pooled.mean(axis=0)
+        xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T  # first two principal axes
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        ax.scatter(*xy[: len(reference)].T, s=12, alpha=0.5, label=f"training prompts ({len(reference)})")
+        ax.scatter(*xy[len(reference):].T, s=18, alpha=0.8, color="crimson", label=f"recent requests ({len(current)})")
+        ax.set(title="Prompt embeddings, 2-D PCA", xlabel="PC 1", ylabel="PC 2")
+        ax.legend()
+        images.append(_png(fig))
+        plt.close(fig)
+        centroid = reference.mean(axis=0)
+        centroid /= np.linalg.norm(centroid) or 1.0
+        ref_sim, cur_sim = reference @ centroid, current @ centroid
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        bins = np.linspace(min(ref_sim.min(), cur_sim.min()), max(ref_sim.max(), cur_sim.max()), 30)
+        ax.hist(ref_sim, bins=bins, alpha=0.6, density=True, label="training prompts")
+        ax.hist(cur_sim, bins=bins, alpha=0.6, density=True, color="crimson", label="recent requests")
+        ax.set(title="Cosine similarity to the training centroid", xlabel="cosine similarity", ylabel="density")
+        ax.legend()
+        images.append(_png(fig))
+        plt.close(fig)
+        order = np.argsort(cur_sim)[:10]
+        outliers = "".join(f"<tr><td>{cur_sim[i]:.3f}</td><td>{html.escape(current_prompts[i])}</td></tr>"
+                           for i in order)
+        outliers = f"<h2>Requests least like the training prompts</h2><table><tr><th>similarity</th><th>prompt</th></tr>{outliers}</table>"
+    figures = "".join(f'<img src="data:image/png;base64,{img}">' for img in images)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tuneloop drift report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:60em}}td,th{{padding:.2em .8em;text-align:left}}
+img{{max-width:48%;margin:.5em}}</style></head><body>
+<h1>Prompt drift: {result.verdict}</h1><p>{html.escape(result.reason)}</p>
+<table><tr><th>reference prompts</th><td>{result.reference_size}</td></tr>
+<tr><th>recent requests</th><td>{result.window_size}</td></tr>
+<tr><th>MMD² (RBF kernel)</th><td>{"–" if result.statistic is None else f"{result.statistic:.5f}"}</td></tr>
+<tr><th>p-value (permutation test)</th><td>{"–" if result.p_value is None else f"{result.p_value:.4f}"}</td></tr></table>
+{figures}{outliers}</body></html>"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return out
+
+
 @task(name="log-monitoring-run", retries=2, retry_delay_seconds=2)
-def log_monitoring_run(experiment: str, result: DriftResult, champion_version: str | None) -> str:
-    """Record a monitoring check as an MLflow run (metrics line up over time); return its id."""
+def log_monitoring_run(experiment: str, result: DriftResult, champion_version: str | None, report: Path) -> str:
+    """Record a monitoring check and its report as an MLflow run (metrics line up over time)."""
     import mlflow
 
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=f"drift-{result.verdict}") as run:
+        mlflow.log_artifact(str(report))
         mlflow.set_tags({"tuneloop.verdict": result.verdict, "tuneloop.reason": result.reason,
                          "tuneloop.champion_version": champion_version or ""})
         metrics = {"drift/window_size": result.window_size, "drift/reference_size": result.reference_size}

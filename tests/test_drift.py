@@ -32,3 +32,19 @@ def test_verdicts() -> None:
     assert drifted.verdict == "drift" and drifted.newest_request_id == "req-1"
     empty = detect_drift.fn(ref, np.zeros((0, 8)), None, 10, 100, 0.01)
     assert empty.verdict == "no_data" and empty.p_value is None and "0 requests" in empty.reason
+
+
+def test_report_has_the_verdict_and_pictures(tmp_path) -> None:
+    from tasks.drift import write_drift_report
+
+    rng = np.random.default_rng(4)
+    ref, cur = unit(rng.normal(size=(50, 8))), unit(rng.normal(size=(12, 8)) + 2)
+    result = detect_drift.fn(ref, cur, "r", 10, 100, 0.01)
+    path = write_drift_report.fn(ref, cur, [f"prompt <{i}>" for i in range(12)], result, tmp_path / "r.html")
+    page = path.read_text()
+    assert "Prompt drift: drift" in page and page.count("data:image/png;base64,") == 2
+    assert "prompt &lt;" in page  # prompts are escaped
+
+    empty = detect_drift.fn(ref, np.zeros((0, 8)), None, 10, 100, 0.01)
+    page = write_drift_report.fn(ref, np.zeros((0, 8)), [], empty, tmp_path / "e.html").read_text()
+    assert "no_data" in page and "data:image/png" not in page

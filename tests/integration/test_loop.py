@@ -54,8 +54,10 @@ def test_loop_registers_two_versions_the_second_triggered_by_drift(loop) -> None
     after = s["check_after"]
     assert after.drift.verdict == "drift", after.drift.reason
     assert after.retraining_flow_run_id and s["retraining_state"] == "Completed"
-
     client = MlflowClient(tracking_uri(cfg))
+    reports = [a.path for a in client.list_artifacts(after.mlflow_run_id)]
+    assert any(p.startswith("drift-") and p.endswith(".html") for p in reports), reports
+
     versions = {str(v.version): v for v in client.search_model_versions(f"name='{cfg.registry.model_name}'")}
     assert set(versions) == {"1", "2"}
     assert versions["2"].tags["tuneloop.trigger"].startswith("drift")
