@@ -28,6 +28,14 @@ class SmokeResult:
     latency_ms: float
 
 
+def _port_open(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, port)) == 0
+
+
 def endpoint(cfg: ServeConfig) -> str:
     return f"http://{cfg.host}:{cfg.port}"
 
@@ -40,6 +48,9 @@ def ray_client(address: str) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit() and not _port_open(host, int(port)):  # ray.init would retry for a minute
+        raise DeployError(f"No Ray cluster answers at {address}; start one with `tuneloop up`")
     try:
         ray.init(address=address, namespace="tuneloop", log_to_driver=False, logging_level="WARNING")
     except ConnectionError as err:
