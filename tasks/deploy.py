@@ -13,6 +13,7 @@ from prefect import task
 
 from serving.app import ServeSpec, build_app
 from tuneloop.config import ServeConfig
+from tuneloop.services import port_open
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,6 @@ class SmokeResult:
     latency_ms: float
 
 
-def _port_open(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex((host, port)) == 0
-
-
 def endpoint(cfg: ServeConfig) -> str:
     return f"http://{cfg.host}:{cfg.port}"
 
@@ -49,7 +42,7 @@ def ray_client(address: str) -> Iterator[None]:
         yield
         return
     host, _, port = address.rpartition(":")
-    if host and port.isdigit() and not _port_open(host, int(port)):  # ray.init would retry for a minute
+    if host and port.isdigit() and not port_open(host, int(port)):  # ray.init would retry for a minute
         raise DeployError(f"No Ray cluster answers at {address}; start one with `tuneloop up`")
     try:
         ray.init(address=address, namespace="tuneloop", log_to_driver=False, logging_level="WARNING")
@@ -148,12 +141,3 @@ def smoke_test(cfg: ServeConfig, model_name: str, expected_version: str, timeout
                 problem = f"HTTP {r.status_code}: {r.text[:500]}"
         time.sleep(1)
     raise DeployError(f"Smoke test: {problem} (after {timeout_s:.0f} s)")
-
-
-@task(name="shutdown-serve-app")
-def shutdown_app(cfg: ServeConfig, ray_address: str) -> None:
-    """Delete the Serve application."""
-    from ray import serve
-
-    with ray_client(ray_address):
-        serve.delete(cfg.app_name)
