@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tuneloop.config import REPO_ROOT, TuneloopConfig, load_config
+from tuneloop.config import DEFAULT_CONFIG, TuneloopConfig, load_config
 from tuneloop.state import DEFAULT_ENV
 
 ASSETS = Path(__file__).parent / "assets"
-LOCAL_CONFIG = REPO_ROOT / "configs" / "local.yaml"
+LOCAL_CONFIG = DEFAULT_CONFIG
 
 # A 0.6M-parameter model and a few steps: the whole flow in seconds on 2 CPUs.
 TINY = [

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tuneloop.config import ConfigError, TuneloopConfig, load_config
+from tuneloop.config import DEFAULT_CONFIG, ConfigError, TuneloopConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="An LLMOps loop: validate, "
                   "fine-tune, evaluate, register, serve, monitor, retrain.")
@@ -200,7 +200,7 @@ def demo(
             services.start_prefect_server(cfg)
             services.start_ray(cfg)
             data = export_demo_data.fn(paths.data, trivia_rows, traffic)
-            services.start_flow_runner(cfg, config or Path(__file__).resolve().parent.parent / "configs" / "local.yaml",
+            services.start_flow_runner(cfg, config or DEFAULT_CONFIG,
                                        schedules=False, overrides=set_ or [])
             progress.advance(task)
 
@@ -253,7 +253,7 @@ def up(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = Fals
                 start(cfg)
                 progress.advance(task)
             progress.update(task, description="register flows as deployments")
-            services.start_flow_runner(cfg, config or Path(__file__).resolve().parent.parent / "configs" / "local.yaml",
+            services.start_flow_runner(cfg, config or DEFAULT_CONFIG,
                                        schedules=True, overrides=set_ or [])
             progress.advance(task)
             import mlflow

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_HOME = ".tuneloop"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"  # the embedded default
 
 
 class Strict(BaseModel):
@@ -193,7 +194,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TuneloopConfig:
     """Load a YAML config (default `configs/local.yaml`), apply overrides, and validate it."""
-    path = Path(path) if path else REPO_ROOT / "configs" / "local.yaml"
+    path = Path(path) if path else DEFAULT_CONFIG
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
