@@ -48,7 +48,9 @@ def monitoring_flow(config: TuneloopConfig | None = None) -> MonitoringResult:
 
     champion = find_champion(cfg.registry)
     rows = read_window(inference_db_url(cfg), m.window)
-    prompts = [r["prompt"] for r in rows]
+    # Test in a canonical order: concurrent requests land in the log in any order, and the
+    # seeded permutation test should give one p-value for one set of requests.
+    prompts = sorted(r["prompt"] for r in rows)
     ref_emb = cur_emb = np.zeros((0, 0))
     if champion is None:
         drift = DriftResult("no_data", None, None, 0, len(rows), None, "no champion to compare with")

@@ -28,13 +28,51 @@ class GateVerdict:
     reason: str
 
 
-def rouge_l(predictions: list[str], references: list[str]) -> float:
-    """Return the mean ROUGE-L F-measure of predictions against references."""
-    from rouge_score import rouge_scorer
+METRICS_DIR = Path(__file__).parent / "metrics"  # local `evaluate` modules (hub metrics need a hub)
+METRIC_MODULES = {"rougeL": "rouge_l", "bleu": "bleu", "chrf": "chrf", "exact_match": "exact_match",
+                  "token_f1": "token_f1"}
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
-    return sum(scores) / len(scores) if scores else 0.0
+
+def reference_metrics(predictions: list[str], references: list[str], names: list[str]) -> dict[str, float]:
+    """Return each named text metric of predictions against references (in [0, 1])."""
+    import evaluate
+
+    scores: dict[str, float] = {}
+    for name in names:
+        if name in METRIC_MODULES:
+            module = evaluate.load(str(METRICS_DIR / METRIC_MODULES[name]))
+            scores.update(module.compute(predictions=predictions, references=references))
+    return {k: float(v) for k, v in scores.items()}
+
+
+def perplexity(model, tokenizer, rows: pd.DataFrame, max_seq_len: int, batch_size: int) -> float:
+    """Return exp(mean loss) of the reference answers given their prompts (response tokens only)."""
+    import math
+
+    import torch
+
+    from tasks.finetune import tokenize_examples
+
+    examples = tokenize_examples(tokenizer, rows, max_seq_len)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i : i + batch_size]
+            width = max(len(e["input_ids"]) for e in batch)
+            pad = tokenizer.pad_token_id
+
+            def padded(key, fill, batch=batch, width=width):
+                return torch.tensor([e[key] + [fill] * (width - len(e[key])) for e in batch])
+
+            labels = padded("labels", -100)
+            logits = model(input_ids=padded("input_ids", pad), attention_mask=padded("attention_mask", 0)).logits
+            loss = torch.nn.functional.cross_entropy(  # next-token loss, summed over answer tokens
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                ignore_index=-100, reduction="sum",
+            )
+            total += loss.item()
+            count += int((labels[:, 1:] != -100).sum())
+    return math.exp(total / count) if count else float("nan")
 
 
 @task(name="evaluate-model")
@@ -57,7 +95,10 @@ def evaluate_model(artifact_dir: Path, eval_set: pd.DataFrame, cfg: EvalConfig, 
         tokens += sum(o.completion_tokens for o in outs)
     seconds = time.perf_counter() - start
     references = list(rows["response"])
-    metrics = {"rougeL": rouge_l(predictions, references), "generation_tokens_per_second": tokens / seconds}
+    metrics = reference_metrics(predictions, references, cfg.metrics)
+    if "perplexity" in cfg.metrics:
+        metrics["perplexity"] = perplexity(model, tok, rows, cfg.max_seq_len, cfg.batch_size)
+    metrics["generation_tokens_per_second"] = tokens / seconds
     examples = [
         {"prompt": p, "reference": r, "prediction": y} for p, r, y in zip(prompts, references, predictions)
     ]

@@ -1,5 +1,13 @@
-from tasks.evaluate import EvalReport, decide_gate, rouge_l
-from tuneloop.config import GateConfig
+"""Metrics against hand-computed values, perplexity against the model's own loss, the gate."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from tasks.evaluate import EvalReport, decide_gate, perplexity, reference_metrics
+from tuneloop.config import ConfigError, GateConfig, load_config
 
 
 def report(value: float) -> EvalReport:
@@ -19,8 +27,33 @@ def test_better_worse_and_borderline() -> None:
     assert not failed.passed and "0.2399 < champion 0.2500" in failed.reason
 
 
-def test_rouge_l_by_hand() -> None:
-    # LCS("the cat sat", "the cat ran") = 2 tokens: P = R = 2/3, F = 2/3.
-    assert abs(rouge_l(["the cat sat"], ["the cat ran"]) - 2 / 3) < 1e-9
-    assert rouge_l(["a b"], ["a b"]) == 1.0
-    assert rouge_l([], []) == 0.0
+def test_text_metrics_by_hand() -> None:
+    names = ["rougeL", "exact_match", "token_f1", "bleu", "chrf"]
+    # "the cat sat" vs "the cat ran": LCS 2 of 3 tokens (ROUGE-L F = 2/3); token F1 after
+    # dropping articles: {cat, sat} vs {cat, ran} -> P = R = 1/2 -> F1 = 1/2.
+    m = reference_metrics(["the cat sat", "Paris!"], ["the cat ran", "paris"], names)
+    assert m["rougeL"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["exact_match"] == 0.5
+    assert m["token_f1"] == pytest.approx((0.5 + 1) / 2)
+    same = reference_metrics(["a b c d e"], ["a b c d e"], names)
+    assert same["bleu"] == pytest.approx(1.0) and same["chrf"] == pytest.approx(1.0)
+    assert reference_metrics([], [], ["rougeL"])["rougeL"] == 0.0
+
+
+def test_perplexity_matches_the_models_own_loss(models_dir) -> None:
+    from tasks.finetune import tokenize_examples
+    from tuneloop.models import load_base, resolve_base
+
+    model, tok = load_base(resolve_base("builtin:tiny-llama", models_dir))
+    rows = pd.DataFrame({"prompt": ["What is 2 plus 2?"], "response": ["2 plus 2 is 4."]})
+    [ex] = tokenize_examples(tok, rows, 64)
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss
+    assert perplexity(model, tok, rows, 64, 4) == pytest.approx(math.exp(loss.item()), rel=1e-4)
+
+
+def test_unknown_metric_and_unevaluated_gate_metric_fail_at_load() -> None:
+    with pytest.raises(ConfigError, match="eval.metrics"):
+        load_config(None, ["eval.metrics=[rougeL, nonsense]"])
+    with pytest.raises(ConfigError, match="gate.metric"):
+        load_config(None, ["eval.metrics=[bleu]"])

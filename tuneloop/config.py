@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_HOME = ".tuneloop"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -70,10 +70,18 @@ class TrainConfig(Strict):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads; None: torch's default.")
 
 
+MetricName = Literal["rougeL", "bleu", "chrf", "exact_match", "token_f1", "perplexity"]
+
+
 class EvalConfig(Strict):
+    metrics: list[MetricName] = Field(
+        ["rougeL", "bleu", "chrf", "exact_match", "token_f1", "perplexity"],
+        min_length=1, description="Reference metrics on the held-out set (perplexity: on the references).",
+    )
     max_examples: int = Field(16, ge=1, description="Held-out examples scored per model.")
     max_new_tokens: int = Field(24, ge=1, description="Tokens generated per example.")
     batch_size: int = Field(8, ge=1)
+    max_seq_len: int = Field(256, ge=8, description="Tokens per example when scoring perplexity.")
 
 
 class GateConfig(Strict):
@@ -165,6 +173,12 @@ class TuneloopConfig(Strict):
     @classmethod
     def _absolute_home(cls, home: Path) -> Path:
         return home.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _gate_metric_is_evaluated(self) -> TuneloopConfig:
+        if self.gate.metric not in self.eval.metrics:
+            raise ValueError(f"gate.metric {self.gate.metric!r} must be one of eval.metrics {self.eval.metrics}")
+        return self
 
 
 class ConfigError(ValueError):
