@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.promotion import promotion_flow
 from tasks.data import load_dataset, split_dataset, validate_dataset
-from tasks.evaluate import decide_gate, evaluate_model
+from tasks.evaluate import PairedDifference, compare_reports, decide_gate, evaluate_model
 from tasks.finetune import finetune_lora, prepare_base_model
 from tasks.registry import (
     ModelVersionRef,
@@ -37,6 +37,7 @@ class TrainingResult:
     champion_metrics: dict[str, float] | None
     dataset_digest: str
     trigger: str
+    comparison: list[PairedDifference]  # candidate - champion with bootstrap intervals
 
 
 @flow(name="training-flow", log_prints=False)
@@ -62,10 +63,11 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     candidate = evaluate_model(trained.artifact_dir, split.eval, cfg.eval, "candidate")
 
     champion_ref = find_champion(cfg.registry)
-    champion = None
+    champion, comparison = None, []
     if champion_ref is not None:
         champion_dir = download_version(champion_ref, workdir / "champion")
         champion = evaluate_model(champion_dir, split.eval, cfg.eval, f"champion v{champion_ref.version}")
+        comparison = compare_reports(candidate, champion)
     verdict = decide_gate(candidate, champion, cfg.gate)
 
     lineage = {
@@ -77,7 +79,10 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
         **({f"tuneloop.champion_{k}": f"{v:.6g}" for k, v in champion.metrics.items()} if champion else {}),
     }
     prompts = list(split.train["prompt"].head(cfg.monitor.reference_samples))
-    version = register_adapter(cfg.registry, run_id, trained.artifact_dir, candidate.metrics, lineage, prompts)
+    paired = {f"vs_champion_{d.metric}_{k}": v for d in comparison
+              for k, v in (("diff", d.mean), ("ci_low", d.low), ("ci_high", d.high))}
+    version = register_adapter(cfg.registry, run_id, trained.artifact_dir, {**candidate.metrics, **paired},
+                               lineage, prompts)
     if verdict.passed:
         set_alias(version, cfg.registry.champion_alias, verdict.reason)
         logger.info("Version %s is the new %s: %s", version.version, cfg.registry.champion_alias, verdict.reason)
@@ -90,11 +95,11 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     create_markdown_artifact(
         key="training-result",
         markdown=_summary_markdown(version, verdict.passed, verdict.reason, candidate.metrics,
-                                   champion.metrics if champion else None, report.data_docs),
+                                   champion.metrics if champion else None, report.data_docs, comparison),
         description=f"{cfg.registry.model_name} v{version.version}",
     )
     return TrainingResult(version, verdict.passed, verdict.reason, candidate.metrics,
-                          champion.metrics if champion else None, split.digest, trigger)
+                          champion.metrics if champion else None, split.digest, trigger, comparison)
 
 
 def _params(cfg: TuneloopConfig) -> dict[str, object]:
@@ -105,12 +110,15 @@ def _params(cfg: TuneloopConfig) -> dict[str, object]:
     }
 
 
-def _summary_markdown(version, passed, reason, metrics, champion_metrics, data_docs) -> str:
+def _summary_markdown(version, passed, reason, metrics, champion_metrics, data_docs, comparison) -> str:
     rows = "\n".join(
         f"| {k} | {v:.4f} | {champion_metrics.get(k, float('nan')):.4f} |" if champion_metrics
         else f"| {k} | {v:.4f} | – |" for k, v in metrics.items()
     )
     docs = f"\n\nData Docs: `{data_docs}`" if data_docs else ""
+    if comparison:
+        docs += "\n\n| candidate − champion | mean | 95% interval |\n|---|---|---|\n" + "\n".join(
+            f"| {d.metric} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] |" for d in comparison)
     return (
         f"## {version.name} v{version.version}: {'champion' if passed else 'rejected'}\n\n"
         f"Gate: {reason}\n\n| metric | candidate | champion |\n|---|---|---|\n{rows}\n\n"

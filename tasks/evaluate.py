@@ -20,6 +20,15 @@ class EvalReport:
     label: str  # "candidate" or "champion vN"
     metrics: dict[str, float]
     examples: list[dict[str, str]] = field(default_factory=list)
+    per_example: dict[str, list[float]] = field(default_factory=dict)  # mean-decomposable metrics
+
+
+@dataclass
+class PairedDifference:
+    metric: str
+    mean: float  # candidate - champion, over the same examples
+    low: float  # bootstrap confidence interval of the mean difference
+    high: float
 
 
 @dataclass
@@ -43,6 +52,34 @@ def reference_metrics(predictions: list[str], references: list[str], names: list
             module = evaluate.load(str(METRICS_DIR / METRIC_MODULES[name]))
             scores.update(module.compute(predictions=predictions, references=references))
     return {k: float(v) for k, v in scores.items()}
+
+
+PER_EXAMPLE = ("rougeL", "exact_match", "token_f1")  # corpus score = mean of example scores
+
+
+def per_example_scores(predictions: list[str], references: list[str], names: list[str]) -> dict[str, list[float]]:
+    """Return, for each mean-decomposable metric in `names`, its score on every example."""
+    import evaluate
+
+    out: dict[str, list[float]] = {}
+    for name in (n for n in names if n in PER_EXAMPLE):
+        module = evaluate.load(str(METRICS_DIR / METRIC_MODULES[name]))
+        out[name] = [float(module.compute(predictions=[p], references=[r])[name])
+                     for p, r in zip(predictions, references)]
+    return out
+
+
+def paired_bootstrap(a: list[float], b: list[float], metric: str, samples: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> PairedDifference:
+    """Return the mean of a - b (paired by example) with a percentile bootstrap interval."""
+    import numpy as np
+
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return PairedDifference(metric, float(diff.mean()), float(np.percentile(means, tail)),
+                            float(np.percentile(means, 100 - tail)))
 
 
 def perplexity(model, tokenizer, rows: pd.DataFrame, max_seq_len: int, batch_size: int) -> float:
@@ -86,11 +123,14 @@ def evaluate_model(artifact_dir: Path, eval_set: pd.DataFrame, cfg: EvalConfig, 
     rows = eval_set.head(cfg.max_examples)
     model, tok = load_adapter_model(artifact_dir)
     predictions: list[str] = []
+    latencies: list[float] = []  # per example: the time of the batch it was answered in
     tokens, start = 0, time.perf_counter()
     prompts = list(rows["prompt"])
     for i in range(0, len(prompts), cfg.batch_size):
         chats = [[{"role": "user", "content": p}] for p in prompts[i : i + cfg.batch_size]]
+        batch_start = time.perf_counter()
         outs = generate_batch(model, tok, chats, cfg.max_new_tokens)
+        latencies += [(time.perf_counter() - batch_start) * 1000] * len(outs)
         predictions += [o.text for o in outs]
         tokens += sum(o.completion_tokens for o in outs)
     seconds = time.perf_counter() - start
@@ -98,12 +138,31 @@ def evaluate_model(artifact_dir: Path, eval_set: pd.DataFrame, cfg: EvalConfig, 
     metrics = reference_metrics(predictions, references, cfg.metrics)
     if "perplexity" in cfg.metrics:
         metrics["perplexity"] = perplexity(model, tok, rows, cfg.max_seq_len, cfg.batch_size)
-    metrics["generation_tokens_per_second"] = tokens / seconds
+    metrics.update(latency_and_cost(latencies, tokens, seconds, cfg.price_per_device_hour))
     examples = [
         {"prompt": p, "reference": r, "prediction": y} for p, r, y in zip(prompts, references, predictions)
     ]
     log.info("%s: ROUGE-L %.4f on %d examples", label, metrics["rougeL"], len(rows))
-    return EvalReport(label, metrics, examples)
+    return EvalReport(label, metrics, examples, per_example_scores(predictions, references, cfg.metrics))
+
+
+def latency_and_cost(latencies_ms: list[float], tokens: int, seconds: float, price_per_hour: float) -> dict[str, float]:
+    """Return generation tok/s, p50/p95 latency (ms) and cost per 1k generated tokens."""
+    import numpy as np
+
+    return {
+        "generation_tokens_per_second": tokens / seconds if seconds else 0.0,
+        "p50_latency_ms": float(np.percentile(latencies_ms, 50)),
+        "p95_latency_ms": float(np.percentile(latencies_ms, 95)),
+        "cost_per_1k_tokens": price_per_hour * seconds / 3600 / tokens * 1000 if tokens else 0.0,
+    }
+
+
+@task(name="compare-with-champion")
+def compare_reports(candidate: EvalReport, champion: EvalReport) -> list[PairedDifference]:
+    """Return candidate - champion per metric on the same examples, with bootstrap intervals."""
+    return [paired_bootstrap(candidate.per_example[m], champion.per_example[m], m)
+            for m in candidate.per_example if m in champion.per_example]
 
 
 @task(name="decide-gate")

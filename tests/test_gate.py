@@ -57,3 +57,25 @@ def test_unknown_metric_and_unevaluated_gate_metric_fail_at_load() -> None:
         load_config(None, ["eval.metrics=[rougeL, nonsense]"])
     with pytest.raises(ConfigError, match="gate.metric"):
         load_config(None, ["eval.metrics=[bleu]"])
+
+
+def test_paired_bootstrap_intervals() -> None:
+    from tasks.evaluate import paired_bootstrap
+
+    same = paired_bootstrap([0.2, 0.4, 0.6], [0.2, 0.4, 0.6], "m")
+    assert (same.mean, same.low, same.high) == (0.0, 0.0, 0.0)
+    shifted = paired_bootstrap([0.3, 0.5, 0.7], [0.2, 0.4, 0.6], "m")
+    assert shifted.mean == pytest.approx(0.1) and shifted.low == pytest.approx(0.1)
+    mixed = paired_bootstrap([1, 0, 1, 0, 1, 0, 1, 0], [0, 1, 0, 1, 0, 1, 0, 1], "m")
+    assert mixed.low < 0 < mixed.high  # no evidence either way
+
+
+def test_latency_and_cost_by_hand() -> None:
+    from tasks.evaluate import latency_and_cost
+
+    # 4 examples in 2 batches of 100 ms and 300 ms; 50 tokens in 0.4 s at 3.6 per hour:
+    # 0.4 s costs 0.0004, i.e. 0.008 per 1k tokens.
+    m = latency_and_cost([100, 100, 300, 300], 50, 0.4, 3.6)
+    assert m["generation_tokens_per_second"] == pytest.approx(125)
+    assert m["p50_latency_ms"] == pytest.approx(200) and m["p95_latency_ms"] == pytest.approx(300)
+    assert m["cost_per_1k_tokens"] == pytest.approx(0.008)

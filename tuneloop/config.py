@@ -82,6 +82,9 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(24, ge=1, description="Tokens generated per example.")
     batch_size: int = Field(8, ge=1)
     max_seq_len: int = Field(256, ge=8, description="Tokens per example when scoring perplexity.")
+    price_per_device_hour: float = Field(
+        0.0, ge=0, description="Price of the evaluating machine per hour, for cost per 1k tokens."
+    )
 
 
 class GateConfig(Strict):

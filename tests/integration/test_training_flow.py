@@ -45,6 +45,11 @@ def test_trains_registers_and_aliases_with_lineage(register_only) -> None:
 
     second = training_flow(cfg)  # same data: the gate compares against v1 on the same split
     assert second.version.version == "2" and second.champion_metrics is not None
+    assert {d.metric for d in second.comparison} == {"rougeL", "exact_match", "token_f1"}
+    assert all(d.low <= d.mean <= d.high for d in second.comparison)
+    logged = client.get_run(second.version.run_id).data.metrics
+    for key in ("eval/bleu", "eval/perplexity", "eval/p95_latency_ms", "eval/vs_champion_rougeL_ci_low"):
+        assert key in logged, key
     assert second.dataset_digest == first.dataset_digest
     alias = str(client.get_model_version_by_alias(cfg.registry.model_name, "champion").version)
     assert alias == ("2" if second.champion else "1")
