@@ -14,12 +14,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.promotion import promotion_flow
 from tasks.data import load_dataset, split_dataset, validate_dataset
-from tasks.evaluate import PairedDifference, compare_reports, decide_gate, evaluate_model
+from tasks.evaluate import PairedDifference, compare_reports, decide_gate, evaluate_model, write_eval_report
 from tasks.finetune import finetune_lora, prepare_base_model
 from tasks.registry import (
     ModelVersionRef,
     download_version,
     find_champion,
+    log_run_artifact,
     register_adapter,
     set_alias,
     start_training_run,
@@ -69,6 +70,8 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
         champion = evaluate_model(champion_dir, split.eval, cfg.eval, f"champion v{champion_ref.version}")
         comparison = compare_reports(candidate, champion)
     verdict = decide_gate(candidate, champion, cfg.gate)
+    eval_report = write_eval_report(candidate, champion, comparison, verdict, workdir / "eval_report.html")
+    log_run_artifact(run_id, eval_report)
 
     lineage = {
         "tuneloop.base_model": base.location, "tuneloop.base_sha256": base.sha256,
@@ -116,6 +119,7 @@ def _summary_markdown(version, passed, reason, metrics, champion_metrics, data_d
         else f"| {k} | {v:.4f} | – |" for k, v in metrics.items()
     )
     docs = f"\n\nData Docs: `{data_docs}`" if data_docs else ""
+    docs += "\n\nEvaluation report: artifact `eval_report.html` of the training run"
     if comparison:
         docs += "\n\n| candidate − champion | mean | 95% interval |\n|---|---|---|\n" + "\n".join(
             f"| {d.metric} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] |" for d in comparison)

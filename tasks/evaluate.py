@@ -178,3 +178,63 @@ def decide_gate(candidate: EvalReport, champion: EvalReport | None, cfg: GateCon
         passed,
         f"candidate {cfg.metric}={ours:.4f} {rel} champion {theirs:.4f} - tolerance {cfg.tolerance}",
     )
+
+
+@task(name="write-eval-report")
+def write_eval_report(candidate: EvalReport, champion: EvalReport | None, comparison: list[PairedDifference],
+                      verdict: GateVerdict, out: Path) -> Path:
+    """Write a self-contained HTML report: metric bars, paired differences, worst regressions."""
+    import html
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from tasks.drift import _png
+
+    bounded = [k for k in ("rougeL", "bleu", "chrf", "exact_match", "token_f1") if k in candidate.metrics]
+    x = np.arange(len(bounded))
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    ax.bar(x - 0.2, [candidate.metrics[k] for k in bounded], 0.4, label="candidate")
+    if champion is not None:
+        ax.bar(x + 0.2, [champion.metrics.get(k, 0) for k in bounded], 0.4, label=champion.label)
+    ax.set(xticks=x, xticklabels=bounded, ylim=(0, 1), title="Reference metrics on the held-out set")
+    ax.legend()
+    images = [_png(fig)]
+    plt.close(fig)
+    if comparison:
+        fig, ax = plt.subplots(figsize=(6.5, 3))
+        means = [d.mean for d in comparison]
+        errors = [[d.mean - d.low for d in comparison], [d.high - d.mean for d in comparison]]
+        ax.errorbar(means, range(len(comparison)), xerr=errors, fmt="o", capsize=4)
+        ax.axvline(0, color="grey", lw=1)
+        ax.set(yticks=range(len(comparison)), yticklabels=[d.metric for d in comparison],
+               title="candidate − champion, paired, 95% bootstrap interval")
+        images.append(_png(fig))
+        plt.close(fig)
+    rows = ""
+    if champion is not None and "rougeL" in candidate.per_example and "rougeL" in champion.per_example:
+        deltas = np.asarray(candidate.per_example["rougeL"]) - np.asarray(champion.per_example["rougeL"])
+        for i in np.argsort(deltas)[:10]:
+            c, h = candidate.examples[i], champion.examples[i]
+            rows += (f"<tr><td>{deltas[i]:+.3f}</td><td>{html.escape(c['prompt'])}</td>"
+                     f"<td>{html.escape(c['reference'])}</td><td>{html.escape(c['prediction'])}</td>"
+                     f"<td>{html.escape(h['prediction'])}</td></tr>")
+        rows = ("<h2>Worst regressions (ROUGE-L, example by example)</h2><table><tr><th>Δ</th><th>prompt</th>"
+                f"<th>reference</th><th>candidate</th><th>champion</th></tr>{rows}</table>")
+    theirs = champion.metrics if champion else {}
+    metrics = "".join(
+        f"<tr><td>{k}</td><td>{v:.4f}</td><td>{'' if k not in theirs else format(theirs[k], '.4f')}</td></tr>"
+        for k, v in candidate.metrics.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tuneloop evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:70em}}td,th{{padding:.2em .8em;text-align:left;vertical-align:top}}
+img{{max-width:48%;margin:.5em}}</style></head><body>
+<h1>Gate: {"passed" if verdict.passed else "rejected"}</h1><p>{html.escape(verdict.reason)}</p>
+{"".join(f'<img src="data:image/png;base64,{i}">' for i in images)}
+<h2>Metrics</h2><table><tr><th>metric</th><th>candidate</th><th>{html.escape(champion.label) if champion else ""}</th></tr>
+{metrics}</table>{rows}</body></html>"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return out

@@ -132,3 +132,9 @@ def reference_prompts(ref: ModelVersionRef, dst: Path) -> list[str]:
     path = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path="reference/prompts.jsonl",
                                                dst_path=str(dst))
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@task(name="log-run-artifact", retries=2, retry_delay_seconds=2)
+def log_run_artifact(run_id: str, path: Path) -> None:
+    """Attach a file (a report) to an MLflow run."""
+    MlflowClient().log_artifact(run_id, str(path))

@@ -79,3 +79,17 @@ def test_latency_and_cost_by_hand() -> None:
     assert m["generation_tokens_per_second"] == pytest.approx(125)
     assert m["p50_latency_ms"] == pytest.approx(200) and m["p95_latency_ms"] == pytest.approx(300)
     assert m["cost_per_1k_tokens"] == pytest.approx(0.008)
+
+
+def test_eval_report_shows_bars_intervals_and_regressions(tmp_path) -> None:
+    from tasks.evaluate import GateVerdict, paired_bootstrap, write_eval_report
+
+    examples = [{"prompt": f"q<{i}>", "reference": "a", "prediction": "b"} for i in range(3)]
+    cand = EvalReport("candidate", {"rougeL": 0.2, "bleu": 0.1}, examples, {"rougeL": [0.1, 0.2, 0.3]})
+    champ = EvalReport("champion v1", {"rougeL": 0.3, "bleu": 0.2}, examples, {"rougeL": [0.4, 0.2, 0.3]})
+    diff = [paired_bootstrap(cand.per_example["rougeL"], champ.per_example["rougeL"], "rougeL")]
+    page = write_eval_report.fn(cand, champ, diff, GateVerdict(False, "worse"), tmp_path / "r.html").read_text()
+    assert "Gate: rejected" in page and page.count("data:image/png;base64,") == 2
+    assert "Worst regressions" in page and "-0.300" in page and "q&lt;0&gt;" in page
+    first = write_eval_report.fn(cand, None, [], GateVerdict(True, "first"), tmp_path / "f.html").read_text()
+    assert "Gate: passed" in first and first.count("data:image/png") == 1

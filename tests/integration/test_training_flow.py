@@ -50,6 +50,7 @@ def test_trains_registers_and_aliases_with_lineage(register_only) -> None:
     logged = client.get_run(second.version.run_id).data.metrics
     for key in ("eval/bleu", "eval/perplexity", "eval/p95_latency_ms", "eval/vs_champion_rougeL_ci_low"):
         assert key in logged, key
+    assert "eval_report.html" in [a.path for a in client.list_artifacts(second.version.run_id)]
     assert second.dataset_digest == first.dataset_digest
     alias = str(client.get_model_version_by_alias(cfg.registry.model_name, "champion").version)
     assert alias == ("2" if second.champion else "1")
