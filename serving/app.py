@@ -94,10 +94,6 @@ class ChatModel:
     async def __call__(self, request: GenerationRequest) -> dict[str, Any]:
         return await self.generate(request)
 
-    def check_health(self) -> None:
-        if self.model is None:
-            raise RuntimeError("model not loaded")
-
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]

@@ -105,7 +105,8 @@ def detect_drift(
                        f"MMD²={stat:.4f}, p={p:.4f} {rel} alpha={alpha}")
 
 
-def _png(fig) -> str:
+def png_base64(fig) -> str:
+    """Return a matplotlib figure as base64 PNG, to embed in a self-contained HTML report."""
     import base64
     import io
 
@@ -136,7 +137,7 @@ def write_drift_report(
         ax.scatter(*xy[len(reference):].T, s=18, alpha=0.8, color="crimson", label=f"recent requests ({len(current)})")
         ax.set(title="Prompt embeddings, 2-D PCA", xlabel="PC 1", ylabel="PC 2")
         ax.legend()
-        images.append(_png(fig))
+        images.append(png_base64(fig))
         plt.close(fig)
         centroid = reference.mean(axis=0)
         centroid /= np.linalg.norm(centroid) or 1.0
@@ -147,7 +148,7 @@ def write_drift_report(
         ax.hist(cur_sim, bins=bins, alpha=0.6, density=True, color="crimson", label="recent requests")
         ax.set(title="Cosine similarity to the training centroid", xlabel="cosine similarity", ylabel="density")
         ax.legend()
-        images.append(_png(fig))
+        images.append(png_base64(fig))
         plt.close(fig)
         order = np.argsort(cur_sim)[:10]
         outliers = "".join(f"<tr><td>{cur_sim[i]:.3f}</td><td>{html.escape(current_prompts[i])}</td></tr>"
@@ -190,9 +191,14 @@ def log_monitoring_run(experiment: str, result: DriftResult, champion_version: s
 def start_retraining(deployment: str, parameters: dict, idempotency_key: str) -> str:
     """Start the training deployment once per key (Prefect dedupes by idempotency key)."""
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
-    run = run_deployment(deployment, parameters=parameters, timeout=0, idempotency_key=idempotency_key,
-                         tags=["tuneloop:retrain"])
+    try:
+        run = run_deployment(deployment, parameters=parameters, timeout=0, idempotency_key=idempotency_key,
+                             tags=["tuneloop:retrain"])
+    except ObjectNotFound:
+        raise RuntimeError(f"Deployment {deployment} is not registered with this Prefect API: "
+                           "start the flow runner with `tuneloop up`") from None
     return str(run.id)
 
 

@@ -42,31 +42,36 @@ METRIC_MODULES = {"rougeL": "rouge_l", "bleu": "bleu", "chrf": "chrf", "exact_ma
                   "token_f1": "token_f1"}
 
 
-def reference_metrics(predictions: list[str], references: list[str], names: list[str]) -> dict[str, float]:
-    """Return each named text metric of predictions against references (in [0, 1])."""
-    import evaluate
-
-    scores: dict[str, float] = {}
-    for name in names:
-        if name in METRIC_MODULES:
-            module = evaluate.load(str(METRICS_DIR / METRIC_MODULES[name]))
-            scores.update(module.compute(predictions=predictions, references=references))
-    return {k: float(v) for k, v in scores.items()}
-
-
 PER_EXAMPLE = ("rougeL", "exact_match", "token_f1")  # corpus score = mean of example scores
 
 
-def per_example_scores(predictions: list[str], references: list[str], names: list[str]) -> dict[str, list[float]]:
-    """Return, for each mean-decomposable metric in `names`, its score on every example."""
+def score_texts(
+    predictions: list[str], references: list[str], names: list[str],
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Return (corpus score per named text metric, per-example scores of the mean-decomposable ones).
+
+    Each metric is computed once: per example where the corpus score is their mean (the
+    paired comparison needs them), on the corpus otherwise (BLEU, chrF).
+    """
     import evaluate
 
-    out: dict[str, list[float]] = {}
-    for name in (n for n in names if n in PER_EXAMPLE):
+    scores: dict[str, float] = {}
+    per_example: dict[str, list[float]] = {}
+    for name in (n for n in names if n in METRIC_MODULES):
         module = evaluate.load(str(METRICS_DIR / METRIC_MODULES[name]))
-        out[name] = [float(module.compute(predictions=[p], references=[r])[name])
-                     for p, r in zip(predictions, references)]
-    return out
+        if name in PER_EXAMPLE:
+            values = [float(module.compute(predictions=[p], references=[r])[name])
+                      for p, r in zip(predictions, references)]
+            per_example[name] = values
+            scores[name] = sum(values) / len(values) if values else 0.0
+        else:
+            scores[name] = float(module.compute(predictions=predictions, references=references)[name])
+    return scores, per_example
+
+
+def reference_metrics(predictions: list[str], references: list[str], names: list[str]) -> dict[str, float]:
+    """Return each named text metric of predictions against references (in [0, 1])."""
+    return score_texts(predictions, references, names)[0]
 
 
 def paired_bootstrap(a: list[float], b: list[float], metric: str, samples: int = 2000, level: float = 0.95,
@@ -135,7 +140,7 @@ def evaluate_model(artifact_dir: Path, eval_set: pd.DataFrame, cfg: EvalConfig, 
         tokens += sum(o.completion_tokens for o in outs)
     seconds = time.perf_counter() - start
     references = list(rows["response"])
-    metrics = reference_metrics(predictions, references, cfg.metrics)
+    metrics, per_example = score_texts(predictions, references, cfg.metrics)
     if "perplexity" in cfg.metrics:
         metrics["perplexity"] = perplexity(model, tok, rows, cfg.max_seq_len, cfg.batch_size)
     metrics.update(latency_and_cost(latencies, tokens, seconds, cfg.price_per_device_hour))
@@ -143,7 +148,7 @@ def evaluate_model(artifact_dir: Path, eval_set: pd.DataFrame, cfg: EvalConfig, 
         {"prompt": p, "reference": r, "prediction": y} for p, r, y in zip(prompts, references, predictions)
     ]
     log.info("%s: ROUGE-L %.4f on %d examples", label, metrics["rougeL"], len(rows))
-    return EvalReport(label, metrics, examples, per_example_scores(predictions, references, cfg.metrics))
+    return EvalReport(label, metrics, examples, per_example)
 
 
 def latency_and_cost(latencies_ms: list[float], tokens: int, seconds: float, price_per_hour: float) -> dict[str, float]:
@@ -192,7 +197,7 @@ def write_eval_report(candidate: EvalReport, champion: EvalReport | None, compar
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from tasks.drift import _png
+    from tasks.drift import png_base64
 
     bounded = [k for k in ("rougeL", "bleu", "chrf", "exact_match", "token_f1") if k in candidate.metrics]
     x = np.arange(len(bounded))
@@ -202,7 +207,7 @@ def write_eval_report(candidate: EvalReport, champion: EvalReport | None, compar
         ax.bar(x + 0.2, [champion.metrics.get(k, 0) for k in bounded], 0.4, label=champion.label)
     ax.set(xticks=x, xticklabels=bounded, ylim=(0, 1), title="Reference metrics on the held-out set")
     ax.legend()
-    images = [_png(fig)]
+    images = [png_base64(fig)]
     plt.close(fig)
     if comparison:
         fig, ax = plt.subplots(figsize=(6.5, 3))
@@ -212,7 +217,7 @@ def write_eval_report(candidate: EvalReport, champion: EvalReport | None, compar
         ax.axvline(0, color="grey", lw=1)
         ax.set(yticks=range(len(comparison)), yticklabels=[d.metric for d in comparison],
                title="candidate − champion, paired, 95% bootstrap interval")
-        images.append(_png(fig))
+        images.append(png_base64(fig))
         plt.close(fig)
     rows = ""
     if champion is not None and "rougeL" in candidate.per_example and "rougeL" in champion.per_example:
