@@ -7,24 +7,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.promotion import promotion_flow
-from tasks.data import load_dataset, split_dataset, validate_dataset
+from tasks.data import DataValidationError, load_dataset
 from tasks.evaluate import PairedDifference, compare_reports, decide_gate, evaluate_model, write_eval_report
 from tasks.finetune import finetune_lora, prepare_base_model
 from tasks.registry import (
     ModelVersionRef,
     download_version,
+    fail_run,
     find_champion,
+    log_dataset_inputs,
     log_run_artifact,
+    log_validation_report,
     register_adapter,
     set_alias,
     start_training_run,
 )
+from tasks.validation import report_markdown, validate_dataset
 from tuneloop.config import TuneloopConfig, load_config
 from tuneloop.state import state_paths, tracking_uri
 
@@ -49,16 +54,21 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     paths = state_paths(cfg).ensure()
     mlflow.set_tracking_uri(tracking_uri(cfg))
 
-    dataset = load_dataset(cfg.data)
-    report = validate_dataset(dataset, cfg.validation, cfg.data, paths.reports / "data-docs")
-    logger.info(report.summary())
-    split = split_dataset(dataset, cfg.data)
+    loaded = load_dataset(cfg.data)
     base = prepare_base_model(cfg.model, paths.models)
-
-    run_id = start_training_run(
-        cfg.registry, f"train-{split.digest}", _params(cfg), split.train, split.source,
-        tags={"tuneloop.trigger": trigger},
-    )
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    report, split = validate_dataset(loaded, cfg.validation, cfg.train.max_seq_len, base,
+                                     paths.reports / "validation" / f"{loaded.digest}-{stamp}")
+    run_id = start_training_run(cfg.registry, f"train-{split.digest}", _params(cfg),
+                                tags={"tuneloop.trigger": trigger})
+    log_dataset_inputs(run_id, split)
+    log_validation_report(run_id, report)
+    create_markdown_artifact(key="dataset-validation", markdown=report_markdown(report, run_id),
+                             description=f"{split.source}: validation {'passed' if report.success else 'failed'}")
+    if not report.success:  # nothing is trained or registered; the run keeps the evidence
+        fail_run(run_id, report.summary())
+        raise DataValidationError(report.summary())
+    logger.info(report.summary())
     workdir = paths.runs / run_id
     trained = finetune_lora(split.train, base, cfg.model, cfg.train, workdir, run_id)
     candidate = evaluate_model(trained.artifact_dir, split.eval, cfg.eval, "candidate")
@@ -76,6 +86,7 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     lineage = {
         "tuneloop.base_model": base.location, "tuneloop.base_sha256": base.sha256,
         "tuneloop.base_revision": base.revision or "", "tuneloop.dataset_digest": split.digest,
+        "tuneloop.validation_warnings": str(len(report.warnings())),
         "tuneloop.dataset_source": split.source, "tuneloop.training_run": run_id,
         "tuneloop.trigger": trigger, "tuneloop.gate": "passed" if verdict.passed else "rejected",
         "tuneloop.gate_reason": verdict.reason,
@@ -98,7 +109,7 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     create_markdown_artifact(
         key="training-result",
         markdown=_summary_markdown(version, verdict.passed, verdict.reason, candidate.metrics,
-                                   champion.metrics if champion else None, report.data_docs, comparison),
+                                   champion.metrics if champion else None, report.html, comparison),
         description=f"{cfg.registry.model_name} v{version.version}",
     )
     return TrainingResult(version, verdict.passed, verdict.reason, candidate.metrics,
@@ -113,12 +124,12 @@ def _params(cfg: TuneloopConfig) -> dict[str, object]:
     }
 
 
-def _summary_markdown(version, passed, reason, metrics, champion_metrics, data_docs, comparison) -> str:
+def _summary_markdown(version, passed, reason, metrics, champion_metrics, dataset_report, comparison) -> str:
     rows = "\n".join(
         f"| {k} | {v:.4f} | {champion_metrics.get(k, float('nan')):.4f} |" if champion_metrics
         else f"| {k} | {v:.4f} | – |" for k, v in metrics.items()
     )
-    docs = f"\n\nData Docs: `{data_docs}`" if data_docs else ""
+    docs = f"\n\nDataset report: `{dataset_report}` (and artifact `validation/` of the run)" if dataset_report else ""
     docs += "\n\nEvaluation report: artifact `eval_report.html` of the training run"
     if comparison:
         docs += "\n\n| candidate − champion | mean | 95% interval |\n|---|---|---|\n" + "\n".join(

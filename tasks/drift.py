@@ -12,6 +12,7 @@ import numpy as np
 from prefect import task
 
 from tuneloop.inferencelog import InferenceLog
+from tuneloop.reports import png_base64
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +104,6 @@ def detect_drift(
     rel = "<" if verdict == "drift" else ">="
     return DriftResult(verdict, stat, p, len(reference), len(current), newest_id,
                        f"MMD²={stat:.4f}, p={p:.4f} {rel} alpha={alpha}")
-
-
-def png_base64(fig) -> str:
-    """Return a matplotlib figure as base64 PNG, to embed in a self-contained HTML report."""
-    import base64
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 @task(name="write-drift-report")

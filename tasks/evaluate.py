@@ -197,7 +197,7 @@ def write_eval_report(candidate: EvalReport, champion: EvalReport | None, compar
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from tasks.drift import png_base64
+    from tuneloop.reports import png_base64
 
     bounded = [k for k in ("rougeL", "bleu", "chrf", "exact_match", "token_f1") if k in candidate.metrics]
     x = np.arange(len(bounded))

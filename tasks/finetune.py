@@ -28,18 +28,21 @@ class TrainedAdapter:
 
 
 def tokenize_examples(tokenizer, frame: pd.DataFrame, max_seq_len: int) -> list[dict[str, list[int]]]:
-    """Render prompt/response rows with the chat template; loss only on response tokens."""
-    from tuneloop.generation import chat_prompt
+    """Render each conversation with the chat template; loss only on assistant turns.
 
-    examples = []
-    for prompt, response in zip(frame["prompt"], frame["response"]):
-        prompt_ids = chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
-        response_ids = tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        ids = (prompt_ids + response_ids)[:max_seq_len]
-        labels = ([-100] * len(prompt_ids) + response_ids)[:max_seq_len]
-        if any(label != -100 for label in labels):  # a prompt longer than max_seq_len teaches nothing
-            examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return examples
+    Rows without a `messages` column are read as one user prompt and its response. A row with
+    no trained token left after truncation teaches nothing and is left out (validation's
+    loss-mask contract reports such rows before training).
+    """
+    from tuneloop.chat import IGNORE, ChatRenderer
+
+    if "messages" in frame:
+        conversations = list(frame["messages"])
+    else:
+        conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+                         for p, r in zip(frame["prompt"], frame["response"])]
+    examples = ChatRenderer(tokenizer).tokenize(conversations, max_seq_len)
+    return [e for e in examples if any(label != IGNORE for label in e["labels"])]
 
 
 class MetricsBuffer(TrainerCallback):

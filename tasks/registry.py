@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from prefect import task
 
+from tasks.data import MESSAGES, PROMPT, RESPONSE, SplitDataset, frame_digest
+from tasks.validation import DatasetReport
 from tuneloop.config import REPO_ROOT, RegistryConfig
 
 log = logging.getLogger(__name__)
@@ -42,15 +46,12 @@ def code_version() -> str:
 
 @task(name="start-mlflow-run", retries=2, retry_delay_seconds=2)
 def start_training_run(
-    cfg: RegistryConfig, run_name: str, params: dict[str, object], dataset: pd.DataFrame, source: str,
-    tags: dict[str, str] | None = None,
+    cfg: RegistryConfig, run_name: str, params: dict[str, object], tags: dict[str, str] | None = None,
 ) -> str:
-    """Create the MLflow run of one training, with its params and dataset input; return its id."""
+    """Create the MLflow run of one training with its params; return its id."""
     mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(run_name=run_name, tags={"tuneloop.code_version": code_version(), **(tags or {})}) as run:
         mlflow.log_params(params)
-        data = mlflow.data.from_pandas(dataset, source=source, name=Path(source).name)
-        mlflow.log_input(data, context="training")
     return run.info.run_id
 
 
@@ -138,3 +139,42 @@ def reference_prompts(ref: ModelVersionRef, dst: Path) -> list[str]:
 def log_run_artifact(run_id: str, path: Path) -> None:
     """Attach a file (a report) to an MLflow run."""
     MlflowClient().log_artifact(run_id, str(path))
+
+
+@task(name="log-dataset-inputs", retries=2, retry_delay_seconds=2)
+def log_dataset_inputs(run_id: str, data: SplitDataset) -> None:
+    """Log both splits as the run's inputs (`mlflow.data`: source, digest, schema).
+
+    The digest is tuneloop's content hash of each split, so the same data shows the same
+    digest in the MLflow UI in every run, whatever its size (MLflow's own hashes 10k rows).
+    """
+    mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
+    with mlflow.start_run(run_id=run_id):
+        for context, frame, source in (("training", data.train, data.source),
+                                       ("evaluation", data.eval, data.eval_source or data.source)):
+            table = frame[[PROMPT, RESPONSE]].copy()
+            table[MESSAGES] = [json.dumps(m) for m in frame[MESSAGES]]
+            mlflow.log_input(mlflow.data.from_pandas(table, source=source, name=Path(source).name,
+                                                     digest=frame_digest(frame)), context=context)
+
+
+@task(name="log-validation-report", retries=2, retry_delay_seconds=2)
+def log_validation_report(run_id: str, report: DatasetReport) -> None:
+    """Attach the dataset report (and its Data Docs) to the run, with its figures as metrics."""
+    client = MlflowClient()
+    client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
+                                      for k, v in report.metrics().items()],
+                     tags=[RunTag("tuneloop.validation", "passed" if report.success else "failed"),
+                           RunTag("tuneloop.dataset_digest", report.digest)])
+    if report.html:
+        client.log_artifact(run_id, report.html, "validation")
+    if report.data_docs:
+        client.log_artifacts(run_id, str(Path(report.data_docs).parent), "validation/data-docs")
+
+
+@task(name="fail-mlflow-run", retries=2, retry_delay_seconds=2)
+def fail_run(run_id: str, reason: str) -> None:
+    """End a run as FAILED with the reason as a tag: it trained nothing."""
+    client = MlflowClient()
+    client.set_tag(run_id, "tuneloop.failure", reason[:5000])
+    client.set_terminated(run_id, status="FAILED")

@@ -22,14 +22,36 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
         assert command in out
 
 
-def test_validate_passes_and_fails_with_exit_codes(tmp_path: Path) -> None:
-    ok = run("validate", str(ASSETS / "tiny_qa.jsonl"), home=tmp_path)
-    assert ok.returncode == 0 and "validation passed" in ok.stdout
+def tiny_home(tmp_path: Path, models_dir: Path) -> tuple[Path, list[str]]:
+    """A state dir sharing the session's built models, and overrides for the tiny model."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    sets = ["model.base=builtin:tiny-llama", "train.max_seq_len=48", "validation.data_docs=false"]
+    return home, [a for s in sets for a in ("--set", s)]
+
+
+def test_validate_passes_and_fails_with_exit_codes(tmp_path: Path, models_dir: Path) -> None:
+    home, sets = tiny_home(tmp_path, models_dir)
+    ok = run("validate", str(ASSETS / "tiny_qa.jsonl"), *sets, home=home)
+    assert ok.returncode == 0 and "Validation passed" in ok.stdout, ok.stdout + ok.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "a"}) + "\n" for i in range(12)))
-    failed = run("validate", str(bad), home=tmp_path)
+    failed = run("validate", str(bad), *sets, home=home)
     assert failed.returncode == 1
-    assert 'field "response": missing from every row' in failed.stdout
+    assert "expect_column_to_exist" in failed.stdout and "response: missing from every row" in failed.stdout
+
+
+def test_validate_shows_contracts_and_the_masked_example(tmp_path: Path, models_dir: Path) -> None:
+    home, sets = tiny_home(tmp_path, models_dir)
+    rows = [{"prompt": f"What is {i} times 3?", "response": f"It is {3 * i}."} for i in range(12)]
+    rows[4]["prompt"] = "Explain, in as many words as it takes, why three times four is twelve. " * 6
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run("validate", str(data), *sets, home=home)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "loss_mask" in result.stdout and "Validation FAILED" in result.stdout
+    assert "Row 5 as the trainer sees it" in result.stdout and "Report:" in result.stdout
 
 
 def test_bad_override_is_a_usage_error(tmp_path: Path) -> None:

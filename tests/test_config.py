@@ -44,3 +44,14 @@ def test_malformed_override() -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_validation_knobs_are_checked_at_load() -> None:
+    with pytest.raises(ConfigError, match="'expect_nonsense' is not a great-expectations expectation"):
+        load_config(None, ["validation.expectations=[{type: expect_nonsense}]"])
+    with pytest.raises(ConfigError, match="unknown PII entities \\['PASSPORT'\\]"):
+        load_config(None, ["validation.pii.entities=[EMAIL_ADDRESS, PASSPORT]"])
+    with pytest.raises(ConfigError, match="validation.duplicates.level"):
+        load_config(None, ["validation.duplicates.level=sometimes"])
+    cfg = load_config(None, ["validation.pii.level=redact", "validation.truncation.level=error"])
+    assert cfg.validation.pii.level == "redact" and cfg.validation.loss_mask.level == "error"

@@ -347,25 +347,71 @@ def monitor(
 
 @app.command()
 def validate(
-    data: Annotated[Path, typer.Argument(help="JSONL dataset")],
+    data: Annotated[str, typer.Argument(help="JSONL/CSV/Parquet file, save_to_disk folder, or hub id")],
+    eval_data: Annotated[str | None, typer.Option("--eval", help="Separate eval set (else a held-out share)")] = None,
     config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
-    """Validate a dataset with the great-expectations suite; exit 1 on failure."""
-    cfg = _config(config, set_, [f"data.path={data}"])
+    """Validate a dataset as training would (suite + LLM data contracts); exit 1 on errors."""
+    cfg = _config(config, set_, [f"data.path={data}", *([f"data.eval_path={eval_data}"] if eval_data else [])])
     _environment(cfg, use_server=False)
-    from tasks.data import DataValidationError, read_jsonl_dataset, run_expectations
+    from datetime import UTC, datetime
+
+    from tasks.data import DataValidationError, load_split
+    from tasks.validation import validate as run_validation
+    from tuneloop.chat import TemplateError
+    from tuneloop.models import BaseModelError, resolve_base
+    from tuneloop.safety import PiiUnavailable
     from tuneloop.state import state_paths
 
-    try:
-        dataset = read_jsonl_dataset(cfg.data)
-        report = run_expectations(dataset, cfg.validation, cfg.data, state_paths(cfg).reports / "data-docs")
-    except DataValidationError as err:
-        raise _fail(err) from err
-    console.print(report.summary())
-    if report.data_docs:
-        console.print(f"Data Docs: {report.data_docs}")
+    paths = state_paths(cfg).ensure()
+    steps = ["read the dataset", "prepare the base model's tokenizer", "suite and contracts"]
+    with _progress() as progress:
+        bar = progress.add_task(steps[0], total=len(steps))
+        try:
+            split = load_split(cfg.data)
+            progress.update(bar, advance=1, description=steps[1])
+            base = resolve_base(cfg.model.base, paths.models)
+            progress.update(bar, advance=1, description=steps[2])
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+            report, _ = run_validation(split, cfg.validation, cfg.train.max_seq_len, base,
+                                       paths.reports / "validation" / f"{split.digest}-{stamp}")
+            progress.update(bar, advance=1)
+        except (DataValidationError, BaseModelError, TemplateError, PiiUnavailable) as err:
+            raise _fail(err) from err
+    _print_dataset_report(report)
     if not report.success:
         raise typer.Exit(1)
+
+
+def _print_dataset_report(report: Any) -> None:
+    from rich.text import Text
+
+    colours = {"pass": "green", "warn": "yellow", "fail": "red", "redacted": "blue", "off": "dim", "skipped": "dim"}
+    table = Table(title=f"{report.source}: {report.train_rows} train + {report.eval_rows} eval rows "
+                        f"({report.shape}), digest {report.digest}")
+    for column in ("check", "level", "verdict", "figure", "first rows"):
+        table.add_column(column, overflow="fold")
+    for c in report.contracts:
+        table.add_row(c.name, c.level, f"[{colours.get(c.status, 'white')}]{c.status}[/]", c.figure, ", ".join(c.rows))
+    failed = [c for c in report.checks if not c.success]
+    for c in failed:
+        status = "fail" if c.severity == "critical" else "warn"
+        table.add_row(f"GX {c.name}", c.severity, f"[{colours[status]}]{status}[/]",
+                      f"{c.column or ''}: {c.detail}", ", ".join(c.rows))
+    if not failed:
+        table.add_row("GX suite", "critical", "[green]pass[/]", f"{len(report.checks)} expectations met", "")
+    console.print(table)
+    if report.example:
+        styles = {"masked": "dim", "trained": "bold green", "cut": "red strike"}
+        text = Text()
+        for piece, state in report.example:
+            text.append(piece, style=styles[state])
+        console.print(f"Row {report.example_row} as the trainer sees it ([bold green]trained[/], [dim]masked[/], "
+                      f"[red strike]cut[/]):")
+        console.print(text)
+    console.print(f"Report: {report.html}" + (f"\nData Docs: {report.data_docs}" if report.data_docs else ""))
+    verdict = "[green]passed[/]" if report.success else f"[red]FAILED[/] ({len(report.errors())} error(s))"
+    console.print(f"Validation {verdict}, {len(report.warnings())} warning(s)")
 
 
 if __name__ == "__main__":

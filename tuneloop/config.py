@@ -39,21 +39,123 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    path: Path | None = Field(None, description="JSONL file with one example per line.")
-    prompt_field: str = Field("prompt", description="Column holding the instruction.")
+    path: str | None = Field(
+        None, description="A JSONL, CSV or Parquet file, a `datasets` save_to_disk folder, or a hub id."
+    )
+    format: Literal["auto", "jsonl", "csv", "parquet", "disk", "hub"] = Field(
+        "auto", description="auto: from the file suffix; a folder is a save_to_disk dataset; else a hub id."
+    )
+    split: str = Field("train", description="Split read from a save_to_disk folder or a hub dataset.")
+    prompt_field: str = Field("prompt", description="Column holding the instruction (prompt/response shape).")
     response_field: str = Field("response", description="Column holding the target answer.")
+    messages_field: str = Field(
+        "messages", description="Column of chat turns [{role, content}, ...]; when present, the chat shape."
+    )
+    eval_path: str | None = Field(
+        None, description="Separate evaluation set (same forms as path); None: hold out eval_fraction."
+    )
     eval_fraction: float = Field(
-        0.2, gt=0, lt=1, description="Share of rows held out for evaluation."
+        0.2, gt=0, lt=1, description="Share of rows held out for evaluation (without eval_path)."
     )
     max_rows: int | None = Field(None, gt=0, description="Use at most this many rows.")
     seed: int = Field(0, description="Seed of the train/eval split.")
+
+
+Level = Literal["error", "warn", "off"]
+
+
+class Contract(Strict):
+    level: Level = Field("warn", description="error: fail before training; warn: record and go on; off.")
+
+
+class TruncationContract(Contract):
+    max_fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of examples allowed over train.max_seq_len tokens."
+    )
+
+
+class LossMaskContract(Contract):
+    level: Level = "error"
+    min_tokens: int = Field(1, ge=1, description="Fewer trained (answer) tokens after truncation: a violation.")
+
+
+class DuplicatesContract(Contract):
+    near_threshold: float = Field(
+        0.8, gt=0, le=1, description="Jaccard similarity of word n-grams from which rows are near duplicates."
+    )
+    ngram: int = Field(3, ge=1, description="Words per shingle; lower finds more paraphrases.")
+    max_fraction: float = Field(0.0, ge=0, le=1, description="Share of duplicate rows allowed.")
+
+
+class ContaminationContract(Contract):
+    level: Level = "error"
+    ngram: int = Field(8, ge=1, description="Words per n-gram; a shorter text counts as one n-gram.")
+    threshold: float = Field(
+        0.5, gt=0, le=1, description="An eval row is contaminated when this share of its n-grams is in training."
+    )
+
+
+class PiiContract(Strict):
+    level: Literal["error", "redact", "warn", "off"] = Field(
+        "warn", description="error: fail; redact: replace each finding by <TYPE> before training; warn; off."
+    )
+    entities: list[str] = Field(
+        ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN"],
+        description="presidio entity types; PERSON/LOCATION/NRP need the spaCy model (~1.5 ms per row).",
+    )
+    max_fraction: float = Field(0.0, ge=0, le=1, description="Share of rows with PII allowed (error / warn).")
+
+
+class ToxicityContract(Contract):
+    threshold: float = Field(0.5, gt=0, lt=1, description="A row is toxic from this probability on.")
+    max_fraction: float = Field(0.01, ge=0, le=1, description="Share of toxic rows allowed.")
+
+
+class ExpectationSpec(Strict):
+    type: str = Field(description="A great-expectations expectation, e.g. expect_column_values_to_match_regex.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Its arguments; `column` by your field name.")
+    severity: Literal["critical", "warning"] = Field("critical", description="critical fails validation.")
 
 
 class ValidationConfig(Strict):
     min_rows: int = Field(10, ge=1, description="Fewer rows than this fail validation.")
     max_prompt_chars: int = Field(4000, gt=0, description="Longest prompt allowed, in characters.")
     max_response_chars: int = Field(8000, gt=0, description="Longest response allowed.")
+    roles: list[str] = Field(["system", "user", "assistant"], description="Roles allowed in `messages`.")
+    unique: Literal["critical", "warning", "off"] = Field(
+        "warning", description="GX expectation that no conversation appears twice (verbatim)."
+    )
+    expectations: list[ExpectationSpec] = Field(
+        default_factory=list, description="More great-expectations expectations, run in the same suite."
+    )
     data_docs: bool = Field(True, description="Build great-expectations Data Docs (HTML).")
+    truncation: TruncationContract = TruncationContract()
+    loss_mask: LossMaskContract = LossMaskContract()
+    duplicates: DuplicatesContract = DuplicatesContract()
+    contamination: ContaminationContract = ContaminationContract()
+    pii: PiiContract = PiiContract()
+    toxicity: ToxicityContract = ToxicityContract()
+
+    @field_validator("expectations")
+    @classmethod
+    def _known_expectations(cls, specs: list[ExpectationSpec]) -> list[ExpectationSpec]:
+        import great_expectations as gx
+
+        for spec in specs:
+            name = "".join(part.title() for part in spec.type.split("_"))
+            if not hasattr(gx.expectations, name):
+                raise ValueError(f"{spec.type!r} is not a great-expectations expectation")
+        return specs
+
+    @field_validator("pii")
+    @classmethod
+    def _known_entities(cls, pii: PiiContract) -> PiiContract:
+        from tuneloop.safety import NER_ENTITIES, PATTERN_ENTITIES
+
+        unknown = sorted(set(pii.entities) - set(PATTERN_ENTITIES) - set(NER_ENTITIES))
+        if unknown:
+            raise ValueError(f"unknown PII entities {unknown}; known: {[*PATTERN_ENTITIES, *NER_ENTITIES]}")
+        return pii
 
 
 class TrainConfig(Strict):

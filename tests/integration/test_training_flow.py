@@ -34,7 +34,10 @@ def test_trains_registers_and_aliases_with_lineage(register_only) -> None:
     for tag in ("tuneloop.base_sha256", "tuneloop.dataset_digest", "tuneloop.training_run", "eval.rougeL"):
         assert mv.tags[tag], tag
     run = client.get_run(first.version.run_id)
-    assert [d.dataset.digest for d in run.inputs.dataset_inputs]  # the dataset is the run's input
+    inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}  # context -> dataset
+    assert set(inputs) == {"training", "evaluation"} and inputs["training"].source
+    assert run.data.tags["tuneloop.validation"] == "passed" and run.data.metrics["validation/errors"] == 0
+    assert "validation/dataset_report.html" in [a.path for a in client.list_artifacts(run.info.run_id, "validation")]
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == cfg.train.max_steps
 
     # The registered version answers through MLflow's own loader, by alias.
@@ -52,6 +55,8 @@ def test_trains_registers_and_aliases_with_lineage(register_only) -> None:
         assert key in logged, key
     assert "eval_report.html" in [a.path for a in client.list_artifacts(second.version.run_id)]
     assert second.dataset_digest == first.dataset_digest
+    again = {d.tags[0].value: d.dataset for d in client.get_run(second.version.run_id).inputs.dataset_inputs}
+    assert again["training"].digest == inputs["training"].digest  # same data, same digest in the UI
     alias = str(client.get_model_version_by_alias(cfg.registry.model_name, "champion").version)
     assert alias == ("2" if second.champion else "1")
 
@@ -70,6 +75,23 @@ def test_missing_field_fails_before_training(register_only, tmp_path: Path) -> N
     client = MlflowClient(tracking_uri(cfg))
     assert client.search_registered_models() == []  # nothing trained or registered
     assert not list((cfg.home / "runs").iterdir())
+    # The failed run keeps the evidence: the report, the reason, and no training metric.
+    [run] = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["tuneloop.validation"] == "failed"
+    assert 'field "response"' in run.data.tags["tuneloop.failure"]
+    assert not client.get_metric_history(run.info.run_id, "train/loss")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "validation")]
+
+
+def test_contract_violation_fails_before_training(register_only, tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in (ASSETS / "tiny_qa.jsonl").read_text().splitlines()]
+    rows[5]["prompt"] = "Please explain at length why the sky looks blue on a clear day. " * 5
+    bad = tmp_path / "long.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = register_only.model_copy(update={"data": register_only.data.model_copy(update={"path": str(bad)})})
+    with pytest.raises(DataValidationError, match="contract loss_mask \\(error\\).*first offending rows: 6"):
+        training_flow(cfg)
+    assert MlflowClient(tracking_uri(cfg)).search_registered_models() == []
 
 
 def test_missing_file_fails_naming_it(register_only, tmp_path: Path) -> None:

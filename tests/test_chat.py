@@ -1,0 +1,73 @@
+"""Chat rendering and loss masks: the fast path equals the template, labels mark answers only."""
+
+import pytest
+
+from tuneloop.chat import IGNORE, ChatRenderer, TemplateError
+from tuneloop.models import load_base, resolve_base
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(models_dir):
+    _, tok = load_base(resolve_base("builtin:tiny-llama", models_dir))
+    return tok
+
+
+def test_fast_rendering_equals_the_template(tokenizer) -> None:
+    renderer = ChatRenderer(tokenizer)
+    for _ in range(5):  # past the rows checked against the template
+        assert renderer.render(CHAT) == renderer.render_slow(CHAT)
+    other = [dict(t, content=t["content"] + " and more") for t in CHAT]
+    assert renderer.render(other) == renderer.render_slow(other)
+    text, spans = renderer.render(CHAT).text, renderer.render(CHAT).spans
+    assert [text[a:b] for a, b in spans] == ["Hello!<|im_end|>\n", "Paris.<|im_end|>\n"]
+
+
+def test_labels_are_the_answer_tokens_of_each_assistant_turn(tokenizer) -> None:
+    renderer = ChatRenderer(tokenizer)
+    [example] = renderer.tokenize([CHAT], 512)
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE]
+    expected = tokenizer("Hello!<|im_end|>\n", add_special_tokens=False)["input_ids"] + tokenizer(
+        "Paris.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert trained == expected
+    lengths, counts = renderer.measure([CHAT], 512)
+    assert lengths[0] == len(example["input_ids"]) and counts[0] == len(expected)
+    short = len(example["input_ids"]) - 3  # cut inside the last answer
+    [cut] = renderer.tokenize([CHAT], short)
+    assert len(cut["input_ids"]) == short
+    assert renderer.measure([CHAT], short)[1][0] == sum(label != IGNORE for label in cut["labels"])
+
+
+def test_segments_show_what_trains_and_what_is_cut(tokenizer) -> None:
+    renderer = ChatRenderer(tokenizer)
+    segments = renderer.segments(CHAT, 512)
+    assert "".join(t for t, _ in segments) == renderer.render(CHAT).text
+    assert [t for t, s in segments if s == "trained"] == ["Hello!<|im_end|>\n", "Paris.<|im_end|>\n"]
+    cut = renderer.segments(CHAT, 10)
+    assert {s for _, s in cut} == {"masked", "cut"}
+
+
+def test_a_template_that_changes_contents_falls_back_to_jinja(tokenizer) -> None:
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}"
+                               "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                               "{% endif %}")
+    renderer = ChatRenderer(tokenizer)
+    padded = [{"role": "user", "content": "  Hi  "}, {"role": "assistant", "content": " Hello "}]
+    for _ in range(4):
+        assert renderer.render(padded) == renderer.render_slow(padded)
+    assert "<|im_start|>assistant\nHello<|im_end|>" in renderer.render(padded).text
+
+
+def test_template_errors_name_the_roles(tokenizer) -> None:
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'bot' %}{{ raise_exception('no bots') }}"
+                               "{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(TemplateError, match="roles \\['bot'\\].*no bots"):
+        ChatRenderer(tokenizer).render([{"role": "bot", "content": "x"}])
+    tokenizer.chat_template = None
+    with pytest.raises(TemplateError, match="no chat template"):
+        ChatRenderer(tokenizer)
