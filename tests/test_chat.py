@@ -71,3 +71,20 @@ def test_template_errors_name_the_roles(tokenizer) -> None:
     tokenizer.chat_template = None
     with pytest.raises(TemplateError, match="no chat template"):
         ChatRenderer(tokenizer)
+
+
+def test_measure_skips_a_shared_template_head_and_still_counts_exactly(tokenizer) -> None:
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = (  # like SmolLM2's: a default system prompt when none is given
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a "
+        "helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    renderer = ChatRenderer(tokenizer)
+    conversations = [[{"role": "user", "content": f"What is {i} plus {i}?"},
+                      {"role": "assistant", "content": f"It is {2 * i}."}] for i in range(20)] + [CHAT]
+    lengths, trained = renderer.measure(conversations, 24)
+    assert renderer._heads() and renderer._heads()[0][0].startswith("<|im_start|>system\nYou are")
+    for conversation, n, k in zip(conversations, lengths, trained):
+        [full] = renderer.tokenize([conversation], 10_000)
+        [cut] = renderer.tokenize([conversation], 24)
+        assert n == len(full["input_ids"]) and k == sum(label != IGNORE for label in cut["labels"])

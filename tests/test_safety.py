@@ -45,3 +45,16 @@ def test_toxicity_separates_insults_from_questions() -> None:
     rude, plain = toxicity_probabilities(["you are a fucking idiot", "What is the dose of aspirin?"])
     assert rude > 0.9 and plain < 0.2
     assert toxicity_probabilities([]) == []
+
+
+@pytest.mark.parametrize("number", ["+1 212 736 5000", "020 7946 0958", "+49 30 1234567", "(212) 736-5000",
+                                    "212.736.5000", "+91 98765 43210", "+44 20 7946 0958"])
+def test_phone_formats_pass_the_prefilter_and_are_found(number: str) -> None:
+    assert PiiScanner(["PHONE_NUMBER"], score_threshold=0.3).find([f"Call me at {number} today."]) == [
+        ["PHONE_NUMBER"]]
+
+
+def test_year_ranges_and_decimals_are_not_phone_candidates() -> None:
+    from tuneloop.safety import _possible
+
+    assert _possible("Reigned 1975-1995; dose 0.50 0.18-0.26 mg", ["PHONE_NUMBER", "CREDIT_CARD"]) == []

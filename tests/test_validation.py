@@ -7,6 +7,7 @@ chat template in every test; no mocks.
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tasks.data import load_split
@@ -128,9 +129,10 @@ def test_exact_and_near_duplicates(tmp_path: Path, tokenizer) -> None:
 
 
 def test_near_duplicates_by_minhash_then_exact_jaccard() -> None:
-    base = list(range(40))
+    base = list(range(1, 41))
     sets = [base, base[:38] + [100, 101], list(range(200, 240)), base[:20] + list(range(300, 320))]
-    assert near_duplicates(sets, 0.8) == {1: 0}  # Jaccard 36/44 = 0.82; set 3 shares only 1/3
+    # Jaccard(0, 1) = 38/42 = 0.90; set 3 shares 20 of 60 with set 0.
+    assert near_duplicates([np.array(s, dtype=np.uint64) for s in sets], 0.8) == {1: 0}
 
 
 def test_eval_rows_seen_in_training_are_contamination(tmp_path: Path, tokenizer) -> None:

@@ -19,6 +19,7 @@ itself, and a template that transforms contents (trims them, say) falls back to 
 from __future__ import annotations
 
 import bisect
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self._skeletons: dict[tuple[str, ...], _Skeleton | None] = {}
         self._checked: dict[tuple[str, ...], int] = {}
+        self._head_cache: dict[str, tuple[str, int]] | None = None
+        self._special: re.Pattern[str] | None = None
 
     def _template(self, messages: Sequence[Message], generation_prompt: bool) -> str:
         import jinja2
@@ -129,7 +132,17 @@ class ChatRenderer:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise TemplateError("A fast (Rust) tokenizer is required")
-        return backend.encode_batch(texts, add_special_tokens=False)  # the template adds BOS etc.
+        # The state dir's environment turns tokenizer threads off (they do not survive a fork);
+        # a batch this size is worth both cores, and the setting is read per call.
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        try:
+            return backend.encode_batch(texts, add_special_tokens=False)  # the template adds BOS etc.
+        finally:
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
 
     @staticmethod
     def _token_at(starts: list[int], char: int) -> int:
@@ -151,6 +164,37 @@ class ChatRenderer:
                         "labels": labels[:max_seq_len]})
         return out
 
+    def _heads(self) -> list[str]:
+        """Template text every conversation of a role sequence starts with (a default system
+        prompt, say), cut where a special token starts: text before a special token
+        tokenizes on its own, so it is tokenized once, not per row."""
+        if self._head_cache is None:
+            specials = [t for t in self.tokenizer.added_tokens_decoder.values() if t.special]
+            if any(t.lstrip or t.rstrip or t.normalized for t in specials):
+                return []  # a special token that eats or rewrites its neighbours: no shortcut
+            self._special = re.compile("|".join(re.escape(t.content) for t in specials)) if specials else None
+            self._head_cache = {}
+        for skeleton in self._skeletons.values():
+            literal = skeleton.pieces[0] if skeleton and isinstance(skeleton.pieces[0], str) else ""
+            if literal not in self._head_cache:
+                starts = [m.start() for m in self._special.finditer(literal)] if self._special else []
+                head = literal[: starts[-1]] if starts else ""
+                # Checked, not assumed: the head and the rest tokenize as the whole does.
+                whole, alone, rest = self._encode([literal, head, literal[len(head) :]])
+                same = whole.ids == alone.ids + rest.ids
+                self._head_cache[literal] = (head, len(alone.ids)) if head and same else ("", 0)
+        return sorted({h for h in self._head_cache.values() if h[0]}, key=lambda h: -len(h[0]))
+
+    @staticmethod
+    def _first_token_from(encoding: Any, char: int, length: int, n_tokens: int) -> int:
+        """Index of the first token starting at or after `char` (n_tokens past the end)."""
+        if char >= length:
+            return n_tokens
+        token = encoding.char_to_token(char)
+        if token is None:  # a character in no token (stripped by the normaliser): search the offsets
+            return bisect.bisect_left([a for a, _ in encoding.offsets], char)
+        return token if encoding.token_to_chars(token)[0] >= char else token + 1
+
     def measure(self, conversations: Sequence[Sequence[Message]], max_seq_len: int,
                 batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
         """Return per conversation its token count and how many tokens train after truncation."""
@@ -158,13 +202,20 @@ class ChatRenderer:
         trained = np.zeros(len(conversations), dtype=np.int64)
         for lo in range(0, len(conversations), batch):
             rendered = [self.render(c) for c in conversations[lo : lo + batch]]
-            for i, (r, enc) in enumerate(zip(rendered, self._encode([r.text for r in rendered])), start=lo):
-                starts = [a for a, _ in enc.offsets]
-                lengths[i] = len(starts)
+            heads = self._heads()
+            cut = []
+            for r in rendered:
+                head = next(((h, n) for h, n in heads if r.text.startswith(h)), ("", 0))
+                cut.append(head)
+            rests = [r.text[len(h) :] for r, (h, _) in zip(rendered, cut)]
+            for i, (r, (head, n_head), rest, enc) in enumerate(
+                    zip(rendered, cut, rests, self._encode(rests)), start=lo):
+                n = len(enc.ids)
+                lengths[i] = n_head + n
                 for start, end in r.spans:
-                    a = min(self._token_at(starts, start), max_seq_len)
-                    b = min(self._token_at(starts, end), max_seq_len)
-                    trained[i] += b - a
+                    a = n_head + self._first_token_from(enc, start - len(head), len(rest), n)
+                    b = n_head + self._first_token_from(enc, end - len(head), len(rest), n)
+                    trained[i] += min(b, max_seq_len) - min(a, max_seq_len)
         return lengths, trained
 
     def segments(self, messages: Sequence[Message], max_seq_len: int) -> list[tuple[str, str]]:
