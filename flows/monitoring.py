@@ -69,7 +69,7 @@ def monitoring_flow(config: TuneloopConfig | None = None) -> MonitoringResult:
 
     retraining = None
     if drift.verdict == "drift" and m.retrain_data is not None:
-        retrain_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": m.retrain_data})})
+        retrain_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(m.retrain_data)})})
         trigger = f"drift p={drift.p_value:.3g} (monitoring run {flow_run.get_name()})"
         retraining = start_retraining(
             cfg.prefect.training_deployment,

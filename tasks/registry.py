@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,8 +155,11 @@ def log_dataset_inputs(run_id: str, data: SplitDataset) -> None:
                                        ("evaluation", data.eval, data.eval_source or data.source)):
             table = frame[[PROMPT, RESPONSE]].copy()
             table[MESSAGES] = [json.dumps(m) for m in frame[MESSAGES]]
-            mlflow.log_input(mlflow.data.from_pandas(table, source=source, name=Path(source).name,
-                                                     digest=frame_digest(frame)), context=context)
+            with warnings.catch_warnings():  # MLflow registers its local-file source class twice and says so
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                dataset = mlflow.data.from_pandas(table, source=source, name=Path(source).name,
+                                                  digest=frame_digest(frame))
+            mlflow.log_input(dataset, context=context)
 
 
 @task(name="log-validation-report", retries=2, retry_delay_seconds=2)

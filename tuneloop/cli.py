@@ -99,7 +99,7 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
 
     start = time.perf_counter()
     cfg = cfg.model_copy(update={
-        "data": cfg.data.model_copy(update={"path": data.trivia_train}),
+        "data": cfg.data.model_copy(update={"path": str(data.trivia_train)}),
         "monitor": cfg.monitor.model_copy(update={"retrain_data": data.medication_train}),
     })
     report = DemoReport()
@@ -289,7 +289,7 @@ def down(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option("--data", "-d", help="JSONL dataset")],
+    data: Annotated[str, typer.Option("--data", "-d", help="JSONL/CSV/Parquet file, save_to_disk folder, or hub id")],
     config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
 ) -> None:
     """Validate DATA, fine-tune, evaluate against the champion, register (and promote)."""

@@ -60,6 +60,11 @@ class DataConfig(Strict):
     max_rows: int | None = Field(None, gt=0, description="Use at most this many rows.")
     seed: int = Field(0, description="Seed of the train/eval split.")
 
+    @field_validator("path", "eval_path", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else value
+
 
 Level = Literal["error", "warn", "off"]
 

@@ -67,7 +67,7 @@ def test_missing_field_fails_before_training(register_only, tmp_path: Path) -> N
     rows[7]["response"] = ""
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = register_only.model_copy(update={"data": register_only.data.model_copy(update={"path": bad})})
+    cfg = register_only.model_copy(update={"data": register_only.data.model_copy(update={"path": str(bad)})})
     with pytest.raises(DataValidationError) as err:
         training_flow(cfg)
     message = str(err.value)
@@ -96,6 +96,6 @@ def test_contract_violation_fails_before_training(register_only, tmp_path: Path)
 
 def test_missing_file_fails_naming_it(register_only, tmp_path: Path) -> None:
     cfg = register_only.model_copy(
-        update={"data": register_only.data.model_copy(update={"path": tmp_path / "absent.jsonl"})})
+        update={"data": register_only.data.model_copy(update={"path": str(tmp_path / "absent.jsonl")})})
     with pytest.raises(DataValidationError, match="absent.jsonl does not exist"):
         training_flow(cfg)
