@@ -174,3 +174,16 @@ def test_contracts_can_be_turned_off(tmp_path: Path, tokenizer) -> None:
     rows[6]["prompt"] = "A long question about Chile. " * 20
     report, _ = check(tmp_path, tokenizer, rows, loss_mask={"level": "off"}, truncation={"level": "off"})
     assert report.success and contract(report, "loss_mask").status == "off"
+
+
+def test_large_sets_tokenize_only_rows_that_could_be_cut_and_get_the_same_verdicts(
+        tmp_path: Path, tokenizer, monkeypatch) -> None:
+    rows = [dict(r) for r in GOOD]
+    rows[1]["response"] = "Madrid, " * 40  # cut
+    rows[6]["prompt"] = "Tell me about the capital of Chile, its history and its rivers. " * 4  # nothing left to train
+    full, _ = check(tmp_path, tokenizer, rows)
+    monkeypatch.setattr("tasks.validation.HISTOGRAM_SAMPLE", 3)  # as if the set were large
+    sampled, _ = check(tmp_path, tokenizer, rows)
+    assert [(c.name, c.status, c.rows) for c in sampled.contracts] == [
+        (c.name, c.status, c.rows) for c in full.contracts]
+    assert len(sampled.token_lengths) == 3 and sampled.token_sample == 3

@@ -196,12 +196,14 @@ class ChatRenderer:
         return token if encoding.token_to_chars(token)[0] >= char else token + 1
 
     def measure(self, conversations: Sequence[Sequence[Message]], max_seq_len: int,
-                batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-        """Return per conversation its token count and how many tokens train after truncation."""
-        lengths = np.zeros(len(conversations), dtype=np.int64)
-        trained = np.zeros(len(conversations), dtype=np.int64)
-        for lo in range(0, len(conversations), batch):
-            rendered = [self.render(c) for c in conversations[lo : lo + batch]]
+                batch: int = 8192, rows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return per conversation (or per index in `rows`) its token count and how many
+        tokens train after truncation at `max_seq_len`."""
+        picked = list(range(len(conversations))) if rows is None else list(rows)
+        lengths = np.zeros(len(picked), dtype=np.int64)
+        trained = np.zeros(len(picked), dtype=np.int64)
+        for lo in range(0, len(picked), batch):
+            rendered = [self.render(conversations[j]) for j in picked[lo : lo + batch]]
             heads = self._heads()
             cut = []
             for r in rendered:
@@ -217,6 +219,20 @@ class ChatRenderer:
                     b = n_head + self._first_token_from(enc, end - len(head), len(rest), n)
                     trained[i] += min(b, max_seq_len) - min(a, max_seq_len)
         return lengths, trained
+
+    @property
+    def byte_level(self) -> bool:
+        """Whether every token covers at least one byte of the text (byte-level BPE: GPT-2,
+        Llama 3, SmolLM, Qwen): then a text of at most N UTF-8 bytes has at most N tokens."""
+        from tokenizers import decoders
+
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        return backend is not None and isinstance(backend.decoder, decoders.ByteLevel)
+
+    def bytes_bound(self, conversations: Sequence[Sequence[Message]]) -> np.ndarray:
+        """UTF-8 bytes of each rendered conversation: with `byte_level`, an upper bound on its tokens."""
+        return np.fromiter((len(self.render(c).text.encode()) for c in conversations), dtype=np.int64,
+                           count=len(conversations))
 
     def segments(self, messages: Sequence[Message], max_seq_len: int) -> list[tuple[str, str]]:
         """Return the rendered text in pieces marked "masked", "trained" or "cut" (past max_seq_len)."""
