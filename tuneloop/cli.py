@@ -3,7 +3,8 @@
     tuneloop demo                      # the whole loop on the embedded default
     tuneloop up / tuneloop down        # local Prefect, MLflow and Ray (+ Serve) on 127.0.0.1
     tuneloop train --data data.jsonl   # one training flow run
-    tuneloop promote [--version N]     # serve the champion (or version N)
+    tuneloop promote [--version N]     # serve the challenger (or version N) and make it champion
+    tuneloop evaluate --models A,B --data eval.jsonl   # compare base models: a leaderboard
     tuneloop monitor                   # one drift check
     tuneloop validate data.jsonl       # data validation only
 
@@ -88,8 +89,9 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
              retraining_timeout_s: int = 1800) -> DemoReport:
     """Run the loop's stages in order against running local services; return what each did.
 
-    `data` is a tasks.data.DemoData. Training promotes its champion (registry.on_new_champion),
-    and retraining is started by the monitoring flow through the training deployment.
+    `data` is a tasks.data.DemoData. A version that passes the gate is promoted (registry.on_gate_pass):
+    served, smoke-tested, then made champion; retraining is started by the monitoring flow through
+    the training deployment.
     """
     from flows.monitoring import monitoring_flow
     from flows.training import training_flow
@@ -302,16 +304,19 @@ def train(
             result = training_flow(cfg, trigger="cli")
         except Exception as err:
             raise _fail(err) from err
-    console.print(f"Registered {result.version.name} v{result.version.version}: "
-                  f"{'champion' if result.champion else 'rejected'} ({result.reason})")
+    console.print(f"Registered {result.version.name} v{result.version.version}: gate {result.decision}, "
+                  f"{'alias ' + result.alias if result.alias else 'no alias'}")
+    for line in result.rules:
+        console.print(f"  {line}")
 
 
 @app.command()
 def promote(
-    version: Annotated[str | None, typer.Option(help="Version to serve (default: the champion)")] = None,
+    version: Annotated[str | None, typer.Option(
+        help="Version to serve (default: the challenger; with none, the champion again)")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
 ) -> None:
-    """Deploy a registered version to Ray Serve; keep the old one if it fails."""
+    """Deploy a version that passed the gate to Ray Serve and make it champion; keep the old one if it fails."""
     cfg = _config(config, set_)
     _environment(cfg, use_server=False, verbose=verbose)
     from flows.promotion import promotion_flow
