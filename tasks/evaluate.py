@@ -14,7 +14,7 @@ from typing import Any, Literal
 import pandas as pd
 from prefect import task
 
-from tuneloop.config import LOWER_IS_BETTER, EvalConfig, GateConfig
+from tuneloop.config import LOWER_IS_BETTER, EvalConfig, GateConfig, evaluated_metrics
 from tuneloop.gate import RuleResult, evaluate_rule, parse_rule
 from tuneloop.models import BaseRef
 
@@ -187,6 +187,8 @@ def perplexity(model, tokenizer, rows: pd.DataFrame, max_seq_len: int, batch_siz
 @task(name="check-eval-set")
 def check_eval_set(eval_set: pd.DataFrame, cfg: EvalConfig, source: str) -> pd.DataFrame:
     """Return the rows to evaluate (at most eval.max_examples); raise EvalSetError if there are none."""
+    if eval_set.empty:
+        raise EvalSetError(f"Evaluation set {source} holds no rows: give a JSONL file with prompt/response rows")
     missing = [c for c in ("prompt", "response") if c not in eval_set.columns]
     if missing:
         raise EvalSetError(f"Evaluation set {source}: no {' or '.join(missing)} field in any row "
@@ -205,8 +207,11 @@ def score_model(model, tokenizer, rows: pd.DataFrame, cfg: EvalConfig, label: st
 
     predictions: list[str] = []
     latencies: list[float] = []  # per example: the time of the batch it was answered in
-    tokens, start = 0, time.perf_counter()
     prompts = list(rows["prompt"])
+    # Untimed warm-up: the first generate of a process pays one-off costs (~1 s on CPU) that
+    # would land on whichever model is evaluated first and skew latency comparisons.
+    generate_batch(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts[: cfg.batch_size]], 2)
+    tokens, start = 0, time.perf_counter()
     for i in range(0, len(prompts), cfg.batch_size):
         chats = [[{"role": "user", "content": p}] for p in prompts[i : i + cfg.batch_size]]
         batch_start = time.perf_counter()
@@ -293,6 +298,21 @@ def decide_gate(candidate: EvalReport, champion: EvalReport | None, cfg: GateCon
     skipped = len(results) - held
     return GateVerdict("passed", f"passed: {held} of {len(results)} rules held"
                        + (f", {skipped} skipped (no champion)" if skipped else ""), results)
+
+
+@task(name="check-model-list")
+def check_model_list(models: list[str], rank_by: str, cfg: EvalConfig) -> list[str]:
+    """Return the models to compare; raise ValueError on an empty or repeated list or an unknown rank metric."""
+    if not models:
+        raise ValueError("No model to evaluate: give one or more, e.g. --models builtin:tiny-llama,/path/to/model")
+    repeated = sorted({m for m in models if models.count(m) > 1})
+    if repeated:
+        raise ValueError(f"Model(s) listed twice: {', '.join(repeated)}")
+    known = evaluated_metrics(cfg)
+    if rank_by not in known:
+        raise ValueError(f"Cannot rank by {rank_by!r}: it is not evaluated with this config; choose one of "
+                         f"{', '.join(known)}")
+    return models
 
 
 def rank_reports(reports: list[EvalReport], rank_by: str) -> list[EvalReport]:

@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 
 from tuneloop.config import REPO_ROOT, RegistryConfig
+from tuneloop.models import BaseRef
 
 log = logging.getLogger(__name__)
 
@@ -255,3 +257,43 @@ def log_eval_examples(run_id: str, examples: list[dict], name: str) -> None:
     """Attach per-example answers (and judge verdicts) to a run as an MLflow table `eval/<name>.json`."""
     frame = pd.DataFrame([{k: json.dumps(v) if isinstance(v, list) else v for k, v in e.items()} for e in examples])
     MlflowClient().log_table(run_id, frame, f"eval/{name}.json")
+
+
+@task(name="start-selection-run", retries=2, retry_delay_seconds=2)
+def start_selection_run(cfg: RegistryConfig, eval_set: pd.DataFrame, source: str, params: dict[str, object]) -> str:
+    """Create the parent MLflow run of one model comparison, with the evaluation set as its input."""
+    mlflow.set_experiment(cfg.selection_experiment)
+    with mlflow.start_run(run_name=f"select-{Path(source).stem}",
+                          tags={"tuneloop.code_version": code_version()}) as run:
+        mlflow.log_params(params)
+        mlflow.log_input(mlflow.data.from_pandas(eval_set, source=source, name=Path(source).name),
+                         context="evaluation")
+    return run.info.run_id
+
+
+@task(name="log-model-evaluation", retries=2, retry_delay_seconds=2)
+def log_model_evaluation(parent_run_id: str, model: str, base: BaseRef, metrics: dict[str, float],
+                         examples: list[dict], params: dict[str, str]) -> str:
+    """Record one model's evaluation as a child run of the comparison; return its run id."""
+    from mlflow.entities import Metric, Param
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    client = MlflowClient()
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    run = client.create_run(experiment, tags={
+        MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: Path(model).name or model,
+        "tuneloop.model": model, "tuneloop.base_sha256": base.sha256, "tuneloop.code_version": code_version(),
+    })
+    now = int(time.time() * 1000)
+    values = {"model": model, "base_location": base.location, "base_revision": base.revision or "", **params}
+    client.log_batch(run.info.run_id, metrics=[Metric(f"eval/{k}", v, now, 0) for k, v in metrics.items()],
+                     params=[Param(k, str(v)) for k, v in values.items()])
+    log_eval_examples.fn(run.info.run_id, examples, "examples")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@task(name="log-leaderboard", retries=2, retry_delay_seconds=2)
+def log_leaderboard(run_id: str, table: list[dict]) -> None:
+    """Attach the leaderboard to the comparison's run as an MLflow table `leaderboard.json`."""
+    MlflowClient().log_table(run_id, pd.DataFrame(table), "leaderboard.json")

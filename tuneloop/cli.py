@@ -329,6 +329,44 @@ def promote(
     console.print(f"v{result.serving} serves at {result.endpoint} (was {result.previous or 'nothing'})")
 
 
+@app.command(name="evaluate")
+def evaluate_models(
+    models: Annotated[str, typer.Option("--models", "-m", help="Comma-separated base models: builtin:<name>, "
+                                        "local folders or hub ids")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="JSONL evaluation set (prompt / response)")],
+    rank_by: Annotated[str, typer.Option(help="Metric that orders the leaderboard")] = "rougeL",
+    config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Evaluate several base models on one set; print and log a leaderboard (foundation-model selection)."""
+    import math
+
+    cfg = _config(config, set_, [f"data.path={data}"])
+    _environment(cfg, use_server=False, verbose=verbose)
+    from flows.selection import model_selection_flow
+    from tuneloop.config import LOWER_IS_BETTER
+
+    specs = [m.strip() for m in models.split(",") if m.strip()]
+    with console.status(f"evaluating {len(specs)} models on {data.name}"):
+        try:
+            result = model_selection_flow(cfg, specs, rank_by)
+        except Exception as err:
+            raise _fail(err) from err
+    table = Table(title=f"{len(specs)} base models on {data.name}, ranked by {rank_by} "
+                        f"({'lower' if rank_by in LOWER_IS_BETTER else 'higher'} is better)")
+    # The terminal shows the figures a choice turns on; MLflow and the Prefect artifact have all.
+    shown = [c for c in result.columns if c == rank_by or c not in ("p50_latency_ms", "cost_per_1k_tokens")]
+    table.add_column("rank", justify="right")
+    table.add_column("model", overflow="fold")
+    for col in shown:
+        table.add_column(col.replace("generation_tokens_per_second", "tokens/s"), justify="right")
+    for row in result.rows:
+        values = [row.metrics.get(c, math.nan) for c in shown]
+        table.add_row(str(row.rank), row.model, *("–" if math.isnan(v) else f"{v:.4g}" for v in values))
+    console.print(table)
+    console.print(f"MLflow: experiment {cfg.registry.selection_experiment!r}, run {result.parent_run_id} "
+                  "(leaderboard.json; one child run per model)")
+
+
 @app.command()
 def monitor(
     window: Annotated[int | None, typer.Option(help="Newest requests to check")] = None,
