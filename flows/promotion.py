@@ -57,6 +57,8 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
         raise DeployError(f"No version of {name} holds the {reg.challenger_alias!r} or {reg.champion_alias!r} "
                           "alias: train one that passes the gate, or give a version")
     gate = version_tags(target)
+    if gate is None:
+        raise DeployError(f"{name} has no version {target.version}")
     if gate.get("tuneloop.gate") in ("rejected", "withheld"):
         raise DeployError(f"Version {target.version} cannot become {reg.champion_alias}: the gate "
                           f"{gate.get('tuneloop.gate_reason', gate['tuneloop.gate'])}")

@@ -140,9 +140,11 @@ def registry_lock(tracking_uri: str, model_name: str, timeout_s: float = 120) ->
 
     MLflow writes an alias unconditionally (last writer wins) and offers no compare-and-set,
     so "keep the newer challenger" or "drop the challenger that just became champion" would
-    race with another flow doing the same between the read and the write. Version numbers
-    and tags need no lock (the store numbers versions in a transaction; tags are written
-    with the version). With the embedded SQLite store every flow runs on this machine: a
+    race with another flow doing the same between the read and the write; on SQLite even two
+    plain alias writes at once can fail on a UNIQUE constraint (tests/test_registry.py).
+    Version numbers and tags need no lock (the store numbers versions in a transaction and
+    retries; tags are written with the version). With the embedded SQLite store every flow
+    runs on this machine: a
     file lock beside the database. With a tracking server, flows run on many machines that
     share one Prefect API: a Prefect global concurrency limit of 1 slot per model name.
     """
@@ -220,13 +222,13 @@ def promote_champion(ref: ModelVersionRef, cfg: RegistryConfig, reason: str) -> 
 
 
 @task(name="read-version-tags", retries=2, retry_delay_seconds=2)
-def version_tags(ref: ModelVersionRef) -> dict[str, str]:
-    """Return the tags of a registered version; raise LookupError if there is no such version."""
+def version_tags(ref: ModelVersionRef) -> dict[str, str] | None:
+    """Return the tags of a registered version, or None if there is no such version."""
     try:
         return dict(MlflowClient().get_model_version(ref.name, ref.version).tags)
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise LookupError(f"{ref.name} has no version {ref.version}") from None
+            return None
         raise
 
 

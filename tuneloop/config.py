@@ -88,7 +88,8 @@ class JudgeConfig(Strict):
     model: str = Field(
         "builtin:smollm2-135m-instruct",
         description="local: a path, hub id or builtin:<name> (as model.base); openai: the model name "
-        "the endpoint serves (tuneloop's: registry.model_name).",
+        "the endpoint serves (tuneloop's: registry.model_name). Judging needs a capable instruct model: "
+        "the builtin 135M one rarely follows the rubric's format, so its examples end up marked as failed.",
     )
     base_url: str | None = Field(
         None, description="openai: the API root, e.g. http://127.0.0.1:8000/v1; requests go to "

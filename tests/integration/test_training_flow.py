@@ -110,6 +110,8 @@ def test_a_rejected_version_gets_no_alias_and_cannot_be_promoted(register_only) 
         promotion_flow(cfg, result.version.version)  # refused before anything is deployed
     with pytest.raises(DeployError, match="No version of tuneloop-chat holds the 'challenger' or 'champion'"):
         promotion_flow(cfg)
+    with pytest.raises(DeployError, match="tuneloop-chat has no version 99"):
+        promotion_flow(cfg, "99")
 
 
 def test_a_judge_on_an_openai_compatible_endpoint_gates_the_candidate(register_only, monkeypatch) -> None:
