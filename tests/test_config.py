@@ -27,6 +27,8 @@ def test_registry_accepts_the_old_name_of_on_gate_pass() -> None:
     assert "on_new_champion" not in old.model_dump()["registry"]  # deployments store the new name
     with pytest.raises(ConfigError, match="on_new_champion='register_only' .* contradicts"):
         load_config(None, ["registry.on_new_champion=register_only"])  # local.yaml sets on_gate_pass: promote
+    with pytest.raises(ConfigError, match="champion_alias and challenger_alias are both 'champion'"):
+        load_config(None, ["registry.challenger_alias=champion"])
 
 
 def test_home_follows_tuneloop_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

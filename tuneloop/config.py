@@ -203,6 +203,13 @@ class RegistryConfig(Strict):
                                  f"registry.on_gate_pass={data['on_gate_pass']!r}: set on_gate_pass only")
         return data
 
+    @model_validator(mode="after")
+    def _two_aliases(self) -> RegistryConfig:
+        if self.champion_alias == self.challenger_alias:
+            raise ValueError(f"registry.champion_alias and challenger_alias are both {self.champion_alias!r}: "
+                             "a version that passed the gate would look like the one that serves")
+        return self
+
 
 class MlflowConfig(Strict):
     tracking_uri: str | None = Field(
