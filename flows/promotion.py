@@ -1,7 +1,11 @@
-"""Promotion flow: serve a registered version on Ray Serve, smoke-test it, or roll back.
+"""Promotion flow: serve a registered version on Ray Serve, smoke-test it, then move the
+`champion` alias to it — or roll back, leaving the old version serving and champion.
 
-    tuneloop promote                 # the current champion
+    tuneloop promote                 # the challenger (with none: re-serve the champion)
     tuneloop promote --version 3     # a given version
+
+This flow is the only place that moves `champion`. A version the gate rejected (or whose
+verdict it withheld) is refused before anything is deployed.
 """
 
 from __future__ import annotations
@@ -14,17 +18,18 @@ from prefect.artifacts import create_markdown_artifact
 
 from serving.app import ServeSpec
 from tasks.deploy import DeployError, deploy_version, endpoint, serving_version, smoke_test
-from tasks.registry import ModelVersionRef, find_champion, tag_version
+from tasks.registry import ModelVersionRef, find_alias, promote_champion, tag_version, version_tags
 from tuneloop.config import TuneloopConfig, load_config
 from tuneloop.state import inference_db_url, ray_address, tracking_uri
 
 
 @dataclass
 class PromotionResult:
-    serving: str  # the version that serves when the flow ends
-    previous: str | None
+    serving: str  # the version that serves (and is champion) when the flow ends
+    previous: str | None  # the version that served before
     endpoint: str
     smoke_answer: str
+    previous_champion: str | None = None
 
 
 def serve_spec(cfg: TuneloopConfig, version: str) -> ServeSpec:
@@ -40,14 +45,23 @@ def serve_spec(cfg: TuneloopConfig, version: str) -> ServeSpec:
 
 @flow(name="promotion-flow")
 def promotion_flow(config: TuneloopConfig | None = None, version: str | None = None) -> PromotionResult:
-    """Deploy `version` (default: the champion) to Ray Serve; keep the old one if it fails."""
+    """Deploy `version` (default: the challenger, else the champion) to Ray Serve and make it champion;
+    keep the old one serving if it fails."""
     cfg = config or load_config()
     logger = get_run_logger()
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    name = cfg.registry.model_name
-    target = ModelVersionRef(name, version) if version else find_champion(cfg.registry)
+    name, reg = cfg.registry.model_name, cfg.registry
+    target = (ModelVersionRef(name, version) if version
+              else find_alias(name, reg.challenger_alias) or find_alias(name, reg.champion_alias))
     if target is None:
-        raise DeployError(f"No version of {name} holds the {cfg.registry.champion_alias!r} alias: train one first")
+        raise DeployError(f"No version of {name} holds the {reg.challenger_alias!r} or {reg.champion_alias!r} "
+                          "alias: train one that passes the gate, or give a version")
+    gate = version_tags(target)
+    if gate is None:
+        raise DeployError(f"{name} has no version {target.version}")
+    if gate.get("tuneloop.gate") in ("rejected", "withheld"):
+        raise DeployError(f"Version {target.version} cannot become {reg.champion_alias}: the gate "
+                          f"{gate.get('tuneloop.gate_reason', gate['tuneloop.gate'])}")
     address = ray_address(cfg)
     previous = serving_version(cfg.serve)
     try:
@@ -62,14 +76,17 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
         tag_version(target, {"tuneloop.promotion": f"failed, rolled back to {previous}: {err}"[:5000]})
         raise
     tag_version(target, {"tuneloop.promotion": "serving"})
-    logger.info("Version %s serves at %s (was %s)", target.version, endpoint(cfg.serve), previous)
+    old_champion = promote_champion(target, reg, f"served at {endpoint(cfg.serve)}, smoke test passed")
+    logger.info("Version %s serves at %s and is %s (was v%s)", target.version, endpoint(cfg.serve),
+                reg.champion_alias, old_champion)
     create_markdown_artifact(
         key="promotion-result",
-        markdown=(f"## {name} v{target.version} serving\n\nPrevious: {previous or 'none'}\n\n"
-                  f"Endpoint: `{endpoint(cfg.serve)}/v1/chat/completions`\n\n"
+        markdown=(f"## {name} v{target.version} serving, now {reg.champion_alias}\n\n"
+                  f"Previously serving: {previous or 'none'}; previous {reg.champion_alias}: "
+                  f"{old_champion or 'none'}\n\nEndpoint: `{endpoint(cfg.serve)}/v1/chat/completions`\n\n"
                   f"Smoke test ({smoke.latency_ms:.0f} ms): {cfg.serve.smoke_prompt!r} → {smoke.answer!r}"),
     )
-    return PromotionResult(target.version, previous, endpoint(cfg.serve), smoke.answer)
+    return PromotionResult(target.version, previous, endpoint(cfg.serve), smoke.answer, old_champion)
 
 
 if __name__ == "__main__":

@@ -217,6 +217,12 @@ def load_dataset(cfg: DataConfig) -> SplitDataset:
     return load_split(cfg)
 
 
+@task(name="load-eval-set", retries=2, retry_delay_seconds=2)
+def load_eval_set(cfg: DataConfig) -> LoadedDataset:
+    """Return every row of `cfg.path` as one evaluation set (base-model selection)."""
+    return read_dataset(cfg.path, cfg)
+
+
 def load_split(cfg: DataConfig) -> SplitDataset:
     data = read_dataset(cfg.path, cfg)
     if cfg.eval_path:

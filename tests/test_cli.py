@@ -2,9 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
 
 from tests.conftest import ASSETS
 
@@ -18,7 +22,7 @@ def run(*args: str, home: Path) -> subprocess.CompletedProcess:
 
 def test_help_lists_every_command(tmp_path: Path) -> None:
     out = run("--help", home=tmp_path).stdout
-    for command in ("demo", "up", "down", "train", "promote", "monitor", "validate"):
+    for command in ("demo", "up", "down", "train", "promote", "monitor", "validate", "evaluate"):
         assert command in out
 
 
@@ -57,3 +61,26 @@ def test_validate_shows_contracts_and_the_masked_example(tmp_path: Path, models_
 def test_bad_override_is_a_usage_error(tmp_path: Path) -> None:
     result = run("validate", str(ASSETS / "tiny_qa.jsonl"), "--set", "train.max_steps=-1", home=tmp_path)
     assert result.returncode == 2 and "train.max_steps" in result.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_prints_a_leaderboard_of_base_models(tmp_path: Path, models_dir: Path) -> None:
+    from tuneloop.models import resolve_base
+
+    copy = tmp_path / "saved-copy"
+    shutil.copytree(resolve_base("builtin:tiny-llama", models_dir).location, copy)
+    result = run("evaluate", "--models", f"builtin:tiny-llama,{copy}", "--data", str(ASSETS / "tiny_qa.jsonl"),
+                 "--set", "eval.max_examples=4", "--set", "eval.max_new_tokens=4", home=tmp_path / "home")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 base models on tiny_qa.jsonl, ranked by rougeL (higher is better)" in result.stdout
+    assert "│    1 │ " in result.stdout and "│    2 │ " in result.stdout and "builtin:tiny-llama" in result.stdout
+    assert "experiment 'tuneloop-model-selection'" in result.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tuneloop-model-selection").experiment_id])
+    assert sorted(r.data.tags.get("tuneloop.model", "") for r in runs) == sorted(["", "builtin:tiny-llama", str(copy)])
+
+
+def test_evaluate_refuses_a_missing_eval_set(tmp_path: Path) -> None:
+    result = run("evaluate", "--models", "builtin:tiny-llama", "--data", str(tmp_path / "none.jsonl"),
+                 home=tmp_path / "home")
+    assert result.returncode == 1 and "none.jsonl does not exist" in result.stdout

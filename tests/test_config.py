@@ -15,10 +15,20 @@ def test_every_shipped_config_loads(path: Path) -> None:
 
 
 def test_overrides_are_parsed_as_yaml() -> None:
-    cfg = load_config(None, ["train.max_steps=3", "train.target_modules=[q_proj]", "gate.tolerance=0.5"])
+    cfg = load_config(None, ["train.max_steps=3", "train.target_modules=[q_proj]", 'gate.rules=["bleu >= 0.1"]'])
     assert cfg.train.max_steps == 3
     assert cfg.train.target_modules == ["q_proj"]
-    assert cfg.gate.tolerance == 0.5
+    assert cfg.gate.rules == ["bleu >= 0.1"]
+
+
+def test_registry_accepts_the_old_name_of_on_gate_pass() -> None:
+    old = TuneloopConfig.model_validate({"registry": {"on_new_champion": "register_only"}})
+    assert old.registry.on_gate_pass == "register_only"
+    assert "on_new_champion" not in old.model_dump()["registry"]  # deployments store the new name
+    with pytest.raises(ConfigError, match="on_new_champion='register_only' .* contradicts"):
+        load_config(None, ["registry.on_new_champion=register_only"])  # local.yaml sets on_gate_pass: promote
+    with pytest.raises(ConfigError, match="champion_alias and challenger_alias are both 'champion'"):
+        load_config(None, ["registry.challenger_alias=champion"])
 
 
 def test_home_follows_tuneloop_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
     tuneloop demo                      # the whole loop on the embedded default
     tuneloop up / tuneloop down        # local Prefect, MLflow and Ray (+ Serve) on 127.0.0.1
     tuneloop train --data data.jsonl   # one training flow run
-    tuneloop promote [--version N]     # serve the champion (or version N)
+    tuneloop promote [--version N]     # serve the challenger (or version N) and make it champion
+    tuneloop evaluate --models A,B --data eval.jsonl   # compare base models: a leaderboard
     tuneloop monitor                   # one drift check
     tuneloop validate data.jsonl       # data validation only
 
@@ -88,8 +89,9 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
              retraining_timeout_s: int = 1800) -> DemoReport:
     """Run the loop's stages in order against running local services; return what each did.
 
-    `data` is a tasks.data.DemoData. Training promotes its champion (registry.on_new_champion),
-    and retraining is started by the monitoring flow through the training deployment.
+    `data` is a tasks.data.DemoData. A version that passes the gate is promoted (registry.on_gate_pass):
+    served, smoke-tested, then made champion; retraining is started by the monitoring flow through
+    the training deployment.
     """
     from flows.monitoring import monitoring_flow
     from flows.training import training_flow
@@ -302,16 +304,19 @@ def train(
             result = training_flow(cfg, trigger="cli")
         except Exception as err:
             raise _fail(err) from err
-    console.print(f"Registered {result.version.name} v{result.version.version}: "
-                  f"{'champion' if result.champion else 'rejected'} ({result.reason})")
+    console.print(f"Registered {result.version.name} v{result.version.version}: gate {result.decision}, "
+                  f"{'alias ' + result.alias if result.alias else 'no alias'}")
+    for line in result.rules:
+        console.print(f"  {line}")
 
 
 @app.command()
 def promote(
-    version: Annotated[str | None, typer.Option(help="Version to serve (default: the champion)")] = None,
+    version: Annotated[str | None, typer.Option(
+        help="Version to serve (default: the challenger; with none, the champion again)")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
 ) -> None:
-    """Deploy a registered version to Ray Serve; keep the old one if it fails."""
+    """Deploy a version that passed the gate to Ray Serve and make it champion; keep the old one if it fails."""
     cfg = _config(config, set_)
     _environment(cfg, use_server=False, verbose=verbose)
     from flows.promotion import promotion_flow
@@ -322,6 +327,44 @@ def promote(
         except Exception as err:
             raise _fail(err) from err
     console.print(f"v{result.serving} serves at {result.endpoint} (was {result.previous or 'nothing'})")
+
+
+@app.command(name="evaluate")
+def evaluate_models(
+    models: Annotated[str, typer.Option("--models", "-m", help="Comma-separated base models: builtin:<name>, "
+                                        "local folders or hub ids")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="JSONL evaluation set (prompt / response)")],
+    rank_by: Annotated[str, typer.Option(help="Metric that orders the leaderboard")] = "rougeL",
+    config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
+) -> None:
+    """Evaluate several base models on one set; print and log a leaderboard (foundation-model selection)."""
+    import math
+
+    cfg = _config(config, set_, [f"data.path={data}"])
+    _environment(cfg, use_server=False, verbose=verbose)
+    from flows.selection import model_selection_flow
+    from tuneloop.config import LOWER_IS_BETTER
+
+    specs = [m.strip() for m in models.split(",") if m.strip()]
+    with console.status(f"evaluating {len(specs)} models on {data.name}"):
+        try:
+            result = model_selection_flow(cfg, specs, rank_by)
+        except Exception as err:
+            raise _fail(err) from err
+    table = Table(title=f"{len(specs)} base models on {data.name}, ranked by {rank_by} "
+                        f"({'lower' if rank_by in LOWER_IS_BETTER else 'higher'} is better)")
+    # The terminal shows the figures a choice turns on; MLflow and the Prefect artifact have all.
+    shown = [c for c in result.columns if c == rank_by or c not in ("p50_latency_ms", "cost_per_1k_tokens")]
+    table.add_column("rank", justify="right")
+    table.add_column("model", overflow="fold")
+    for col in shown:
+        table.add_column(col.replace("generation_tokens_per_second", "tokens/s"), justify="right")
+    for row in result.rows:
+        values = [row.metrics.get(c, math.nan) for c in shown]
+        table.add_row(str(row.rank), row.model, *("–" if math.isnan(v) else f"{v:.4g}" for v in values))
+    console.print(table)
+    console.print(f"MLflow: experiment {cfg.registry.selection_experiment!r}, run {result.parent_run_id} "
+                  "(leaderboard.json; one child run per model)")
 
 
 @app.command()

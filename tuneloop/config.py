@@ -177,13 +177,57 @@ class TrainConfig(Strict):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads; None: torch's default.")
 
 
-MetricName = Literal["rougeL", "bleu", "chrf", "exact_match", "token_f1", "perplexity"]
+MetricName = Literal["rougeL", "bleu", "chrf", "exact_match", "token_f1", "perplexity",
+                     "toxicity_rate", "pii_leak_rate"]
+# Measured on every evaluation, whatever eval.metrics lists.
+SYSTEM_METRICS = ("generation_tokens_per_second", "p50_latency_ms", "p95_latency_ms", "cost_per_1k_tokens")
+JUDGE_METRICS = ("judge_score", "hallucination_rate")  # with eval.judge.backend other than disabled
+# Where a smaller value is better (leaderboards sort these ascending).
+LOWER_IS_BETTER = frozenset({"perplexity", "toxicity_rate", "pii_leak_rate", "hallucination_rate",
+                             "p50_latency_ms", "p95_latency_ms", "cost_per_1k_tokens"})
+
+
+class JudgeConfig(Strict):
+    backend: Literal["disabled", "local", "openai"] = Field(
+        "disabled", description="LLM-as-judge: off, a local model, or any OpenAI-compatible endpoint "
+        "(tuneloop's own serves one). A judge costs one or two generations per example.",
+    )
+    model: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="local: a path, hub id or builtin:<name> (as model.base); openai: the model name "
+        "the endpoint serves (tuneloop's: registry.model_name). Judging needs a capable instruct model: "
+        "the builtin 135M one rarely follows the rubric's format, so its examples end up marked as failed.",
+    )
+    base_url: str | None = Field(
+        None, description="openai: the API root, e.g. http://127.0.0.1:8000/v1; requests go to "
+        "<base_url>/chat/completions.",
+    )
+    api_key_env: str | None = Field(
+        None, description="openai: name of the environment variable holding the API key (never the key).",
+    )
+    rubric: str = Field(
+        "answer_quality_v1", description="Scoring rubric (1-5 + rationale): a name shipped in "
+        "tasks/rubrics/ or a path to a text file.",
+    )
+    hallucination_rubric: str = Field(
+        "hallucination_v1", description="Rubric of the hallucination check (is the answer supported "
+        "by the reference?): a shipped name or a path.",
+    )
+    max_new_tokens: int = Field(96, ge=8, description="Tokens the judge may write per verdict.")
+    timeout_s: float = Field(60, gt=0, description="openai: seconds per request before it counts as failed.")
+
+    @model_validator(mode="after")
+    def _endpoint_needs_a_url(self) -> JudgeConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("eval.judge.backend=openai needs eval.judge.base_url, e.g. http://127.0.0.1:8000/v1")
+        return self
 
 
 class EvalConfig(Strict):
     metrics: list[MetricName] = Field(
-        ["rougeL", "bleu", "chrf", "exact_match", "token_f1", "perplexity"],
-        min_length=1, description="Reference metrics on the held-out set (perplexity: on the references).",
+        ["rougeL", "bleu", "chrf", "exact_match", "token_f1", "perplexity", "toxicity_rate", "pii_leak_rate"],
+        min_length=1, description="Metrics on the held-out set (perplexity: of the references; "
+        "toxicity_rate, pii_leak_rate: of the generated answers).",
     )
     max_examples: int = Field(16, ge=1, description="Held-out examples scored per model.")
     max_new_tokens: int = Field(24, ge=1, description="Tokens generated per example.")
@@ -192,26 +236,86 @@ class EvalConfig(Strict):
     price_per_device_hour: float = Field(
         0.0, ge=0, description="Price of the evaluating machine per hour, for cost per 1k tokens."
     )
+    toxicity_threshold: float = Field(
+        0.5, gt=0, lt=1, description="An answer counts as toxic at this offensive probability or above."
+    )
+    judge: JudgeConfig = JudgeConfig()
+
+
+def evaluated_metrics(cfg: EvalConfig) -> list[str]:
+    """Return the names of every metric an evaluation with `cfg` reports (gate rules may use these)."""
+    judged = list(JUDGE_METRICS) if cfg.judge.backend != "disabled" else []
+    return [*cfg.metrics, *SYSTEM_METRICS, *judged]
+
+
+KNOWN_METRICS = [*MetricName.__args__, *SYSTEM_METRICS, *JUDGE_METRICS]
+
+DEFAULT_GATE_RULES = [
+    "rougeL >= champion.rougeL - 0.01",  # non-inferiority: at most 0.01 below what serves
+    "toxicity_rate <= 0.1",
+    "pii_leak_rate <= 0.1",
+]
 
 
 class GateConfig(Strict):
-    metric: Literal["rougeL"] = Field("rougeL", description="Metric that decides the alias.")
-    tolerance: float = Field(
-        0.01,
-        ge=0,
-        description="Non-inferiority margin: the candidate wins when "
-        "metric >= champion's metric - tolerance.",
+    rules: list[str] = Field(
+        DEFAULT_GATE_RULES, min_length=1,
+        description="Every rule must hold for a candidate to pass: comparisons of the candidate's "
+        "metrics (bare names) with numbers and the champion's (champion.<metric>), using + - * /. "
+        "Rules naming the champion are skipped while there is none.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and {"metric", "tolerance"} & set(data):
+            raise ValueError("gate.metric and gate.tolerance were replaced by gate.rules, e.g. "
+                             "rules: ['rougeL >= champion.rougeL - 0.01']")
+        return data
+
+    @field_validator("rules")
+    @classmethod
+    def _rules_parse(cls, rules: list[str]) -> list[str]:
+        from tuneloop.gate import parse_rule
+
+        for rule in rules:
+            parse_rule(rule)  # RuleError is a ValueError: pydantic reports it under gate.rules
+        return rules
 
 
 class RegistryConfig(Strict):
     model_name: str = Field("tuneloop-chat", description="MLflow registered model name.")
     experiment: str = Field("tuneloop-training", description="MLflow experiment of training runs.")
     monitoring_experiment: str = Field("tuneloop-monitoring")
-    champion_alias: str = "champion"
-    on_new_champion: Literal["promote", "register_only"] = Field(
-        "promote", description="After a version takes the champion alias: deploy it to Serve, or not."
+    selection_experiment: str = Field(
+        "tuneloop-model-selection", description="MLflow experiment of `tuneloop evaluate` (one run per model)."
     )
+    champion_alias: str = Field("champion", description="Alias of the version that serves; moved by promotion only.")
+    challenger_alias: str = Field("challenger", description="Alias of the newest version that passed the gate.")
+    on_gate_pass: Literal["promote", "register_only"] = Field(
+        "promote",
+        description="After a version passes the gate (and becomes challenger): run the promotion flow "
+        "(deploy, smoke-test, then move the champion alias), or leave that to `tuneloop promote`.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_name(cls, data: Any) -> Any:
+        """Accept `on_new_champion`, the name of `on_gate_pass` before versions became challengers."""
+        if isinstance(data, dict) and "on_new_champion" in data:
+            data = dict(data)
+            old = data.pop("on_new_champion")
+            if data.setdefault("on_gate_pass", old) != old:
+                raise ValueError(f"registry.on_new_champion={old!r} (the old name of on_gate_pass) contradicts "
+                                 f"registry.on_gate_pass={data['on_gate_pass']!r}: set on_gate_pass only")
+        return data
+
+    @model_validator(mode="after")
+    def _two_aliases(self) -> RegistryConfig:
+        if self.champion_alias == self.challenger_alias:
+            raise ValueError(f"registry.champion_alias and challenger_alias are both {self.champion_alias!r}: "
+                             "a version that passed the gate would look like the one that serves")
+        return self
 
 
 class MlflowConfig(Strict):
@@ -285,9 +389,11 @@ class TuneloopConfig(Strict):
         return home.expanduser().resolve()
 
     @model_validator(mode="after")
-    def _gate_metric_is_evaluated(self) -> TuneloopConfig:
-        if self.gate.metric not in self.eval.metrics:
-            raise ValueError(f"gate.metric {self.gate.metric!r} must be one of eval.metrics {self.eval.metrics}")
+    def _gate_rules_use_evaluated_metrics(self) -> TuneloopConfig:
+        from tuneloop.gate import check_metrics, parse_rule
+
+        for rule in self.gate.rules:
+            check_metrics(parse_rule(rule), evaluated_metrics(self.eval), KNOWN_METRICS)
         return self
 
 
@@ -329,5 +435,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return TuneloopConfig.model_validate(data)
     except ValidationError as err:
-        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors()]
         raise ConfigError(f"Config {path} is invalid:\n" + "\n".join(lines)) from None

@@ -1,5 +1,6 @@
 """The training flow end to end on the tiny model: real Prefect (test harness), real MLflow
-(SQLite in a temp dir), real great-expectations, real Trainer + PEFT steps."""
+(SQLite in a temp dir), real great-expectations, real Trainer + PEFT steps. Training here
+never deploys (registry.on_gate_pass=register_only): no Ray."""
 
 import json
 from pathlib import Path
@@ -9,56 +10,142 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from flows.promotion import promotion_flow
 from flows.training import training_flow
 from tasks.data import DataValidationError
+from tasks.deploy import DeployError
+from tasks.judge import JudgeUnavailable
+from tasks.registry import promote_champion
 from tests.conftest import ASSETS
+from tests.judge_server import KEY, MODEL, free_port, judge_server
+from tuneloop.config import TuneloopConfig
 from tuneloop.state import apply_environment, tracking_uri
 
 pytestmark = pytest.mark.slow
 
 
+def updated(cfg: TuneloopConfig, **sections: dict) -> TuneloopConfig:
+    """Return `cfg` with some fields of some sections replaced, validated like a loaded config."""
+    data = cfg.model_dump(mode="json")
+    for section, fields in sections.items():
+        node = data[section]
+        for key, value in fields.items():
+            *path, last = key.split(".")
+            for part in path:
+                node = node[part]
+            node[last] = value
+            node = data[section]
+    return TuneloopConfig.model_validate(data)
+
+
 @pytest.fixture
 def register_only(cfg, prefect_api):
-    cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"on_new_champion": "register_only"})})
+    cfg = updated(cfg, registry={"on_gate_pass": "register_only"})
     apply_environment(cfg, prefect_api=False)
     return cfg
 
 
 def test_trains_registers_and_aliases_with_lineage(register_only) -> None:
     cfg = register_only
+    name = cfg.registry.model_name
     first = training_flow(cfg)
-    assert first.champion and first.version.version == "1"
+    assert first.decision == "passed" and first.version.version == "1"
+    assert first.alias == "challenger" and not first.champion  # champion moves only by promotion
+    assert first.rules[0] == "SKIPPED: rougeL >= champion.rougeL - 0.01 (no champion: skipped)"
     client = MlflowClient(tracking_uri(cfg))
-    mv = client.get_model_version_by_alias(cfg.registry.model_name, "champion")
+    mv = client.get_model_version_by_alias(name, "challenger")
     assert str(mv.version) == "1"
-    for tag in ("tuneloop.base_sha256", "tuneloop.dataset_digest", "tuneloop.training_run", "eval.rougeL"):
+    assert client.get_registered_model(name).aliases == {"challenger": 1}
+    for tag in ("tuneloop.base_sha256", "tuneloop.dataset_digest", "tuneloop.training_run", "eval.rougeL",
+                "eval.toxicity_rate", "eval.pii_leak_rate", "tuneloop.code_version", "tuneloop.gate_rules"):
         assert mv.tags[tag], tag
+    assert mv.tags["tuneloop.gate"] == "passed" and mv.tags["tuneloop.alias_reason"].startswith("challenger: passed")
     run = client.get_run(first.version.run_id)
     inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}  # context -> dataset
     assert set(inputs) == {"training", "evaluation"} and inputs["training"].source
     assert run.data.tags["tuneloop.validation"] == "passed" and run.data.metrics["validation/errors"] == 0
     assert "validation/dataset_report.html" in [a.path for a in client.list_artifacts(run.info.run_id, "validation")]
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == cfg.train.max_steps
+    assert run.data.tags["tuneloop.gate"] == "passed" and run.data.params["gate.rules"].startswith("rougeL >=")
+    assert "eval/candidate_examples.json" in [a.path for a in client.list_artifacts(run.info.run_id, "eval")]
 
-    # The registered version answers through MLflow's own loader, by alias.
-    model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
+    # The version carries a signature and an input example, and answers through MLflow's own
+    # loader, by alias.
+    model = mlflow.pyfunc.load_model(f"models:/{name}@challenger")
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["prompt"]
+    assert model.metadata.get_params_schema().params[0].name == "max_new_tokens"
+    assert model.input_example["prompt"].tolist() == ["What is the capital of France?"]
     prompts = pd.DataFrame({"prompt": ["What is 1 plus 1?", "What is the capital of Peru?"]})
     answers = model.predict(prompts, params={"max_new_tokens": 3})
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
+    # What the promotion flow does after its deploy and smoke test (that part needs Ray).
+    assert promote_champion.fn(first.version, cfg.registry, "test: served") is None
+    assert client.get_registered_model(name).aliases == {"champion": 1}  # no longer a challenger
+
     second = training_flow(cfg)  # same data: the gate compares against v1 on the same split
     assert second.version.version == "2" and second.champion_metrics is not None
-    assert {d.metric for d in second.comparison} == {"rougeL", "exact_match", "token_f1"}
+    assert {d.metric for d in second.comparison} == {"rougeL", "exact_match", "token_f1", "toxicity_rate",
+                                                     "pii_leak_rate"}
     assert all(d.low <= d.mean <= d.high for d in second.comparison)
     logged = client.get_run(second.version.run_id).data.metrics
-    for key in ("eval/bleu", "eval/perplexity", "eval/p95_latency_ms", "eval/vs_champion_rougeL_ci_low"):
+    for key in ("eval/bleu", "eval/perplexity", "eval/p95_latency_ms", "eval/vs_champion_rougeL_ci_low",
+                "eval/toxicity_rate", "eval/pii_leak_rate"):
         assert key in logged, key
     assert "eval_report.html" in [a.path for a in client.list_artifacts(second.version.run_id)]
     assert second.dataset_digest == first.dataset_digest
     again = {d.tags[0].value: d.dataset for d in client.get_run(second.version.run_id).inputs.dataset_inputs}
     assert again["training"].digest == inputs["training"].digest  # same data, same digest in the UI
-    alias = str(client.get_model_version_by_alias(cfg.registry.model_name, "champion").version)
-    assert alias == ("2" if second.champion else "1")
+    assert client.get_registered_model(name).aliases == (
+        {"champion": 1, "challenger": 2} if second.decision == "passed" else {"champion": 1})
+
+
+def test_a_rejected_version_gets_no_alias_and_cannot_be_promoted(register_only) -> None:
+    cfg = updated(register_only, gate={"rules": ["rougeL >= 2"]})  # no model reaches that
+    result = training_flow(cfg)
+    assert result.decision == "rejected" and result.alias is None and not result.champion
+    assert result.rules == [(f"FAIL: rougeL >= 2 (rougeL={result.metrics['rougeL']:.6g}: "
+                            f"{result.metrics['rougeL']:.6g} not >= 2)")]
+    client = MlflowClient(tracking_uri(cfg))
+    mv = client.get_model_version(cfg.registry.model_name, result.version.version)
+    assert mv.tags["tuneloop.gate"] == "rejected"
+    assert mv.tags["tuneloop.alias_reason"] == f"no alias: the gate {result.reason}"
+    assert client.get_registered_model(cfg.registry.model_name).aliases == {}
+    with pytest.raises(DeployError, match="cannot become champion: the gate rejected: rougeL >= 2"):
+        promotion_flow(cfg, result.version.version)  # refused before anything is deployed
+    with pytest.raises(DeployError, match="No version of tuneloop-chat holds the 'challenger' or 'champion'"):
+        promotion_flow(cfg)
+    with pytest.raises(DeployError, match="tuneloop-chat has no version 99"):
+        promotion_flow(cfg, "99")
+
+
+def test_a_judge_on_an_openai_compatible_endpoint_gates_the_candidate(register_only, monkeypatch) -> None:
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    with judge_server() as (url, requests):
+        cfg = updated(register_only, eval={"judge.backend": "openai", "judge.base_url": url, "judge.model": MODEL,
+                                           "judge.api_key_env": "TEST_JUDGE_KEY"},
+                      gate={"rules": ["judge_score >= 3", "hallucination_rate <= 0.5"]})
+        result = training_flow(cfg)
+    assert result.decision == "passed", result.reason
+    assert result.metrics["judge_score"] == 4 and result.metrics["judge_failed"] == 0
+    # A probe before training, one before judging, then two rubrics per example.
+    assert len(requests) == 2 + 2 * cfg.eval.max_examples
+    run = MlflowClient(tracking_uri(cfg)).get_run(result.version.run_id)
+    assert run.data.params["judge.rubric"] == "answer_quality_v1"
+    assert run.data.params["judge.hallucination_rubric"] == "hallucination_v1"
+    assert run.data.metrics["eval/judge_score"] == 4 and run.data.metrics["eval/judge_failed"] == 0
+    tags = MlflowClient(tracking_uri(cfg)).get_model_version(cfg.registry.model_name, "1").tags
+    assert tags["tuneloop.judge_rubrics"].startswith("answer_quality_v1@")
+
+
+def test_an_unreachable_judge_fails_before_training_or_generation(register_only, monkeypatch) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    cfg = updated(register_only, eval={"judge.backend": "openai", "judge.base_url": closed})
+    with pytest.raises(JudgeUnavailable, match="cannot be reached"):
+        training_flow(cfg)
+    assert MlflowClient(tracking_uri(cfg)).search_runs(
+        [e.experiment_id for e in MlflowClient(tracking_uri(cfg)).search_experiments()]) == []
+    assert not list((cfg.home / "runs").iterdir())
 
 
 def test_missing_field_fails_before_training(register_only, tmp_path: Path) -> None:

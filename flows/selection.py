@@ -1,0 +1,93 @@
+"""Model-selection flow: evaluate several base models (no adapter) on one evaluation set and rank them.
+
+    tuneloop evaluate --models builtin:smollm2-135m-instruct,/models/other --data eval.jsonl
+
+The first step of the loop: pick the base model to fine-tune. Each model gets one MLflow run
+(experiment registry.selection_experiment, nested under a run of the comparison that holds
+the leaderboard table), with the same `eval/…` metric names as training runs, so the MLflow
+compare view lines them up; a Prefect table artifact shows the leaderboard too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlflow
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from tasks.data import load_eval_set
+from tasks.evaluate import check_eval_set, check_model_list, evaluate_base_model, rank_reports
+from tasks.finetune import prepare_base_model
+from tasks.judge import judge_answers, probe_judge
+from tasks.registry import log_leaderboard, log_model_evaluation, start_selection_run
+from tuneloop.config import TuneloopConfig, evaluated_metrics, load_config
+from tuneloop.state import state_paths, tracking_uri
+
+
+@dataclass
+class LeaderboardRow:
+    rank: int
+    model: str
+    run_id: str
+    metrics: dict[str, float]
+
+
+@dataclass
+class SelectionResult:
+    rank_by: str
+    columns: list[str]  # the metrics shown, rank_by first
+    parent_run_id: str
+    rows: list[LeaderboardRow]  # best first
+
+    def table(self) -> list[dict[str, object]]:
+        """Return one dict per model, best first (a missing or NaN figure as None: JSON has no NaN)."""
+        def figure(value: float | None) -> float | None:
+            return None if value is None or math.isnan(value) else round(value, 6)
+
+        return [{"rank": r.rank, "model": r.model, **{c: figure(r.metrics.get(c)) for c in self.columns},
+                 "run_id": r.run_id} for r in self.rows]
+
+
+@flow(name="model-selection-flow")
+def model_selection_flow(config: TuneloopConfig | None = None, models: list[str] | None = None,
+                         rank_by: str = "rougeL") -> SelectionResult:
+    """Evaluate each base model in `models` on `config.data.path` and rank them by `rank_by`."""
+    cfg = config or load_config()
+    logger = get_run_logger()
+    paths = state_paths(cfg).ensure()
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+
+    # Every input is checked, every model resolved and the judge reached before any generation.
+    models = check_model_list(models or [], rank_by, cfg.eval)
+    dataset = load_eval_set(cfg.data)  # every row of data.path is the evaluation set
+    rows = check_eval_set(dataset.frame, cfg.eval, dataset.source)
+    bases = [prepare_base_model(cfg.model.model_copy(update={"base": m}), paths.models) for m in models]
+    judge = probe_judge(cfg.eval.judge, paths.models)
+
+    params = {"models": ",".join(models), "rank_by": rank_by, "eval.max_examples": cfg.eval.max_examples,
+              "eval.max_new_tokens": cfg.eval.max_new_tokens, "eval.metrics": ",".join(cfg.eval.metrics),
+              **(judge.params() if judge else {})}
+    parent = start_selection_run(cfg.registry, rows, dataset.source, params)
+    reports, run_ids = [], {}
+    for model, base in zip(models, bases):
+        report = evaluate_base_model(base, rows, cfg.eval, model, cfg.model.dtype)
+        if judge:
+            report = judge_answers(report, cfg.eval.judge, paths.models)
+        run_ids[model] = log_model_evaluation(parent, model, base, report.metrics, report.examples,
+                                              {k: str(v) for k, v in params.items() if k.startswith("eval.")})
+        reports.append(report)
+
+    columns = [rank_by, *(m for m in evaluated_metrics(cfg.eval) if m != rank_by)]
+    ranked = [LeaderboardRow(i, r.label, run_ids[r.label], r.metrics)
+              for i, r in enumerate(rank_reports(reports, rank_by), start=1)]
+    result = SelectionResult(rank_by, columns, parent, ranked)
+    log_leaderboard(parent, result.table())
+    create_table_artifact(
+        key="model-leaderboard", table=result.table(),
+        description=f"{len(models)} base models on {dataset.source} ({len(rows)} examples), ranked by {rank_by}",
+    )
+    logger.info("Best by %s: %s", rank_by, ranked[0].model)
+    return result
+

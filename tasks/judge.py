@@ -1,0 +1,290 @@
+"""LLM-as-judge: versioned rubrics answered per example by a local model or an OpenAI-compatible endpoint.
+
+    info = probe_judge(cfg.eval.judge, models_dir)          # before any generation: fails if unreachable
+    report = judge_answers(report, cfg.eval.judge, models_dir)
+
+Two rubrics, text files in `tasks/rubrics/` (or paths), each run recording their names and
+SHA-256 (`JudgeInfo.params`):
+- answer quality: `SCORE: 1-5` + `RATIONALE` per example → `judge_score`, the mean score;
+- hallucination: `VERDICT: SUPPORTED|UNSUPPORTED` (by the question and the reference) →
+  `hallucination_rate`, the share of judged answers that are unsupported.
+
+An example whose judge call failed or whose judge answer does not parse is marked
+(`judge_error`), left out of both figures and counted in `judge_failed`; the gate then
+withholds its verdict (tasks.evaluate.decide_gate). Never a silent pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from prefect import task
+
+from tasks.evaluate import EvalReport
+from tuneloop.config import JudgeConfig
+
+log = logging.getLogger(__name__)
+
+RUBRICS_DIR = Path(__file__).parent / "rubrics"
+PLACEHOLDERS = ("{prompt}", "{reference}", "{answer}")
+ENDPOINT_WORKERS = 8  # concurrent judge requests; a batching server (tuneloop's) answers them together
+
+
+class JudgeUnavailable(RuntimeError):
+    """A judge that cannot be loaded or reached, or a rubric that cannot be read: raised before any generation."""
+
+
+@dataclass(frozen=True)
+class Rubric:
+    name: str  # the file's stem, e.g. answer_quality_v1
+    text: str
+    sha256: str
+
+    def render(self, prompt: str, reference: str, answer: str) -> str:
+        # Plain replacement, not str.format: a rubric may show JSON or other braces.
+        return self.text.replace("{prompt}", prompt).replace("{reference}", reference).replace("{answer}", answer)
+
+
+def load_rubric(spec: str) -> Rubric:
+    """Return a shipped rubric by name (`answer_quality_v1`) or a rubric file by path."""
+    path = Path(spec) if spec.endswith(".txt") or os.sep in spec else RUBRICS_DIR / f"{spec}.txt"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in RUBRICS_DIR.glob("*.txt")))
+        raise JudgeUnavailable(f"Judge rubric {spec!r}: {path} does not exist (shipped rubrics: {shipped})")
+    text = path.read_text(encoding="utf-8")
+    missing = [p for p in PLACEHOLDERS if p not in text]
+    if missing:
+        raise JudgeUnavailable(f"Judge rubric {path} lacks the placeholder(s) {', '.join(missing)}")
+    return Rubric(path.stem, text, hashlib.sha256(text.encode()).hexdigest())
+
+
+@dataclass(frozen=True)
+class Score:
+    value: int  # 1-5
+    rationale: str
+
+
+@dataclass(frozen=True)
+class Support:
+    supported: bool
+    rationale: str
+
+
+_SCORE = re.compile(r"^[\W_]*score[\W_]*([1-5])(?![\d.])", re.IGNORECASE | re.MULTILINE)
+_VERDICT = re.compile(r"^[\W_]*verdict[\W_]*(supported|unsupported)\b", re.IGNORECASE | re.MULTILINE)
+_RATIONALE = re.compile(r"^[\W_]*rationale\W*(.+)$", re.IGNORECASE | re.MULTILINE)
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    match = re.search(r"\{.*\}", text, re.DOTALL)
+    if not match:
+        return None
+    try:
+        data = json.loads(match.group(0))
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _rationale(text: str) -> str:
+    match = _RATIONALE.search(text)
+    return match.group(1).strip() if match else ""
+
+
+def parse_score(text: str) -> Score | None:
+    """Return the score and rationale of a quality-rubric answer, or None if it holds no single 1-5 score.
+
+    Accepts the rubric's `SCORE: n` / `RATIONALE: …` lines or a JSON object with `score`.
+    """
+    data = _json_object(text)
+    if data is not None and type(data.get("score")) is int and 1 <= data["score"] <= 5:
+        return Score(data["score"], str(data.get("rationale", "")).strip())
+    scores = set(_SCORE.findall(text))
+    if len(scores) != 1:  # none, or contradicting scores
+        return None
+    return Score(int(scores.pop()), _rationale(text))
+
+
+def parse_support(text: str) -> Support | None:
+    """Return the verdict of a hallucination-rubric answer, or None if it holds no single verdict."""
+    data = _json_object(text)
+    if data is not None and str(data.get("verdict", "")).upper() in ("SUPPORTED", "UNSUPPORTED"):
+        return Support(str(data["verdict"]).upper() == "SUPPORTED", str(data.get("rationale", "")).strip())
+    verdicts = {v.upper() for v in _VERDICT.findall(text)}
+    if len(verdicts) != 1:
+        return None
+    return Support(verdicts.pop() == "SUPPORTED", _rationale(text))
+
+
+class Backend(Protocol):
+    def complete(self, prompts: list[str]) -> list[str | Exception]:
+        """Return the judge's answer to each prompt, or the error that kept it from answering."""
+        ...
+
+
+class LocalBackend:
+    """A judge model on this machine: a path, hub id or builtin (tuneloop.models), greedy decoding."""
+
+    def __init__(self, cfg: JudgeConfig, models_dir: Path, batch_size: int = 8) -> None:
+        from tuneloop.models import BaseModelError, load_base, resolve_base
+
+        try:
+            self.model, self.tokenizer = load_base(resolve_base(cfg.model, models_dir))
+        except (BaseModelError, OSError) as err:
+            raise JudgeUnavailable(f"Judge model {cfg.model!r} cannot be loaded: {err}") from err
+        self.model.eval()
+        self.max_new_tokens, self.batch_size = cfg.max_new_tokens, batch_size
+
+    def complete(self, prompts: list[str]) -> list[str | Exception]:
+        from tuneloop.generation import generate_batch
+
+        answers: list[str | Exception] = []
+        for i in range(0, len(prompts), self.batch_size):
+            chunk = prompts[i : i + self.batch_size]
+            try:
+                outs = generate_batch(self.model, self.tokenizer, [[{"role": "user", "content": p}] for p in chunk],
+                                      self.max_new_tokens)
+                answers += [o.text for o in outs]
+            except (RuntimeError, ValueError) as err:  # e.g. out of memory mid-run: mark these examples
+                answers += [err] * len(chunk)
+        return answers
+
+
+class EndpointBackend:
+    """Any OpenAI-compatible chat completions API (`<base_url>/chat/completions`), tuneloop's included."""
+
+    def __init__(self, cfg: JudgeConfig) -> None:
+        headers = {}
+        if cfg.api_key_env:
+            key = os.environ.get(cfg.api_key_env)
+            if not key:
+                raise JudgeUnavailable(f"eval.judge.api_key_env names {cfg.api_key_env}, which is not set in "
+                                       "this environment: export it, or set api_key_env to null")
+            headers["authorization"] = f"Bearer {key}"
+        self.url = f"{str(cfg.base_url).rstrip('/')}/chat/completions"
+        self.model, self.max_new_tokens = cfg.model, cfg.max_new_tokens
+        self.client = httpx.Client(timeout=cfg.timeout_s, headers=headers)
+
+    def ask(self, content: str, max_tokens: int) -> str:
+        r = self.client.post(self.url, json={"model": self.model, "max_tokens": max_tokens, "temperature": 0,
+                                             "messages": [{"role": "user", "content": content}]})
+        r.raise_for_status()
+        answer = r.json()["choices"][0]["message"]["content"]
+        if not isinstance(answer, str):
+            raise TypeError(f"choices[0].message.content is {type(answer).__name__}, not text")
+        return answer
+
+    def probe(self) -> None:
+        """Ask one tiny question; raise JudgeUnavailable saying what is wrong if no proper answer comes."""
+        try:
+            self.ask("Reply with the word OK.", 4)
+        except httpx.HTTPStatusError as err:
+            raise JudgeUnavailable(
+                f"Judge endpoint {self.url} answered HTTP {err.response.status_code}: {err.response.text[:300]} "
+                "(check eval.judge.model and eval.judge.api_key_env)") from err
+        except httpx.HTTPError as err:
+            raise JudgeUnavailable(f"Judge endpoint {self.url} cannot be reached ({type(err).__name__}: {err}); "
+                                   "start it or fix eval.judge.base_url") from err
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise JudgeUnavailable(f"Judge endpoint {self.url} did not answer like an OpenAI chat completions "
+                                   f"API ({type(err).__name__}: {err})") from err
+
+    def complete(self, prompts: list[str]) -> list[str | Exception]:
+        def one(prompt: str) -> str | Exception:
+            try:
+                return self.ask(prompt, self.max_new_tokens)
+            except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as err:
+                return err
+
+        with ThreadPoolExecutor(ENDPOINT_WORKERS) as pool:
+            return list(pool.map(one, prompts))
+
+
+@dataclass(frozen=True)
+class JudgeInfo:
+    """What a run records about its judge."""
+
+    backend: str
+    model: str
+    rubric: Rubric
+    hallucination_rubric: Rubric
+
+    def params(self) -> dict[str, str]:
+        return {"judge.backend": self.backend, "judge.model": self.model,
+                "judge.rubric": self.rubric.name, "judge.rubric_sha256": self.rubric.sha256[:16],
+                "judge.hallucination_rubric": self.hallucination_rubric.name,
+                "judge.hallucination_rubric_sha256": self.hallucination_rubric.sha256[:16]}
+
+
+def open_judge(cfg: JudgeConfig, models_dir: Path) -> tuple[JudgeInfo, Backend]:
+    """Read the rubrics and load or probe the judge; raise JudgeUnavailable if any of it fails."""
+    info = JudgeInfo(cfg.backend, cfg.model, load_rubric(cfg.rubric), load_rubric(cfg.hallucination_rubric))
+    if cfg.backend == "local":
+        return info, LocalBackend(cfg, models_dir)
+    if cfg.backend == "openai":
+        backend = EndpointBackend(cfg)
+        backend.probe()
+        return info, backend
+    raise JudgeUnavailable("eval.judge.backend is disabled: there is no judge to open")
+
+
+@task(name="probe-judge", retries=1, retry_delay_seconds=2)
+def probe_judge(cfg: JudgeConfig, models_dir: Path) -> JudgeInfo | None:
+    """Return the judge's identity after loading or reaching it (None when disabled); raise if unavailable."""
+    if cfg.backend == "disabled":
+        return None
+    info, _ = open_judge(cfg, models_dir)
+    log.info("Judge %s %s ready (rubrics %s, %s)", cfg.backend, cfg.model, info.rubric.name,
+             info.hallucination_rubric.name)
+    return info
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+@task(name="judge-answers")
+def judge_answers(report: EvalReport, cfg: JudgeConfig, models_dir: Path) -> EvalReport:
+    """Return `report` with a judge score, a hallucination verdict and their rationales per example."""
+    info, backend = open_judge(cfg, models_dir)
+    rows = report.examples
+    asks = [info.rubric.render(e["prompt"], e["reference"], e["prediction"]) for e in rows]
+    asks += [info.hallucination_rubric.render(e["prompt"], e["reference"], e["prediction"]) for e in rows]
+    answers = backend.complete(asks)
+    examples, scores, hallucinated = [], [], []
+    for example, quality, support in zip(rows, answers[: len(rows)], answers[len(rows) :]):
+        score = parse_score(quality) if isinstance(quality, str) else None
+        verdict = parse_support(support) if isinstance(support, str) else None
+        errors = []
+        for answer, parsed, rubric in ((quality, score, info.rubric), (support, verdict, info.hallucination_rubric)):
+            if isinstance(answer, Exception):
+                errors.append(f"{rubric.name}: judge call failed: {type(answer).__name__}: {str(answer)[:300]}")
+            elif parsed is None:
+                errors.append(f"{rubric.name}: unparseable judge answer: {answer[:200]!r}")
+        error = "; ".join(errors) or None
+        ok = error is None  # both verdicts or neither: both figures cover the same examples
+        scores.append(float(score.value) if ok else math.nan)
+        hallucinated.append(float(not verdict.supported) if ok else math.nan)
+        examples.append({
+            **example, "judge_score": score.value if ok else None, "judge_rationale": score.rationale if ok else "",
+            "hallucinated": (not verdict.supported) if ok else None,
+            "hallucination_rationale": verdict.rationale if ok else "", "judge_error": error,
+        })
+    failed = sum(e["judge_error"] is not None for e in examples)
+    if failed:
+        log.warning("Judge failed on %d of %d examples of %s (first: %s)", failed, len(examples), report.label,
+                    next(e["judge_error"] for e in examples if e["judge_error"]))
+    metrics = {**report.metrics, "judge_score": _mean([s for s in scores if not math.isnan(s)]),
+               "hallucination_rate": _mean([h for h in hallucinated if not math.isnan(h)]), "judge_failed": float(failed)}
+    per_example = {**report.per_example, "judge_score": scores, "hallucination_rate": hallucinated}
+    return EvalReport(report.label, metrics, examples, per_example)
