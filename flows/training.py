@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.promotion import promotion_flow
 from tasks.data import DataValidationError, load_dataset
 from tasks.evaluate import PairedDifference, compare_reports, decide_gate, evaluate_model, write_eval_report
-from tasks.finetune import finetune_lora, prepare_base_model
+from tasks.finetune import finetune, prepare_base_model
 from tasks.registry import (
     ModelVersionRef,
     download_version,
@@ -70,7 +70,7 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
         raise DataValidationError(report.summary())
     logger.info(report.summary())
     workdir = paths.runs / run_id
-    trained = finetune_lora(split.train, base, cfg.model, cfg.train, workdir, run_id)
+    trained = finetune(split.train, base, cfg.model, cfg.train, workdir, run_id)
     candidate = evaluate_model(trained.artifact_dir, split.eval, cfg.eval, "candidate")
 
     champion_ref = find_champion(cfg.registry)
