@@ -31,7 +31,14 @@ from transformers import Trainer, TrainerCallback
 
 from tuneloop.chat import IGNORE
 from tuneloop.config import REPO_ROOT, ModelConfig, TrainConfig
-from tuneloop.models import BaseModelError, BaseRef, load_base, save_adapter_artifact, save_full_artifact
+from tuneloop.models import (
+    BaseModelError,
+    BaseRef,
+    load_base,
+    save_adapter_artifact,
+    save_full_artifact,
+    write_artifact_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +260,8 @@ class PackedCollator:
 class TuneloopTrainer(Trainer):
     """The Trainer with the loss of packed batches computed only where a token trains.
 
-    Records the example tokens and the computed (row) tokens of every step in `token_log`.
+    Records the example tokens (no padding) and the tokens the model computed (a packed row's
+    length; the non-pad tokens of a padded batch) of every step in `token_log`.
     """
 
     def __init__(self, *args: Any, token_log: list[tuple[int, int]], **kwargs: Any) -> None:
@@ -264,10 +272,9 @@ class TuneloopTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         example_tokens = inputs.pop("example_tokens", None)
         mask = inputs.get("attention_mask")
-        if example_tokens is None:  # a padded batch: its non-pad tokens
-            example_tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-            computed = inputs["input_ids"].numel()
-        else:
+        if example_tokens is None:  # a padded batch: padding is waste, not model FLOPs
+            example_tokens = computed = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        else:  # a packed row: with a shared prefix, fewer tokens than its examples hold
             computed = inputs["input_ids"].shape[-1]
         self.token_log.append((int(example_tokens), int(computed)))
         return super().training_step(model, inputs, num_items_in_batch)
@@ -378,11 +385,12 @@ class MarkComplete(TrainerCallback):
             tmp.replace(folder / COMPLETE_MARKER)  # atomic: the marker is there whole or not at all
 
 
-def last_complete_checkpoint(root: Path) -> Path | None:
+def last_complete_checkpoint(root: Path, remove_incomplete: bool = True) -> Path | None:
     """Return the newest checkpoint under `root` with its marker; remove those without one.
 
     A folder without the marker is a save that was cut off (killed mid-write): resuming from it
-    would load a truncated optimizer state or none at all.
+    would load a truncated optimizer state or none at all. In a multi-process run only rank 0
+    removes (`remove_incomplete`); every rank picks the same complete checkpoint.
     """
     if not root.is_dir():
         return None
@@ -390,7 +398,7 @@ def last_complete_checkpoint(root: Path) -> Path | None:
     for folder in root.glob("checkpoint-*"):
         if (folder / COMPLETE_MARKER).exists():
             complete.append((int(folder.name.rsplit("-", 1)[-1]), folder))
-        else:
+        elif remove_incomplete:
             log.warning("Skipping incomplete checkpoint %s (no %s): removed", folder, COMPLETE_MARKER)
             shutil.rmtree(folder, ignore_errors=True)
     return max(complete)[1] if complete else None
@@ -464,12 +472,17 @@ def _oom_message(err: BaseException, cfg: TrainConfig, device: str, packing: str
 def train_model(
     examples: list[dict[str, list[int]]], base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig,
     out_dir: Path, run_id: str | None = None, *, loaded: tuple[Any, Any, list[str]] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> TrainingOutcome:
     """Train on tokenized `examples`, resuming from a complete checkpoint in `out_dir`; save the artifact.
 
     `loaded` is a (model, tokenizer, targets) already built with `build_model` (the caller
     tokenized with that tokenizer); with `run_id`, per-step figures go to that MLflow run.
+    Under a distributed launcher (torchrun, deepspeed, accelerate, Ray Train: `RANK` set) every
+    rank trains, and rank 0 alone writes checkpoint markers, figures and the artifact.
     """
+    import os
+
     import torch
 
     device = check_device(cfg)
@@ -482,13 +495,16 @@ def train_model(
         raise TrainingSetupError(f"packing shared_prefix needs SDPA attention; the model uses "
                                  f"{model.config._attn_implementation}: set packing: padding_free")
     ckpt_root = out_dir / "checkpoints"
-    _check_same_training(ckpt_root, cfg, base)
-    resume = last_complete_checkpoint(ckpt_root)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        _check_same_training(ckpt_root, cfg, base)
+    resume = last_complete_checkpoint(ckpt_root, remove_incomplete=main_rank)
     token_log: list[tuple[int, int]] = []
-    figures = StepFigures(token_log, linear_params(model), peak_tflops(device), run_id)
+    figures = StepFigures(token_log, linear_params(model), peak_tflops(device), run_id if main_rank else None)
     trainer = TuneloopTrainer(
         model=model, args=training_arguments(cfg, device, ckpt_root, packing), train_dataset=examples,
-        data_collator=_collator(packing, tok), callbacks=[figures, MarkComplete()], token_log=token_log,
+        data_collator=_collator(packing, tok), callbacks=[figures, MarkComplete(), *(callbacks or [])],
+        token_log=token_log,
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -515,9 +531,13 @@ def train_model(
                (result.global_step, "train/peak_memory_mb", peak_mb)]
     figures.flush(summary)
     artifact = out_dir / "artifact"
-    if cfg.method == "full":
+    if cfg.deepspeed:  # every rank: ZeRO-3 gathers the weight shards, rank 0 writes them
+        trainer.save_model(str(artifact / ("model" if cfg.method == "full" else "adapter")))
+        if main_rank:
+            write_artifact_metadata(tok, base, artifact)
+    elif main_rank and cfg.method == "full":
         save_full_artifact(model, tok, base, artifact)
-    else:
+    elif main_rank:  # DDP ranks hold whole replicas: rank 0's is the model
         save_adapter_artifact(model, tok, base, artifact)
     params = {"train.resolved_packing": packing, "train.device": device,
               "train.resolved_target_modules": ",".join(targets) or "all weights",
@@ -582,3 +602,41 @@ def prepare_base_model(cfg: ModelConfig, models_dir: Path) -> BaseRef:
 
     return resolve_base(cfg.base, models_dir)
 
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train only (no validation, evaluation or registry): the entry point of multi-process launchers.
+
+        torchrun --nproc-per-node 2 -m tasks.finetune --data data.jsonl --out runs/a
+        deepspeed --num_gpus 8 -m tasks.finetune --data data.jsonl --out runs/a \\
+            --set train.method=full --set train.deepspeed=zero3
+        accelerate launch --num_processes 4 -m tasks.finetune --data data.jsonl --out runs/a
+
+    Every rank runs this; each trains its share of every step, rank 0 writes the artifact to
+    `--out`/artifact. Run it again with the same `--out` to resume a killed training.
+    """
+    import argparse
+
+    from tasks.data import load_split
+    from tuneloop.config import load_config
+    from tuneloop.models import resolve_base
+    from tuneloop.state import state_paths
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML config (default configs/local.yaml)")
+    parser.add_argument("--data", required=True, help="training data (any form data.path takes)")
+    parser.add_argument("--out", required=True, type=Path, help="checkpoints and artifact; reuse to resume")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
+    base = resolve_base(cfg.model.base, state_paths(cfg).ensure().models)
+    check_device(cfg.train)
+    loaded = build_model(base, cfg.model, cfg.train)
+    examples = tokenize_examples(loaded[1], load_split(cfg.data).train, cfg.train.max_seq_len)
+    outcome = train_model(examples, base, cfg.model, cfg.train, args.out, loaded=loaded)
+    log.info("Artifact: %s (%d steps, final loss %.4f)", outcome.artifact_dir, outcome.steps, outcome.final_loss)
+
+
+if __name__ == "__main__":
+    main()

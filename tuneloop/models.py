@@ -220,22 +220,26 @@ def load_base(
     return model, tok
 
 
+def write_artifact_metadata(tokenizer: Any, base: BaseRef, out_dir: Path) -> Path:
+    """Persist the tokenizer and the base reference of an artifact whose weights are saved apart."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    (out_dir / BASE_REF_FILE).write_text(json.dumps(base.to_json(), indent=2))
+    return out_dir
+
+
 def save_adapter_artifact(peft_model: Any, tokenizer: Any, base: BaseRef, out_dir: Path) -> Path:
     """Persist a PEFT adapter, its tokenizer and its base reference into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir / "adapter")
-    tokenizer.save_pretrained(out_dir / "tokenizer")
-    (out_dir / BASE_REF_FILE).write_text(json.dumps(base.to_json(), indent=2))
-    return out_dir
+    return write_artifact_metadata(tokenizer, base, out_dir)
 
 
 def save_full_artifact(model: Any, tokenizer: Any, base: BaseRef, out_dir: Path) -> Path:
     """Persist a fully fine-tuned model (all weights), its tokenizer and the base it started from."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "tokenizer")
-    (out_dir / BASE_REF_FILE).write_text(json.dumps(base.to_json(), indent=2))
-    return out_dir
+    return write_artifact_metadata(tokenizer, base, out_dir)
 
 
 def read_base_ref(artifact_dir: Path) -> BaseRef:
