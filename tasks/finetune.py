@@ -628,14 +628,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="checkpoints and artifact; reuse to resume")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)  # importing prefect configured logging for its own loggers only
     cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
     base = resolve_base(cfg.model.base, state_paths(cfg).ensure().models)
     check_device(cfg.train)
     loaded = build_model(base, cfg.model, cfg.train)
     examples = tokenize_examples(loaded[1], load_split(cfg.data).train, cfg.train.max_seq_len)
     outcome = train_model(examples, base, cfg.model, cfg.train, args.out, loaded=loaded)
-    log.info("Artifact: %s (%d steps, final loss %.4f)", outcome.artifact_dir, outcome.steps, outcome.final_loss)
+    import torch.distributed as dist
+
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
+    log.info("Artifact: %s (%d steps on %d ranks, final loss %.4f)", outcome.artifact_dir, outcome.steps, ranks,
+             outcome.final_loss)
 
 
 if __name__ == "__main__":

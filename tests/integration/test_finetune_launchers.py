@@ -27,6 +27,6 @@ def test_torchrun_two_cpu_ranks_train_one_adapter(models_dir: Path, tmp_path: Pa
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "Artifact:" in done.stderr and (out / "checkpoints" / "checkpoint-2" / "tuneloop-complete").exists()
+    assert "(3 steps on 2 ranks" in done.stderr and (out / "checkpoints" / "checkpoint-2" / "tuneloop-complete").exists()
     model, _ = load_adapter_model(out / "artifact")
     assert model.peft_config["default"].r == 8
