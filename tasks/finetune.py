@@ -557,7 +557,7 @@ def _collator(packing: str, tokenizer: Any) -> Any:
 
 
 def _no_retry_for_bad_input(task, task_run, state) -> bool:
-    """Retry crashes (a killed worker resumes from its checkpoint), not errors that would repeat."""
+    """Retry errors mid-training (the retry resumes from the last checkpoint), not ones that would repeat."""
     error = state.result(raise_on_failure=False)
     return not isinstance(error, (TrainingSetupError, TrainingOOMError, BaseModelError, ValueError))
 

@@ -261,3 +261,16 @@ def test_every_deepspeed_config_is_valid_json_for_the_trainer() -> None:
         assert config["train_micro_batch_size_per_gpu"] == "auto" and config["bf16"]["enabled"] == "auto"
         assert TrainConfig(method="full", deepspeed=stage).deepspeed == stage
 
+
+
+def test_prefect_retries_crashes_but_not_errors_that_would_repeat() -> None:
+    from prefect.states import Failed
+
+    from tasks.finetune import _no_retry_for_bad_input, finetune
+    from tuneloop.models import BaseModelError
+
+    assert finetune.retries == 2 and finetune.retry_condition_fn is _no_retry_for_bad_input
+    for repeats in (TrainingSetupError("qlora needs a CUDA GPU"), TrainingOOMError("lower train.batch_size"),
+                    BaseModelError("Base model 'x' cannot be loaded")):
+        assert not _no_retry_for_bad_input(None, None, Failed(data=repeats))
+    assert _no_retry_for_bad_input(None, None, Failed(data=RuntimeError("worker lost: resume from checkpoint")))
