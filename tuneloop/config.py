@@ -196,7 +196,7 @@ class TrainConfig(Strict):
     )
     compile: bool = Field(False, description="torch.compile the model: faster steps after a compile of minutes.")
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass: ~30% slower, far less memory."
+        False, description="Recompute activations in the backward pass: slower steps, far less activation memory."
     )
     deepspeed: Literal["zero2", "zero3"] | None = Field(
         None, description="DeepSpeed ZeRO config from infra/deepspeed/ (start with the deepspeed or "
