@@ -194,7 +194,10 @@ class TrainConfig(Strict):
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto", description="bf16 autocast: auto = on a CUDA GPU that has it, off on CPU (slower there)."
     )
-    compile: bool = Field(False, description="torch.compile the model: faster steps after a compile of minutes.")
+    compile: bool = Field(
+        False, description="torch.compile the model: compiles during the first steps (and per new shape); "
+        "for long GPU runs. Not measured on CPU."
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: slower steps, far less activation memory."
     )
