@@ -405,10 +405,14 @@ def last_complete_checkpoint(root: Path, remove_incomplete: bool = True) -> Path
 
 
 def _check_same_training(root: Path, cfg: TrainConfig, base: BaseRef) -> None:
-    """Refuse to resume checkpoints that another config or base wrote; record ours otherwise."""
+    """Refuse to resume checkpoints that another config or base wrote; record ours otherwise.
+
+    Without a complete checkpoint there is nothing to resume (say, a first attempt that ran out
+    of memory before its first save): the folder is taken over by the new config.
+    """
     fingerprint = {"train": cfg.model_dump(mode="json"), "base": base.to_json()}
     path = root / CONFIG_FILE
-    if path.exists():
+    if path.exists() and list(root.glob(f"checkpoint-*/{COMPLETE_MARKER}")):
         saved = json.loads(path.read_text())
         if saved != fingerprint:
             changed = sorted(k for k in fingerprint["train"] if saved.get("train", {}).get(k) != fingerprint["train"][k])

@@ -5,6 +5,7 @@ tests/test_finetune_resume.py."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -251,6 +252,9 @@ def test_checkpoints_of_another_training_are_not_resumed(tiny, frame, tmp_path: 
     other = TrainConfig(**{**TINY_TRAIN, "save_steps": 2, "learning_rate": 1e-2})
     with pytest.raises(TrainingSetupError, match=r"another training \(changed: \['learning_rate'\]\)"):
         train_model(examples, tiny, ModelConfig(), other, tmp_path)
+    for folder in (tmp_path / "checkpoints").glob("checkpoint-*"):  # nothing left to resume:
+        shutil.rmtree(folder)
+    assert train_model(examples, tiny, ModelConfig(), other, tmp_path).resumed_from is None  # the new config trains
 
 
 def test_every_deepspeed_config_is_valid_json_for_the_trainer() -> None:
