@@ -27,7 +27,7 @@ from tasks.evaluate import (
     evaluate_model,
     write_eval_report,
 )
-from tasks.finetune import finetune_lora, prepare_base_model
+from tasks.finetune import finetune, prepare_base_model
 from tasks.judge import judge_answers, probe_judge
 from tasks.registry import (
     ModelVersionRef,
@@ -90,7 +90,7 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     # Bad evaluation input fails here, before any training or generation.
     check_eval_set(split.eval, cfg.eval, split.source)
     workdir = paths.runs / run_id
-    trained = finetune_lora(split.train, base, cfg.model, cfg.train, workdir, run_id)
+    trained = finetune(split.train, base, cfg.model, cfg.train, workdir, run_id)
     candidate = evaluate_model(trained.artifact_dir, split.eval, cfg.eval, "candidate")
 
     champion_ref = find_champion(cfg.registry)

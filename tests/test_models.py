@@ -71,3 +71,29 @@ def test_changed_base_is_refused(tiny, tmp_path: Path) -> None:
     weights.write_bytes(bytes(data))
     with pytest.raises(BaseModelError, match="changed since the adapter was trained"):
         load_base(ref)
+
+
+def test_unloadable_base_names_the_location_and_why(tiny, tmp_path: Path) -> None:
+    import shutil
+
+    from tuneloop.models import BaseRef
+
+    broken = tmp_path / "truncated"
+    shutil.copytree(tiny.location, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut off mid-file
+    with pytest.raises(BaseModelError, match=f"Base model '{broken}' cannot be loaded: .*header"):
+        load_base(BaseRef(str(broken), weights_sha256(broken)))
+    bad_config = tmp_path / "bad-config"
+    shutil.copytree(tiny.location, bad_config)
+    (bad_config / "config.json").write_text("{not json")
+    with pytest.raises(BaseModelError, match=f"Base model '{bad_config}' cannot be loaded: .*config.json"):
+        load_base(BaseRef(str(bad_config), weights_sha256(bad_config)))
+
+
+def test_unreachable_hub_id_names_the_id() -> None:
+    from tuneloop.models import BaseRef
+
+    # The real failure on these machines: no hub (conftest sets HF_HUB_OFFLINE=1).
+    with pytest.raises(BaseModelError, match="Base model 'someorg/no-such-model' cannot be loaded"):
+        load_base(BaseRef("someorg/no-such-model", "", "main"))

@@ -164,17 +164,73 @@ class ValidationConfig(Strict):
 
 
 class TrainConfig(Strict):
-    method: Literal["lora"] = Field("lora", description="Fine-tuning method.")
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="lora: adapters on a frozen base; qlora: the same on a 4-bit base (CUDA GPU, "
+        "bitsandbytes); full: every weight trains (with deepspeed for models larger than one GPU).",
+    )
     lora_rank: int = Field(8, ge=1, description="LoRA rank: higher, more capacity and memory.")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (alpha / rank).")
     lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(["q_proj", "v_proj"], description="Modules given adapters.")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="Modules given adapters: auto = every linear layer of attention and MLP, "
+        "found in the model (q/k/v/o/gate/up/down for Llama, Qwen, Mistral; c_attn/c_proj/c_fc for GPT-2); "
+        "or a list of module names.",
+    )
     max_steps: int = Field(20, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Examples per optimizer step (packed or not).")
     learning_rate: float = Field(2e-4, gt=0)
     max_seq_len: int = Field(128, ge=8, description="Tokens per example after truncation.")
     seed: int = 0
     torch_threads: int | None = Field(None, ge=1, description="CPU threads; None: torch's default.")
+    packing: Literal["auto", "off", "padding_free", "shared_prefix"] = Field(
+        "auto", description="off: pad each batch; padding_free: a batch's examples in one row, position ids "
+        "restarting per example, no attention across examples; shared_prefix: the same, with the prefix "
+        "every example of the batch shares (system prompt, template) computed once; auto: shared_prefix "
+        "on CPU, padding_free on GPU. Loss only on answer tokens in every mode.",
+    )
+    group_by_length: bool = Field(
+        False, description="With packing off: batches of similar lengths (less padding, less random order)."
+    )
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="bf16 autocast: auto = on a CUDA GPU that has it, off on CPU (slower there)."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model: compiles during the first steps (and per new shape); "
+        "for long GPU runs. Not measured on CPU."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: slower steps, far less activation memory."
+    )
+    deepspeed: Literal["zero2", "zero3"] | None = Field(
+        None, description="DeepSpeed ZeRO config from infra/deepspeed/ (start with the deepspeed or "
+        "accelerate launcher); zero2 shards optimizer state and gradients, zero3 also the weights.",
+    )
+    save_steps: int | None = Field(
+        50, ge=1, description="Checkpoint every N steps; a re-run of the same training resumes from the "
+        "last complete one. None: no checkpoints (a retry starts over).",
+    )
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_from_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # `packing: true` reads as the padding-free packing
+            return "padding_free" if value else "off"
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.method == "qlora" and self.deepspeed:
+            raise ValueError("method qlora cannot run under deepspeed (4-bit weights are not sharded): "
+                             "use method lora or full with deepspeed, or qlora on one GPU")
+        if self.group_by_length and self.packing != "off":
+            raise ValueError(f"group_by_length only applies with packing: off (packing {self.packing} "
+                             "already leaves no padding)")
+        if self.packing in ("padding_free", "shared_prefix") and self.batch_size == 1:
+            raise ValueError(f"packing {self.packing} with batch_size 1 packs nothing: raise batch_size "
+                             "or set packing: off")
+        if self.method == "full" and self.target_modules != "auto":
+            raise ValueError("target_modules only applies to lora and qlora (method full trains every weight)")
+        return self
 
 
 MetricName = Literal["rougeL", "bleu", "chrf", "exact_match", "token_f1", "perplexity",

@@ -2,7 +2,8 @@
 
 An adapter artifact is a folder:
 
-    adapter/            PEFT adapter (adapter_config.json + adapter_model.safetensors)
+    adapter/            PEFT adapter (adapter_config.json + adapter_model.safetensors), or
+    model/              all weights, after full fine-tuning
     tokenizer/          the tokenizer the adapter was trained with
     base.json           {"path" or "hub_id", "sha256", "revision"}: a verifiable base reference
 
@@ -185,9 +186,16 @@ def resolve_base(spec: str, models_dir: Path) -> BaseRef:
     return BaseRef(spec, sha256="", revision="main")  # hub id: the hub pins content by revision
 
 
-def load_base(ref: BaseRef, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a base model and tokenizer, checking the weights against the recorded hash."""
+def load_base(
+    ref: BaseRef, dtype: str = "float32", quantization_config: Any = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a base model and tokenizer, checking the weights against the recorded hash.
+
+    `quantization_config` (a transformers `BitsAndBytesConfig`) loads the weights quantized
+    onto the current GPU (QLoRA).
+    """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = Path(ref.location)
@@ -202,21 +210,36 @@ def load_base(ref: BaseRef, dtype: str = "float32") -> tuple[PreTrainedModel, Pr
         raise BaseModelError(f"Base model folder {location} is missing (recorded hash {ref.sha256[:12]}…)")
     try:
         tok = AutoTokenizer.from_pretrained(ref.location, revision=ref.revision if not location.is_dir() else None)
-        model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=getattr(torch, dtype))
-    except OSError as err:
+        placement = {"quantization_config": quantization_config,
+                     "device_map": {"": torch.cuda.current_device()}} if quantization_config else {}
+        model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=getattr(torch, dtype), **placement)
+    except (OSError, ValueError, SafetensorError) as err:  # missing, not a model, or damaged files
         raise BaseModelError(f"Base model {ref.location!r} cannot be loaded: {err}") from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
 
 
+def write_artifact_metadata(tokenizer: Any, base: BaseRef, out_dir: Path) -> Path:
+    """Persist the tokenizer and the base reference of an artifact whose weights are saved apart."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    (out_dir / BASE_REF_FILE).write_text(json.dumps(base.to_json(), indent=2))
+    return out_dir
+
+
 def save_adapter_artifact(peft_model: Any, tokenizer: Any, base: BaseRef, out_dir: Path) -> Path:
     """Persist a PEFT adapter, its tokenizer and its base reference into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir / "adapter")
-    tokenizer.save_pretrained(out_dir / "tokenizer")
-    (out_dir / BASE_REF_FILE).write_text(json.dumps(base.to_json(), indent=2))
-    return out_dir
+    return write_artifact_metadata(tokenizer, base, out_dir)
+
+
+def save_full_artifact(model: Any, tokenizer: Any, base: BaseRef, out_dir: Path) -> Path:
+    """Persist a fully fine-tuned model (all weights), its tokenizer and the base it started from."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir / "model")
+    return write_artifact_metadata(tokenizer, base, out_dir)
 
 
 def read_base_ref(artifact_dir: Path) -> BaseRef:
@@ -228,15 +251,22 @@ def read_base_ref(artifact_dir: Path) -> BaseRef:
 
 
 def load_adapter_model(artifact_dir: Path, dtype: str = "float32") -> tuple[Any, Any]:
-    """Load base + adapter from an artifact folder; return (model in eval mode, tokenizer)."""
+    """Load an artifact (base + adapter, or full weights); return (model in eval mode, tokenizer)."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     artifact_dir = Path(artifact_dir)
-    base, _ = load_base(read_base_ref(artifact_dir), dtype)
     tok = AutoTokenizer.from_pretrained(artifact_dir / "tokenizer")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if (artifact_dir / "model").is_dir():  # full fine-tuning: the weights are all there
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(artifact_dir / "model", dtype=getattr(torch, dtype))
+        model.eval()
+        return model, tok
+    base, _ = load_base(read_base_ref(artifact_dir), dtype)
     model = PeftModel.from_pretrained(base, artifact_dir / "adapter")
     model.eval()
     return model, tok

@@ -1,0 +1,73 @@
+"""Fine-tuning across machines with Ray Train: the same trainer on every worker, DDP between them.
+
+    trained = finetune_ray(split.train, base, cfg.model, cfg.train, workdir, run_id,
+                           num_workers=4, use_gpu=True)     # inside a flow, Ray already connected
+
+Ray Train's `TorchTrainer` starts `num_workers` processes (one per GPU, or CPU workers), sets
+up torch.distributed between them, and each runs `train_model`: the HF Trainer sees the
+process group and trains data-parallel. `out_dir` must be storage every worker reaches (a
+shared volume on a cluster): checkpoints, their completion markers and the artifact go there,
+so a worker group restarted after a failure (`max_failures`) resumes from the last complete
+checkpoint like a single process does. Rank 0 writes figures to MLflow and the artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+
+from tasks.finetune import TrainedAdapter, _no_retry_for_bad_input
+from tuneloop.config import ModelConfig, TrainConfig
+from tuneloop.models import BaseRef
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """Train on one Ray worker; report the figures of the run back to the driver."""
+    import ray.train
+    import torch.distributed as dist
+
+    from tasks.finetune import build_model, tokenize_examples, train_model
+
+    cfg = TrainConfig.model_validate(config["train"])
+    model_cfg = ModelConfig.model_validate(config["model"])
+    base = BaseRef.from_json(config["base"])
+    loaded = build_model(base, model_cfg, cfg)
+    examples = tokenize_examples(loaded[1], config["frame"], cfg.max_seq_len)
+    outcome = train_model(examples, base, model_cfg, cfg, Path(config["out_dir"]), config["run_id"], loaded=loaded)
+    ray.train.report({"steps": outcome.steps, "final_loss": outcome.final_loss,
+                      "train_tokens": outcome.train_tokens, "tokens_per_second": outcome.tokens_per_second,
+                      "world_size": dist.get_world_size() if dist.is_initialized() else 1})
+
+
+@task(name="finetune-ray", retries=1, retry_delay_seconds=10, retry_condition_fn=_no_retry_for_bad_input)
+def finetune_ray(
+    train: pd.DataFrame, base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
+    run_id: str | None, num_workers: int = 2, use_gpu: bool = False, cpus_per_worker: float = 1,
+    max_failures: int = 2,
+) -> TrainedAdapter:
+    """Fine-tune on `num_workers` Ray Train workers of the connected Ray cluster; return the adapter."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out_dir = Path(out_dir).resolve()
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={
+            "train": cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"),
+            "base": base.to_json(), "frame": train, "out_dir": str(out_dir), "run_id": run_id,
+        },
+        # Per worker: one GPU, or `cpus_per_worker` cores (torch uses that many threads).
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=f"finetune-{run_id or 'local'}", storage_path=str(out_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    m = result.metrics
+    return TrainedAdapter(out_dir / "artifact", base, int(m["steps"]), float(m["final_loss"]),
+                          int(m["train_tokens"]), float(m["tokens_per_second"]))
