@@ -13,6 +13,8 @@ checkpoint like a single process does. Rank 0 writes figures to MLflow and the a
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +39,17 @@ def _worker(config: dict[str, Any]) -> None:
     loaded = build_model(base, model_cfg, cfg)
     examples = tokenize_examples(loaded[1], config["frame"], cfg.max_seq_len)
     outcome = train_model(examples, base, model_cfg, cfg, Path(config["out_dir"]), config["run_id"], loaded=loaded)
-    ray.train.report({"steps": outcome.steps, "final_loss": outcome.final_loss,
-                      "train_tokens": outcome.train_tokens, "tokens_per_second": outcome.tokens_per_second,
-                      "world_size": dist.get_world_size() if dist.is_initialized() else 1})
+    figures = {"steps": outcome.steps, "final_loss": outcome.final_loss, "train_tokens": outcome.train_tokens,
+               "tokens_per_second": outcome.tokens_per_second,
+               "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+    # Ray Train 2 keeps, as the result's metrics, only what is reported with a checkpoint:
+    # rank 0 attaches one holding the figures (the adapter itself is in out_dir).
+    if ray.train.get_context().get_world_rank() == 0:
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "figures.json").write_text(json.dumps(figures))
+            ray.train.report(figures, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    else:
+        ray.train.report(figures)
 
 
 @task(name="finetune-ray", retries=1, retry_delay_seconds=10, retry_condition_fn=_no_retry_for_bad_input)
