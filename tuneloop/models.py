@@ -169,14 +169,22 @@ def resolve_base(spec: str, models_dir: Path) -> BaseRef:
             )
         out = models_dir / name
         if not (out / HASH_FILE).exists():
-            log.info("Building base model %s into %s (once)", spec, out)
-            tmp = out.with_name(out.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            _BUILDERS[name](tmp)
-            weights_sha256(tmp)
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)  # atomic: a crash mid-build leaves only the .partial folder
+            import fcntl
+
+            models_dir.mkdir(parents=True, exist_ok=True)
+            # Processes that start together (launcher ranks, replicas) build it once: the
+            # first holds the lock, the others wait and find it built.
+            with open(models_dir / f".{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (out / HASH_FILE).exists():
+                    log.info("Building base model %s into %s (once)", spec, out)
+                    tmp = out.with_name(out.name + ".partial")
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                    _BUILDERS[name](tmp)
+                    weights_sha256(tmp)
+                    shutil.rmtree(out, ignore_errors=True)
+                    tmp.rename(out)  # atomic: a crash mid-build leaves only the .partial folder
         return BaseRef(str(out), weights_sha256(out), revision=spec)
     path = Path(spec).expanduser()
     if path.is_dir():
