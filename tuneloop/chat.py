@@ -19,7 +19,6 @@ itself, and a template that transforms contents (trims them, say) falls back to 
 from __future__ import annotations
 
 import bisect
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -132,17 +131,7 @@ class ChatRenderer:
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise TemplateError("A fast (Rust) tokenizer is required")
-        # The state dir's environment turns tokenizer threads off (they do not survive a fork);
-        # a batch this size is worth both cores, and the setting is read per call.
-        previous = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
-        try:
-            return backend.encode_batch(texts, add_special_tokens=False)  # the template adds BOS etc.
-        finally:
-            if previous is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = previous
+        return backend.encode_batch(texts, add_special_tokens=False)  # the template adds BOS etc.
 
     @staticmethod
     def _token_at(starts: list[int], char: int) -> int:
