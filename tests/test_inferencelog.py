@@ -83,3 +83,16 @@ def test_older_logs_gain_the_new_columns(tmp_path: Path) -> None:
     log = InferenceLog(f"sqlite:///{db}")
     log.append(_record("new", adapter="v2", arm="champion"))
     assert log.window()[0]["adapter"] == "v2"
+
+
+def test_a_reused_request_id_gets_a_new_one_instead_of_blocking_the_log(tmp_path: Path) -> None:
+    log = InferenceLog(f"sqlite:///{tmp_path / 'log.db'}")
+    writer = LogWriter(log)
+    first, again = _record("a"), _record("b")
+    again.id = first.id
+    writer.submit(first)
+    assert writer.flush(10)
+    writer.submit(again)
+    writer.submit(_record("c"))
+    assert writer.flush(10)
+    assert sorted(r["prompt"] for r in log.window()) == ["a", "b", "c"]

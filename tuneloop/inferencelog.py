@@ -41,6 +41,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,16 @@ class LogWriter:
         delay = 0.1
         while True:
             try:
-                self.store.append_many(self._prepare(batch))
+                rows = self._prepare(batch)
+                try:
+                    self.store.append_many(rows)
+                except IntegrityError:  # an id used twice (a client's own x-request-id): a new id
+                    for row in rows:
+                        try:
+                            self.store.append(row)
+                        except IntegrityError:
+                            row.id = str(uuid.uuid4())
+                            self.store.append(row)
                 break
             except Exception:  # a locked or unreachable database: keep the rows, try again
                 self.failures += 1
