@@ -83,7 +83,7 @@ def find_alias(model_name: str, alias: str) -> ModelVersionRef | None:
 
 @task(name="download-model-version", retries=2, retry_delay_seconds=2)
 def download_version(ref: ModelVersionRef, dst: Path) -> Path:
-    """Download a registered version and return its adapter artifact folder."""
+    """Download a registered version and return its model artifact folder (adapter or full weights)."""
     return fetch_adapter(ref.uri, dst)
 
 
@@ -103,35 +103,41 @@ def register_adapter(
     cfg: RegistryConfig, run_id: str, artifact_dir: Path, metrics: dict[str, float],
     lineage: dict[str, str], reference_prompts: list[str],
 ) -> ModelVersionRef:
-    """Log the adapter as an MLflow pyfunc model in `run_id` and register it as a new version.
+    """Log the artifact as an MLflow pyfunc model in `run_id`, register it as a new version, end the run.
 
-    The version is created with all its tags in one call (lineage, code version, eval
-    metrics): a concurrent reader never sees it half-described.
+    The artifact is a LoRA adapter with its base reference, or all the weights of a full
+    fine-tune; both go the same way (tuneloop.pyfunc loads either, as serving does). The
+    version is created with all its tags in one call (lineage, code version, eval metrics):
+    a concurrent reader never sees it half-described.
     """
     from mlflow.models import infer_signature
 
     import tuneloop.pyfunc
+    from tuneloop.models import ARTIFACT_FORMATS, artifact_kind
 
+    kind = artifact_kind(artifact_dir)
     signature = infer_signature(INPUT_EXAMPLE, ["Paris"], params={"max_new_tokens": 32})
     # Resume the run in its own experiment, whatever experiment this process used last.
     mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id):  # ends FINISHED: the training's record is complete
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
         # The gate's verdict also on the run, where the experiment's run table shows it.
         mlflow.set_tags({k: v[:5000] for k, v in lineage.items() if k.startswith("tuneloop.gate")})
         mlflow.log_text("\n".join(json.dumps(p) for p in reference_prompts), "reference/prompts.jsonl")
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=tuneloop.pyfunc.__file__, artifacts={"adapter": str(artifact_dir)},
+            name="model", python_model=tuneloop.pyfunc.__file__,
+            artifacts={"adapter" if kind == "adapter" else "model": str(artifact_dir)},
             signature=signature, registered_model_name=None,
             # Stored with the version (the UI shows it; serving clients copy it). MLflow also
             # loads the logged model and answers it once (a warning if that fails): 2 tokens.
             input_example=(INPUT_EXAMPLE, {"max_new_tokens": 2}),
-            pip_requirements=["tuneloop", "torch", "transformers", "peft"],
-            metadata={"tuneloop_format": "adapter+base-ref/1", **lineage},
+            pip_requirements=["tuneloop", "torch", "transformers", *(["peft"] if kind == "adapter" else [])],
+            metadata={"tuneloop_format": ARTIFACT_FORMATS[kind], **lineage},
         )
-    tags = {**lineage, "tuneloop.code_version": code_version(), **{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()}}
+    tags = {**lineage, "tuneloop.artifact": kind, "tuneloop.code_version": code_version(),
+            **{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()}}
     mv = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
-    log.info("Registered %s version %s", cfg.model_name, mv.version)
+    log.info("Registered %s version %s (%s)", cfg.model_name, mv.version, kind)
     return ModelVersionRef(cfg.model_name, str(mv.version), run_id)
 
 
