@@ -50,7 +50,6 @@ def frame() -> pd.DataFrame:
     ({"method": "qlora", "deepspeed": "zero3"}, "qlora cannot run under deepspeed"),
     ({"packing": "shared_prefix", "group_by_length": True}, "group_by_length only applies with packing: off"),
     ({"packing": "padding_free", "batch_size": 1}, "batch_size 1 packs nothing"),
-    ({"method": "full", "target_modules": ["q_proj"]}, "target_modules only applies to lora"),
     ({"method": "dora"}, "method"),
     ({"deepspeed": "zero1"}, "deepspeed"),
 ])

@@ -174,7 +174,7 @@ class TrainConfig(Strict):
     target_modules: Literal["auto"] | list[str] = Field(
         "auto", description="Modules given adapters: auto = every linear layer of attention and MLP, "
         "found in the model (q/k/v/o/gate/up/down for Llama, Qwen, Mistral; c_attn/c_proj/c_fc for GPT-2); "
-        "or a list of module names.",
+        "or a list of module names. Ignored by method full, which trains every weight.",
     )
     max_steps: int = Field(20, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Examples per optimizer step (packed or not).")
@@ -228,8 +228,8 @@ class TrainConfig(Strict):
         if self.packing in ("padding_free", "shared_prefix") and self.batch_size == 1:
             raise ValueError(f"packing {self.packing} with batch_size 1 packs nothing: raise batch_size "
                              "or set packing: off")
-        if self.method == "full" and self.target_modules != "auto":
-            raise ValueError("target_modules only applies to lora and qlora (method full trains every weight)")
+        # method full trains every weight: a target_modules list (e.g. from a LoRA config file
+        # that `--set train.method=full` switches) is ignored, as its description says.
         return self
 
 
