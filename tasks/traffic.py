@@ -49,10 +49,12 @@ class BackgroundTraffic:
         traffic.result                            # TrafficResult of what was sent
     """
 
-    def __init__(self, endpoint: str, model: str, prompts: list[str], max_tokens: int, clients: int = 2) -> None:
+    def __init__(self, endpoint: str, model: str, prompts: list[str], max_tokens: int, clients: int = 2,
+                 pause_s: float = 0.25) -> None:
         import threading
 
         self.endpoint, self.model, self.prompts, self.max_tokens = endpoint, model, prompts, max_tokens
+        self.pause_s = pause_s  # between a client's requests: people read answers
         self.stop = threading.Event()
         self.answers: list[str | None] = []
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
@@ -64,12 +66,16 @@ class BackgroundTraffic:
             while not self.stop.is_set():
                 body = {"model": self.model, "max_tokens": self.max_tokens,
                         "messages": [{"role": "user", "content": self.prompts[i % len(self.prompts)]}]}
+                wait = self.pause_s
                 try:
                     r = http.post(f"{self.endpoint}/v1/chat/completions", json=body)
                     self.answers.append(r.json()["system_fingerprint"] if r.status_code == 200 else None)
+                    if r.status_code == 429:
+                        wait = float(r.headers.get("retry-after", 1))
                 except (httpx.HTTPError, ValueError, KeyError):
                     self.answers.append(None)
-                    self.stop.wait(1.0)  # nothing serves (yet): do not spin
+                    wait = 1.0  # nothing serves (yet): do not spin
+                self.stop.wait(wait)
                 i += len(self.threads)
 
     def __enter__(self) -> Self:

@@ -5,6 +5,7 @@ the serving one."""
 
 import json
 import shutil
+import time
 
 import httpx
 import pytest
@@ -65,6 +66,10 @@ def test_loop_registers_two_versions_the_second_triggered_by_drift(loop) -> None
     champion = client.get_model_version_by_alias(cfg.registry.model_name, "champion")
     assert str(champion.version) == "2"
     assert s["serving"] == "2"  # the retraining run promoted its champion to Serve
+    promotion = client.get_run(versions["2"].tags["tuneloop.promotion_run"])  # hot-loaded next to v1, canaried
+    assert promotion.data.params["strategy"] == "hot-load + canary"
+    assert promotion.data.tags["tuneloop.decision"] == "promoted"
+    assert promotion.data.metrics["challenger_requests"] >= cfg.serve.rollout.min_requests
 
 
 def test_endpoint_answers_and_every_request_is_logged(loop) -> None:
@@ -79,9 +84,16 @@ def test_endpoint_answers_and_every_request_is_logged(loop) -> None:
 
     sent = report.stages["trivia_traffic"].sent + report.stages["medication_traffic"].sent
     assert report.stages["trivia_traffic"].failed == 0 and report.stages["medication_traffic"].failed == 0
-    rows = InferenceLog(inference_db_url(cfg)).recent(1000, status=None)
+    log = InferenceLog(inference_db_url(cfg))
+    for _ in range(60):  # the gateway writes the log in the background, in batches
+        if log.get(r.headers["x-request-id"]):
+            break
+        time.sleep(0.5)
+    rows = log.recent(1000, status=None)
     assert len(rows) >= sent + 1
-    newest = rows[0]
+    live = report.stages["live_traffic"]
+    assert live.sent > 0 and live.failed <= live.sent * 0.1, live  # the canary's traffic (some 429s)
+    newest = log.get(r.headers["x-request-id"])
     assert newest["prompt"] == "What is aspirin?" and newest["model_version"] == "2"
     assert newest["latency_ms"] > 0 and newest["prompt_tokens"] > 0
 
