@@ -128,7 +128,7 @@ def test_tracking_and_registry_on_postgres(postgres: Postgres, tmp_path: Path) -
     experiment = client.create_experiment("tuneloop-training", artifact_location=(tmp_path / "art").as_uri())
 
     class Echo(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        def predict(self, context, model_input, params=None):
             return [f"echo: {p}" for p in model_input["prompt"]]
 
     mlflow.set_tracking_uri(uri)
