@@ -118,10 +118,12 @@ def postgres() -> Iterator[Postgres]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_tracking_and_registry_on_postgres(postgres: Postgres, tmp_path: Path) -> None:
+def test_tracking_and_registry_on_postgres(postgres: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
     import mlflow.pyfunc
 
+    # A database store puts logged models under ./mlruns of the working directory: keep it in tmp.
+    monkeypatch.chdir(tmp_path)
     postgres.create_database("tracking")
     uri = postgres.uri("tracking")
     client = mlflow.MlflowClient(uri, registry_uri=uri)
