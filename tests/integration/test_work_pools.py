@@ -1,21 +1,19 @@
 """prefect.yaml on work pools: `python -m flows.deployments` with `prefect.deployments: work_pools`
 creates the pools of infra/prefect/work-pools.yaml and registers the deployments with the config
-as their parameters, on a real Prefect server; a process worker then runs a training from it."""
+as their parameters, on a real Prefect server; the process worker `tuneloop up` starts then runs
+a training from the pool."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from flows.deployments import CONFIG_VARIABLE, WORK_POOLS, apply_prefect_yaml, deployment_config
-from tests.conftest import ASSETS, make_config
-from tuneloop.config import REPO_ROOT, TuneloopConfig
+from tests.conftest import ASSETS, LOCAL_CONFIG, TINY, make_config
+from tuneloop.config import TuneloopConfig
 
 pytestmark = pytest.mark.slow
 
@@ -65,31 +63,26 @@ def test_prefect_yaml_registers_pools_and_deployments_with_the_config(
 
 
 def test_a_process_worker_runs_a_training_from_the_pool(
-    prefect_api: str, team_cfg: TuneloopConfig, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    prefect_api: str, team_cfg: TuneloopConfig, tmp_path: Path,
 ) -> None:
+    """What `tuneloop up` does in work_pools mode, without Ray: register, start a worker, train."""
     import mlflow
     from prefect.deployments import run_deployment
 
-    from tuneloop.state import service_env, tracking_uri
+    from tuneloop import services
+    from tuneloop.state import tracking_uri
 
-    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
-    apply_prefect_yaml(team_cfg)
-    env = {**os.environ, **service_env(team_cfg), "PREFECT_API_URL": prefect_api,
-           "TUNELOOP_REPO_DIR": str(REPO_ROOT), "PREFECT_WORKER_QUERY_SECONDS": "2"}
-    log = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "tuneloop-process"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    overrides = [*TINY, f"home={team_cfg.home}", f"data.path={team_cfg.data.path}",
+                 "registry.on_gate_pass=register_only", "monitor.cron='*/20 * * * *'"]
+    services.apply_work_pool_deployments(team_cfg, LOCAL_CONFIG, overrides=overrides, api_url=prefect_api)
+    services.start_worker(team_cfg, api_url=prefect_api)
     try:
         run = run_deployment("training-flow/tuneloop-training", timeout=600,
                              parameters={"trigger": "work pool test"})
-        assert run.state.is_completed(), f"{run.state}\n" + (tmp_path / "worker.log").read_text()[-4000:]
+        log = (team_cfg.home / "services" / "worker.log").read_text()[-4000:]
+        assert run.state.is_completed(), f"{run.state}\n{log}"
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        log.close()
+        assert services.stop_service(team_cfg, "worker")
     client = mlflow.MlflowClient(tracking_uri(team_cfg))  # the worker's state dir: TUNELOOP_HOME
     versions = client.search_model_versions(f"name='{team_cfg.registry.model_name}'")
     assert [v.tags["tuneloop.trigger"] for v in versions] == ["work pool test"]
