@@ -1,9 +1,9 @@
 """Serve replicas spread over a multi-node Ray cluster, simulated on one host.
 
 Ray's own cluster test utilities (`ray.cluster_utils.Cluster`) start a head and two worker
-nodes on 127.0.0.1, each worker a raylet of its own with a custom resource; Serve must place
-four replicas at most two per node, and requests through the proxy must reach replicas on
-both workers. The cluster runs in a subprocess with a private RAY_TMPDIR and its own ports, so
+nodes on 127.0.0.1 with token auth on, each worker a raylet of its own with a custom resource;
+Serve must place four replicas at most two per node, and requests through the proxy must reach
+replicas on both workers. The cluster runs in a subprocess with a private RAY_TMPDIR and its own ports, so
 it neither joins nor touches another Ray on this machine, and is shut down at the end.
 
     .venv/bin/pytest tests/integration/test_serve_multinode.py
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -84,7 +85,9 @@ def test_serve_replicas_spread_over_the_nodes_of_a_cluster(tmp_path: Path) -> No
     # "current cluster" file there, not in the /tmp/ray another Ray on this machine uses.
     ray_tmp = Path(tempfile.mkdtemp(prefix="tl-rmn-"))
     out = tmp_path / "result.json"
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0"}
+    # Token auth on every node, as in infra/kuberay/: the same token in every process's environment.
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     try:
         done = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
