@@ -1,26 +1,52 @@
-"""Promotion flow: serve a registered version on Ray Serve, smoke-test it, then move the
-`champion` alias to it — or roll back, leaving the old version serving and champion.
+"""Promotion flow: serve a registered version next to the champion, smoke-test it, give it a
+canary share of live traffic (or a shadow copy), compare the two arms, then promote it —
+move the `champion` alias, route all traffic to it — or roll back automatically.
 
     tuneloop promote                 # the challenger (with none: re-serve the champion)
     tuneloop promote --version 3     # a given version
 
+A version that shares the serving base model is hot-loaded into the running replicas (Serve
+`reconfigure`, no restart) and rolled out by `serve.rollout` (canary | shadow | direct).
+A version on another base model (or fully fine-tuned) replaces the replicas one by one,
+smoke-tested, with the old replicas serving until the new ones run.
+
 This flow is the only place that moves `champion`. A version the gate rejected (or whose
-verdict it withheld) is refused before anything is deployed.
+verdict it withheld) is refused before anything is deployed. Every promotion is an MLflow run
+in `registry.promotion_experiment` (each arm's figures, the rules, the decision) and a
+Prefect artifact; a rolled-back version is tagged with the reason and the flow run fails.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime as dt
+import math
+import time
+from dataclasses import dataclass, field
 
 import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
-from serving.app import ServeSpec
-from tasks.deploy import DeployError, deploy_version, endpoint, serving_version, smoke_test
+from tasks.deploy import (
+    DeployError,
+    ServeState,
+    apply_config,
+    arm_figures,
+    endpoint,
+    ray_client,
+    read_state,
+    smoke_test,
+)
 from tasks.registry import ModelVersionRef, find_alias, promote_champion, tag_version, version_tags
 from tuneloop.config import TuneloopConfig, load_config
+from tuneloop.gate import evaluate_rule, parse_rule
+from tuneloop.servespec import serve_config, serve_spec
 from tuneloop.state import inference_db_url, ray_address, tracking_uri
+
+
+class PromotionRolledBack(DeployError):
+    """The challenger lost its canary (or shadow) comparison; the champion serves all traffic."""
 
 
 @dataclass
@@ -30,23 +56,99 @@ class PromotionResult:
     endpoint: str
     smoke_answer: str
     previous_champion: str | None = None
+    strategy: str = "direct"  # hot-load + canary / shadow / direct, or replace (new base)
+    figures: dict[str, dict[str, float]] = field(default_factory=dict)
+    rules: list[str] = field(default_factory=list)
 
 
-def serve_spec(cfg: TuneloopConfig, version: str) -> ServeSpec:
-    s = cfg.serve
-    return ServeSpec(
-        model_name=cfg.registry.model_name, model_uri=f"models:/{cfg.registry.model_name}/{version}",
-        version=version, tracking_uri=tracking_uri(cfg), inference_db_url=inference_db_url(cfg),
-        num_replicas=s.num_replicas, replica_cpus=s.replica_cpus, torch_threads=s.torch_threads,
-        max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
-        default_max_tokens=s.default_max_tokens, max_tokens_limit=s.max_tokens_limit,
-    )
+def _uri(cfg: TuneloopConfig, version: str) -> str:
+    return f"models:/{cfg.registry.model_name}/{version}"
+
+
+def _same_base(cfg: TuneloopConfig, state: ServeState, version: str) -> bool:
+    """Whether `version` is a LoRA adapter of the base the replicas run (then it can be hot-loaded)."""
+    import tempfile
+    from pathlib import Path
+
+    from tasks.registry import fetch_adapter
+    from tuneloop.models import read_base_ref
+
+    with tempfile.TemporaryDirectory() as tmp:
+        new = fetch_adapter(_uri(cfg, version), Path(tmp) / "new")
+        old = fetch_adapter(_uri(cfg, state.base_version), Path(tmp) / "old")
+        if not (new / "adapter").is_dir() or not (old / "adapter").is_dir():
+            return False
+        return read_base_ref(new).sha256 == read_base_ref(old).sha256
+
+
+def _routing(champion: str, challenger: str | None = None, mode: str = "off", share: float = 0.0) -> dict:
+    return {"champion": champion, "challenger": challenger, "mode": mode, "share": share}
+
+
+def _config(cfg: TuneloopConfig, base_version: str, adapters: list[str], routing: dict) -> dict:
+    spec = serve_spec(cfg, base_version)
+    return serve_config(cfg, {"spec": spec}, {v: _uri(cfg, v) for v in adapters}, routing["champion"], routing)
+
+
+def compare_arms(cfg: TuneloopConfig, since: dt.datetime, mode: str) -> tuple[str, list[str], dict]:
+    """Watch live traffic until the window closes; return (decision, rule lines, figures per arm)."""
+    r = cfg.serve.rollout
+    arm = "challenger" if mode == "canary" else "shadow"
+    logger = get_run_logger()
+    start = time.monotonic()
+    while True:
+        time.sleep(min(2.0, r.window_s))
+        figs = arm_figures(inference_db_url(cfg), since, ("champion", arm))
+        waited = time.monotonic() - start
+        if waited >= r.window_s and figs[arm].requests >= r.min_requests:
+            break
+        if waited >= r.max_wait_s:
+            break
+        logger.info("%s: %d challenger answers of %d needed, %.0f s of %.0f s", mode, figs[arm].requests,
+                    r.min_requests, waited, r.window_s)
+    cand, champ = figs[arm].metrics(), figs["champion"].metrics()
+    figures = {"challenger": cand, "champion": champ}
+    if figs[arm].requests < r.min_requests:
+        line = (f"only {figs[arm].requests} challenger answers in {r.max_wait_s:.0f} s "
+                f"(need {r.min_requests}): {r.on_no_traffic} on the smoke test alone")
+        return ("promote" if r.on_no_traffic == "promote" else "rollback"), [line], figures
+    lines, failed = [], False
+    for text in r.rules:
+        rule = parse_rule(text)
+        missing = [m for m in rule.candidate_metrics if not _defined(cand.get(m))]
+        missing += [f"champion.{m}" for m in rule.champion_metrics if not _defined(champ.get(m))]
+        if missing:
+            lines.append(f"skipped  {text} ({', '.join(missing)}: no figure in the window)")
+            continue
+        res = evaluate_rule(rule, cand, champ)
+        failed |= res.outcome == "fail"
+        lines.append(res.line())
+    return ("rollback" if failed else "promote"), lines, figures
+
+
+def _defined(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+def _record(cfg: TuneloopConfig, target: ModelVersionRef, previous: str | None, strategy: str, decision: str,
+            reason: str, figures: dict, lines: list[str]) -> str:
+    """One MLflow run per promotion: each arm's figures, the rules, the decision."""
+    mlflow.set_experiment(cfg.registry.promotion_experiment)
+    with mlflow.start_run(run_name=f"promote-v{target.version}") as run:
+        mlflow.log_params({"version": target.version, "previous": previous or "none", "strategy": strategy,
+                           "share": cfg.serve.rollout.share if "canary" in strategy else 1.0})
+        mlflow.log_metrics({f"{arm}_{k}": v for arm, m in figures.items() for k, v in m.items() if _defined(v)})
+        mlflow.set_tags({"tuneloop.decision": decision, "tuneloop.reason": reason[:5000],
+                         "tuneloop.model_version": target.version,
+                         "tuneloop.prefect_flow_run": str(flow_run.get_id() or "")})
+        mlflow.log_text("\n".join(lines) or "(no rules: smoke test only)", "rules.txt")
+        return run.info.run_id
 
 
 @flow(name="promotion-flow")
 def promotion_flow(config: TuneloopConfig | None = None, version: str | None = None) -> PromotionResult:
-    """Deploy `version` (default: the challenger, else the champion) to Ray Serve and make it champion;
-    keep the old one serving if it fails."""
+    """Deploy `version` (default: the challenger, else the champion), compare it live with the
+    champion, and promote it or roll back; the champion keeps serving whenever it fails."""
     cfg = config or load_config()
     logger = get_run_logger()
     mlflow.set_tracking_uri(tracking_uri(cfg))
@@ -62,31 +164,108 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
     if gate.get("tuneloop.gate") in ("rejected", "withheld"):
         raise DeployError(f"Version {target.version} cannot become {reg.champion_alias}: the gate "
                           f"{gate.get('tuneloop.gate_reason', gate['tuneloop.gate'])}")
-    address = ray_address(cfg)
-    previous = serving_version(cfg.serve)
-    try:
-        deploy_version(serve_spec(cfg, target.version), cfg.serve, address)
-        smoke = smoke_test(cfg.serve, name, target.version)
-    except DeployError as err:
-        logger.error("Version %s failed: %s", target.version, err)
-        if previous:
-            logger.warning("Rolling back to version %s", previous)
-            deploy_version(serve_spec(cfg, previous), cfg.serve, address)
-            smoke_test(cfg.serve, name, previous)
-        tag_version(target, {"tuneloop.promotion": f"failed, rolled back to {previous}: {err}"[:5000]})
-        raise
-    tag_version(target, {"tuneloop.promotion": "serving"})
-    old_champion = promote_champion(target, reg, f"served at {endpoint(cfg.serve)}, smoke test passed")
+    with ray_client(ray_address(cfg)):
+        state = read_state(cfg)
+        if state is not None and state.champion == target.version:
+            strategy = "already serving"
+            smoke = smoke_test(cfg.serve, name, target.version)
+            figures, lines = {}, []
+        elif state is not None and _same_base(cfg, state, target.version):
+            strategy, smoke, figures, lines = _hot_rollout(cfg, state, target)
+        else:
+            strategy, smoke, figures, lines = "replace", _replace(cfg, state, target), {}, []
+    previous = state.champion if state else None
+    reason = f"{strategy}: served at {endpoint(cfg.serve)}, smoke test passed" + (
+        f"; {'; '.join(lines)}" if lines else "")
+    run_id = _record(cfg, target, previous, strategy, "promoted", reason, figures, lines)
+    tag_version(target, {"tuneloop.promotion": "serving", "tuneloop.promotion_run": run_id})
+    old_champion = promote_champion(target, reg, reason[:4000])
     logger.info("Version %s serves at %s and is %s (was v%s)", target.version, endpoint(cfg.serve),
                 reg.champion_alias, old_champion)
     create_markdown_artifact(
         key="promotion-result",
         markdown=(f"## {name} v{target.version} serving, now {reg.champion_alias}\n\n"
-                  f"Previously serving: {previous or 'none'}; previous {reg.champion_alias}: "
-                  f"{old_champion or 'none'}\n\nEndpoint: `{endpoint(cfg.serve)}/v1/chat/completions`\n\n"
+                  f"Strategy: **{strategy}**. Previously serving: {previous or 'none'}; previous "
+                  f"{reg.champion_alias}: {old_champion or 'none'}\n\n"
+                  + _figures_table(figures) + "".join(f"- `{line}`\n" for line in lines)
+                  + f"\nEndpoint: `{endpoint(cfg.serve)}/v1/chat/completions`; MLflow run `{run_id}`\n\n"
                   f"Smoke test ({smoke.latency_ms:.0f} ms): {cfg.serve.smoke_prompt!r} → {smoke.answer!r}"),
     )
-    return PromotionResult(target.version, previous, endpoint(cfg.serve), smoke.answer, old_champion)
+    return PromotionResult(target.version, previous, endpoint(cfg.serve), smoke.answer, old_champion, strategy,
+                           figures, lines)
+
+
+def _figures_table(figures: dict[str, dict[str, float]]) -> str:
+    if not figures:
+        return ""
+    keys = sorted({k for m in figures.values() for k in m})
+    rows = "".join(f"| {k} | " + " | ".join(f"{figures[a].get(k, float('nan')):.4g}" for a in figures) + " |\n"
+                   for k in keys)
+    return f"| | {' | '.join(figures)} |\n|---|{'---|' * len(figures)}\n{rows}\n"
+
+
+def _replace(cfg: TuneloopConfig, state: ServeState | None, target: ModelVersionRef):
+    """New replicas for the target alone (first deployment, or another base model)."""
+    logger = get_run_logger()
+    try:
+        apply_config(_config(cfg, target.version, [target.version], _routing(target.version)), cfg,
+                     [target.version])
+        return smoke_test(cfg.serve, cfg.registry.model_name, target.version)
+    except DeployError as err:
+        logger.error("Version %s failed: %s", target.version, err)
+        if state is not None:
+            logger.warning("Rolling back to version %s", state.champion)
+            apply_config(state.config, cfg, list(state.adapters) or [state.base_version])
+            smoke_test(cfg.serve, cfg.registry.model_name, state.champion)
+        _rolled_back(cfg, target, state.champion if state else None, "replace", str(err), {}, [])
+        raise
+
+
+def _hot_rollout(cfg: TuneloopConfig, state: ServeState, target: ModelVersionRef):
+    """Hot-load the target next to the champion, smoke-test it pinned, canary/shadow, decide."""
+    logger = get_run_logger()
+    r = cfg.serve.rollout
+    champion, new = state.champion, target.version
+    both = [new, champion]
+    strategy = f"hot-load + {r.mode}"
+    lines: list[str] = []
+    figures: dict = {}
+    try:
+        apply_config(_config(cfg, state.base_version, both, _routing(champion, new)), cfg, both)
+        smoke = smoke_test(cfg.serve, f"{cfg.registry.model_name}:{new}", new)
+        if r.mode != "direct":
+            since = dt.datetime.now(dt.UTC)
+            apply_config(_config(cfg, state.base_version, both, _routing(champion, new, r.mode, r.share)),
+                         cfg, both)
+            logger.info("%s: v%s gets %s of routed traffic for ≥ %.0f s", r.mode, new,
+                        f"{r.share:.0%}" if r.mode == "canary" else "a shadow copy", r.window_s)
+            decision, lines, figures = compare_arms(cfg, since, r.mode)
+            if decision == "rollback":
+                raise PromotionRolledBack(f"v{new} lost the {r.mode} comparison: "
+                                          + "; ".join(x for x in lines if x.startswith(("fail", "only"))))
+        # Promote: everything to the new version; the old champion stays loaded for a fast rollback.
+        apply_config(_config(cfg, state.base_version, both, _routing(new)), cfg, both)
+        smoke = smoke_test(cfg.serve, cfg.registry.model_name, new)
+        return strategy, smoke, figures, lines
+    except DeployError as err:
+        logger.error("Version %s rolled back: %s", new, err)
+        apply_config(_config(cfg, state.base_version, [champion], _routing(champion)), cfg, [champion])
+        _rolled_back(cfg, target, champion, strategy, str(err), figures, lines)
+        raise
+
+
+def _rolled_back(cfg: TuneloopConfig, target: ModelVersionRef, champion: str | None, strategy: str,
+                 reason: str, figures: dict, lines: list[str]) -> None:
+    run_id = _record(cfg, target, champion, strategy, "rolled back", reason, figures, lines)
+    tag_version(target, {"tuneloop.promotion": f"rolled back to {champion}: {reason}"[:5000],
+                         "tuneloop.promotion_run": run_id})
+    create_markdown_artifact(
+        key="promotion-result",
+        markdown=(f"## {cfg.registry.model_name} v{target.version} rolled back\n\n"
+                  f"v{champion or 'none'} keeps serving all traffic. Reason: {reason}\n\n"
+                  + _figures_table(figures) + "".join(f"- `{line}`\n" for line in lines)
+                  + f"\nMLflow run `{run_id}`"),
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ version is registered for comparison, with no alias and the reason in its tags.
 
     tuneloop train --data data.jsonl            # CLI
     python -m flows.training                    # the embedded default, configs/local.yaml
+
+A flow run whose process died mid-training resumes when it runs again under the same flow
+run id (`prefect flow-run retry <id> --entrypoint flows/training.py:training_flow`, or a
+worker that picks it up again): its checkpoints and its MLflow run are keyed on that id.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from tasks.evaluate import (
     evaluate_model,
     write_eval_report,
 )
-from tasks.finetune import finetune, prepare_base_model
+from tasks.finetune import check_training_setup, finetune, prepare_base_model, training_key
 from tasks.judge import judge_answers, probe_judge
 from tasks.registry import (
     ModelVersionRef,
     download_version,
+    end_unfinished_run,
     fail_run,
     find_champion,
     log_dataset_inputs,
@@ -62,22 +67,36 @@ class TrainingResult:
     rules: list[str]  # one line per gate rule: outcome, rule, values
 
 
-@flow(name="training-flow", log_prints=False)
+def _end_mlflow_run(flow, flow_run, state) -> None:
+    """End the flow run's MLflow run FAILED (KILLED if crashed); running the flow run again resumes it."""
+    try:
+        cfg = TuneloopConfig.model_validate(flow_run.parameters["config"]) if flow_run.parameters.get(
+            "config") else load_config()
+    except (ValueError, OSError):  # the flow failed on its config: it started no run
+        return
+    end_unfinished_run(str(flow_run.id), cfg.registry.experiment, "KILLED" if state.is_crashed() else "FAILED",
+                       state.message or state.name, tracking_uri(cfg))
+
+
+@flow(name="training-flow", log_prints=False, on_failure=[_end_mlflow_run], on_crashed=[_end_mlflow_run])
 def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual") -> TrainingResult:
-    """Train a LoRA adapter on `config.data`, gate it against the champion, register it."""
+    """Fine-tune on `config.data` (LoRA adapter or full weights), gate it against the champion, register it."""
     cfg = config or load_config()
     logger = get_run_logger()
     paths = state_paths(cfg).ensure()
     mlflow.set_tracking_uri(tracking_uri(cfg))
 
+    check_training_setup(cfg.train)  # qlora on a CPU worker fails here, before any data is read
     loaded = load_dataset(cfg.data)
     base = prepare_base_model(cfg.model, paths.models)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
     report, split = validate_dataset(loaded, cfg.validation, cfg.train.max_seq_len, base,
                                      paths.reports / "validation" / f"{loaded.digest}-{stamp}")
     judge = probe_judge(cfg.eval.judge, paths.models) if report.success else None
+    # The flow run id: a restart of this flow run resumes its MLflow run and checkpoints.
+    key = training_key(cfg.model, cfg.train, split.digest)
     run_id = start_training_run(cfg.registry, f"train-{split.digest}",
-                                {**_params(cfg), **(judge.params() if judge else {})},
+                                {**_params(cfg), **(judge.params() if judge else {})}, key,
                                 tags={"tuneloop.trigger": trigger})
     log_dataset_inputs(run_id, split)
     log_validation_report(run_id, report)
@@ -89,7 +108,7 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     logger.info(report.summary())
     # Bad evaluation input fails here, before any training or generation.
     check_eval_set(split.eval, cfg.eval, split.source)
-    workdir = paths.runs / run_id
+    workdir = paths.runs / key
     trained = finetune(split.train, base, cfg.model, cfg.train, workdir, run_id)
     candidate = evaluate_model(trained.artifact_dir, split.eval, cfg.eval, "candidate")
 
@@ -115,6 +134,7 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
         "tuneloop.base_revision": base.revision or "", "tuneloop.dataset_digest": split.digest,
         "tuneloop.validation_warnings": str(len(report.warnings())),
         "tuneloop.dataset_source": split.source, "tuneloop.training_run": run_id,
+        "tuneloop.method": cfg.train.method,
         "tuneloop.trigger": trigger, "tuneloop.gate": verdict.decision,
         "tuneloop.gate_reason": verdict.reason, "tuneloop.gate_rules": "\n".join(verdict.lines()),
         **({"tuneloop.judge": f"{judge.backend}:{judge.model}",

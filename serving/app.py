@@ -1,189 +1,501 @@
-"""The Ray Serve application: an OpenAI-shaped HTTP ingress in front of a batched model.
+"""The Ray Serve application: an OpenAI-compatible HTTP gateway in front of batched, multi-LoRA
+model replicas.
 
-    Gateway (FastAPI ingress, 1 replica)  →  ChatModel (adapter on its base, N replicas)
+    Gateway (FastAPI ingress: auth, limits, routing, inference log)
+        →  ModelServer (a base model with LoRA adapters, N replicas, serving/engine.py)
 
-`build_app(spec)` returns the bound application; the deploy task runs it with `serve.run`.
+Routes: POST /v1/chat/completions and /v1/completions (plain or streamed as server-sent
+events), GET /v1/models, POST /v1/feedback, GET /healthz (live), GET /readyz (a replica
+answers). Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+
+What changes at run time is each deployment's `user_config` (Serve calls `reconfigure`
+on the running replicas, no restart):
+
+    ModelServer: {"adapters": {"3": "models:/tuneloop/3", "4": "models:/tuneloop/4"}, "default": "3"}
+    Gateway:     {"champion": "3", "challenger": "4", "mode": "canary", "share": 0.1}
+
+`model` in a request is the served name (routed: the champion, or the challenger for a
+canary share of requests) or `name:VERSION` (that loaded version). In shadow mode the
+challenger answers a copy of each routed request; its answer is logged, never returned.
+
+`app_builder` builds the application from a Serve config file (`serve deploy
+infra/serve/serve-config.yaml`); the deploy task writes the same config.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the request models as classes
 # through Serve's ingress wrapper.
 import asyncio
+import json
 import logging
+import math
+import random
 import time
-from dataclasses import dataclass
+import uuid
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.engine import Answer, GenerationRequest, ModelServer, PromptTooLong, UnknownAdapter
+from serving.guard import KeyRing, RateLimiter
 
 log = logging.getLogger("ray.serve")
 
-
-@dataclass(frozen=True)
-class ServeSpec:
-    """Everything a deployment needs, resolved by the deploy task from config + registry."""
-
-    model_name: str
-    model_uri: str  # models:/name/version
-    version: str
-    tracking_uri: str
-    inference_db_url: str
-    num_replicas: int = 2
-    replica_cpus: float = 0.5
-    torch_threads: int = 1
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.05
-    default_max_tokens: int = 32
-    max_tokens_limit: int = 256
-
-
-@dataclass
-class GenerationRequest:
-    messages: list[dict[str, str]]
-    max_tokens: int
-
-
-@serve.deployment(
-    health_check_period_s=10,
-    max_constructor_retry_count=3,  # a version that cannot load fails fast; the old one keeps serving
-    max_surge_percent=100,  # start the new replicas before the old ones stop
-)
-class ChatModel:
-    """A LoRA adapter from the MLflow registry on its verified base model."""
-
-    def __init__(self, spec: ServeSpec) -> None:
-        import mlflow
-        import torch
-
-        from tuneloop.models import find_artifact_dir, load_adapter_model
-
-        torch.set_num_threads(spec.torch_threads)
-        mlflow.set_tracking_uri(spec.tracking_uri)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=spec.model_uri)
-        self.model, self.tokenizer = load_adapter_model(find_artifact_dir(local))
-        self.version = spec.version
-        self.generate.set_max_batch_size(spec.max_batch_size)
-        self.generate.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def generate(self, requests: list[GenerationRequest]) -> list[dict[str, Any]]:
-        from tuneloop.generation import generate_batch
-
-        longest = max(r.max_tokens for r in requests)
-        # Greedy decoding is per row, so one batch at the longest budget, cut per request,
-        # answers each request as if alone.
-        outs = await asyncio.to_thread(
-            generate_batch, self.model, self.tokenizer, [r.messages for r in requests], longest
-        )
-        results = []
-        for req, out in zip(requests, outs):
-            tokens = min(out.completion_tokens, req.max_tokens)
-            text = out.text
-            finish = out.finish_reason
-            if out.completion_tokens > req.max_tokens:
-                ids = self.tokenizer(out.text, add_special_tokens=False)["input_ids"][: req.max_tokens]
-                text, finish = self.tokenizer.decode(ids, skip_special_tokens=True), "length"
-            results.append({"text": text, "prompt_tokens": out.prompt_tokens,
-                            "completion_tokens": tokens, "finish_reason": finish, "version": self.version})
-        return results
-
-    async def __call__(self, request: GenerationRequest) -> dict[str, Any]:
-        return await self.generate(request)
+ARMS = ("champion", "challenger", "shadow", "pinned")
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str = Field(..., max_length=32_000)
+    content: str
 
 
-class ChatCompletionRequest(BaseModel):
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
     model: str | None = None
-    messages: list[Message] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)  # accepted; decoding is greedy
-    stream: Literal[False] = False
+    top_p: float | None = Field(None, gt=0, le=1)  # accepted; decoding is greedy
+    n: int = Field(1, ge=1, le=1, description="One choice per request")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # canary assignment is sticky per user when given
 
 
-def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+class ChatCompletionRequest(_Common):
+    messages: list[Message] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
 
 
-api = FastAPI(title="tuneloop", description="OpenAI-compatible chat completions of tuneloop models")
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+
+
+class FeedbackRequest(BaseModel):
+    id: str = Field(..., min_length=1, max_length=64, description="The response id (or x-request-id)")
+    score: float = Field(..., ge=0, le=1, description="0 (bad) … 1 (good)")
+    comment: str | None = Field(None, max_length=4000)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers or {}
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+api = FastAPI(title="tuneloop", description="OpenAI-compatible completions of tuneloop models",
+              docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return _error(exc.status, exc.message, exc.kind, exc.param, exc.code, exc.headers)
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return _error(400, f"The body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                      "invalid_request_error", None, "invalid_json")
     param = ".".join(str(p) for p in first["loc"] if p != "body")
     return _error(422, f"Invalid request: {param or 'body'}: {first['msg']}", "invalid_request_error", param)
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return _error(exc.status_code, str(exc.detail), kind)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # never a stack trace to clients
+    log.exception("unexpected error on %s", request.url.path)
+    return _error(500, f"Internal error ({type(exc).__name__}); the server log has the details", "server_error")
+
+
+_LIMITS = {"max_request_bytes": 256_000}  # set by the gateway replica from its spec
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next: Any) -> Any:
+    """413 before anything reads the body: by Content-Length, or while a chunked body arrives."""
+    limit = _LIMITS["max_request_bytes"]
+    length = request.headers.get("content-length")
+    too_big = _error(413, f"Request body is over this server's limit of {limit} bytes",
+                     "invalid_request_error", None, "request_too_large")
+    if length is not None:
+        if length.isdigit() and int(length) > limit:
+            return too_big
+    elif request.method == "POST" and len(await request.body()) > limit:  # chunked: Starlette keeps the body
+        return too_big
+    return await call_next(request)
+
+
+def _retryable(err: BaseException) -> bool:
+    """A replica that died or vanished mid-request: another replica may answer."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(err, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512,
+                  max_surge_percent=100, health_check_period_s=10)
 @serve.ingress(api)
 class Gateway:
-    """HTTP API: routes chat requests to the model and logs every request."""
+    """HTTP API: checks keys and limits, routes to a model version, logs every request."""
 
-    def __init__(self, model: DeploymentHandle, spec: ServeSpec) -> None:
-        from tuneloop.inferencelog import InferenceLog
+    def __init__(self, model: DeploymentHandle, spec: dict[str, Any]) -> None:
+        from tuneloop.inferencelog import InferenceLog, LogWriter
 
         self.model = model
+        self.stream_handle = model.options(stream=True)
         self.spec = spec
-        self.log = InferenceLog(spec.inference_db_url)
+        self.name = spec["model_name"]
+        self.store = InferenceLog(spec["inference_db_url"])
+        self.writer = LogWriter(self.store, redact=self._redactor())
+        self.keys = KeyRing(spec.get("api_keys") or [])
+        self.require_key = bool(spec.get("require_api_key")) or bool(self.keys)
+        self.limiter = RateLimiter(int(spec["rate_per_minute"]), int(spec["burst"]))
+        self.routing: dict[str, Any] = {"champion": None, "challenger": None, "mode": "off", "share": 0.0}
+        self._shadow_tasks: set[asyncio.Task] = set()
+        _LIMITS["max_request_bytes"] = int(spec["max_request_bytes"])
+
+    def _redactor(self) -> Any:
+        if self.spec.get("log_pii", "redact") != "redact":
+            return None
+        from tuneloop.safety import PiiScanner
+
+        scanner = PiiScanner(list(self.spec.get("pii_entities") or []))
+        scanner.redact(["warm-up: alice@example.com"])  # load presidio now, not with the first rows
+        return scanner.redact
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        routing = {"champion": None, "challenger": None, "mode": "off", "share": 0.0}
+        routing.update({k: v for k, v in (user_config or {}).items() if k in routing})
+        for k in ("champion", "challenger"):
+            routing[k] = str(routing[k]) if routing[k] is not None else None
+        if routing["mode"] not in ("off", "canary", "shadow"):
+            raise ValueError(f"routing mode {routing['mode']!r}: expected off, canary or shadow")
+        self.routing = routing
+        log.info("Routing: %s", routing)
+
+    def __del__(self) -> None:
+        self.writer.close()  # Serve calls this on shutdown: log rows still queued are written
+
+    # ------------------------------------------------------------------ checks
+
+    def _authorize(self, request: Request, record: Any = None) -> str:
+        """Return the caller's key id (or client address without keys); raise 401/429."""
+        key_id, per_minute = None, None
+        if self.require_key:
+            header = request.headers.get("authorization", "")
+            key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+            entry = self.keys.identify(key) if key else None
+            if entry is None:
+                raise ApiError(401, "Missing or invalid API key: send `Authorization: Bearer <key>`",
+                               "authentication_error", None, "invalid_api_key")
+            key_id, per_minute = entry.id, entry.rate_per_minute
+        else:
+            key_id = f"client:{request.client.host if request.client else 'unknown'}"
+        if record is not None:
+            record.key_id = key_id
+        wait = self.limiter.take(key_id, per_minute)
+        if wait > 0:
+            raise ApiError(429, f"Rate limit reached for {key_id}: retry in {math.ceil(wait)} s",
+                           "rate_limit_error", None, "rate_limit_exceeded", {"Retry-After": str(math.ceil(wait))})
+        return key_id
+
+    def _max_tokens(self, *values: int | None) -> int:
+        asked = next((v for v in values if v is not None), None)
+        max_tokens = asked or int(self.spec["default_max_tokens"])
+        if max_tokens > int(self.spec["max_tokens_limit"]):
+            raise ApiError(422, f"max_tokens={max_tokens} is above this server's limit of "
+                                f"{self.spec['max_tokens_limit']}", "invalid_request_error", "max_tokens")
+        return max_tokens
+
+    def _route(self, model: str | None, user: str | None) -> tuple[str | None, str]:
+        """Return (version or None for the replicas' default, arm)."""
+        if model in (None, self.name):
+            r = self.routing
+            if r["mode"] == "canary" and r["challenger"]:
+                draw = (int(uuid.uuid5(uuid.NAMESPACE_URL, user).int % 10_000) / 10_000) if user else random.random()
+                if draw < float(r["share"]):
+                    return r["challenger"], "challenger"
+            return r["champion"], "champion"
+        name, _, version = model.partition(":")
+        if name == self.name and version:
+            return version.removeprefix("v"), "pinned"
+        raise ApiError(404, f"The model {model!r} does not exist here; use {self.name!r} or "
+                            f"'{self.name}:<version>' (see /v1/models)", "invalid_request_error", "model",
+                       "model_not_found")
+
+    # ------------------------------------------------------------------ calls
+
+    async def _answer(self, req: GenerationRequest) -> Answer:
+        for attempt in range(2):
+            try:
+                out = await self.model.generate.remote(req)
+            except Exception as err:
+                if attempt == 0 and _retryable(err):
+                    log.warning("replica lost during request %s (%s): retrying once", req.request_id, err)
+                    continue
+                raise
+            if isinstance(out, PromptTooLong):
+                raise ApiError(400, str(out), "invalid_request_error", "messages", "context_length_exceeded")
+            if isinstance(out, UnknownAdapter):
+                raise ApiError(404, f"The model {self.name}:{req.adapter} is not loaded here (see /v1/models)",
+                               "invalid_request_error", "model", "model_not_found")
+            if isinstance(out, Exception):
+                raise out
+            return out
+        raise RuntimeError("unreachable")
+
+    def _record(self, route: str, prompt: str, key_id: str | None, arm: str | None,
+                request: Request | None = None) -> Any:
+        from tuneloop.inferencelog import InferenceRecord
+
+        record = InferenceRecord(route=route, model=self.name, prompt=prompt, status=200, key_id=key_id, arm=arm)
+        # Serve's proxy gives every HTTP request an id (the client's `x-request-id`, or a new
+        # one) and returns it as the `x-request-id` response header: the log row uses it.
+        rid = request.headers.get("x-request-id", "") if request is not None else ""
+        if 0 < len(rid) <= 36 and all(c.isalnum() or c in "-_." for c in rid):
+            record.id = rid
+        return record
+
+    def _finish(self, record: Any, start: float, answer: Answer | None = None, error: ApiError | None = None,
+                failure: BaseException | None = None) -> None:
+        record.latency_ms = (time.perf_counter() - start) * 1000
+        if answer is not None:
+            record.response, record.model_version = answer.text, answer.version
+            record.adapter = f"v{answer.version}"
+            record.prompt_tokens, record.completion_tokens = answer.prompt_tokens, answer.completion_tokens
+        if error is not None:
+            record.status, record.error = error.status, error.message
+        if failure is not None:
+            record.status, record.error = 503, f"{type(failure).__name__}: {failure}"[:2000]
+        self.writer.submit(record)  # returns at once: a thread writes the log
+
+    async def _complete(self, route: str, body: Any, request: Request, messages: list[dict] | None,
+                        text: str | None, prompt: str, max_tokens_values: tuple) -> Any:
+        start = time.perf_counter()
+        record = self._record(route, prompt, None, None, request)
+        try:
+            self._authorize(request, record)
+            max_tokens = self._max_tokens(*max_tokens_values)
+            version, arm = self._route(body.model, body.user)
+            record.arm = arm
+            req = GenerationRequest(version, max_tokens, messages, text, record.id, pinned=arm == "pinned")
+            if body.stream:
+                return await self._stream(route, req, record, start, body)
+            answer = await self._answer(req)
+        except ApiError as err:
+            self._finish(record, start, error=err)
+            raise
+        except Exception as err:  # the client gets a clean 503, the log gets the failure
+            log.exception("generation failed")
+            self._finish(record, start, failure=err)
+            raise ApiError(503, f"The model could not answer ({type(err).__name__}); retry later",
+                           "server_error", None, "model_unavailable") from None
+        self._finish(record, start, answer)
+        if arm == "champion" and self.routing["mode"] == "shadow" and self.routing["challenger"]:
+            self._shadow(route, req, prompt)
+        return answer, record
+
+    def _shadow(self, route: str, req: GenerationRequest, prompt: str) -> None:
+        """Ask the challenger the same thing in the background; log its answer as `shadow`."""
+        async def run() -> None:
+            start = time.perf_counter()
+            record = self._record(route, prompt, None, "shadow")
+            try:
+                answer = await self._answer(GenerationRequest(self.routing["challenger"], req.max_tokens,
+                                                              req.messages, req.text, record.id))
+            except ApiError as err:
+                self._finish(record, start, error=err)
+            except Exception as err:  # noqa: BLE001 - a failed shadow answer is logged, never raised
+                self._finish(record, start, failure=err)
+            else:
+                self._finish(record, start, answer)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _stream(self, route: str, req: GenerationRequest, record: Any, start: float, body: Any) -> Any:
+        chat = route.endswith("chat/completions")
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{record.id}"
+        created = int(time.time())
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        gen = self.stream_handle.stream.remote(req)
+        first = await gen.__anext__()  # request-level errors surface before any byte is sent
+        if isinstance(first, PromptTooLong):
+            raise ApiError(400, str(first), "invalid_request_error", "messages", "context_length_exceeded")
+        if isinstance(first, UnknownAdapter):
+            raise ApiError(404, f"The model {self.name}:{req.adapter} is not loaded here (see /v1/models)",
+                           "invalid_request_error", "model", "model_not_found")
+
+        def chunk(delta: str | None, finish: str | None, version: str | None, usage: dict | None = None) -> str:
+            if chat:
+                choice = {"index": 0, "delta": ({"role": "assistant", "content": delta} if delta == ""
+                                                 and finish is None else ({"content": delta} if delta else {})),
+                          "finish_reason": finish, "logprobs": None}
+                obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                       "system_fingerprint": f"v{version}" if version else None, "choices": [choice]}
+            else:
+                obj = {"id": rid, "object": "text_completion", "created": created, "model": self.name,
+                       "system_fingerprint": f"v{version}" if version else None,
+                       "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]}
+            if usage is not None:
+                obj["choices"], obj["usage"] = [], usage
+            return f"data: {json.dumps(obj)}\n\n"
+
+        async def events() -> Any:
+            answer: Answer | None = None
+            logged = False
+            try:
+                yield chunk("", None, None)
+                async for item in gen:
+                    if isinstance(item, list):
+                        delta, answer = item
+                        if delta:
+                            yield chunk(delta, None, answer.version)
+                        yield chunk(None, answer.finish_reason, answer.version)
+                    elif isinstance(item, Exception):
+                        raise item
+                    elif item:
+                        yield chunk(item, None, None)
+                if answer is not None and include_usage:
+                    yield chunk(None, None, answer.version, {
+                        "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                        "total_tokens": answer.prompt_tokens + answer.completion_tokens})
+                logged = True
+                self._finish(record, start, answer)
+                yield "data: [DONE]\n\n"
+            except Exception as err:  # mid-stream: an error event, then the end; logged as failed
+                log.exception("stream failed")
+                logged = True
+                self._finish(record, start, failure=err)
+                yield ("data: " + json.dumps({"error": {"message": f"The model stopped answering "
+                                                        f"({type(err).__name__})", "type": "server_error",
+                                                        "param": None, "code": "model_unavailable"}}) + "\n\n")
+            finally:
+                if not logged:  # the client went away mid-stream (the task is cancelled): still logged
+                    record.status, record.error = 499, "client closed the stream"
+                    record.latency_ms = (time.perf_counter() - start) * 1000
+                    if answer is not None:
+                        record.response, record.model_version = answer.text, answer.version
+                    self.writer.submit(record)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
+
+    # ------------------------------------------------------------------ routes
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            info = await asyncio.wait_for(self.model.info.remote(), timeout=10)
+        except Exception as err:  # noqa: BLE001 - not ready, whatever the reason
+            return _error(503, f"No model replica answers ({type(err).__name__})", "server_error")
+        if not info["adapters"]:
+            return _error(503, "No model version is loaded", "server_error")
+        return JSONResponse({"status": "ready", "versions": info["adapters"], "routing": self.routing})
+
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.spec.model_name, "object": "model",
-                                            "owned_by": "tuneloop", "version": self.spec.version}]}
+        info = await self.model.info.remote()
+        default = self.routing["champion"] or info["default"]
+        data = [{"id": self.name, "object": "model", "created": int(info["started_at"]), "owned_by": "tuneloop",
+                 "version": default, "routing": self.routing}]
+        data += [{"id": f"{self.name}:{v}", "object": "model", "created": int(info["loaded_at"].get(v, 0)),
+                  "owned_by": "tuneloop", "version": v, "parent": self.name} for v in info["adapters"]]
+        return {"object": "list", "data": data}
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest) -> JSONResponse:
-        from tuneloop.inferencelog import InferenceRecord
-
-        if body.model not in (None, self.spec.model_name):
-            return _error(404, f"Model {body.model!r} is not served here; use {self.spec.model_name!r}",
-                          "invalid_request_error", "model")
-        max_tokens = body.max_tokens or self.spec.default_max_tokens
-        if max_tokens > self.spec.max_tokens_limit:
-            return _error(422, f"max_tokens={max_tokens} is above this server's limit of "
-                               f"{self.spec.max_tokens_limit}", "invalid_request_error", "max_tokens")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         messages = [m.model_dump() for m in body.messages]
-        prompt = messages[-1]["content"]
-        start = time.perf_counter()
-        record = InferenceRecord(route="/v1/chat/completions", model=self.spec.model_name, prompt=prompt, status=200)
-        try:
-            out = await self.model.remote(GenerationRequest(messages, max_tokens))
-        except Exception as err:  # the client gets a clean 503, the log gets the failure
-            log.exception("generation failed")
-            record.status, record.latency_ms = 503, (time.perf_counter() - start) * 1000
-            await asyncio.to_thread(self.log.append, record)
-            return _error(503, f"The model could not answer: {type(err).__name__}", "server_error")
-        record.latency_ms = (time.perf_counter() - start) * 1000
-        record.response, record.model_version = out["text"], out["version"]
-        record.prompt_tokens, record.completion_tokens = out["prompt_tokens"], out["completion_tokens"]
-        await asyncio.to_thread(self.log.append, record)
+        prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+        out = await self._complete("/v1/chat/completions", body, request, messages, None, prompt,
+                                   (body.max_completion_tokens, body.max_tokens))
+        if isinstance(out, StreamingResponse):
+            return out
+        answer, record = out
         return JSONResponse({
             "id": f"chatcmpl-{record.id}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.spec.model_name, "system_fingerprint": f"v{out['version']}",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                         "finish_reason": out["finish_reason"]}],
-            "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                      "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
-        }, headers={"x-request-id": record.id})
+            "model": self.name, "system_fingerprint": f"v{answer.version}",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                         "finish_reason": answer.finish_reason, "logprobs": None}],
+            "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                      "total_tokens": answer.prompt_tokens + answer.completion_tokens},
+        })
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(422, "Send one prompt per request (a list of exactly one string)",
+                           "invalid_request_error", "prompt")
+        out = await self._complete("/v1/completions", body, request, None, prompts[0], prompts[0],
+                                   (body.max_tokens,))
+        if isinstance(out, StreamingResponse):
+            return out
+        answer, record = out
+        return JSONResponse({
+            "id": f"cmpl-{record.id}", "object": "text_completion", "created": int(time.time()),
+            "model": self.name, "system_fingerprint": f"v{answer.version}",
+            "choices": [{"index": 0, "text": answer.text, "finish_reason": answer.finish_reason, "logprobs": None}],
+            "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                      "total_tokens": answer.prompt_tokens + answer.completion_tokens},
+        })
+
+    @api.post("/v1/feedback")
+    async def post_feedback(self, body: FeedbackRequest, request: Request) -> JSONResponse:
+        self._authorize(request)
+        rid = body.id.split("-", 1)[1] if body.id.startswith(("chatcmpl-", "cmpl-")) else body.id
+        await asyncio.to_thread(self.writer.flush, 5.0)  # the answer may still be on its way to the log
+        row = await asyncio.to_thread(self.store.get, rid)
+        if row is None:
+            raise ApiError(404, f"No logged response has id {body.id!r}", "invalid_request_error", "id",
+                           "response_not_found")
+        await asyncio.to_thread(self.store.add_feedback, rid, body.score, body.comment)
+        return JSONResponse({"id": body.id, "object": "feedback", "status": "recorded"})
 
 
-def build_app(spec: ServeSpec) -> serve.Application:
-    """Bind the application for one model version."""
-    model = ChatModel.options(
-        num_replicas=spec.num_replicas,
-        ray_actor_options={"num_cpus": spec.replica_cpus},
-    ).bind(spec)  # Serve versions deployments by their arguments: a new spec rolls replicas
-    return Gateway.bind(model, spec)
+def build_app(spec: dict[str, Any], model_options: dict[str, Any] | None = None,
+              gateway_options: dict[str, Any] | None = None) -> serve.Application:
+    """Bind the application. `spec` (JSON) is what both deployments are built with."""
+    model = ModelServer.options(**(model_options or {})).bind(spec)
+    return Gateway.options(**(gateway_options or {})).bind(model, spec)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point of a Serve config file: `args` is `{"spec": {...}}` (what the deploy task
+    writes), or `{"config": "configs/local.yaml", "set": [...]}` to build the spec from a
+    tuneloop config and the registry's champion."""
+    if "spec" in args:
+        return build_app(dict(args["spec"]))
+    from tuneloop.config import load_config
+    from tuneloop.servespec import serve_spec
+
+    cfg = load_config(args.get("config"), list(args.get("set") or []))
+    return build_app(serve_spec(cfg, args.get("base_version")))

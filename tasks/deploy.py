@@ -1,18 +1,28 @@
-"""Deploy stage: run a registered version on Ray Serve, smoke-test it, read what serves."""
+"""Deploy stage: apply a Serve config for registered versions, check every replica took it,
+smoke-test a version, read what serves and how each arm of a canary is doing.
+
+Serve is driven declaratively, as `serve deploy` drives it: the deploy task builds a Serve
+config (tuneloop.servespec) and hands it to Serve's controller. Serve then
+- calls `reconfigure` on the running replicas when only a deployment's `user_config`
+  changed: adapters are hot-loaded or unloaded and routing changes, no replica restarts;
+- replaces the replicas one by one (new ones first) when the application's args changed:
+  a new base model.
+"""
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from prefect import task
 
-from serving.app import ServeSpec, build_app
-from tuneloop.config import ServeConfig
+from tuneloop.config import ServeConfig, TuneloopConfig
 from tuneloop.services import port_open
 
 log = logging.getLogger(__name__)
@@ -27,6 +37,39 @@ class SmokeResult:
     version: str
     answer: str
     latency_ms: float
+
+
+@dataclass
+class ServeState:
+    """What the Serve application runs now, read back from Serve's controller."""
+
+    config: dict[str, Any]  # the applied Serve config (schema of `serve deploy`)
+    base_version: str  # the version whose base model (or full weights) the replicas run
+    adapters: dict[str, str]
+    routing: dict[str, Any]
+
+    @property
+    def champion(self) -> str | None:
+        return self.routing.get("champion") or (next(iter(self.adapters), None) if self.adapters else None)
+
+
+@dataclass
+class ArmFigures:
+    requests: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+    feedback: list[float] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"requests": float(self.requests),
+               "error_rate": self.errors / self.requests if self.requests else float("nan")}
+        if self.latencies:
+            lat = sorted(self.latencies)
+            out["p50_latency_ms"] = statistics.median(lat)
+            out["p95_latency_ms"] = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]
+        if self.feedback:
+            out["feedback_score"] = sum(self.feedback) / len(self.feedback)
+        return out
 
 
 def endpoint(cfg: ServeConfig) -> str:
@@ -54,9 +97,17 @@ def ray_client(address: str) -> Iterator[None]:
         ray.shutdown()
 
 
+def _controller() -> Any:
+    # Serve's controller client: the object `serve deploy` (through the dashboard) and
+    # `serve.run` use; Serve has no public Python call for a declarative config.
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client()
+
+
 @task(name="read-serving-version", retries=1, retry_delay_seconds=1)
 def serving_version(cfg: ServeConfig) -> str | None:
-    """Return the model version the live endpoint serves, or None when nothing serves."""
+    """Return the model version routed requests get now, or None when nothing serves."""
     try:
         r = httpx.get(f"{endpoint(cfg)}/v1/models", timeout=5)
     except httpx.HTTPError:
@@ -66,67 +117,123 @@ def serving_version(cfg: ServeConfig) -> str | None:
     return r.json()["data"][0].get("version")
 
 
-@task(name="deploy-to-ray-serve")
-def deploy_version(spec: ServeSpec, cfg: ServeConfig, ray_address: str, timeout_s: float = 300) -> None:
-    """Run `spec` as the Serve application and return once Serve runs it (or raise).
-
-    Serve starts the new replicas before it stops the old ones (max_surge_percent), so a
-    version whose replicas cannot start never takes the old one's traffic.
-    """
+def read_state(cfg: TuneloopConfig) -> ServeState | None:
+    """The applied config of tuneloop's Serve application, or None when none runs."""
     from ray import serve
 
-    with ray_client(ray_address):
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        def submit() -> None:
-            try:
-                serve.run(build_app(spec), name=cfg.app_name, route_prefix="/")
-            except Exception as err:  # Serve raises RuntimeError subclasses with the replica's traceback
-                raise DeployError(f"Version {spec.version} failed to start on Ray Serve: {err}"[:2000]) from err
+    app = serve.status().applications.get(cfg.serve.app_name)
+    if app is None or app.status not in ("RUNNING", "DEPLOYING"):
+        return None
+    details = _controller().get_serve_details()
+    applied = (details.get("applications") or {}).get(cfg.serve.app_name, {}).get("deployed_app_config")
+    if not applied:
+        return None
+    deployments = {d["name"]: d for d in applied.get("deployments", [])}
+    model_cfg = (deployments.get("ModelServer") or {}).get("user_config") or {}
+    routing = (deployments.get("Gateway") or {}).get("user_config") or {}
+    spec = (applied.get("args") or {}).get("spec") or {}
+    base_version = str(spec.get("base_uri", "")).rstrip("/").rsplit("/", 1)[-1]
+    config = {"proxy_location": "HeadOnly", "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
+              "applications": [applied]}
+    return ServeState(config, base_version, dict(model_cfg.get("adapters") or {}), dict(routing))
 
-        submit()
-        # `serve.run` hands the new config to the controller and may return while the old
-        # version still reads RUNNING; the driver must stay attached until the controller
-        # has applied it (the config is an object this driver owns).
-        _wait_until_serving(spec, cfg, timeout_s, submit)
-    log.info("Serving %s v%s at %s", spec.model_name, spec.version, endpoint(cfg))
 
-
-def _wait_until_serving(spec: ServeSpec, cfg: ServeConfig, timeout_s: float, resubmit: Callable[[], None]) -> None:
+@task(name="apply-serve-config")
+def apply_config(config: dict[str, Any], cfg: TuneloopConfig, expect_versions: list[str],
+                 timeout_s: float = 300) -> None:
+    """Hand `config` to Serve and return once every model replica serves `expect_versions`
+    (or raise DeployError with what went wrong: a replica that failed to start, an adapter
+    that failed to load)."""
     from ray import serve
+    from ray.serve.schema import ServeDeploySchema
 
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    try:
+        _controller().deploy_apps(ServeDeploySchema.model_validate(config))
+    except Exception as err:  # the controller's build task raises with the import's traceback
+        raise DeployError(f"Serve refused the config: {err}"[:2000]) from err
+    _wait_for_replicas(cfg, expect_versions, timeout_s)
+    routing = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")["user_config"]
+    _wait_for_routing(cfg, routing, timeout_s=60)
+
+
+def _wait_for_routing(cfg: TuneloopConfig, routing: dict[str, Any], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    resubmit_at = time.monotonic() + 30
+    seen: Any = None
     while time.monotonic() < deadline:
-        app = serve.status().applications.get(cfg.app_name)
-        if app is not None and app.status == "DEPLOY_FAILED":
-            raise DeployError(f"Version {spec.version} failed to start on Ray Serve: {app.message}"[:2000])
-        current = serving_version.fn(cfg)
-        if app is not None and app.status == "RUNNING" and current == spec.version:
+        try:
+            r = httpx.get(f"{endpoint(cfg.serve)}/v1/models", timeout=10)
+            seen = r.json()["data"][0].get("routing") if r.status_code == 200 else r.text[:200]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError) as err:
+            seen = str(err)
+        if isinstance(seen, dict) and all(str(seen.get(k)) == str(v) for k, v in routing.items()):
             return
-        if app is not None and app.status == "RUNNING" and time.monotonic() > resubmit_at:
-            # Seen here: an update submitted right after another process's deploy was
-            # acknowledged but never applied; submitting it again applies it.
-            log.warning("Serve still runs v%s, not v%s: submitting the update again (%s)",
-                        current, spec.version, app)
-            resubmit()
-            resubmit_at = time.monotonic() + 30
+        time.sleep(0.5)
+    raise DeployError(f"The gateway did not take routing {routing} in {timeout_s:.0f} s (it reports {seen})")
+
+
+def _wait_for_replicas(cfg: TuneloopConfig, versions: list[str], timeout_s: float) -> None:
+    from ray import serve
+
+    name = cfg.serve.app_name
+    deadline = time.monotonic() + timeout_s
+    problem = "not started"
+    time.sleep(0.5)  # the controller takes the new target state asynchronously
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(name)
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise DeployError(f"Serve could not run the new config: {app.message}"[:2000])
+        model = app.deployments.get("ModelServer") if app is not None else None
+        if app is not None and app.status == "RUNNING" and model is not None and model.status == "HEALTHY":
+            running = model.replica_states.get("RUNNING", 0)
+            seen = _replica_infos(name, max(8, 6 * running))
+            failed = {v: why for info in seen.values() for v, why in info.get("failed", {}).items() if v in versions}
+            if failed:
+                raise DeployError("; ".join(f"version {v} failed to load: {why}" for v, why in failed.items())[:2000])
+            ready = [r for r, info in seen.items() if set(versions) <= set(info["adapters"])]
+            if len(seen) >= running and len(ready) == len(seen):
+                return
+            problem = f"{len(ready)} of {running} replicas serve versions {versions}"
+        elif app is not None:
+            problem = f"application {app.status}: {app.message or ''}"[:500]
         time.sleep(1)
-    raise DeployError(f"Version {spec.version} was not running on Ray Serve after {timeout_s:.0f} s")
+    raise DeployError(f"Serve did not apply the config in {timeout_s:.0f} s: {problem}")
+
+
+def _replica_infos(app_name: str, calls: int) -> dict[str, dict[str, Any]]:
+    """`info()` of the model replicas that answer `calls` requests, by replica id."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ModelServer", app_name)
+    seen: dict[str, dict[str, Any]] = {}
+    for response in [handle.info.remote() for _ in range(calls)]:
+        try:
+            info = response.result(timeout_s=30)
+        except Exception as err:  # noqa: BLE001 - a replica going away while we ask
+            log.debug("replica info failed: %s", err)
+            continue
+        seen[info["replica"]] = info
+    return seen
+
+
+def replica_infos(cfg: TuneloopConfig, calls: int = 24) -> dict[str, dict[str, Any]]:
+    return _replica_infos(cfg.serve.app_name, calls)
 
 
 @task(name="smoke-test-endpoint")
-def smoke_test(cfg: ServeConfig, model_name: str, expected_version: str, timeout_s: float = 90) -> SmokeResult:
-    """Ask the live endpoint one question until the expected version answers; raise if it never does.
+def smoke_test(cfg: ServeConfig, model: str, expected_version: str, timeout_s: float = 90,
+               api_key: str | None = None) -> SmokeResult:
+    """Ask the live endpoint one question as `model` until the expected version answers; raise if it never does.
 
-    `serve.run` returns once the new replicas are up; old-version replicas drain for a few
-    seconds after, and may still answer meanwhile.
+    After a replacement, old replicas drain for a few seconds and may still answer meanwhile.
     """
-    body = {"model": model_name, "messages": [{"role": "user", "content": cfg.smoke_prompt}], "max_tokens": 8}
+    body = {"model": model, "messages": [{"role": "user", "content": cfg.smoke_prompt}], "max_tokens": 8}
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     deadline = time.monotonic() + timeout_s
     problem = "no answer"
     while time.monotonic() < deadline:
         try:
-            r = httpx.post(f"{endpoint(cfg)}/v1/chat/completions", json=body, timeout=120)
+            r = httpx.post(f"{endpoint(cfg)}/v1/chat/completions", json=body, timeout=120, headers=headers)
         except httpx.HTTPError as err:
             problem = f"{endpoint(cfg)} unreachable: {err}"
         else:
@@ -141,3 +248,26 @@ def smoke_test(cfg: ServeConfig, model_name: str, expected_version: str, timeout
                 problem = f"HTTP {r.status_code}: {r.text[:500]}"
         time.sleep(1)
     raise DeployError(f"Smoke test: {problem} (after {timeout_s:.0f} s)")
+
+
+def arm_figures(db_url: str, since: Any, arms: tuple[str, str]) -> dict[str, ArmFigures]:
+    """Requests, 5xx errors, latencies and feedback per arm, from the inference log since `since`."""
+    from tuneloop.inferencelog import InferenceLog
+
+    store = InferenceLog(db_url)
+    try:
+        rows = store.window(since=since, arms=list(arms))
+        scores = store.feedback_for([r["id"] for r in rows])
+    finally:
+        store.close()
+    out = {arm: ArmFigures() for arm in arms}
+    for r in rows:
+        fig = out[r["arm"]]
+        fig.requests += 1
+        if r["status"] >= 500:
+            fig.errors += 1
+        elif r["status"] == 200 and r["latency_ms"] is not None:
+            fig.latencies.append(float(r["latency_ms"]))
+        if r["id"] in scores:
+            fig.feedback.append(scores[r["id"]])
+    return out

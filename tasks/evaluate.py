@@ -238,7 +238,7 @@ def score_model(model, tokenizer, rows: pd.DataFrame, cfg: EvalConfig, label: st
 
 @task(name="evaluate-model")
 def evaluate_model(artifact_dir: Path, eval_set: pd.DataFrame, cfg: EvalConfig, label: str) -> EvalReport:
-    """Evaluate an adapter artifact (adapter on its verified base) on the held-out rows."""
+    """Evaluate a model artifact (adapter on its verified base, or full weights) on the held-out rows."""
     from tuneloop.models import load_adapter_model
 
     rows = check_eval_set.fn(eval_set, cfg, label)

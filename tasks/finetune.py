@@ -11,11 +11,14 @@ What makes it faster than a plain Trainer + PEFT run (bench/finetune.py measures
 - bf16 on GPU, torch.compile and gradient checkpointing as switches.
 
 Checkpoints are complete when they hold `COMPLETE_MARKER`, written after the Trainer saved
-everything; a re-run with the same `out_dir` resumes from the newest complete one.
+everything; a re-run with the same `out_dir` resumes from the newest complete one. The
+training flow names that folder by `training_key` (the Prefect flow run id), so a task retry
+and a restart of the same flow run both resume.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import resource
@@ -81,6 +84,21 @@ class TrainingOutcome:
     resumed_from: Path | None
     metrics: list[tuple[int, str, float]] = field(default_factory=list)  # (step, key, value)
     params: dict[str, str] = field(default_factory=dict)
+
+
+def training_key(model_cfg: ModelConfig, cfg: TrainConfig, data_digest: str) -> str:
+    """Return the name of one training that holds across restarts: the Prefect flow run id.
+
+    A task retry and a flow run started again (`prefect flow-run retry`, a worker picking the
+    run up again) keep the flow run id, so they find its checkpoints and MLflow run. Outside a
+    flow run, a digest of what the training depends on (base, train config, data) names it.
+    """
+    from prefect.runtime import flow_run
+
+    if flow_run.id:
+        return str(flow_run.id)
+    inputs = {"model": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json"), "data": data_digest}
+    return "inputs-" + hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def tokenize_examples(tokenizer, frame: pd.DataFrame, max_seq_len: int) -> list[dict[str, list[int]]]:
@@ -545,6 +563,7 @@ def train_model(
         save_adapter_artifact(model, tok, base, artifact)
     params = {"train.resolved_packing": packing, "train.device": device,
               "train.resolved_target_modules": ",".join(targets) or "all weights",
+              "train.resumed_from": resume.name if resume else "none: from scratch",
               "train.mfu": "logged" if figures.peak else f"absent: no peak FLOP/s known for {device}"}
     log.info("Trained %d steps (%s), final loss %.4f, %.0f tok/s, peak memory %.0f MB",
              result.global_step, f"resumed from {resume.name}" if resume else "from scratch", final_loss, tps, peak_mb)
@@ -599,13 +618,18 @@ def _tag(key: str, value: str) -> Any:
     return RunTag(f"tuneloop.{key}", value)
 
 
+@task(name="check-training-setup")
+def check_training_setup(cfg: TrainConfig) -> str:
+    """Return the device training will run on; raise what this machine cannot do, before any work."""
+    return check_device(cfg)
+
+
 @task(name="prepare-base-model", retries=1)
 def prepare_base_model(cfg: ModelConfig, models_dir: Path) -> BaseRef:
     """Return a verifiable reference to the base model, building a builtin one once."""
     from tuneloop.models import resolve_base
 
     return resolve_base(cfg.base, models_dir)
-
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from prefect import task
 
@@ -54,15 +54,66 @@ def code_version() -> str:
         return "unknown"
 
 
+TRAINING_KEY_TAG = "tuneloop.training_key"  # what names one training across restarts (tasks.finetune)
+FLOW_RUN_TAG = "tuneloop.flow_run_id"
+
+
+def find_training_run(key: str, experiment: str, tracking_uri: str | None = None) -> Run | None:
+    """Return the newest MLflow run of the training named `key` in `experiment` (a name), or None."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{TRAINING_KEY_TAG}` = '{key}'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if found else []
+    return runs[0] if runs else None
+
+
 @task(name="start-mlflow-run", retries=2, retry_delay_seconds=2)
 def start_training_run(
-    cfg: RegistryConfig, run_name: str, params: dict[str, object], tags: dict[str, str] | None = None,
+    cfg: RegistryConfig, run_name: str, params: dict[str, object], key: str,
+    tags: dict[str, str] | None = None,
 ) -> str:
-    """Create the MLflow run of one training with its params; return its id."""
-    mlflow.set_experiment(cfg.experiment)
-    with mlflow.start_run(run_name=run_name, tags={"tuneloop.code_version": code_version(), **(tags or {})}) as run:
-        mlflow.log_params(params)
-    return run.info.run_id
+    """Return the MLflow run of the training named `key`: its unfinished run, or a new one.
+
+    The run stays RUNNING until its version is registered (FINISHED) or the flow fails
+    (FAILED, KILLED). A flow run restarted after a crash or failure (same `key`) resumes that
+    run, so its metrics continue where the checkpoint left off and lineage names one run. A
+    FINISHED run is a closed record: a new run starts.
+    """
+    from prefect.runtime import flow_run
+
+    client = MlflowClient()
+    experiment = mlflow.set_experiment(cfg.experiment).experiment_id
+    all_tags = {"tuneloop.code_version": code_version(), TRAINING_KEY_TAG: key,
+                **({FLOW_RUN_TAG: flow_run.id} if flow_run.id else {}), **(tags or {})}
+    previous = find_training_run(key, cfg.experiment)
+    if previous is not None and previous.info.status != "FINISHED":
+        run_id = previous.info.run_id
+        log.info("Resuming MLflow run %s (%s) of training %s", run_id, previous.info.status, key)
+        client.update_run(run_id, status="RUNNING")
+        if "tuneloop.failure" in previous.data.tags:  # the reason the last attempt ended
+            client.delete_tag(run_id, "tuneloop.failure")
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
+        params = {k: v for k, v in params.items() if k not in previous.data.params}  # params never change
+    else:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        # The client, not `mlflow.start_run`: the run outlives this task. The context tags
+        # (user, source, git commit) are those `mlflow.start_run` would set.
+        run_id = client.create_run(experiment, run_name=run_name, tags=resolve_tags(all_tags)).info.run_id
+    entries = [Param(k, str(v)) for k, v in params.items()]
+    for lo in range(0, len(entries), 100):  # MLflow's limit of params per batch call
+        client.log_batch(run_id, params=entries[lo:lo + 100])
+    return run_id
+
+
+def end_unfinished_run(key: str, experiment: str, status: str, reason: str, tracking_uri: str | None = None) -> None:
+    """End the RUNNING MLflow run of training `key` with `status` (FAILED, KILLED) and the reason."""
+    run = find_training_run(key, experiment, tracking_uri)
+    if run is None or run.info.status != "RUNNING":  # none, or already ended with its own reason
+        return
+    client = MlflowClient(tracking_uri)
+    client.set_tag(run.info.run_id, "tuneloop.failure", reason[:5000])
+    client.set_terminated(run.info.run_id, status=status)
 
 
 @task(name="find-champion", retries=2, retry_delay_seconds=2)
@@ -83,7 +134,7 @@ def find_alias(model_name: str, alias: str) -> ModelVersionRef | None:
 
 @task(name="download-model-version", retries=2, retry_delay_seconds=2)
 def download_version(ref: ModelVersionRef, dst: Path) -> Path:
-    """Download a registered version and return its adapter artifact folder."""
+    """Download a registered version and return its model artifact folder (adapter or full weights)."""
     return fetch_adapter(ref.uri, dst)
 
 
@@ -103,35 +154,41 @@ def register_adapter(
     cfg: RegistryConfig, run_id: str, artifact_dir: Path, metrics: dict[str, float],
     lineage: dict[str, str], reference_prompts: list[str],
 ) -> ModelVersionRef:
-    """Log the adapter as an MLflow pyfunc model in `run_id` and register it as a new version.
+    """Log the artifact as an MLflow pyfunc model in `run_id`, register it as a new version, end the run.
 
-    The version is created with all its tags in one call (lineage, code version, eval
-    metrics): a concurrent reader never sees it half-described.
+    The artifact is a LoRA adapter with its base reference, or all the weights of a full
+    fine-tune; both go the same way (tuneloop.pyfunc loads either, as serving does). The
+    version is created with all its tags in one call (lineage, code version, eval metrics):
+    a concurrent reader never sees it half-described.
     """
     from mlflow.models import infer_signature
 
     import tuneloop.pyfunc
+    from tuneloop.models import ARTIFACT_FORMATS, artifact_kind
 
+    kind = artifact_kind(artifact_dir)
     signature = infer_signature(INPUT_EXAMPLE, ["Paris"], params={"max_new_tokens": 32})
     # Resume the run in its own experiment, whatever experiment this process used last.
     mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id):  # ends FINISHED: the training's record is complete
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
         # The gate's verdict also on the run, where the experiment's run table shows it.
         mlflow.set_tags({k: v[:5000] for k, v in lineage.items() if k.startswith("tuneloop.gate")})
         mlflow.log_text("\n".join(json.dumps(p) for p in reference_prompts), "reference/prompts.jsonl")
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=tuneloop.pyfunc.__file__, artifacts={"adapter": str(artifact_dir)},
+            name="model", python_model=tuneloop.pyfunc.__file__,
+            artifacts={"adapter" if kind == "adapter" else "model": str(artifact_dir)},
             signature=signature, registered_model_name=None,
             # Stored with the version (the UI shows it; serving clients copy it). MLflow also
             # loads the logged model and answers it once (a warning if that fails): 2 tokens.
             input_example=(INPUT_EXAMPLE, {"max_new_tokens": 2}),
-            pip_requirements=["tuneloop", "torch", "transformers", "peft"],
-            metadata={"tuneloop_format": "adapter+base-ref/1", **lineage},
+            pip_requirements=["tuneloop", "torch", "transformers", *(["peft"] if kind == "adapter" else [])],
+            metadata={"tuneloop_format": ARTIFACT_FORMATS[kind], **lineage},
         )
-    tags = {**lineage, "tuneloop.code_version": code_version(), **{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()}}
+    tags = {**lineage, "tuneloop.artifact": kind, "tuneloop.code_version": code_version(),
+            **{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()}}
     mv = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
-    log.info("Registered %s version %s", cfg.model_name, mv.version)
+    log.info("Registered %s version %s (%s)", cfg.model_name, mv.version, kind)
     return ModelVersionRef(cfg.model_name, str(mv.version), run_id)
 
 
@@ -262,17 +319,21 @@ def log_dataset_inputs(run_id: str, data: SplitDataset) -> None:
     The digest is tuneloop's content hash of each split, so the same data shows the same
     digest in the MLflow UI in every run, whatever its size (MLflow's own hashes 10k rows).
     """
-    mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
-    with mlflow.start_run(run_id=run_id):
-        for context, frame, source in (("training", data.train, data.source),
-                                       ("evaluation", data.eval, data.eval_source or data.source)):
-            table = frame[[PROMPT, RESPONSE]].copy()
-            table[MESSAGES] = [json.dumps(m) for m in frame[MESSAGES]]
-            with warnings.catch_warnings():  # MLflow registers its local-file source class twice and says so
-                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-                dataset = mlflow.data.from_pandas(table, source=source, name=Path(source).name,
-                                                  digest=frame_digest(frame))
-            mlflow.log_input(dataset, context=context)
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = []
+    for context, frame, source in (("training", data.train, data.source),
+                                   ("evaluation", data.eval, data.eval_source or data.source)):
+        table = frame[[PROMPT, RESPONSE]].copy()
+        table[MESSAGES] = [json.dumps(m) for m in frame[MESSAGES]]
+        with warnings.catch_warnings():  # MLflow registers its local-file source class twice and says so
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(table, source=source, name=Path(source).name,
+                                              digest=frame_digest(frame))
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    # The client, not `mlflow.start_run`: leaving that block would end the run as FINISHED.
+    MlflowClient().log_inputs(run_id, datasets=inputs)
 
 
 @task(name="log-validation-report", retries=2, retry_delay_seconds=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Self
 
 import httpx
 from prefect import task
@@ -38,3 +39,51 @@ def send_chat_traffic(endpoint: str, model: str, prompts: list[str], max_tokens:
             versions[a.removeprefix("v")] = versions.get(a.removeprefix("v"), 0) + 1
     ok = sum(versions.values())
     return TrafficResult(len(prompts), ok, len(prompts) - ok, versions)
+
+
+class BackgroundTraffic:
+    """Live-like traffic while a block runs: `clients` threads POST prompts (cycled) until it ends.
+
+        with BackgroundTraffic(url, model, prompts, max_tokens=8) as traffic:
+            ...                                   # e.g. a promotion with a canary window
+        traffic.result                            # TrafficResult of what was sent
+    """
+
+    def __init__(self, endpoint: str, model: str, prompts: list[str], max_tokens: int, clients: int = 2) -> None:
+        import threading
+
+        self.endpoint, self.model, self.prompts, self.max_tokens = endpoint, model, prompts, max_tokens
+        self.stop = threading.Event()
+        self.answers: list[str | None] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+        self.result = TrafficResult(0, 0, 0, {})
+
+    def _run(self, offset: int) -> None:
+        i = offset
+        with httpx.Client(timeout=300) as http:
+            while not self.stop.is_set():
+                body = {"model": self.model, "max_tokens": self.max_tokens,
+                        "messages": [{"role": "user", "content": self.prompts[i % len(self.prompts)]}]}
+                try:
+                    r = http.post(f"{self.endpoint}/v1/chat/completions", json=body)
+                    self.answers.append(r.json()["system_fingerprint"] if r.status_code == 200 else None)
+                except (httpx.HTTPError, ValueError, KeyError):
+                    self.answers.append(None)
+                    self.stop.wait(1.0)  # nothing serves (yet): do not spin
+                i += len(self.threads)
+
+    def __enter__(self) -> Self:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(600)
+        versions: dict[str, int] = {}
+        for a in self.answers:
+            if a:
+                versions[a.removeprefix("v")] = versions.get(a.removeprefix("v"), 0) + 1
+        ok = sum(versions.values())
+        self.result = TrafficResult(len(self.answers), ok, len(self.answers) - ok, versions)

@@ -23,6 +23,7 @@ from tasks.finetune import (
     find_target_modules,
     tokenize_examples,
     train_model,
+    training_key,
 )
 from tests.conftest import ASSETS
 from tuneloop.chat import IGNORE
@@ -49,7 +50,6 @@ def frame() -> pd.DataFrame:
     ({"method": "qlora", "deepspeed": "zero3"}, "qlora cannot run under deepspeed"),
     ({"packing": "shared_prefix", "group_by_length": True}, "group_by_length only applies with packing: off"),
     ({"packing": "padding_free", "batch_size": 1}, "batch_size 1 packs nothing"),
-    ({"method": "full", "target_modules": ["q_proj"]}, "target_modules only applies to lora"),
     ({"method": "dora"}, "method"),
     ({"deepspeed": "zero1"}, "deepspeed"),
 ])
@@ -214,6 +214,7 @@ def test_lora_training_records_its_figures(tiny, frame, tmp_path: Path) -> None:
     assert per_step == [1, 2, 3] and outcome.tokens_per_second > 0
     assert "train/mfu" not in keys and outcome.params["train.mfu"].startswith("absent: no peak FLOP/s known for cpu")
     assert outcome.params["train.resolved_packing"] == "shared_prefix"  # auto on CPU
+    assert outcome.params["train.resumed_from"] == "none: from scratch"
     assert (outcome.artifact_dir / "adapter" / "adapter_config.json").exists()
 
 
@@ -255,6 +256,19 @@ def test_checkpoints_of_another_training_are_not_resumed(tiny, frame, tmp_path: 
     for folder in (tmp_path / "checkpoints").glob("checkpoint-*"):  # nothing left to resume:
         shutil.rmtree(folder)
     assert train_model(examples, tiny, ModelConfig(), other, tmp_path).resumed_from is None  # the new config trains
+
+
+def test_a_training_is_named_by_its_flow_run_or_else_by_its_inputs(monkeypatch) -> None:
+    monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
+    key = training_key(ModelConfig(), TrainConfig(), "data-a")
+    assert key.startswith("inputs-") and key == training_key(ModelConfig(), TrainConfig(), "data-a")
+    assert key != training_key(ModelConfig(), TrainConfig(), "data-b")
+    assert key != training_key(ModelConfig(), TrainConfig(max_steps=21), "data-a")
+    assert key != training_key(ModelConfig(base="builtin:tiny-llama"), TrainConfig(), "data-a")
+    # A worker runs a flow run's process with its id in the environment; inside the flow, the
+    # flow run context gives the same id (tests/integration/test_training_flow.py).
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "7f3c0a52-1d2e-4b8f-9a61-0c5d2e8b4f10")
+    assert training_key(ModelConfig(), TrainConfig(), "data-a") == "7f3c0a52-1d2e-4b8f-9a61-0c5d2e8b4f10"
 
 
 def test_every_deepspeed_config_is_valid_json_for_the_trainer() -> None:

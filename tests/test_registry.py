@@ -1,6 +1,7 @@
-"""The registry against a real MLflow SQLite store in a temp dir: a registered adapter loads back
-bit-exact by `models:/name/version`, a changed base is refused, and flows that register and
-alias at the same time lose nothing and cross nothing."""
+"""The registry against a real MLflow SQLite store in a temp dir: a registered adapter or full
+fine-tune loads back bit-exact by `models:/name/version`, a changed base is refused, a restarted
+training resumes its unfinished run, and flows that register and alias at the same time lose
+nothing and cross nothing."""
 
 import json
 import shutil
@@ -13,7 +14,15 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tasks.registry import fetch_adapter, promote_champion, register_adapter, registry_lock, set_challenger
+from tasks.registry import (
+    end_unfinished_run,
+    fetch_adapter,
+    promote_champion,
+    register_adapter,
+    registry_lock,
+    set_challenger,
+    start_training_run,
+)
 from tuneloop.config import RegistryConfig
 from tuneloop.models import (
     BaseModelError,
@@ -22,6 +31,7 @@ from tuneloop.models import (
     load_base,
     resolve_base,
     save_adapter_artifact,
+    save_full_artifact,
     weights_sha256,
 )
 
@@ -90,6 +100,57 @@ def test_a_registered_adapter_loads_back_bit_exact_and_refuses_a_changed_base(tr
         mlflow.pyfunc.load_model(ref.uri)
     with pytest.raises(BaseModelError, match="changed since the adapter was trained"):
         load_adapter_model(fetch_adapter(ref.uri, tmp_path / "download-again"))
+
+
+def test_a_registered_full_fine_tune_loads_back_bit_exact(tracking, base_copy, tmp_path) -> None:
+    _, experiment = tracking
+    torch.manual_seed(0)
+    model, tok = load_base(base_copy)
+    with torch.no_grad():  # weights unlike the base's, as full fine-tuning leaves them
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.01)
+    model.eval()
+    with torch.no_grad():
+        expected = model(IDS).logits
+    save_full_artifact(model, tok, base_copy, tmp_path / "artifact")
+    ref = register_adapter.fn(RegistryConfig(model_name="full"), new_run(experiment), tmp_path / "artifact",
+                              {"rougeL": 0.5}, {"tuneloop.method": "full"}, ["a prompt"])
+    pyfunc = mlflow.pyfunc.load_model(ref.uri)
+    assert pyfunc.metadata.metadata["tuneloop_format"] == "full-weights+base-ref/1"
+    with torch.no_grad():
+        assert torch.equal(pyfunc.unwrap_python_model().model(IDS).logits, expected)
+    served, _ = load_adapter_model(fetch_adapter(ref.uri, tmp_path / "download"))  # as Ray Serve loads it
+    assert not hasattr(served, "peft_config")
+    with torch.no_grad():
+        assert torch.equal(served(IDS).logits, expected)
+    tags = MlflowClient().get_model_version("full", ref.version).tags
+    assert tags["tuneloop.artifact"] == "full" and tags["tuneloop.method"] == "full"
+
+
+def test_a_restarted_training_resumes_its_unfinished_run(tracking) -> None:
+    cfg = RegistryConfig(experiment="restart")
+    params = {"train.max_steps": 40, "train.method": "lora"}
+    first = start_training_run.fn(cfg, "train-a", params, "flow-run-1", tags={"tuneloop.trigger": "test"})
+    client = MlflowClient()
+    run = client.get_run(first)
+    assert run.info.status == "RUNNING" and run.data.tags["tuneloop.training_key"] == "flow-run-1"
+    assert run.data.params == {"train.max_steps": "40", "train.method": "lora"}
+    assert "mlflow.user" in run.data.tags  # the context tags `mlflow.start_run` sets
+
+    assert start_training_run.fn(cfg, "train-a", params, "flow-run-1") == first  # killed: still RUNNING
+    end_unfinished_run("flow-run-1", "restart", "FAILED", "evaluation failed")
+    failed = client.get_run(first)
+    assert failed.info.status == "FAILED" and failed.data.tags["tuneloop.failure"] == "evaluation failed"
+    end_unfinished_run("flow-run-1", "restart", "KILLED", "later")  # an ended run keeps its own reason
+    assert client.get_run(first).data.tags["tuneloop.failure"] == "evaluation failed"
+
+    assert start_training_run.fn(cfg, "train-a", params, "flow-run-1") == first  # retried after a failure
+    resumed = client.get_run(first)
+    assert resumed.info.status == "RUNNING" and "tuneloop.failure" not in resumed.data.tags
+    other = start_training_run.fn(cfg, "train-b", params, "flow-run-2")
+    assert other != first
+    client.set_terminated(first)  # registered: the record is closed
+    assert start_training_run.fn(cfg, "train-a", params, "flow-run-1") not in (first, other)
 
 
 def test_a_version_whose_base_does_not_match_still_registers(tracking, base_copy, tmp_path) -> None:

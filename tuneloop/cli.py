@@ -97,7 +97,7 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
     from flows.training import training_flow
     from tasks.deploy import endpoint, serving_version
     from tasks.drift import wait_for_retraining
-    from tasks.traffic import send_chat_traffic
+    from tasks.traffic import BackgroundTraffic, send_chat_traffic
 
     start = time.perf_counter()
     cfg = cfg.model_copy(update={
@@ -116,9 +116,14 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
     report.stages["medication_traffic"] = send_chat_traffic(url, name, data.medication_traffic, max_tokens)
     on_stage("monitor: drift check on medication traffic")
     after = report.stages["check_after"] = monitoring_flow(cfg)
-    on_stage("retrain on medication data (training deployment), gate, promote")
+    on_stage("retrain on medication data (training deployment), gate, canary, promote")
     if after.retraining_flow_run_id:
-        report.stages["retraining_state"] = wait_for_retraining(after.retraining_flow_run_id, retraining_timeout_s)
+        # Users keep asking while the new version trains and then takes its canary share:
+        # the promotion decides on these live answers.
+        with BackgroundTraffic(url, name, data.medication_traffic, max_tokens) as live:
+            report.stages["retraining_state"] = wait_for_retraining(after.retraining_flow_run_id,
+                                                                    retraining_timeout_s)
+        report.stages["live_traffic"] = live.result
     report.stages["serving"] = serving_version.fn(cfg.serve)
     report.seconds = time.perf_counter() - start
     return report
@@ -330,7 +335,54 @@ def promote(
             result = promotion_flow(cfg, version)
         except Exception as err:
             raise _fail(err) from err
-    console.print(f"v{result.serving} serves at {result.endpoint} (was {result.previous or 'nothing'})")
+    console.print(f"v{result.serving} serves at {result.endpoint} (was {result.previous or 'nothing'}; "
+                  f"{result.strategy})")
+    for line in result.rules:
+        console.print(f"  {line}")
+
+
+@app.command(name="serve-config")
+def serve_config_cmd(
+    config: ConfigOpt = None, set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout")] = None,
+) -> None:
+    """Print the Ray Serve config of this tuneloop config, for `serve deploy` (it serves the champion)."""
+    import yaml
+
+    from tuneloop.servespec import serve_config
+
+    cfg = _config(config, set_)
+    path = str(config) if config else "configs/local.yaml"
+    text = (f"# Ray Serve config: `serve deploy {out or 'serve-config.yaml'}` on a running Ray cluster.\n"
+            f"# Written by `tuneloop serve-config --config {path}`; the app serves the registry's champion\n"
+            "# (ModelServer user_config.adapters empty) and routes all traffic to it. The promotion\n"
+            "# flow applies the same config with adapters and canary routing filled in.\n"
+            + yaml.safe_dump(serve_config(cfg, {"config": path, "set": list(set_ or [])} if set_ else {"config": path}),
+                             sort_keys=False))
+    if out:
+        out.write_text(text)
+        console.print(f"Wrote {out}")
+    else:
+        typer.echo(text, nl=False)
+
+
+api_key_app = typer.Typer(help="API keys of the serving gateway (stored as SHA-256 only).")
+app.add_typer(api_key_app, name="api-key")
+
+
+@api_key_app.command("new")
+def api_key_new(
+    key_id: Annotated[str, typer.Option("--id", help="Public name of the key, e.g. team-a")],
+    rate: Annotated[int | None, typer.Option(help="Requests per minute for this key")] = None,
+) -> None:
+    """Make a key: print it once, and the `serve.api_keys` entry (its hash) for the config."""
+    from tuneloop.apikeys import key_sha256, new_key
+
+    key = new_key()
+    entry = {"id": key_id, "sha256": key_sha256(key), **({"rate_per_minute": rate} if rate else {})}
+    console.print(f"Key (shown once, give it to the client): [bold]{key}[/bold]")
+    console.print("Add to the config under serve.api_keys:")
+    typer.echo("  - " + ", ".join(f"{k}: {v}" for k, v in entry.items()).join("{}"))
 
 
 @app.command(name="evaluate")

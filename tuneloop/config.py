@@ -174,7 +174,7 @@ class TrainConfig(Strict):
     target_modules: Literal["auto"] | list[str] = Field(
         "auto", description="Modules given adapters: auto = every linear layer of attention and MLP, "
         "found in the model (q/k/v/o/gate/up/down for Llama, Qwen, Mistral; c_attn/c_proj/c_fc for GPT-2); "
-        "or a list of module names.",
+        "or a list of module names. Ignored by method full, which trains every weight.",
     )
     max_steps: int = Field(20, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Examples per optimizer step (packed or not).")
@@ -228,8 +228,8 @@ class TrainConfig(Strict):
         if self.packing in ("padding_free", "shared_prefix") and self.batch_size == 1:
             raise ValueError(f"packing {self.packing} with batch_size 1 packs nothing: raise batch_size "
                              "or set packing: off")
-        if self.method == "full" and self.target_modules != "auto":
-            raise ValueError("target_modules only applies to lora and qlora (method full trains every weight)")
+        # method full trains every weight: a target_modules list (e.g. from a LoRA config file
+        # that `--set train.method=full` switches) is ignored, as its description says.
         return self
 
 
@@ -343,6 +343,8 @@ class RegistryConfig(Strict):
     model_name: str = Field("tuneloop-chat", description="MLflow registered model name.")
     experiment: str = Field("tuneloop-training", description="MLflow experiment of training runs.")
     monitoring_experiment: str = Field("tuneloop-monitoring")
+    promotion_experiment: str = Field(
+        "tuneloop-promotions", description="MLflow experiment of promotion runs (canary figures, decision).")
     selection_experiment: str = Field(
         "tuneloop-model-selection", description="MLflow experiment of `tuneloop evaluate` (one run per model)."
     )
@@ -396,6 +398,51 @@ class PrefectConfig(Strict):
     )
 
 
+class ApiKeyConfig(Strict):
+    id: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Public name of the key (logged).")
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key; the key itself is never stored.")
+    rate_per_minute: int | None = Field(None, ge=1, description="This key's limit (default serve.rate_per_minute).")
+
+
+CANARY_METRICS = ["error_rate", "p50_latency_ms", "p95_latency_ms", "feedback_score", "requests"]
+
+
+class RolloutConfig(Strict):
+    """How the promotion flow moves traffic to a new version that shares the serving base model."""
+
+    mode: Literal["canary", "shadow", "direct"] = Field(
+        "canary", description="canary: a share of live traffic answered by the challenger; shadow: the "
+        "challenger answers a copy of the traffic, logged and never returned; direct: switch after the smoke test.")
+    share: float = Field(0.1, gt=0, le=1, description="Canary: share of routed requests the challenger answers.")
+    window_s: float = Field(60, gt=0, description="Observe live traffic at least this long before deciding.")
+    min_requests: int = Field(20, ge=1, description="Challenger answers needed before deciding.")
+    max_wait_s: float = Field(600, gt=0, description="Decide after this long even with fewer requests.")
+    on_no_traffic: Literal["promote", "rollback"] = Field(
+        "promote", description="Fewer than min_requests by max_wait_s: promote on the smoke test alone, or roll back.")
+    rules: list[str] = Field(
+        ["error_rate <= champion.error_rate + 0.02",
+         "p95_latency_ms <= 2 * champion.p95_latency_ms + 100",
+         "feedback_score >= champion.feedback_score - 0.1"],
+        description="Challenger vs champion over the window, in the gate's rule language; metrics: "
+        + ", ".join(CANARY_METRICS) + ". A rule whose figure is missing on either side (no feedback) is skipped.",
+    )
+
+    @field_validator("rules")
+    @classmethod
+    def _rules_parse(cls, rules: list[str]) -> list[str]:
+        from tuneloop.gate import check_metrics, parse_rule
+
+        for rule in rules:
+            check_metrics(parse_rule(rule), CANARY_METRICS, CANARY_METRICS)
+        return rules
+
+
+class AutoscalingConfig(Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+
+
 class ServeConfig(Strict):
     app_name: str = "tuneloop"
     host: Literal["127.0.0.1"] = Field("127.0.0.1", description="Loopback only by default.")
@@ -413,6 +460,22 @@ class ServeConfig(Strict):
     default_max_tokens: int = Field(32, ge=1)
     max_tokens_limit: int = Field(256, ge=1, description="Larger `max_tokens` gets a 422.")
     smoke_prompt: str = "What is the capital of France?"
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Serve autoscaling of the model deployment (replaces num_replicas when set).")
+    gateway_cpus: float = Field(0.1, gt=0, description="Ray CPUs reserved for the HTTP gateway replica.")
+    max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get a 400 (context_length_exceeded).")
+    max_request_bytes: int = Field(256_000, ge=1024, description="Larger request bodies get a 413.")
+    require_api_key: bool = Field(False, description="Refuse requests without a valid key (401).")
+    api_keys: list[ApiKeyConfig] = Field([], description="Keys accepted, by SHA-256 (`tuneloop api-key new`).")
+    api_keys_env: str = Field("TUNELOOP_API_KEYS", description="Also accept `id:key,...` from this variable "
+                              "(hashed when the app is deployed; the keys never reach Ray).")
+    rate_per_minute: int = Field(600, ge=1, description="Requests per minute per key (or per client without keys).")
+    burst: int = Field(60, ge=1, description="Requests a key may send at once before the rate applies.")
+    log_pii: Literal["redact", "keep"] = Field("redact", description="PII in logged prompts and answers.")
+    pii_entities: list[str] = Field(
+        ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN"],
+        description="presidio entities redacted from the inference log.")
+    rollout: RolloutConfig = RolloutConfig()
 
 
 class MonitorConfig(Strict):

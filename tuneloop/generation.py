@@ -22,21 +22,52 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return list(ids)
 
 
-def generate_batch(
-    model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int
+def text_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Return the token ids of a raw completion prompt (no chat template)."""
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+class StepStreamer:
+    """An HF `generate` streamer that hands each decoding step's tokens, for the whole batch, to
+    `on_step` (a list of ids, one per row), then None at the end. HF's own text streamers
+    take one row only; serving streams a batch.
+    """
+
+    def __init__(self, on_step: Any) -> None:
+        self.on_step = on_step
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first puts the prompt ids
+            self._prompt_seen = True
+            return
+        self.on_step(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.on_step(None)
+
+
+def generate_ids(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
+    adapter_names: list[str] | None = None, streamer: Any = None,
 ) -> list[Generation]:
-    """Greedily continue each conversation in one left-padded batch."""
+    """Greedily continue each prompt (token ids) in one left-padded batch.
+
+    `adapter_names` picks a LoRA adapter per row of a PEFT model (`"__base__"`: none), so
+    requests for different adapters share one batch.
+    """
     import torch
 
-    prompts = [chat_prompt(tokenizer, c) for c in conversations]
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
     with torch.inference_mode():
         out = model.generate(
             input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, streamer=streamer,
+            **extra,
         )
     results = []
     for prompt, row in zip(prompts, out[:, width:].tolist()):
@@ -46,3 +77,10 @@ def generate_batch(
         text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
         results.append(Generation(text, len(prompt), len(tokens), "stop" if stop else "length"))
     return results
+
+
+def generate_batch(
+    model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int
+) -> list[Generation]:
+    """Greedily continue each conversation in one left-padded batch."""
+    return generate_ids(model, tokenizer, [chat_prompt(tokenizer, c) for c in conversations], max_new_tokens)

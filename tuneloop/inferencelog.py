@@ -1,12 +1,25 @@
 """The inference log: one append-only row per request, shared by serving and monitoring.
 
 SQLAlchemy Core, so the same code writes SQLite (embedded default) or a Postgres URL.
+
+    log = InferenceLog(url)
+    writer = LogWriter(log, redact=scanner.redact)   # serving: off the request path
+    writer.submit(record)                            # returns at once; a thread batches inserts
+    log.add_feedback(response_id, score=1.0)         # the quality signal, per response
+    log.window(limit=500)                            # monitoring: newest rows, every status
+
+Tables: `inference_log` (one row per answer: the served one, and a shadow model's, marked by
+`arm`) and `feedback` (scores per response id). Rows are never updated or deleted here.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import queue
+import threading
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,10 +34,16 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
     insert,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+log = logging.getLogger(__name__)
 
 metadata = MetaData()
 
@@ -42,7 +61,24 @@ inference_log = Table(
     Column("completion_tokens", Integer),
     Column("latency_ms", Float),
     Column("status", Integer, nullable=False),
+    # Added with multi-adapter serving and canaries (older logs get them by ALTER TABLE):
+    Column("adapter", String(128)),  # the adapter (model version) that answered, by name
+    Column("arm", String(16)),  # champion | challenger (canary share) | shadow (logged, not returned)
+    Column("key_id", String(32)),  # which API key asked (its public id, never the key)
+    Column("error", Text),  # what went wrong, for status >= 400
 )
+
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("response_id", String(36), nullable=False, index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("score", Float, nullable=False),
+    Column("comment", Text),
+)
+
+_ADDED_COLUMNS = ("adapter", "arm", "key_id", "error")
 
 
 @dataclass
@@ -56,6 +92,10 @@ class InferenceRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     latency_ms: float | None = None
+    adapter: str | None = None
+    arm: str | None = None
+    key_id: str | None = None
+    error: str | None = None
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
@@ -68,17 +108,33 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 class InferenceLog:
-    """Append and read inference records at a SQLAlchemy URL."""
+    """Append and read inference records and feedback at a SQLAlchemy URL."""
 
     def __init__(self, url: str) -> None:
         self.engine: Engine = create_engine(url, future=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        have = {c["name"] for c in inspect(self.engine).get_columns("inference_log")}
+        missing = [c for c in _ADDED_COLUMNS if c not in have]
+        if not missing:
+            return
+        with self.engine.begin() as conn:
+            for name in missing:
+                col = inference_log.c[name]
+                conn.execute(text(f"ALTER TABLE inference_log ADD COLUMN {name} "
+                                  f"{col.type.compile(dialect=self.engine.dialect)}"))
 
     def append(self, record: InferenceRecord) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(insert(inference_log).values(**asdict(record)))
+        self.append_many([record])
+
+    def append_many(self, records: Sequence[InferenceRecord]) -> None:
+        if records:
+            with self.engine.begin() as conn:
+                conn.execute(insert(inference_log), [asdict(r) for r in records])
 
     def recent(self, limit: int, status: int | None = 200) -> list[dict[str, Any]]:
         """Return the newest `limit` rows (newest first), only of `status` when given."""
@@ -88,11 +144,145 @@ class InferenceLog:
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
-    def count(self) -> int:
-        from sqlalchemy import func
+    def window(self, limit: int | None = None, since: dt.datetime | None = None,
+               until: dt.datetime | None = None, arms: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
+        """Rows of every status, newest first: the newest `limit`, and/or those in [since, until)."""
+        query = select(inference_log).order_by(inference_log.c.created_at.desc())
+        if since is not None:
+            query = query.where(inference_log.c.created_at >= since)
+        if until is not None:
+            query = query.where(inference_log.c.created_at < until)
+        if arms is not None:
+            named = [a for a in arms if a is not None]
+            cond = inference_log.c.arm.in_(named)
+            query = query.where(cond | inference_log.c.arm.is_(None) if None in arms else cond)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
 
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(inference_log).where(inference_log.c.id == request_id)).first()
+        return dict(row._mapping) if row else None
+
+    def count(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(inference_log)).scalar_one()
 
+    def add_feedback(self, response_id: str, score: float, comment: str | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(feedback).values(response_id=response_id, score=score, comment=comment,
+                                                 created_at=dt.datetime.now(dt.UTC)))
+
+    def feedback_for(self, response_ids: Sequence[str]) -> dict[str, float]:
+        """Mean feedback score per response id (ids without feedback are absent)."""
+        out: dict[str, float] = {}
+        ids = list(response_ids)
+        with self.engine.connect() as conn:
+            for i in range(0, len(ids), 500):
+                query = (select(feedback.c.response_id, func.avg(feedback.c.score))
+                         .where(feedback.c.response_id.in_(ids[i:i + 500])).group_by(feedback.c.response_id))
+                out.update({rid: float(score) for rid, score in conn.execute(query)})
+        return out
+
     def close(self) -> None:
         self.engine.dispose()
+
+
+class LogWriter:
+    """Writes records from a background thread, in batches, so requests never wait on the database.
+
+    `redact` (e.g. `PiiScanner.redact`) runs in that thread over prompts and responses before
+    they are stored. A batch that fails to insert is retried until it goes in or the writer is
+    closed; `close()` drains the queue first, so records submitted before it are all written.
+    """
+
+    def __init__(self, store: InferenceLog, redact: Callable[[list[str]], list[str]] | None = None,
+                 flush_interval_s: float = 0.05, max_batch: int = 256) -> None:
+        self.store = store
+        self.redact = redact
+        self.flush_interval_s = flush_interval_s
+        self.max_batch = max_batch
+        self._queue: queue.Queue[InferenceRecord | None] = queue.Queue()
+        self._idle = threading.Condition()
+        self._pending = 0
+        self.written = 0
+        self.failures = 0
+        self._thread = threading.Thread(target=self._run, name="inference-log-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: InferenceRecord) -> None:
+        with self._idle:
+            self._pending += 1
+        self._queue.put(record)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything submitted so far is written; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout=timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _prepare(self, batch: list[InferenceRecord]) -> list[InferenceRecord]:
+        if self.redact is None:
+            return batch
+        texts = [r.prompt for r in batch] + [r.response or "" for r in batch]
+        clean = self.redact(texts)
+        n = len(batch)
+        return [InferenceRecord(**{**asdict(r), "prompt": clean[i],
+                                   "response": clean[n + i] if r.response is not None else None})
+                for i, r in enumerate(batch)]
+
+    def _run(self) -> None:
+        closing = False
+        while not closing:
+            first = self._queue.get()
+            if first is None:
+                closing = True
+                batch: list[InferenceRecord] = []
+            else:
+                batch = [first]
+            # Gather what arrives within the flush interval, up to max_batch.
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get(timeout=self.flush_interval_s if not closing else 0.001)
+                except queue.Empty:
+                    break
+                if item is None:
+                    closing = True
+                    continue
+                batch.append(item)
+            self._write(batch, closing)
+
+    def _write(self, batch: list[InferenceRecord], closing: bool) -> None:
+        if not batch:
+            return
+        delay = 0.1
+        while True:
+            try:
+                rows = self._prepare(batch)
+                try:
+                    self.store.append_many(rows)
+                except IntegrityError:  # an id used twice (a client's own x-request-id): a new id
+                    for row in rows:
+                        try:
+                            self.store.append(row)
+                        except IntegrityError:
+                            row.id = str(uuid.uuid4())
+                            self.store.append(row)
+                break
+            except Exception:  # a locked or unreachable database: keep the rows, try again
+                self.failures += 1
+                log.exception("inference log write failed (%d rows kept, retrying)", len(batch))
+                if closing and self.failures > 20:
+                    log.error("inference log: giving up on %d rows at close", len(batch))
+                    break
+                threading.Event().wait(delay)
+                delay = min(delay * 2, 5.0)
+        with self._idle:
+            self.written += len(batch)
+            self._pending -= len(batch)
+            self._idle.notify_all()

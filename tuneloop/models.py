@@ -1,16 +1,17 @@
-"""Base models and the adapter artifact: what a registered tuneloop model *is*.
+"""Base models and the model artifact: what a registered tuneloop model *is*.
 
-An adapter artifact is a folder:
+A model artifact is a folder of one of two kinds:
 
     adapter/            PEFT adapter (adapter_config.json + adapter_model.safetensors), or
-    model/              all weights, after full fine-tuning
-    tokenizer/          the tokenizer the adapter was trained with
-    base.json           {"path" or "hub_id", "sha256", "revision"}: a verifiable base reference
+    model/              all weights, after full fine-tuning (transformers save_pretrained)
+    tokenizer/          the tokenizer the model was trained with
+    base.json           {"location", "sha256", "revision"}: a verifiable base reference
 
 MLflow's transformers flavor silently corrupts a PEFT model whose base is not a hub model
 (random base attention weights on reload). tuneloop never round-trips the base through
 MLflow: it stores the adapter and a content hash of the base, and `load_adapter_model`
-refuses a base whose weights changed.
+refuses a base whose weights changed. A full fine-tune needs no base to load; its base.json
+is lineage (what it started from) and marks the folder as a tuneloop artifact.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-llama"
 BASE_REF_FILE = "base.json"
 HASH_FILE = "tuneloop-sha256.txt"
+# The `tuneloop_format` of a registered version's metadata, by artifact kind.
+ARTIFACT_FORMATS = {"adapter": "adapter+base-ref/1", "full": "full-weights+base-ref/1"}
 
 # A chat template for the tiny test tokenizer, in the shape of SmolLM2's (ChatML).
 CHATML_TEMPLATE = (
@@ -258,22 +261,34 @@ def read_base_ref(artifact_dir: Path) -> BaseRef:
         raise BaseModelError(f"Adapter artifact {artifact_dir}: unreadable {BASE_REF_FILE}: {err}") from err
 
 
+def artifact_kind(artifact_dir: Path) -> str:
+    """Return "full" for an artifact holding all weights (`model/`), "adapter" for a PEFT adapter."""
+    artifact_dir = Path(artifact_dir)
+    if (artifact_dir / "model").is_dir():
+        return "full"
+    if (artifact_dir / "adapter").is_dir():
+        return "adapter"
+    raise BaseModelError(f"Model artifact {artifact_dir} holds neither adapter/ nor model/")
+
+
 def load_adapter_model(artifact_dir: Path, dtype: str = "float32") -> tuple[Any, Any]:
     """Load an artifact (base + adapter, or full weights); return (model in eval mode, tokenizer)."""
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     artifact_dir = Path(artifact_dir)
+    kind = artifact_kind(artifact_dir)
     tok = AutoTokenizer.from_pretrained(artifact_dir / "tokenizer")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if (artifact_dir / "model").is_dir():  # full fine-tuning: the weights are all there
+    if kind == "full":  # the weights are all there: the base is lineage only
         import torch
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(artifact_dir / "model", dtype=getattr(torch, dtype))
         model.eval()
         return model, tok
+    from peft import PeftModel
+
     base, _ = load_base(read_base_ref(artifact_dir), dtype)
     model = PeftModel.from_pretrained(base, artifact_dir / "adapter")
     model.eval()
@@ -281,8 +296,8 @@ def load_adapter_model(artifact_dir: Path, dtype: str = "float32") -> tuple[Any,
 
 
 def find_artifact_dir(downloaded: Path) -> Path:
-    """Return the adapter artifact folder inside a downloaded MLflow model."""
+    """Return the model artifact folder (adapter or full weights) inside a downloaded MLflow model."""
     hits = sorted(Path(downloaded).rglob(BASE_REF_FILE))
     if not hits:
-        raise BaseModelError(f"{downloaded} holds no tuneloop adapter artifact ({BASE_REF_FILE})")
+        raise BaseModelError(f"{downloaded} holds no tuneloop model artifact ({BASE_REF_FILE})")
     return hits[0].parent

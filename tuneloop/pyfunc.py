@@ -1,8 +1,9 @@
-"""The MLflow pyfunc face of an adapter artifact: `mlflow.pyfunc.load_model("models:/…@champion")`.
+"""The MLflow pyfunc face of a model artifact: `mlflow.pyfunc.load_model("models:/…@champion")`.
 
-The registry entry holds the adapter and its base reference (tuneloop.models), never the
-base weights, so MLflow cannot corrupt the base on the way back. Logged as a model from
-code (this file is the model's definition), not pickled.
+The registry entry holds the artifact (tuneloop.models): a LoRA adapter and its base
+reference, never the base weights, so MLflow cannot corrupt the base on the way back; or,
+after full fine-tuning, all the weights. Logged as a model from code (this file is the
+model's definition), not pickled.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import mlflow.pyfunc
 
 
 class AdapterModel(mlflow.pyfunc.PythonModel):
-    """Answer prompts with a LoRA adapter on its verified base model."""
+    """Answer prompts with a LoRA adapter on its verified base model, or a fully fine-tuned model."""
 
     def load_context(self, context: Any) -> None:
         from tuneloop.models import load_adapter_model
 
-        self.model, self.tokenizer = load_adapter_model(context.artifacts["adapter"])
+        # The artifact is logged as "adapter" or, with all weights, as "model" (tasks/registry.py).
+        artifact = context.artifacts.get("adapter") or context.artifacts["model"]
+        self.model, self.tokenizer = load_adapter_model(artifact)
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would enforce them
         """Return one answer per prompt (a list of prompts, or a frame with a `prompt` column)."""

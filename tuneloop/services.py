@@ -135,6 +135,9 @@ def start_ray(cfg: TuneloopConfig, *, dashboard: bool = False, num_cpus: int | N
                 f"--dashboard-port={cfg.serve.dashboard_port}", f"--ray-client-server-port={cfg.serve.ray_port + 1}"]
         logfile = paths.ensure().services / "ray.log"
         with logfile.open("ab") as out:
+            # Token auth (RAY_AUTH_MODE=token, tuneloop.state): a token in ~/.ray the first time.
+            subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], stdout=subprocess.DEVNULL,
+                           stderr=out, env=_env(cfg), timeout=60, check=True)
             done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(cfg), timeout=180,
                                   check=False)
         if done.returncode:

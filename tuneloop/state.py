@@ -29,6 +29,10 @@ DEFAULT_ENV = {
     # Ray replaces a loopback --node-ip-address with the machine's routable address (and
     # binds its servers there) unless single-machine mode is set. A multi-node cluster sets 1.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Ray token auth on, for `ray start` and for every driver that connects by address: Ray
+    # only turns it on by itself where a token file already exists, and a driver that names
+    # an address never does, so without this a machine with a token cannot connect.
+    "RAY_AUTH_MODE": "token",
     # Progress bars of artifact downloads and weight loading flood flow logs.
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",

