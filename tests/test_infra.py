@@ -192,19 +192,44 @@ def test_rayservice_serve_config_is_a_valid_serve_deploy_config() -> None:
 
     config = ServeDeploySchema.model_validate(_rayservice_serve_config())
     assert [app.name for app in config.applications] == ["tuneloop"]
-    assert all(app.import_path.startswith("serving.app:") for app in config.applications)
+    assert config.http_options.host == "0.0.0.0"  # the pod's address; the head service is ClusterIP
+
+
+def test_rayservice_serves_what_tuneloop_serve_config_writes_for_its_config() -> None:
+    """The applications are `serve_config` of the tuneloop config they name: one generator for
+    the laptop's serve-config.yaml, the promotion flow and the cluster."""
+    from tuneloop.servespec import serve_config
+
+    apps = _rayservice_serve_config()["applications"]
+    args = apps[0]["args"]
+    cfg = load_config(REPO_ROOT / args["config"], args.get("set", []))
+    assert apps == serve_config(cfg, args)["applications"]
+
+
+# What an environment sizes and points at; everything else of an application is the same everywhere.
+PER_ENVIRONMENT = {"args"}
+PER_ENVIRONMENT_DEPLOYMENT = {"num_replicas", "autoscaling_config", "ray_actor_options"}
+
+
+def _shape(apps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**{k: v for k, v in app.items() if k not in PER_ENVIRONMENT},
+             "deployments": [{k: v for k, v in d.items() if k not in PER_ENVIRONMENT_DEPLOYMENT}
+                             for d in app["deployments"]]} for app in apps]
 
 
 def test_rayservice_serves_the_same_applications_as_the_local_serve_config() -> None:
     if not SERVE_CONFIG.exists():
         pytest.skip(f"{SERVE_CONFIG.relative_to(REPO_ROOT)} (the local `serve deploy` config) is not in this "
-                    "checkout yet: nothing to compare the RayService's serveConfigV2 with")
+                    "checkout: nothing to compare the RayService's serveConfigV2 with")
     from ray.serve.schema import ServeDeploySchema
 
-    local = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
-    cluster = ServeDeploySchema.model_validate(_rayservice_serve_config())
-    assert [a.model_dump(exclude_unset=True) for a in cluster.applications] == \
-        [a.model_dump(exclude_unset=True) for a in local.applications]
+    local = yaml.safe_load(SERVE_CONFIG.read_text())
+    ServeDeploySchema.model_validate(local)
+    cluster = _rayservice_serve_config()
+    # Same application names, routes, import paths, deployments and their user_config; only the
+    # tuneloop config named in args (laptop vs team) and the sizing that follows from it differ.
+    assert _shape(cluster["applications"]) == _shape(local["applications"])
+    assert [a["args"]["config"] for a in local["applications"]] == ["configs/local.yaml"]
 
 
 # --------------------------------------------------------------------------- Prefect
