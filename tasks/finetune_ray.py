@@ -81,3 +81,45 @@ def finetune_ray(
     m = result.metrics
     return TrainedAdapter(out_dir / "artifact", base, int(m["steps"]), float(m["final_loss"]),
                           int(m["train_tokens"]), float(m["tokens_per_second"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Fine-tune on the Ray cluster this runs on: the entry point of a RayJob (infra/kuberay/rayjob-finetune.yaml).
+
+        python -m tasks.finetune_ray --data /data/tuneloop/data/train.jsonl --out /data/tuneloop/runs/a \\
+            --num-workers 4 --use-gpu --set train.method=full --set train.deepspeed=zero3
+
+    Training only, like `python -m tasks.finetune`, on `--num-workers` Ray Train workers (DDP, or
+    DeepSpeed ZeRO with train.deepspeed); Ray Train connects to the cluster of the Ray job
+    (RAY_ADDRESS). `--out` and the state dir must be storage every worker reaches; run it again
+    with the same `--out` to resume from the last complete checkpoint.
+    """
+    import argparse
+    import logging
+
+    from tasks.data import load_split
+    from tuneloop.config import load_config
+    from tuneloop.models import resolve_base
+    from tuneloop.state import state_paths
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML config (default configs/local.yaml)")
+    parser.add_argument("--data", required=True, help="training data (any form data.path takes)")
+    parser.add_argument("--out", required=True, type=Path, help="checkpoints and artifact, on shared storage")
+    parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (one per GPU with --use-gpu)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (torch threads)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
+    base = resolve_base(cfg.model.base, state_paths(cfg).ensure().models)
+    trained = finetune_ray.fn(load_split(cfg.data).train, base, cfg.model, cfg.train, args.out, None,
+                              num_workers=args.num_workers, use_gpu=args.use_gpu,
+                              cpus_per_worker=args.cpus_per_worker)
+    logging.getLogger(__name__).info("Artifact: %s (%d steps on %d workers, final loss %.4f)", trained.artifact_dir,
+                                     trained.steps, args.num_workers, trained.final_loss)
+
+
+if __name__ == "__main__":
+    main()

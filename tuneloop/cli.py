@@ -232,7 +232,7 @@ def demo(
 def _stop_all(cfg: TuneloopConfig) -> list[str]:
     from tuneloop import services
 
-    stopped = [n for n in ("runner", "mlflow") if services.stop_service(cfg, n)]
+    stopped = [n for n in ("runner", "worker", "mlflow") if services.stop_service(cfg, n)]
     services.stop_ray(cfg)
     if services.stop_service(cfg, "prefect"):
         stopped.append("prefect")
@@ -260,8 +260,12 @@ def up(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = Fals
                 start(cfg)
                 progress.advance(task)
             progress.update(task, description="register flows as deployments")
-            services.start_flow_runner(cfg, config or DEFAULT_CONFIG,
-                                       schedules=True, overrides=set_ or [])
+            if cfg.prefect.deployments == "work_pools":  # prefect.yaml on work pools, a worker here
+                services.apply_work_pool_deployments(cfg, config or DEFAULT_CONFIG, overrides=set_ or [])
+                services.start_worker(cfg)
+            else:  # the embedded default: one runner serves and runs them
+                services.start_flow_runner(cfg, config or DEFAULT_CONFIG,
+                                           schedules=True, overrides=set_ or [])
             progress.advance(task)
             import mlflow
 

@@ -389,6 +389,13 @@ class PrefectConfig(Strict):
     )
     port: int = 4200
     training_deployment: str = "training-flow/tuneloop-training"
+    deployments: Literal["serve", "work_pools"] = Field(
+        "serve", description="How `tuneloop up` registers the training, promotion and monitoring deployments. "
+        "serve: a runner process on this machine serves and runs them (the embedded default). work_pools: "
+        "it creates the work pools of infra/prefect/work-pools.yaml, applies prefect.yaml (`prefect deploy "
+        "--all`) with this config as the deployments' parameters, and starts a worker for the process pool; "
+        "GPU workers (Kubernetes) take the training runs of the GPU pool.",
+    )
 
 
 class ApiKeyConfig(Strict):

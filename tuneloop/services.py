@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tuneloop.config import TuneloopConfig
+from tuneloop.config import REPO_ROOT, TuneloopConfig
 from tuneloop.state import prefect_api_url, ray_address, service_env, state_paths, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -182,3 +182,47 @@ def start_flow_runner(cfg: TuneloopConfig, config_path: Path, *, schedules: bool
             pass
         time.sleep(1)
     raise ServiceError(f"Deployment {name} did not appear within {timeout:.0f} s; see {logfile}")
+
+
+def apply_work_pool_deployments(cfg: TuneloopConfig, config_path: Path, *, overrides: list[str] = (),
+                                api_url: str | None = None, timeout: float = 600) -> Service:
+    """Create the work pools and register prefect.yaml's deployments with the caller's config.
+
+    Runs `python -m flows.deployments` (with `prefect.deployments: work_pools` it registers and
+    exits), so this process imports no flow.
+    """
+    api = api_url or prefect_api_url(cfg)
+    logfile = state_paths(cfg).ensure().services / "deploy.log"
+    argv = [sys.executable, "-m", "flows.deployments", "--config", str(config_path), "--",
+            f"home={cfg.home}", "prefect.deployments=work_pools", *overrides]
+    with logfile.open("ab") as out:
+        done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              env=_env(cfg, {"PREFECT_API_URL": api}), cwd=str(REPO_ROOT), timeout=timeout,
+                              check=False)
+    if done.returncode:
+        raise ServiceError(f"Registering prefect.yaml's deployments failed with code {done.returncode}; see "
+                           f"{logfile}:\n" + logfile.read_text()[-2000:])
+    return Service("deployments", f"{api.removesuffix('/api')}/deployments")
+
+
+def start_worker(cfg: TuneloopConfig, pool: str = "tuneloop-process", *, api_url: str | None = None,
+                 timeout: float = 120) -> Service:
+    """Start a Prefect worker of the process pool on this machine; it runs flows from this checkout."""
+    api = api_url or prefect_api_url(cfg)
+    # Poll every 2 s (default 10 s): `run_deployment` waits on it. TUNELOOP_REPO_DIR: prefect.yaml's pull step.
+    proc = _spawn(cfg, "worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool],
+                  {"PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "2", "TUNELOOP_REPO_DIR": str(REPO_ROOT)})
+    logfile = state_paths(cfg).services / "worker.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"Prefect worker exited with code {proc.returncode}; see {logfile}:\n"
+                               + logfile.read_text()[-2000:])
+        try:
+            r = httpx.post(f"{api}/work_pools/{pool}/workers/filter", json={}, timeout=5)
+            if r.status_code == 200 and r.json():
+                return Service("worker", f"{api.removesuffix('/api')}/work-pools/work-pool/{pool}")
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise ServiceError(f"No worker of pool {pool} reported within {timeout:.0f} s; see {logfile}")

@@ -47,3 +47,30 @@ def test_up_serves_the_uis_and_deployments_and_down_stops_everything(tmp_path: P
     for key in ("prefect.port", "mlflow.ui_port", "serve.ray_port"):
         assert not port_open("127.0.0.1", PORTS[key]), key
     assert not list((home / "services").glob("*.pid"))
+
+
+def test_up_with_work_pools_registers_prefect_yaml_and_starts_a_worker(tmp_path: Path) -> None:
+    """`prefect.deployments: work_pools`: the pools of infra/prefect/, prefect.yaml's deployments
+    on them with the config as parameters, a process worker on this machine; `down` stops it."""
+    home = tmp_path / "home"
+    api = f"http://127.0.0.1:{PORTS['prefect.port']}/api"
+    try:
+        up = run("up", "--set", "prefect.deployments=work_pools", home=home)
+        assert up.returncode == 0, up.stdout + up.stderr
+        for name, pool in (("training-flow/tuneloop-training", "tuneloop-process"),
+                           ("training-flow/tuneloop-training-gpu", "tuneloop-gpu"),
+                           ("promotion-flow/tuneloop-promotion", "tuneloop-process"),
+                           ("monitoring-flow/tuneloop-monitoring", "tuneloop-process")):
+            deployment = httpx.get(f"{api}/deployments/name/{name}", timeout=10).json()
+            assert deployment["work_pool_name"] == pool, name
+            assert deployment["parameters"]["config"]["model"]["base"] == "builtin:tiny-llama", name
+        workers = httpx.post(f"{api}/work_pools/tuneloop-process/workers/filter", json={}, timeout=10).json()
+        assert workers, "no worker of the process pool"
+        assert (home / "services" / "worker.pid").exists()
+    finally:
+        down = run("down", home=home)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "worker" in down.stdout
+    assert not list((home / "services").glob("*.pid"))
+    for key in ("prefect.port", "mlflow.ui_port", "serve.ray_port"):
+        assert not port_open("127.0.0.1", PORTS[key]), key

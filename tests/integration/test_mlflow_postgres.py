@@ -1,0 +1,233 @@
+"""MLflow on a real PostgreSQL server: tracking and the registry straight on the database, and
+the team server (mlflow/entrypoint.sh: the credential check, then basic auth) over it.
+
+A throwaway server (initdb + pg_ctl) listens on 127.0.0.1 in a temp dir and is removed after.
+`.ci/run` installs Debian's `postgresql` package; without its binaries these tests skip.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg2
+import pytest
+
+from tuneloop.config import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _pg_bin() -> Path | None:
+    """Return the folder of initdb/pg_ctl: on PATH, else Debian's newest /usr/lib/postgresql/<v>/bin."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    return Path(versions[-1]).parent if versions else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Postgres:
+    port: int
+    user: str
+    password: str
+
+    def uri(self, database: str) -> str:
+        return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> None:
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
+                                dbname="postgres")
+        conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        conn.close()
+
+    def query(self, database: str, sql: str) -> list[tuple]:
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
+                                dbname=database)
+        with conn, conn.cursor() as cur:
+            cur.execute(sql)
+            rows = cur.fetchall()
+        conn.close()
+        return rows
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL server of its own on 127.0.0.1, with password auth over TCP."""
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries not found (initdb): apt-get install postgresql (.ci/run does)")
+    # initdb and pg_ctl refuse to run as root: as root, run them as Debian's postgres user.
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL as an unprivileged user")
+        try:
+            import pwd
+
+            pg_user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and no 'postgres' user (the Debian package creates it)")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    # Not pytest's tmp_path: its parents are private to root, where the postgres user cannot go.
+    root = Path(tempfile.mkdtemp(prefix="tuneloop-pg-"))
+    if as_user:
+        os.chown(root, pg_user.pw_uid, pg_user.pw_gid)
+    server = Postgres(port=_free_port(), user="mlflow", password=secrets.token_urlsafe(16))
+    pwfile = root / "pw"
+    pwfile.write_text(server.password)
+    if as_user:
+        os.chown(pwfile, pg_user.pw_uid, pg_user.pw_gid)
+    data, log = root / "data", root / "server.log"
+
+    def run(*argv: str) -> None:
+        done = subprocess.run([*as_user, *argv], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, f"{argv[0]} failed:\n{done.stdout}\n{done.stderr}"
+
+    run(str(bindir / "initdb"), "-D", str(data), "-U", server.user, f"--pwfile={pwfile}",
+        "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--locale=C.UTF-8")
+    # Loopback only; the unix socket in the data dir (the default /var/run/postgresql may not be ours).
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
+        "-o", f"-c listen_addresses=127.0.0.1 -p {server.port} -k {data}", "start")
+    try:
+        yield server
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True, timeout=120, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_tracking_and_registry_on_postgres(postgres: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    import mlflow.pyfunc
+
+    # A database store puts logged models under ./mlruns of the working directory: keep it in tmp.
+    monkeypatch.chdir(tmp_path)
+    postgres.create_database("tracking")
+    uri = postgres.uri("tracking")
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    experiment = client.create_experiment("tuneloop-training", artifact_location=(tmp_path / "art").as_uri())
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return [f"echo: {p}" for p in model_input["prompt"]]
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_params({"train.method": "lora", "train.lora_rank": 8})
+            for step, loss in enumerate([2.5, 1.9, 1.4]):
+                mlflow.log_metric("train/loss", loss, step=step)
+            info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+        version = mlflow.register_model(info.model_uri, "tuneloop-chat")
+        client.set_registered_model_alias("tuneloop-chat", "champion", version.version)
+        client.set_model_version_tag("tuneloop-chat", version.version, "tuneloop.gate", "passed")
+
+        champion = client.get_model_version_by_alias("tuneloop-chat", "champion")
+        assert champion.version == version.version and champion.tags["tuneloop.gate"] == "passed"
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2.5, 1.9, 1.4]
+        assert client.get_run(run.info.run_id).data.params["train.lora_rank"] == "8"
+        import pandas as pd
+
+        model = mlflow.pyfunc.load_model("models:/tuneloop-chat@champion")
+        assert list(model.predict(pd.DataFrame({"prompt": ["hi"]}))) == ["echo: hi"]
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    # It is Postgres that holds them, not a SQLite file somewhere.
+    assert postgres.query("tracking", "SELECT count(*) FROM metrics WHERE key = 'train/loss'") == [(3,)]
+    assert postgres.query("tracking", "SELECT alias, version FROM registered_model_aliases") == [
+        ("champion", int(version.version))]
+
+
+def test_team_server_with_basic_auth_on_postgres(postgres: Postgres, tmp_path: Path) -> None:
+    """mlflow/entrypoint.sh as the image runs it: the check, then `mlflow server --app-name basic-auth`."""
+    import mlflow
+
+    postgres.create_database("team")
+    postgres.create_database("team_auth")
+    port = _free_port()
+    password = "a-long-admin-password-" + secrets.token_hex(4)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this venv's python and mlflow
+        "PYTHONPATH": str(REPO_ROOT),
+        "MLFLOW_AUTH_TEMPLATE": str(REPO_ROOT / "mlflow" / "basic_auth.ini"),
+        "MLFLOW_AUTH_CONFIG_OUT": str(tmp_path / "basic_auth.ini"),
+        "MLFLOW_HOST": "127.0.0.1", "MLFLOW_SERVER_PORT": str(port), "MLFLOW_WORKERS": "1",
+        "MLFLOW_BACKEND_STORE_URI": postgres.uri("team"),
+        "MLFLOW_AUTH_DATABASE_URI": postgres.uri("team_auth"),
+        "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
+        "MLFLOW_SERVER_ALLOWED_HOSTS": "127.0.0.1:*",
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "password1234",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+    }
+    entrypoint = str(REPO_ROOT / "mlflow" / "entrypoint.sh")
+    # MLflow's old default password: the server never starts.
+    refused = subprocess.run([entrypoint], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 1 and "password1234" in refused.stderr
+    assert postgres.query("team_auth", "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+
+    env["MLFLOW_AUTH_ADMIN_PASSWORD"] = password
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen([entrypoint], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "MLflow server did not start: " + (tmp_path / "server.log").read_text()
+            time.sleep(0.5)
+        search = f"{url}/api/2.0/mlflow/experiments/search?max_results=10"
+        assert httpx.get(search, timeout=10).status_code == 401  # no credentials, no data
+        assert httpx.get(search, auth=("admin", "wrong-password-123"), timeout=10).status_code == 401
+        assert httpx.get(search, auth=("admin", password), timeout=10).status_code == 200
+
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", password
+        try:
+            client = mlflow.MlflowClient(url)
+            experiment = client.create_experiment("team-experiment")
+            run = client.create_run(experiment)
+            client.log_metric(run.info.run_id, "eval/rougeL", 0.42)
+            client.log_text(run.info.run_id, "proxied through the server", "notes.txt")
+        finally:
+            del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+        assert [p.read_text() for p in (tmp_path / "artifacts").rglob("notes.txt")] == ["proxied through the server"]
+        assert postgres.query("team", "SELECT value FROM metrics WHERE key = 'eval/rougeL'") == [(0.42,)]
+        assert postgres.query("team_auth", "SELECT username FROM users") == [("admin",)]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
