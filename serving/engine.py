@@ -92,6 +92,8 @@ class ModelServer:
         else:
             self.model, self.tokenizer = load_base(self.base_ref)
             self.model.eval()
+        if torch.cuda.is_available():  # a replica given num_gpus sees its GPU(s)
+            self.model.to("cuda")
         self.peft = False
         self.adapters: dict[str, str] = {}  # version -> model URI
         self.default: str | None = self.full_version

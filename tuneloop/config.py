@@ -472,6 +472,11 @@ class ServeConfig(Strict):
     rate_per_minute: int = Field(600, ge=1, description="Requests per minute per key (or per client without keys).")
     burst: int = Field(60, ge=1, description="Requests a key may send at once before the rate applies.")
     log_pii: Literal["redact", "keep"] = Field("redact", description="PII in logged prompts and answers.")
+    inference_db_url: str | None = Field(
+        None, description="SQLAlchemy URL of the inference log; None: SQLite in the state dir. A cluster "
+        "whose replicas run on several machines needs a server database here (postgresql+psycopg2://…).")
+    replica_gpus: float = Field(0, ge=0, description="GPUs per model replica (Ray `num_gpus`); the model "
+                                "runs on the GPU when one is assigned.")
     pii_entities: list[str] = Field(
         ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN"],
         description="presidio entities redacted from the inference log.")

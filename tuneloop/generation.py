@@ -60,8 +60,8 @@ def generate_ids(
 
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
     with torch.inference_mode():
         out = model.generate(

@@ -51,7 +51,8 @@ def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> dict[str
 def model_deployment(cfg: TuneloopConfig) -> dict[str, Any]:
     """Replicas, resources and autoscaling of the model deployment, from `serve.*`."""
     s = cfg.serve
-    out: dict[str, Any] = {"name": "ModelServer", "ray_actor_options": {"num_cpus": s.replica_cpus}}
+    actor: dict[str, Any] = {"num_cpus": s.replica_cpus, **({"num_gpus": s.replica_gpus} if s.replica_gpus else {})}
+    out: dict[str, Any] = {"name": "ModelServer", "ray_actor_options": actor}
     if s.autoscaling is not None:
         out["autoscaling_config"] = s.autoscaling.model_dump()
     else:

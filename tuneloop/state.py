@@ -111,7 +111,7 @@ def tracking_uri(cfg: TuneloopConfig) -> str:
 
 
 def inference_db_url(cfg: TuneloopConfig) -> str:
-    return f"sqlite:///{state_paths(cfg).inference_db}"
+    return cfg.serve.inference_db_url or f"sqlite:///{state_paths(cfg).inference_db}"
 
 
 def prefect_api_url(cfg: TuneloopConfig) -> str:
