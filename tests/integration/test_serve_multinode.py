@@ -47,7 +47,7 @@ def drive(out: Path) -> None:
 
     node = {"node_ip_address": "127.0.0.1", "include_dashboard": False, "object_store_memory": 80 * 1024**2}
     cluster = Cluster(initialize_head=True, head_node_args={
-        **node, "num_cpus": 1, "port": _free_port(), "ray_client_server_port": _free_port(),
+        **node, "num_cpus": 1, "gcs_server_port": _free_port(), "ray_client_server_port": _free_port(),
     })
     try:
         workers = [cluster.add_node(**node, num_cpus=1, resources={"serve_node": 4}) for _ in range(WORKERS)]
