@@ -217,9 +217,16 @@ class ModelServer:
     def _run(self, prompts: list[list[int]], versions: list[str], max_new: int, streamer: Any = None) -> list[Any]:
         from tuneloop.generation import generate_ids
 
-        names = [_name(v) for v in versions] if self.peft else None
         with self._lock:
-            return generate_ids(self.model, self.tokenizer, prompts, max_new, names, streamer)
+            if not self.peft:
+                return generate_ids(self.model, self.tokenizer, prompts, max_new, None, streamer)
+            if len(set(versions)) == 1:
+                # One adapter for the whole batch (the usual case): the active adapter, not PEFT's
+                # per-row routing, which costs ~1.2x at batch 16-32 on CPU for the same ids.
+                self.model.set_adapter(_name(versions[0]))
+                return generate_ids(self.model, self.tokenizer, prompts, max_new, None, streamer)
+            return generate_ids(self.model, self.tokenizer, prompts, max_new, [_name(v) for v in versions],
+                                streamer)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def generate(self, requests: list[GenerationRequest]) -> list[Answer | Exception]:
