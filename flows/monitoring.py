@@ -81,6 +81,12 @@ def _read_prompts_file(path: Path) -> list[str]:
     return lines
 
 
+def _test_text(s: Signal) -> str:
+    if s.is_test:
+        return (f"p={s.p_value:.4g} " if s.p_value is not None else "") + f"(alpha {s.threshold})"
+    return "–" if s.threshold is None else f"limit {s.threshold}"
+
+
 @task(name="read-reference", retries=2, retry_delay_seconds=2)
 def read_reference(spec: str, champion: ModelVersionRef | None, samples: int, cache: Path) -> tuple[list[str], str]:
     """Return the reference prompts (a seeded sample of at most `samples`) and what they are."""
@@ -172,7 +178,7 @@ def monitoring_flow(
     finish_monitoring_run(trigger.record_run_id, report)
 
     table = "".join(f"| {s.group} | {s.name} | {'–' if s.statistic is None else f'{s.statistic:.4g}'} | "
-                    f"{'p=' + format(s.p_value, '.4g') if s.p_value is not None else 'limit ' + str(s.threshold)} | "
+                    f"{_test_text(s)} | "
                     f"**{s.verdict}** |\n" for s in signals)
     create_markdown_artifact(
         key="monitoring-report",

@@ -222,7 +222,11 @@ class Signal:
 
     @property
     def is_test(self) -> bool:
-        return self.p_value is not None
+        """A hypothesis test (judged by p < alpha), even when it had no data to run on."""
+        return self.name in TEST_SIGNALS
+
+
+TEST_SIGNALS = frozenset({"prompt_embedding", "prompt_length", "new_vocabulary", "response_length", "feedback"})
 
 
 def _no_data(name: str, group: Group, detail: str, threshold: float | None = None) -> Signal:
@@ -313,11 +317,11 @@ def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
 
 
 def _length_signal(name: str, group: Group, reference: Sequence[str], current: Sequence[str], min_samples: int,
-                   alpha: float, what: str) -> Signal:
+                   alpha: float, what: str, reference_name: str) -> Signal:
     from scipy.stats import ks_2samp
 
     if len(current) < min_samples or len(reference) < min_samples:
-        return _no_data(name, group, f"{len(current)} {what} in the window and {len(reference)} in the reference, "
+        return _no_data(name, group, f"{len(current)} {what} in the window and {len(reference)} in {reference_name}, "
                         f"{min_samples} needed", alpha)
     ref = np.array([len(words(t)) for t in reference], dtype=float)
     cur = np.array([len(words(t)) for t in current], dtype=float)
@@ -333,7 +337,7 @@ def _length_signal(name: str, group: Group, reference: Sequence[str], current: S
 
 def prompt_length_signal(reference: Sequence[str], current: Sequence[str], min_samples: int, alpha: float) -> Signal:
     """KS test of prompt lengths (words) against the reference; PSI alongside."""
-    return _length_signal("prompt_length", "prompt", reference, current, min_samples, alpha, "prompts")
+    return _length_signal("prompt_length", "prompt", reference, current, min_samples, alpha, "prompts", "the reference")
 
 
 def new_vocabulary_signal(reference: Sequence[str], current: Sequence[str], min_samples: int, alpha: float,
@@ -374,7 +378,8 @@ def new_vocabulary_signal(reference: Sequence[str], current: Sequence[str], min_
 
 def response_length_signal(baseline: Sequence[str], current: Sequence[str], min_samples: int, alpha: float) -> Signal:
     """KS test of answer lengths against the same version's first answers (its launch window)."""
-    return _length_signal("response_length", "output", baseline, current, min_samples, alpha, "answers")
+    return _length_signal("response_length", "output", baseline, current, min_samples, alpha, "answers",
+                          "the version's first answers before the window")
 
 
 def _rate_signal(name: str, group: Group, flags: Sequence[bool], limit: float, min_samples: int, what: str,

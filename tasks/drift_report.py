@@ -98,6 +98,7 @@ def _pictures(reference: Reference, window: Window, embeddings: np.ndarray, base
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     answered = window.answered
     out: list[tuple[str, str]] = []
@@ -184,6 +185,7 @@ def _pictures(reference: Reference, window: Window, embeddings: np.ndarray, base
                 ax.semilogy([s for s, _ in series], [max(v, 1e-4) for _, v in series], style, alpha=0.7,
                             label=name.split("/")[0].replace("_", " "))
         ax.axhline(alpha, color="crimson", linestyle="--", label=f"alpha {alpha}")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set(title="p-values over the checks", xlabel="check", ylabel="p-value")
         ax.legend(fontsize=8)
         out.append(("Drift tests over time", _png(plt, fig)))

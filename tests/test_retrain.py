@@ -82,3 +82,16 @@ def test_too_little_feedback_falls_back_to_the_configured_dataset(tmp_path) -> N
     path, note = retraining_data(rows, {}, 0.5, 10, None, tmp_path / "ep.jsonl")
     assert path is None and "monitor.retrain_data is not set" in note
     assert not (tmp_path / "ep.jsonl").exists()
+
+
+def test_the_monitoring_deployment_parameters_fit_the_flow() -> None:
+    """What flows/deployments.py registers is what the flow accepts (the Prefect UI form)."""
+    from flows.deployments import monitoring_parameters
+    from flows.monitoring import monitoring_flow
+    from tuneloop.config import MonitorThresholds, load_config
+
+    cfg = load_config(None, ["monitor.window=77", "monitor.persistence.k=2", "monitor.persistence.n=4"])
+    params = monitoring_flow.validate_parameters(monitoring_parameters(cfg))
+    assert set(params) == {"config", "window", "reference", "thresholds", "persistence"}
+    assert params["window"] == 77 and params["reference"] == "champion"
+    assert params["persistence"] == Persistence(k=2, n=4) and isinstance(params["thresholds"], MonitorThresholds)

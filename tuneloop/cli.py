@@ -410,7 +410,7 @@ def signals_table(result: Any) -> Table:
         table.add_column(column, overflow="fold")
     for s in result.signals:
         test = (f"p={s.p_value:.4g} (alpha {s.threshold:g})" if s.p_value is not None
-                else "–" if s.threshold is None else f"limit {s.threshold:g}")
+                else f"alpha {s.threshold:g}" if s.is_test else "–" if s.threshold is None else f"limit {s.threshold:g}")
         table.add_row(s.group, s.name, "–" if s.statistic is None else f"{s.statistic:.4g}", test,
                       f"[{colours[s.verdict]}]{s.verdict}[/]", s.detail)
     return table
