@@ -234,7 +234,7 @@ def _no_data(name: str, group: Group, detail: str, threshold: float | None = Non
 
 
 def _median_gamma(z: np.ndarray, rng: np.random.Generator, sample: int = 1000) -> float:
-    """RBF γ = 1 / median squared distance of the pooled sample (a subsample of at most 1000)."""
+    """γ = 1 / median squared distance of the pooled sample (a subsample of at most 1000)."""
     if len(z) > sample:
         z = z[rng.choice(len(z), sample, replace=False)]
     sq = np.sum(z * z, axis=1)
@@ -243,11 +243,12 @@ def _median_gamma(z: np.ndarray, rng: np.random.Generator, sample: int = 1000) -
     return 1.0 / median if median > 0 else 1.0
 
 
-def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int = 0,
+def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int = 0, bandwidth: float = 1.0,
                          max_exact: int = 4096, features: int = 2048) -> tuple[float, float]:
     """Return (MMD², permutation p-value) between samples x and y with an RBF kernel.
 
-    The bandwidth is the median heuristic. Up to `max_exact` pooled points: the unbiased
+    k(a, b) = exp(-|a - b|² / (bandwidth² · median |z - z'|²)): `bandwidth` scales the
+    median heuristic's. Up to `max_exact` pooled points: the unbiased
     MMD² on the full kernel matrix, every permutation in one matrix product (permutation ×
     point weights @ kernel). Beyond: random Fourier features (`features` of them), where
     MMD² is the squared distance of the two feature means and a permutation costs one
@@ -257,7 +258,7 @@ def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: 
     n, m = len(x), len(y)
     z = np.concatenate([x, y]).astype(np.float32)
     rng = np.random.default_rng(seed)
-    gamma = _median_gamma(z.astype(np.float64), rng)
+    gamma = _median_gamma(z.astype(np.float64), rng) / bandwidth**2
     labels = np.zeros((permutations + 1, n + m), dtype=np.float32)
     labels[:, :n] = 1.0
     labels[1:] = rng.permuted(labels[1:], axis=1)  # row 0: the observed split
@@ -285,12 +286,12 @@ def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: 
 
 
 def prompt_embedding_signal(reference: np.ndarray, current: np.ndarray, min_samples: int, permutations: int,
-                            alpha: float) -> Signal:
+                            alpha: float, bandwidth: float = 1.0) -> Signal:
     """Two-sample MMD permutation test of prompt embeddings against the reference."""
     name, group = "prompt_embedding", "prompt"
     if len(current) < min_samples or len(reference) < 2:
         return _no_data(name, group, f"{len(current)} requests in the window, {min_samples} needed", alpha)
-    stat, p = mmd_permutation_test(reference, current, permutations)
+    stat, p = mmd_permutation_test(reference, current, permutations, bandwidth=bandwidth)
     verdict: SignalVerdict = "alert" if p < alpha else "ok"
     centroid = reference.mean(axis=0)
     centroid /= np.linalg.norm(centroid) or 1.0
@@ -531,7 +532,7 @@ def compute_signals(reference: Reference, window: Window, embeddings: np.ndarray
     base_responses = [r.response for r in baseline if r.response is not None]
     t, n, alpha = cfg.thresholds, cfg.min_samples, cfg.alpha
     return [
-        prompt_embedding_signal(reference.embeddings, embeddings, n, cfg.permutations, alpha),
+        prompt_embedding_signal(reference.embeddings, embeddings, n, cfg.permutations, alpha, cfg.kernel_bandwidth),
         prompt_length_signal(reference.prompts, prompts, n, alpha),
         new_vocabulary_signal(reference.prompts, prompts, n, alpha),
         response_length_signal(base_responses, responses, n, alpha),
