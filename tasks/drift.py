@@ -522,19 +522,40 @@ class Reference:
     source: str  # what the prompts are: "champion v3 training prompts" or a file
 
 
+def distinct(prompts: Sequence[str], embeddings: np.ndarray,
+             exclude: set[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Return each prompt once (its first occurrence) with its embedding row, leaving out `exclude`."""
+    first: dict[str, int] = {}
+    for i, text in enumerate(prompts):
+        if not exclude or text not in exclude:
+            first.setdefault(text, i)
+    keep = sorted(first.values())
+    rows = embeddings[keep] if len(embeddings) == len(prompts) and len(prompts) else embeddings
+    return [prompts[i] for i in keep], rows
+
+
 @task(name="compute-signals", cache_policy=NO_CACHE)
 def compute_signals(reference: Reference, window: Window, embeddings: np.ndarray, baseline: list[LoggedRequest],
                     feedback: dict[str, float], cfg: MonitorConfig) -> list[Signal]:
     """Return every signal of the window, in report order (prompt, output, operations, quality)."""
     answered = window.answered
-    prompts = [r.prompt for r in answered]
+    # Prompt signals compare the distinct prompts the model was not trained on with its training
+    # prompts. Traffic repeats itself and replays training questions; training prompts are
+    # deduplicated. Kept in, repeats and exact copies of reference prompts made the window look
+    # *more* alike than any permutation (measured: p = 1.0 on a window with 10% new topics).
+    ref_prompts, ref_emb = distinct(reference.prompts, reference.embeddings)
+    answered_prompts = [r.prompt for r in answered]
+    prompts, cur_emb = distinct(answered_prompts, embeddings, exclude=set(ref_prompts))
     responses = [r.response for r in answered if r.response is not None]
     base_responses = [r.response for r in baseline if r.response is not None]
     t, n, alpha = cfg.thresholds, cfg.min_samples, cfg.alpha
+    embedding = prompt_embedding_signal(ref_emb, cur_emb, n, cfg.permutations, alpha, cfg.kernel_bandwidth)
+    if len(prompts) < len(answered_prompts):
+        embedding.detail += (f" ({len(prompts)} distinct prompts of {len(answered_prompts)} outside the reference)")
     return [
-        prompt_embedding_signal(reference.embeddings, embeddings, n, cfg.permutations, alpha, cfg.kernel_bandwidth),
-        prompt_length_signal(reference.prompts, prompts, n, alpha),
-        new_vocabulary_signal(reference.prompts, prompts, n, alpha),
+        embedding,
+        prompt_length_signal(ref_prompts, prompts, n, alpha),
+        new_vocabulary_signal(ref_prompts, prompts, n, alpha),
         response_length_signal(base_responses, responses, n, alpha),
         refusal_signal(responses, cfg.refusal_patterns, t.refusal_rate, n, base_responses),
         toxicity_signal(responses, t, n),

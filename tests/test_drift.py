@@ -13,6 +13,7 @@ from tasks.drift import (
     Window,
     compute_signals,
     cost_signal,
+    distinct,
     drift_verdict,
     error_rate_signal,
     feedback_signal,
@@ -227,6 +228,40 @@ def test_the_drift_verdict_follows_the_retraining_signals() -> None:
     assert drift.verdict == "drift" and drift.p_value < 0.01 and drift.newest_request_id == "r0023"
     length_only = drift_verdict(signals, ["response_length"], 60, window)
     assert length_only.verdict == "no_data"  # no baseline answers: nothing to judge
+
+
+def test_repeated_prompts_count_once() -> None:
+    """A window that repeats its questions still shows the drift it has (traffic repeats, training data does not)."""
+    cfg = MonitorConfig()
+    rng = np.random.default_rng(8)
+    centres = unit(rng.normal(size=(2, 16)))
+    ref = unit(centres[0] + 0.3 * rng.normal(size=(80, 16)))
+    fresh = unit(centres[0] + 0.3 * rng.normal(size=(20, 16)))
+    new = unit(centres[1] + 0.3 * rng.normal(size=(12, 16)))
+    pool = np.concatenate([fresh, new])
+    picks = rng.choice(len(pool), 400)  # 400 requests, 32 distinct prompts asked again and again
+    window = Window([request(i, prompt=f"prompt {k}") for i, k in enumerate(picks)])
+    reference = Reference([f"ref {i}" for i in range(80)], ref, "test")
+    signal = compute_signals.fn(reference, window, pool[picks], [], {}, cfg)[0]
+    assert signal.verdict == "alert" and "32 distinct prompts of 400 outside the reference" in signal.detail
+    prompts, rows = distinct(["a", "b", "a", "c"], np.eye(4), exclude={"c"})
+    assert prompts == ["a", "b"] and rows.tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
+
+
+def test_training_prompts_asked_again_are_not_evidence() -> None:
+    """A window that replays reference prompts among new topics still shows the new topics."""
+    cfg = MonitorConfig()
+    rng = np.random.default_rng(9)
+    centres = unit(rng.normal(size=(2, 16)))
+    ref = unit(centres[0] + 0.3 * rng.normal(size=(80, 16)))
+    new = unit(centres[1] + 0.3 * rng.normal(size=(12, 16)))
+    cur = np.concatenate([ref[:60], new])  # 60 training prompts asked again, 12 new ones
+    names = [f"ref {i}" for i in range(80)]
+    window = Window([request(i, prompt=p) for i, p in enumerate(names[:60] + [f"new {i}" for i in range(12)])])
+    signal = compute_signals.fn(Reference(names, ref, "test"), window, cur, [], {}, cfg)[0]
+    assert signal.verdict == "alert" and "12 distinct prompts of 72" in signal.detail
+    replay = Window([request(i, prompt=p) for i, p in enumerate(names[:60])])
+    assert compute_signals.fn(Reference(names, ref, "test"), replay, ref[:60], [], {}, cfg)[0].verdict == "no_data"
 
 
 # --------------------------------------------------------------------------- reading the log
