@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DO_NOT_TRACK", "1")  # Evidently's usage reporting off
 os.environ.setdefault("EVIDENTLY_DISABLE_TELEMETRY", "1")
 
-from tasks.drift import mmd_permutation_test
+from tasks.drift import distinct, mmd_permutation_test
 from tasks.embeddings import EmbeddingStore, embed_missing, embedder_key, load_embedder
 from tuneloop.config import MonitorConfig
 
@@ -147,7 +147,9 @@ def time_10k(trivia: list[str], health: list[str], args) -> dict[str, list[float
             times.setdefault("embed 10k prompts into the store", []).append(time.perf_counter() - t)
             t = time.perf_counter()
             cur = store.get(ids, embedder_key(MODEL, MAX_TOKENS))
-            _, p = mmd_permutation_test(ref_emb, cur, args.permutations, bandwidth=args.bandwidth)
+            # As the flow does: each distinct prompt once, training prompts asked again left out.
+            _, unseen = distinct(requests, cur, exclude=set(reference))
+            _, p = mmd_permutation_test(ref_emb, unseen, args.permutations, bandwidth=args.bandwidth)
             times.setdefault("tuneloop: read 10k vectors + MMD test", []).append(time.perf_counter() - t)
             store.close()
         cols = [f"e{i}" for i in range(cur.shape[1])]
