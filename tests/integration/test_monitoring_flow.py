@@ -26,8 +26,15 @@ from tuneloop.state import apply_environment, inference_db_url, tracking_uri
 pytestmark = pytest.mark.slow
 
 TRIVIA = [json.loads(line)["prompt"] for line in (ASSETS / "tiny_qa.jsonl").read_text().splitlines()]
-# Traffic like the training prompts: a mix of capitals and sums, as the reference is.
-TRAFFIC = random.Random(1).sample(TRIVIA, 16)
+# Traffic like the training prompts but not the same ones (prompts trained on are no evidence
+# either way): sums and capitals, three to one, as in the reference.
+_SUMS = [f"What is {a} plus {b}?" for a in range(2, 20) for b in range(2, 20)]
+TRAFFIC = random.Random(1).sample([
+    *random.Random(2).sample([q for q in _SUMS if q not in TRIVIA], 12),
+    *[q for q in (f"What is the capital of {c}?" for c in ("Chile", "Greece", "India", "Peru", "Cuba", "Nepal",
+                                                             "Chad", "Oman")) if q not in TRIVIA][:4],
+], 16)
+assert not set(TRAFFIC) & set(TRIVIA)
 MEDICATION = [json.loads(line)["prompt"] for line in (ASSETS / "tiny_medication.jsonl").read_text().splitlines()]
 
 
