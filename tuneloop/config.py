@@ -483,17 +483,109 @@ class ServeConfig(Strict):
     rollout: RolloutConfig = RolloutConfig()
 
 
+SignalName = Literal["prompt_embedding", "prompt_length", "new_vocabulary", "response_length", "refusal_rate",
+                     "toxicity_rate", "latency", "error_rate", "cost", "feedback"]
+DEFAULT_REFUSAL_PATTERNS = [
+    r"\bI(?:'m| am) (?:sorry|afraid)\b", r"\bI (?:can(?:no|')t|cannot|won't|am unable to|'m unable to)\b",
+    r"\bas an AI\b", r"\bI do(?: not|n't) (?:know|have (?:access|information))\b",
+]
+
+
+class MonitorThresholds(Strict):
+    """Limits of the signals that are not hypothesis tests (those use monitor.alpha)."""
+
+    latency_p95_ms: float | None = Field(
+        2000, gt=0, description="SLO: 95th-percentile latency of answered requests; None: not checked."
+    )
+    latency_p99_ms: float | None = Field(None, gt=0, description="SLO on the 99th percentile; None: not checked.")
+    error_rate: float = Field(0.05, ge=0, le=1, description="Largest share of requests answered with status >= 500.")
+    refusal_rate: float = Field(
+        0.2, ge=0, le=1, description="Largest share of answers matching monitor.refusal_patterns."
+    )
+    toxicity_rate: float = Field(0.05, ge=0, le=1, description="Largest share of toxic answers.")
+    toxicity_probability: float = Field(
+        0.5, gt=0, lt=1, description="An answer counts as toxic at this offensive probability or above."
+    )
+    min_feedback_score: float | None = Field(
+        None, description="Alert when a version's mean feedback score falls below this; None: trend only."
+    )
+    min_feedback: int = Field(5, ge=2, description="Feedback scores a version needs before its trend is tested.")
+
+
+class Persistence(Strict):
+    """How long drift must hold before retraining starts: k of the last n windows."""
+
+    k: int = Field(2, ge=1, description="Drifted windows needed; higher: fewer false alarms, later retraining.")
+    n: int = Field(3, ge=1, description="Windows (monitoring checks with data) looked at.")
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> Persistence:
+        if self.k > self.n:
+            raise ValueError(f"monitor.persistence.k={self.k} exceeds n={self.n}: drift could never hold")
+        return self
+
+
 class MonitorConfig(Strict):
     window: int = Field(40, ge=1, description="Most recent logged requests compared.")
     min_samples: int = Field(10, ge=2, description="Fewer requests: verdict `no_data`.")
+    reference: str = Field(
+        "champion", description="What the window is compared with: `champion` (the training prompts recorded "
+        "with the champion version) or a JSONL / text file of prompts."
+    )
     reference_samples: int = Field(200, ge=2, description="Training prompts in the reference.")
     permutations: int = Field(200, ge=10, description="Permutations of the MMD test.")
-    alpha: float = Field(0.01, gt=0, lt=1, description="Drift when p-value < alpha.")
-    retrain_data: Path | None = Field(None, description="Fresh dataset used for retraining.")
+    kernel_bandwidth: float = Field(
+        0.5, gt=0, description="RBF bandwidth of the MMD test as a multiple of the median heuristic's. Smaller: "
+        "more sensitive to a small share of unlike prompts (0.5 detected 10-20% topic drift more often than 1 at "
+        "the same false-positive rate, bench/drift.py); too small and every prompt looks unlike every other."
+    )
+    alpha: float = Field(0.01, gt=0, lt=1, description="Drift when p-value < alpha (every test signal).")
+    retrain_data: Path | None = Field(
+        None, description="Fresh dataset for retraining, used when the drifted requests have too little "
+        "good feedback to train on (see retrain_min_rows)."
+    )
+    retrain_min_feedback: float = Field(
+        0.5, description="A drifted request whose mean feedback score is at least this becomes a training example "
+        "(its logged response as the answer)."
+    )
+    retrain_min_rows: int = Field(
+        10, ge=1, description="Fewer such examples: retrain on retrain_data instead (or not at all without it)."
+    )
+    retrain_signals: list[SignalName] = Field(
+        ["prompt_embedding"], min_length=1, description="Signals whose alert counts as drift for retraining; each "
+        "added test raises the false-alarm rate (about alpha per test)."
+    )
+    persistence: Persistence = Field(Persistence(), description="Retrain when drift holds for k of the last n windows.")
+    thresholds: MonitorThresholds = MonitorThresholds()
+    refusal_patterns: list[str] = Field(
+        DEFAULT_REFUSAL_PATTERNS, description="Regular expressions (case-insensitive) marking an answer as a refusal."
+    )
+    cost_per_1k_tokens: dict[str, float] = Field(
+        {}, description="Price per 1,000 tokens (prompt + completion) by model version; key `*` for every other "
+        "version. Empty: tokens are counted, not priced."
+    )
     embedding_model: str = Field(
         "builtin:all-minilm-l6-v2", description="Sentence-transformers model: builtin, path or hub id."
     )
+    embedding_max_tokens: int = Field(
+        128, ge=8, le=512, description="Prompt tokens embedded (the rest is cut); more: slower on long prompts."
+    )
+    lock_timeout_s: float = Field(
+        120, gt=0, description="Wait this long for another monitoring run's decision before failing."
+    )
     cron: str = Field("*/30 * * * *", description="Schedule of the monitoring deployment.")
+
+    @field_validator("refusal_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        import re
+
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"refusal pattern {pattern!r} is not a regular expression: {err}") from None
+        return patterns
 
 
 class TuneloopConfig(Strict):
