@@ -133,6 +133,11 @@ def test_tracking_and_registry_on_postgres(postgres: Postgres, tmp_path: Path, m
         def predict(self, context, model_input, params=None):
             return [f"echo: {p}" for p in model_input["prompt"]]
 
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI (and the registry's) to the environment:
+    # through monkeypatch the variables come back as they were, or later tests in this process
+    # would talk to this Postgres after it stopped.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -156,6 +161,8 @@ def test_tracking_and_registry_on_postgres(postgres: Postgres, tmp_path: Path, m
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     # It is Postgres that holds them, not a SQLite file somewhere.
     assert postgres.query("tracking", "SELECT count(*) FROM metrics WHERE key = 'train/loss'") == [(3,)]
     assert postgres.query("tracking", "SELECT alias, version FROM registered_model_aliases") == [
