@@ -217,12 +217,18 @@ def registry_lock(tracking_uri: str, model_name: str, timeout_s: float = 120) ->
         with FileLock(lock_dir / f"registry-{slug}.lock", timeout=timeout_s):
             yield
         return
+    with prefect_mutex(f"tuneloop-registry-{slug}", timeout_s):
+        yield
+
+
+@contextmanager
+def prefect_mutex(name: str, timeout_s: float) -> Iterator[None]:
+    """Hold the one slot of the Prefect global concurrency limit `name`, created on first use."""
     from prefect import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    name = f"tuneloop-registry-{slug}"
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)

@@ -155,21 +155,9 @@ def monitor_lock(model: str, timeout_s: float) -> Iterator[None]:
     read the history, decide and start retraining one after the other. A holder that dies
     loses its slot when its lease (5 min) runs out.
     """
-    from prefect import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from tasks.registry import prefect_mutex
 
-    name = f"tuneloop-monitor-{_slug(model)}"
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:
-                pass
-    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+    with prefect_mutex(f"tuneloop-monitor-{_slug(model)}", timeout_s):
         yield
 
 
