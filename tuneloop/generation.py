@@ -27,29 +27,9 @@ def text_prompt(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-class StepStreamer:
-    """An HF `generate` streamer that hands each decoding step's tokens, for the whole batch, to
-    `on_step` (a list of ids, one per row), then None at the end. HF's own text streamers
-    take one row only; serving streams a batch.
-    """
-
-    def __init__(self, on_step: Any) -> None:
-        self.on_step = on_step
-        self._prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # generate() first puts the prompt ids
-            self._prompt_seen = True
-            return
-        self.on_step(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.on_step(None)
-
-
 def generate_ids(
     model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-    adapter_names: list[str] | None = None, streamer: Any = None,
+    adapter_names: list[str] | None = None,
 ) -> list[Generation]:
     """Greedily continue each prompt (token ids) in one left-padded batch.
 
@@ -66,7 +46,7 @@ def generate_ids(
     with torch.inference_mode():
         out = model.generate(
             input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, streamer=streamer,
+            do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
             **extra,
         )
     results = []

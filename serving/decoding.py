@@ -1,0 +1,291 @@
+"""Greedy decoding for a served batch: shared prompt prefix computed once, finished rows dropped.
+
+    decoder = Decoder(max_prefixes=8)
+    rows = decoder.run(model, prompts, budgets, eos_id=2, pad_id=0, key="v3")
+    rows[0].tokens, rows[0].finish_reason     # "stop" (end of turn) or "length" (its own budget)
+
+HF `generate` pays for what a server's batch does not need: every row prefills the chat
+template's system prompt again (the same tokens for every request), and a row that has
+stopped keeps being decoded until the longest row is done. Here the longest prefix shared by
+the whole batch is run once, batch size 1, its KV cache kept (an LRU per `key`, the adapter)
+and repeated across the rows; each row's own tokens follow it with padding in between
+(masked, positions continuing from the prefix); a row leaves the batch, and the KV cache,
+as soon as it stops or reaches its own `max_tokens`. The tokens are those of greedy
+`generate` on each prompt.
+
+`Batch` is the same decoding with rows joining a running batch between steps (continuous
+batching): the server adds the requests that arrived while the batch decodes. A model whose
+KV cache is not made of plain per-layer key/value tensors takes no rows into a running batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+MIN_PREFIX = 4  # a shorter shared prefix is not worth a separate forward pass
+
+
+@dataclass
+class Row:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" or "length" once done
+
+
+def common_prefix(prompts: list[list[int]]) -> int:
+    """Length of the longest prefix all prompts share, leaving each at least one token of its own."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for i in range(max(n, 0)):
+        tok = first[i]
+        if any(p[i] != tok for p in prompts):
+            return i
+    return max(n, 0)
+
+
+class Decoder:
+    def __init__(self, max_prefixes: int = 8) -> None:
+        self.max_prefixes = max_prefixes
+        self._prefixes: OrderedDict[tuple[Any, tuple[int, ...]], Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.prefix_hits = 0
+        self.prefix_misses = 0
+
+    def forget(self, key: Any = None) -> None:
+        """Drop the cached prefixes of `key` (an adapter that was unloaded), or all of them."""
+        with self._lock:
+            for k in [k for k in self._prefixes if key is None or k[0] == key]:
+                del self._prefixes[k]
+
+    def _prefix_cache(self, model: Any, key: Any, prompts: list[list[int]]) -> tuple[int, Any]:
+        """The KV cache of the longest prefix shared by `prompts`, repeated per row, and its length.
+
+        A cached prefix of this key that every prompt starts with is used as it is; otherwise a
+        batch's own shared prefix is computed, and kept for the next batches. A single prompt
+        only uses what is cached (its whole text is no one else's prefix).
+        """
+        import torch
+
+        shared = common_prefix(prompts)
+        first = tuple(prompts[0][:shared])
+        best: tuple[Any, tuple[int, ...]] | None = None
+        with self._lock:
+            for k in self._prefixes:
+                fits = k[0] == key and len(k[1]) <= shared and first[: len(k[1])] == k[1]
+                if fits and (best is None or len(k[1]) > len(best[1])):
+                    best = k
+            cached = self._prefixes[best] if best is not None else None
+            if best is not None:
+                self._prefixes.move_to_end(best)
+                self.prefix_hits += 1
+        if cached is not None:
+            shared = len(best[1])
+        elif len(prompts) > 1 and shared >= MIN_PREFIX:
+            self.prefix_misses += 1
+            ids = torch.tensor([first], device=model.device)
+            with torch.inference_mode():
+                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+            cached = out.past_key_values
+            with self._lock:
+                self._prefixes[(key, first)] = cached
+                while len(self._prefixes) > self.max_prefixes:
+                    self._prefixes.popitem(last=False)
+        else:
+            return 0, None
+        with torch.inference_mode():
+            cache = copy.deepcopy(cached)
+        if len(prompts) > 1:
+            cache.batch_repeat_interleave(len(prompts))
+        return shared, cache
+
+    def batch(self, model: Any, *, eos_id: int, pad_id: int, key: Any = None, mixed: bool = False,
+              share_prefix: bool = True) -> Batch:
+        """A batch to decode on `model`; `mixed`: each row names its adapter (a PEFT model)."""
+        return Batch(self, model, eos_id=eos_id, pad_id=pad_id, key=key, mixed=mixed, share_prefix=share_prefix)
+
+    def run(
+        self, model: Any, prompts: list[list[int]], budgets: list[int], *, eos_id: int, pad_id: int,
+        key: Any = None, adapter_names: list[str] | None = None, share_prefix: bool = True,
+        on_step: Callable[[list[int | None]], None] | None = None,
+    ) -> list[Row]:
+        """Greedily continue each prompt for at most its budget of new tokens, as one batch.
+
+        `adapter_names` picks a LoRA adapter per row of a PEFT model (rows of different
+        adapters have different prefix caches, so such a batch shares no prefix).
+        `on_step` gets, per decoding step, one entry per prompt: the new token, or None for
+        a row that was already done.
+        """
+        batch = self.batch(model, eos_id=eos_id, pad_id=pad_id, key=key, mixed=adapter_names is not None,
+                           share_prefix=share_prefix)
+        events = batch.add(prompts, budgets, list(range(len(prompts))), adapter_names)
+        rows = [row for _, row, _ in events]
+        while True:
+            if on_step is not None:
+                step: list[int | None] = [None] * len(prompts)
+                for i, _, tok in events:
+                    step[i] = tok
+                on_step(step)
+            if not len(batch):
+                return rows
+            events = batch.step()
+
+
+class Batch:
+    """Rows decoded together, one token per row per step. Rows join between steps (`add`:
+    their prompts are prefilled, their KV cache left-padded to the batch's width and appended)
+    and leave the batch as soon as they are done.
+
+    Each event is (owner, row, token): the token a row got in that step (its `finish_reason`
+    set when that was its last).
+    """
+
+    def __init__(self, decoder: Decoder, model: Any, *, eos_id: int, pad_id: int, key: Any, mixed: bool,
+                 share_prefix: bool) -> None:
+        self.decoder, self.model, self.eos_id, self.pad_id, self.key = decoder, model, eos_id, pad_id, key
+        self.share_prefix = share_prefix and not mixed
+        self.names: list[str] | None = [] if mixed else None
+        self.owners: list[Any] = []
+        self.rows: list[Row] = []
+        self.budgets: list[int] = []
+        self.cache: Any = None
+        self.mask: Any = None  # [rows, cached tokens]: 1 where a row has a token
+        self.positions: Any = None  # [rows, 1]: the position of each row's next input
+        self.ids: Any = None  # [rows, 1]: each row's next input
+        self.joinable = True  # a cache this class cannot merge takes no rows after the first
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, names: list[str] | None) -> Any:
+        extra = {"adapter_names": names} if names is not None else {}
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                          use_cache=True, logits_to_keep=1, **extra)
+
+    def add(self, prompts: list[list[int]], budgets: list[int], owners: list[Any],
+            adapter_names: list[str] | None = None) -> list[tuple[Any, Row, int]]:
+        """Prefill `prompts` and take them into the batch; their first tokens."""
+        import torch
+
+        if self.rows and not self.joinable:
+            raise RuntimeError("this model's KV cache cannot take rows into a running batch")
+        device = self.model.device
+        share, cache = 0, None
+        if self.share_prefix:
+            share, cache = self.decoder._prefix_cache(self.model, self.key, prompts)
+        own = [p[share:] for p in prompts]
+        width = max(len(p) for p in own)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in own], device=device)
+        mask = torch.tensor([[1] * share + [0] * (width - len(p)) + [1] * len(p) for p in own], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, share:]
+        with torch.inference_mode():
+            out = self._forward(ids, mask, positions, cache, adapter_names)
+        nxt = out.logits[:, -1].argmax(-1)
+        rows = [Row() for _ in prompts]
+        events = self._record(nxt, rows, budgets, owners)
+        keep = [b for b, row in enumerate(rows) if row.finish_reason is None]
+        if not keep:
+            return events
+        index = torch.tensor(keep, device=device)
+        cache = out.past_key_values
+        if len(keep) < len(rows):
+            cache.batch_select_indices(index)
+        part = (cache, mask[index], positions[index, -1:] + 1, nxt[index].unsqueeze(-1))
+        names = [adapter_names[b] for b in keep] if adapter_names is not None else None
+        self._join(part, [rows[b] for b in keep], [budgets[b] for b in keep], [owners[b] for b in keep], names)
+        return events
+
+    def _record(self, nxt: Any, rows: list[Row], budgets: list[int], owners: list[Any]) -> list[tuple[Any, Row, int]]:
+        events = []
+        for tok, row, budget, owner in zip(nxt.tolist(), rows, budgets, owners):
+            if tok == self.eos_id:
+                row.finish_reason = "stop"
+            else:
+                row.tokens.append(tok)
+                if len(row.tokens) >= budget:
+                    row.finish_reason = "length"
+            events.append((owner, row, tok))
+        return events
+
+    def _join(self, part: tuple[Any, Any, Any, Any], rows: list[Row], budgets: list[int], owners: list[Any],
+              names: list[str] | None) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        cache, mask, positions, ids = part
+        if not self.rows:
+            self.cache, self.mask, self.positions, self.ids = cache, mask, positions, ids
+            self.joinable = _mergeable(cache)
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+
+            def left(t: Any, n: int, dim: int) -> Any:  # pad `n` columns of zeros before dimension `dim`
+                pad = [0, 0] * (t.dim() - 1 - dim) + [n, 0]
+                return F.pad(t, pad) if n else t
+
+            grow_old, grow_new = width - self.mask.shape[1], width - mask.shape[1]
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([left(mine.keys, grow_old, 2), left(theirs.keys, grow_new, 2)])
+                mine.values = torch.cat([left(mine.values, grow_old, 2), left(theirs.values, grow_new, 2)])
+            self.mask = torch.cat([left(self.mask, grow_old, 1), left(mask, grow_new, 1)])
+            self.positions = torch.cat([self.positions, positions])
+            self.ids = torch.cat([self.ids, ids])
+            self._trim()
+        self.rows += rows
+        self.budgets += budgets
+        self.owners += owners
+        if self.names is not None:
+            self.names += names or []
+
+    def _trim(self) -> None:
+        """Drop the leading cache columns no row attends to any more."""
+        used = self.mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+    def step(self) -> list[tuple[Any, Row, int]]:
+        """Decode one token for every row; rows that are done leave the batch."""
+        import torch
+
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        with torch.inference_mode():
+            out = self._forward(self.ids, self.mask, self.positions, self.cache, self.names)
+        self.cache = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1)
+        events = self._record(nxt, self.rows, self.budgets, self.owners)
+        self.positions = self.positions + 1
+        self.ids = nxt.unsqueeze(-1)
+        keep = [b for b, row in enumerate(self.rows) if row.finish_reason is None]
+        if len(keep) < len(self.rows):
+            self.drop(keep)
+        return events
+
+    def drop(self, keep: list[int]) -> None:
+        """Keep only the rows at `keep` (indices into the batch's rows)."""
+        import torch
+
+        if keep:
+            index = torch.tensor(keep, device=self.mask.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.positions, self.ids = self.mask[index], self.positions[index], self.ids[index]
+        self.rows = [self.rows[b] for b in keep]
+        self.budgets = [self.budgets[b] for b in keep]
+        self.owners = [self.owners[b] for b in keep]
+        if self.names is not None:
+            self.names = [self.names[b] for b in keep]
+        if not keep:
+            self.cache = self.mask = self.positions = self.ids = None
+
+
+def _mergeable(cache: Any) -> bool:
+    """A cache of plain per-layer key/value tensors (`DynamicLayer`): rows can be added and dropped."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)

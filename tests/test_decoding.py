@@ -1,0 +1,135 @@
+"""The serving decoder gives each row the tokens HF `generate` gives that prompt alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from serving.decoding import Decoder, common_prefix
+from tuneloop.generation import chat_prompt
+from tuneloop.models import load_base, resolve_base
+
+SYSTEM = {"role": "system", "content": "You are a careful assistant. Answer in one short sentence."}
+QUESTIONS = ["Who wrote Hamlet?", "What is the capital of France and why?", "Name a prime number.",
+             "How far is the moon from the earth in kilometres?", "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model, tok = load_base(resolve_base("builtin:tiny-llama", tmp_path_factory.mktemp("models")))
+    model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger random weights: the untrained model repeats one token otherwise
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0, 0.15)
+    prompts = [chat_prompt(tok, [SYSTEM, {"role": "user", "content": q}]) for q in QUESTIONS]
+    return model, tok, prompts
+
+
+def alone(model, prompt: list[int], budget: int, eos: int, pad: int) -> tuple[list[int], str]:
+    """HF greedy `generate` on one prompt, no padding: the reference."""
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=budget, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    new = out[0, len(prompt):].tolist()
+    if eos in new:
+        return new[: new.index(eos)], "stop"
+    return new, "length"
+
+
+def test_common_prefix_leaves_every_prompt_a_token_of_its_own() -> None:
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix([[1, 2, 3]]) == 2
+    assert common_prefix([[7], [7, 8]]) == 0
+
+
+def test_rows_get_the_tokens_of_generate_alone_with_their_own_budgets_and_stops(tiny) -> None:
+    model, tok, prompts = tiny
+    budgets = [12, 3, 20, 1, 16]
+    # a token the model does produce, used as the end-of-turn token, so rows stop at different steps
+    eos = alone(model, prompts[0], 12, -1, tok.pad_token_id)[0][5]
+    expected = [alone(model, p, b, eos, tok.pad_token_id) for p, b in zip(prompts, budgets)]
+    assert {f for _, f in expected} == {"stop", "length"}, "the case needs rows that stop and rows that run out"
+    steps: list[list[int | None]] = []
+    decoder = Decoder()
+    rows = decoder.run(model, prompts, budgets, eos_id=eos, pad_id=tok.pad_token_id, key="v1", on_step=steps.append)
+    assert [(r.tokens, r.finish_reason) for r in rows] == expected
+    assert decoder.prefix_misses == 1  # the system prompt, computed once for the batch
+    # the steps stream each row's tokens, None once a row is done
+    for i, (tokens, finish) in enumerate(expected):
+        streamed = [s[i] for s in steps if s[i] is not None]
+        assert streamed == tokens + ([eos] if finish == "stop" else [])
+
+
+def test_a_cached_prefix_serves_the_next_batches_and_single_requests(tiny) -> None:
+    model, tok, prompts = tiny
+    decoder = Decoder()
+    first = decoder.run(model, prompts[:3], [8] * 3, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v1")
+    assert (decoder.prefix_misses, decoder.prefix_hits) == (1, 0)
+    again = decoder.run(model, prompts[2:], [8] * 3, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v1")
+    single = decoder.run(model, prompts[4:], [8], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v1")
+    assert (decoder.prefix_misses, decoder.prefix_hits) == (1, 2)
+    assert again[0].tokens == first[2].tokens and single[0].tokens == again[2].tokens
+    other = decoder.run(model, prompts[:2], [8] * 2, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v2")
+    assert decoder.prefix_misses == 2, "another adapter has its own prefix cache"
+    decoder.forget("v1")
+    decoder.run(model, prompts[:2], [8] * 2, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v1")
+    assert decoder.prefix_misses == 3
+    assert other[0].tokens == first[0].tokens  # same model here: same tokens
+
+
+def test_mixed_adapters_in_one_batch_and_a_merged_copy_answer_as_each_adapter_alone(tiny) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model, tok, prompts = tiny
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights="gaussian")
+    peft = get_peft_model(copy.deepcopy(model), lora, adapter_name="v1")
+    peft.add_adapter("v2", lora)
+    with torch.no_grad():  # LoRA's B starts at zero: make each adapter change the answers
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    peft.eval()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    decoder = Decoder()
+    names = ["v1", "v2", "v1", "v2", "v1"]
+    mixed = decoder.run(peft, prompts, [10] * 5, eos_id=eos, pad_id=pad, adapter_names=names)
+    for row, prompt, name in zip(mixed, prompts, names):
+        peft.set_adapter(name)
+        assert row.tokens == alone(peft, prompt, 10, eos, pad)[0]
+    peft.set_adapter("v2")
+    assert mixed[0].tokens != alone(peft, prompts[0], 10, eos, pad)[0], "the adapters must answer differently"
+    peft.set_adapter("v1")
+    merged = copy.deepcopy(peft).merge_and_unload(adapter_names=["v1"])
+    on_merged = decoder.run(merged, prompts, [10] * 5, eos_id=eos, pad_id=pad, key=("merged", "v1"))
+    assert [r.tokens for r in on_merged] == [alone(peft, p, 10, eos, pad)[0] for p in prompts]
+
+
+def test_rows_joining_a_running_batch_get_the_tokens_of_generate_alone(tiny) -> None:
+    model, tok, prompts = tiny
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    longer = chat_prompt(tok, [SYSTEM, {"role": "user", "content": "Tell me, in as many words as you like, "
+                                                                     "everything about the moon and its phases."}])
+    joining = [prompts[2], longer, [5, 6, 7]]  # a shorter and a longer prompt, and one sharing nothing
+    budgets = {0: 12, 1: 6, 2: 9, 3: 14, 4: 1}
+    decoder = Decoder()
+    batch = decoder.batch(model, eos_id=eos, pad_id=pad, key="v1")
+    got: dict[int, list[int]] = {}
+    events = batch.add(prompts[:2], [budgets[0], budgets[1]], [0, 1])
+    for step in range(20):
+        for owner, row, _ in events:
+            got[owner] = row.tokens
+        if step == 3:  # rows 2-4 join while rows 0 and 1 are half done
+            events = batch.add(joining, [budgets[2], budgets[3], budgets[4]], [2, 3, 4])
+            continue
+        if not len(batch):
+            break
+        events = batch.step()
+    expected = [prompts[0], prompts[1], *joining]
+    assert got == {i: alone(model, p, budgets[i], eos, pad)[0] for i, p in enumerate(expected)}
+    assert not len(batch) and batch.cache is None
