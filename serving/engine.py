@@ -35,6 +35,8 @@ from ray.serve.exceptions import RayServeException
 log = logging.getLogger("ray.serve")
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+JOIN_AT_ONCE = 8  # a running batch takes waiting requests once this many wait (or as many as fit) …
+JOIN_WAIT_S = 0.5  # … or once the first of them has waited this long
 
 
 @dataclass
@@ -112,7 +114,8 @@ class ModelServer:
         from serving.decoding import Decoder
 
         self.decoder = Decoder(max_prefixes=int(spec.get("prefix_cache", 8)))
-        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "decode_s": 0.0}  # since start, for info()
+        # since start, for info(): rows decoded per step = row_steps / steps
+        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "steps": 0, "row_steps": 0, "decode_s": 0.0}
         self.started_at = time.time()
         self.max_batch = int(spec["max_batch_size"])
         self.batch_wait_s = float(spec["batch_wait_timeout_s"])
@@ -316,6 +319,8 @@ class ModelServer:
                         if batch.adapter is not None:  # one adapter, PEFT's active one
                             self.model.set_adapter(_name(batch.adapter))
                         events = batch.step()
+                        self.stats["steps"] += 1
+                        self.stats["row_steps"] += len(events)
                     self.stats["decode_s"] += time.perf_counter() - start
                     self.active = {item.version for item in batch.owners}
             except BaseException as err:  # the batch's requests get the error; the thread goes on
@@ -376,6 +381,8 @@ class ModelServer:
             if batch.names is not None and len(versions) == 1 and versions <= set(self.merged):
                 return []
             room = self.max_batch - len(batch)
+            if len(waiting) < min(room, JOIN_AT_ONCE) and time.monotonic() - waiting[0].arrived < JOIN_WAIT_S:
+                return []  # a prefill pauses the running rows: take requests a few at a time
             items, self._waiting = waiting[:room], waiting[room:]
         self.stats["rows"] += len(items)
         return items
@@ -453,6 +460,7 @@ class _Pending:
                  stream: bool, pinned: bool) -> None:
         self.prompt, self.budget, self.version, self.loop, self.stream = prompt, budget, version, loop, stream
         self.pinned = pinned
+        self.arrived = time.monotonic()
         self.done: asyncio.Future[Any] = loop.create_future()
         self.tokens: asyncio.Queue[int | None] = asyncio.Queue()
 
