@@ -34,7 +34,6 @@ from ray.serve.exceptions import RayServeException
 
 log = logging.getLogger("ray.serve")
 
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 JOIN_AT_ONCE = 8  # a running batch takes waiting requests once this many wait (or as many as fit) …
 JOIN_WAIT_S = 0.5  # … or once the first of them has waited this long
 

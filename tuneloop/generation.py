@@ -27,27 +27,18 @@ def text_prompt(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def generate_ids(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-    adapter_names: list[str] | None = None,
-) -> list[Generation]:
-    """Greedily continue each prompt (token ids) in one left-padded batch.
-
-    `adapter_names` picks a LoRA adapter per row of a PEFT model (`"__base__"`: none), so
-    requests for different adapters share one batch.
-    """
+def generate_ids(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
+    """Greedily continue each prompt (token ids) in one left-padded batch."""
     import torch
 
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
     with torch.inference_mode():
         out = model.generate(
             input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-            **extra,
         )
     results = []
     for prompt, row in zip(prompts, out[:, width:].tolist()):
