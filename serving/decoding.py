@@ -1,8 +1,11 @@
 """Greedy decoding for a served batch: shared prompt prefix computed once, finished rows dropped.
 
     decoder = Decoder(max_prefixes=8)
-    rows = decoder.run(model, prompts, budgets, eos_id=2, pad_id=0, key="v3")
-    rows[0].tokens, rows[0].finish_reason     # "stop" (end of turn) or "length" (its own budget)
+    batch = decoder.batch(model, eos_id=2, pad_id=0, key="v3")   # key: the adapter (prefix caches)
+    events = batch.add(prompts, budgets, owners)   # prefill; (owner, row, token) per prompt
+    while len(batch):
+        events = batch.step()                      # one token per row; done rows leave
+    row.tokens, row.finish_reason                  # "stop" (end of turn) or "length" (its own budget)
 
 HF `generate` pays for what a server's batch does not need: every row prefills the chat
 template's system prompt again (the same tokens for every request), and a row that has
@@ -13,9 +16,9 @@ and repeated across the rows; each row's own tokens follow it with padding in be
 as soon as it stops or reaches its own `max_tokens`. The tokens are those of greedy
 `generate` on each prompt.
 
-`Batch` is the same decoding with rows joining a running batch between steps (continuous
-batching): the server adds the requests that arrived while the batch decodes. A model whose
-KV cache is not made of plain per-layer key/value tensors takes no rows into a running batch.
+Rows join a running batch between steps (continuous batching): the server adds the requests
+that arrived while the batch decodes. A model whose KV cache is not made of plain per-layer
+key/value tensors takes no rows into a running batch.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,32 +108,6 @@ class Decoder:
               share_prefix: bool = True) -> Batch:
         """A batch to decode on `model`; `mixed`: each row names its adapter (a PEFT model)."""
         return Batch(self, model, eos_id=eos_id, pad_id=pad_id, key=key, mixed=mixed, share_prefix=share_prefix)
-
-    def run(
-        self, model: Any, prompts: list[list[int]], budgets: list[int], *, eos_id: int, pad_id: int,
-        key: Any = None, adapter_names: list[str] | None = None, share_prefix: bool = True,
-        on_step: Callable[[list[int | None]], None] | None = None,
-    ) -> list[Row]:
-        """Greedily continue each prompt for at most its budget of new tokens, as one batch.
-
-        `adapter_names` picks a LoRA adapter per row of a PEFT model (rows of different
-        adapters have different prefix caches, so such a batch shares no prefix).
-        `on_step` gets, per decoding step, one entry per prompt: the new token, or None for
-        a row that was already done.
-        """
-        batch = self.batch(model, eos_id=eos_id, pad_id=pad_id, key=key, mixed=adapter_names is not None,
-                           share_prefix=share_prefix)
-        events = batch.add(prompts, budgets, list(range(len(prompts))), adapter_names)
-        rows = [row for _, row, _ in events]
-        while True:
-            if on_step is not None:
-                step: list[int | None] = [None] * len(prompts)
-                for i, _, tok in events:
-                    step[i] = tok
-                on_step(step)
-            if not len(batch):
-                return rows
-            events = batch.step()
 
 
 class Batch:

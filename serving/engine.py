@@ -108,7 +108,6 @@ class ModelServer:
         self.actor_name = serve.get_replica_context().replica_id.to_full_id_str() if in_serve else ""
         self.loaded_at: dict[str, float] = {}
         self.failed: dict[str, str] = {}  # version -> why it could not be loaded
-        self.artifacts: dict[str, Any] = {}  # version -> its downloaded artifact folder
         self.merged: dict[str, Any] = {}  # the default version merged into a copy of the base
         from serving.decoding import Decoder
 
@@ -152,7 +151,8 @@ class ModelServer:
         self._merge_default()
 
     def _unload(self, version: str, timeout_s: float = 120) -> None:
-        """Unload a version once no running row decodes with it (no new row takes it meanwhile)."""
+        """Unload a version once no running row decodes with it (no new row takes it meanwhile).
+        Past `timeout_s` it is unloaded anyway, and rows still decoding with it fail."""
         self.retiring.add(version)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -166,7 +166,6 @@ class ModelServer:
         self.retiring.discard(version)
         self.decoder.forget(version)
         self.decoder.forget(("merged", version))
-        self.artifacts.pop(version, None)
         self.loaded_at.pop(version, None)
         log.info("Unloaded adapter v%s", version)
 
@@ -175,17 +174,12 @@ class ModelServer:
         version = self.default
         if not self.spec.get("merge_default", True) or version is None or version in self.merged:
             return
-        import torch
-        from peft import PeftModel
-
-        from tuneloop.models import load_base
+        import copy
 
         try:
-            base, _ = load_base(self.base_ref)
-            merged = PeftModel.from_pretrained(base, self.artifacts[version] / "adapter").merge_and_unload()
+            # The PEFT model copied in memory, that one adapter merged, every LoRA layer removed.
+            merged = copy.deepcopy(self.model).merge_and_unload(adapter_names=[_name(version)])
             merged.eval()
-            if torch.cuda.is_available():
-                merged.to("cuda")
         except Exception:
             # Not fatal: the version is served by PEFT's active adapter, only slower.
             log.exception("Could not build a merged copy of v%s", version)
@@ -225,7 +219,6 @@ class ModelServer:
                 self.model.load_adapter(art / "adapter", adapter_name=_name(version))
             self.model.eval()
         self.adapters[version] = uri
-        self.artifacts[version] = art
         self.loaded_at[version] = time.time()
         self.failed.pop(version, None)
         log.info("Loaded adapter v%s from %s", version, uri)

@@ -40,6 +40,23 @@ def alone(model, prompt: list[int], budget: int, eos: int, pad: int) -> tuple[li
     return new, "length"
 
 
+def run(decoder: Decoder, model, prompts: list[list[int]], budgets: list[int], *, eos_id: int, pad_id: int,
+        key=None, adapter_names: list[str] | None = None, on_step=None) -> list:
+    """Decode `prompts` as one batch to the end; `on_step` gets each step's token per prompt (None: done)."""
+    batch = decoder.batch(model, eos_id=eos_id, pad_id=pad_id, key=key, mixed=adapter_names is not None)
+    events = batch.add(prompts, budgets, list(range(len(prompts))), adapter_names)
+    rows = [row for _, row, _ in events]
+    while True:
+        if on_step is not None:
+            step: list[int | None] = [None] * len(prompts)
+            for i, _, tok in events:
+                step[i] = tok
+            on_step(step)
+        if not len(batch):
+            return rows
+        events = batch.step()
+
+
 def test_common_prefix_leaves_every_prompt_a_token_of_its_own() -> None:
     assert common_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
     assert common_prefix([[1, 2, 3], [1, 2, 3]]) == 2
@@ -56,7 +73,7 @@ def test_rows_get_the_tokens_of_generate_alone_with_their_own_budgets_and_stops(
     assert {f for _, f in expected} == {"stop", "length"}, "the case needs rows that stop and rows that run out"
     steps: list[list[int | None]] = []
     decoder = Decoder()
-    rows = decoder.run(model, prompts, budgets, eos_id=eos, pad_id=tok.pad_token_id, key="v1", on_step=steps.append)
+    rows = run(decoder, model, prompts, budgets, eos_id=eos, pad_id=tok.pad_token_id, key="v1", on_step=steps.append)
     assert [(r.tokens, r.finish_reason) for r in rows] == expected
     assert decoder.prefix_misses == 1  # the system prompt, computed once for the batch
     # the steps stream each row's tokens, None once a row is done
@@ -68,16 +85,16 @@ def test_rows_get_the_tokens_of_generate_alone_with_their_own_budgets_and_stops(
 def test_a_cached_prefix_serves_the_next_batches_and_single_requests(tiny) -> None:
     model, tok, prompts = tiny
     decoder = Decoder()
-    first = decoder.run(model, prompts[:3], [8] * 3, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v1")
+    first = run(decoder, model, prompts[:3], [8] * 3, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v1")
     assert (decoder.prefix_misses, decoder.prefix_hits) == (1, 0)
-    again = decoder.run(model, prompts[2:], [8] * 3, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v1")
-    single = decoder.run(model, prompts[4:], [8], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v1")
+    again = run(decoder, model, prompts[2:], [8] * 3, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v1")
+    single = run(decoder, model, prompts[4:], [8], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v1")
     assert (decoder.prefix_misses, decoder.prefix_hits) == (1, 2)
     assert again[0].tokens == first[2].tokens and single[0].tokens == again[2].tokens
-    other = decoder.run(model, prompts[:2], [8] * 2, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v2")
+    other = run(decoder, model, prompts[:2], [8] * 2, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v2")
     assert decoder.prefix_misses == 2, "another adapter has its own prefix cache"
     decoder.forget("v1")
-    decoder.run(model, prompts[:2], [8] * 2, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v1")
+    run(decoder, model, prompts[:2], [8] * 2, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v1")
     assert decoder.prefix_misses == 3
     assert other[0].tokens == first[0].tokens  # same model here: same tokens
 
@@ -98,7 +115,7 @@ def test_mixed_adapters_in_one_batch_and_a_merged_copy_answer_as_each_adapter_al
     eos, pad = tok.eos_token_id, tok.pad_token_id
     decoder = Decoder()
     names = ["v1", "v2", "v1", "v2", "v1"]
-    mixed = decoder.run(peft, prompts, [10] * 5, eos_id=eos, pad_id=pad, adapter_names=names)
+    mixed = run(decoder, peft, prompts, [10] * 5, eos_id=eos, pad_id=pad, adapter_names=names)
     for row, prompt, name in zip(mixed, prompts, names):
         peft.set_adapter(name)
         assert row.tokens == alone(peft, prompt, 10, eos, pad)[0]
@@ -106,7 +123,7 @@ def test_mixed_adapters_in_one_batch_and_a_merged_copy_answer_as_each_adapter_al
     assert mixed[0].tokens != alone(peft, prompts[0], 10, eos, pad)[0], "the adapters must answer differently"
     peft.set_adapter("v1")
     merged = copy.deepcopy(peft).merge_and_unload(adapter_names=["v1"])
-    on_merged = decoder.run(merged, prompts, [10] * 5, eos_id=eos, pad_id=pad, key=("merged", "v1"))
+    on_merged = run(decoder, merged, prompts, [10] * 5, eos_id=eos, pad_id=pad, key=("merged", "v1"))
     assert [r.tokens for r in on_merged] == [alone(peft, p, 10, eos, pad)[0] for p in prompts]
 
 
