@@ -113,7 +113,8 @@ class ModelServer:
 
         self.decoder = Decoder(max_prefixes=int(spec.get("prefix_cache", 8)))
         # since start, for info(): rows decoded per step = row_steps / steps
-        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "steps": 0, "row_steps": 0, "decode_s": 0.0}
+        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "steps": 0, "row_steps": 0, "prefills": 0,
+                      "prefill_s": 0.0, "decode_s": 0.0}
         self.started_at = time.time()
         self.max_batch = int(spec["max_batch_size"])
         self.batch_wait_s = float(spec["batch_wait_timeout_s"])
@@ -313,7 +314,8 @@ class ModelServer:
                         events = batch.step()
                         self.stats["steps"] += 1
                         self.stats["row_steps"] += len(events)
-                    self.stats["decode_s"] += time.perf_counter() - start
+                    self.stats["prefill_s" if items else "decode_s"] += time.perf_counter() - start
+                    self.stats["prefills"] += bool(items)
                     self.active = {item.version for item in batch.owners}
             except BaseException as err:  # the batch's requests get the error; the thread goes on
                 log.exception("Decoding a batch failed")

@@ -204,15 +204,18 @@ def _replica_infos(app_name: str, calls: int) -> dict[str, dict[str, Any]]:
     """`info()` of the model replicas that answer `calls` requests, by replica id."""
     from ray import serve
 
-    handle = serve.get_deployment_handle("ModelServer", app_name)
+    handle = serve.get_deployment_handle("ModelServer", app_name).options(method_name="info")
     seen: dict[str, dict[str, Any]] = {}
-    for response in [handle.info.remote() for _ in range(calls)]:
-        try:
-            info = response.result(timeout_s=30)
-        except Exception as err:  # noqa: BLE001 - a replica going away while we ask
-            log.debug("replica info failed: %s", err)
-            continue
-        seen[info["replica"]] = info
+    try:
+        for response in [handle.remote() for _ in range(calls)]:
+            try:
+                info = response.result(timeout_s=30)
+            except Exception as err:  # noqa: BLE001 - a replica going away while we ask
+                log.debug("replica info failed: %s", err)
+                continue
+            seen[info["replica"]] = info
+    finally:
+        handle.shutdown()  # its router would go on probing the replicas after the driver leaves
     return seen
 
 

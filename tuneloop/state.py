@@ -33,6 +33,10 @@ DEFAULT_ENV = {
     # only turns it on by itself where a token file already exists, and a driver that names
     # an address never does, so without this a machine with a token cannot connect.
     "RAY_AUTH_MODE": "token",
+    # Never start a Ray of our own by accident: a Serve handle's router keeps polling its
+    # controller after the driver disconnects, and its next call would start a fresh local
+    # Ray (a second cluster, on the machine's address) in whatever process used the handle.
+    "RAY_ENABLE_AUTO_CONNECT": "0",
     # Progress bars of artifact downloads and weight loading flood flow logs.
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
