@@ -308,6 +308,9 @@ class Gateway:
         except ApiError as err:
             self._finish(record, start, error=err)
             raise
+        except asyncio.CancelledError:  # the client went away (Serve cancels its request): still logged
+            self._finish(record, start, error=ApiError(499, "client closed the request", "client_closed", None))
+            raise
         except Exception as err:  # the client gets a clean 503, the log gets the failure
             log.exception("generation failed")
             self._finish(record, start, failure=err)
@@ -396,6 +399,7 @@ class Gateway:
                                                         "param": None, "code": "model_unavailable"}}) + "\n\n")
             finally:
                 if not logged:  # the client went away mid-stream (the task is cancelled): still logged
+                    gen.cancel()  # and the replica stops decoding for it
                     record.status, record.error = 499, "client closed the stream"
                     record.latency_ms = (time.perf_counter() - start) * 1000
                     if answer is not None:

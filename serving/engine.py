@@ -12,7 +12,7 @@ replicas one by one (new ones start before old ones stop).
 Requests are batched by the replica itself, continuously: requests that arrive while a batch
 decodes join it between steps (up to `max_batch_size` rows), streaming or not, and leave it as
 soon as they are done (`serving.decoding`: the chat template's shared prefix is computed once
-and its KV cache reused). A batch for the default version runs on a copy of the base with that adapter merged
+and its KV cache reused), or as soon as their client goes away (Serve cancels the request). A batch for the default version runs on a copy of the base with that adapter merged
 in (`serve.merge_default`); a batch for another single version runs it as PEFT's active
 adapter; requests for different versions share one batch, PEFT applying each row's adapter
 (`adapter_names`).
@@ -113,7 +113,7 @@ class ModelServer:
 
         self.decoder = Decoder(max_prefixes=int(spec.get("prefix_cache", 8)))
         # since start, for info(): rows decoded per step = row_steps / steps
-        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "steps": 0, "row_steps": 0, "prefills": 0,
+        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "steps": 0, "row_steps": 0, "prefills": 0, "abandoned": 0,
                       "prefill_s": 0.0, "decode_s": 0.0}
         self.started_at = time.time()
         self.max_batch = int(spec["max_batch_size"])
@@ -300,6 +300,8 @@ class ModelServer:
                         batch = self._start()
                         if batch is None:
                             continue
+                    if any(item.abandoned for item in batch.owners):
+                        self._abandon(batch)
                     items = self._take(batch) if batch.joinable and len(batch) < self.max_batch else []
                     if not items and not len(batch):
                         batch = None
@@ -381,10 +383,20 @@ class ModelServer:
         self.stats["rows"] += len(items)
         return items
 
+    def _abandon(self, batch: Any) -> None:
+        """The rows whose client went away leave the batch: no step is spent on an answer no one reads."""
+        keep = [b for b, item in enumerate(batch.owners) if not item.abandoned]
+        self.stats["abandoned"] += len(batch) - len(keep)
+        batch.drop(keep)
+
     def _recheck(self) -> None:
-        """Requests for a version being unloaded: the default answers a routed one; a pinned one fails."""
+        """Requests whose client went away leave the queue. Requests for a version being
+        unloaded: the default answers a routed one; a pinned one fails."""
         for item in list(self._waiting):
-            if item.version in self.retiring or (self.peft and item.version not in self.adapters):
+            if item.abandoned:
+                self._waiting.remove(item)
+                self.stats["abandoned"] += 1
+            elif item.version in self.retiring or (self.peft and item.version not in self.adapters):
                 if item.pinned or self.default is None or self.default in self.retiring:
                     self._waiting.remove(item)
                     err = UnknownAdapter(f"version {item.version} is not loaded on this replica")
@@ -411,9 +423,15 @@ class ModelServer:
         """The answer, or the request's own error (returned, not raised: the gateway maps it)."""
         try:
             item = self._submit(request, stream=False)
-            row = await item.done
         except (UnknownAdapter, PromptTooLong) as err:
             return err
+        try:
+            row = await item.done
+        except UnknownAdapter as err:
+            return err
+        except asyncio.CancelledError:  # Serve cancels a request whose HTTP client went away
+            item.abandoned = True
+            raise
         return self._answer(item, row)
 
     async def __call__(self, request: GenerationRequest) -> Answer:
@@ -430,19 +448,24 @@ class ModelServer:
         except (UnknownAdapter, PromptTooLong) as err:
             yield err
             return
-        yield ""
-        tokens: list[int] = []
-        sent = ""
-        while (tok := await item.tokens.get()) is not None:
-            if tok == self.tokenizer.eos_token_id:
-                break
-            tokens.append(tok)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # hold back a split character
-                if text[len(sent):]:
-                    yield text[len(sent):]
-                sent = text
-        row = await item.done
+        row = None
+        try:
+            yield ""
+            tokens: list[int] = []
+            sent = ""
+            while (tok := await item.tokens.get()) is not None:
+                if tok == self.tokenizer.eos_token_id:
+                    break
+                tokens.append(tok)
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):  # hold back a split character
+                    if text[len(sent):]:
+                        yield text[len(sent):]
+                    sent = text
+            row = await item.done
+        finally:
+            if row is None:  # closed or cancelled: the client went away
+                item.abandoned = True
         answer = self._answer(item, row)
         yield [answer.text[len(sent.strip()):] if answer.text.startswith(sent.strip()) else "", answer]
 
@@ -457,6 +480,7 @@ class _Pending:
         self.arrived = time.monotonic()
         self.done: asyncio.Future[Any] = loop.create_future()
         self.tokens: asyncio.Queue[int | None] = asyncio.Queue()
+        self.abandoned = False  # its client went away: it leaves the queue or batch before the next step
 
     def finish(self, result: Any) -> None:  # on the loop
         self.tokens.put_nowait(None)

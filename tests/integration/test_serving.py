@@ -32,7 +32,8 @@ pytestmark = pytest.mark.slow
 NAME = "tuneloop-chat"
 FAST_CANARY = ["serve.rollout.window_s=3", "serve.rollout.min_requests=6", "serve.rollout.share=0.5",
                "serve.rollout.max_wait_s=60", "serve.torch_threads=1", "serve.max_prompt_tokens=200",
-               "serve.rate_per_minute=100000", "serve.burst=10000"]
+               "serve.rate_per_minute=100000", "serve.burst=10000",
+               "serve.max_tokens_limit=4000"]
 
 
 def _adapter(base: BaseRef, out: Path, seed: int) -> Path:
@@ -173,6 +174,36 @@ def test_every_request_is_logged_with_pii_redacted_and_takes_feedback(served) ->
     assert row["adapter"] == "v1" and row["completion_tokens"] > 0 and row["latency_ms"] > 0
     assert log.feedback_for([rid]) == {rid: 1.0}
     assert any(x["status"] == 404 and x["error"] for x in log.window(limit=20))
+
+
+def _abandoned(cfg) -> int:
+    with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
+        return sum(info["decoding"]["abandoned"] for info in replica_infos(cfg).values())
+
+
+def test_a_client_that_goes_away_is_no_longer_decoded_and_is_logged(served) -> None:
+    """Serve cancels the request of a client that disconnects; the replica drops its row at the
+    next step (streaming or not) and the inference log records a 499."""
+    cfg, *_ = served
+    url = f"{endpoint(cfg.serve)}/v1/chat/completions"
+    # 4,000 tokens take the tiny model seconds (it never stops by itself on this prompt); a
+    # client gives up after 0.3 s
+    body = {"model": NAME, "max_tokens": 4000, "messages": [{"role": "user", "content": "Count to a thousand"}]}
+    before = _abandoned(cfg)
+    with httpx.Client(timeout=60) as http, http.stream("POST", url, json={**body, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")  # the role chunk: decoding has begun; then hang up
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=httpx.Timeout(60, read=0.3))
+    deadline = time.time() + 60
+    while time.time() < deadline and _abandoned(cfg) < before + 2:
+        time.sleep(0.5)
+    assert _abandoned(cfg) == before + 2
+    log, deadline = InferenceLog(inference_db_url(cfg)), time.time() + 30
+    while time.time() < deadline and sum(x["status"] == 499 for x in log.window(limit=5)) < 2:
+        time.sleep(0.5)
+    closed = [x for x in log.window(limit=5) if x["status"] == 499]
+    assert len(closed) == 2 and all(x["error"] for x in closed), log.window(limit=5)
 
 
 def test_adapters_hot_load_into_running_replicas_and_share_batches(served) -> None:
