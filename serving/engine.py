@@ -12,9 +12,10 @@ replicas one by one (new ones start before old ones stop).
 Requests are batched by the replica itself, continuously: requests that arrive while a batch
 decodes join it between steps (up to `max_batch_size` rows), streaming or not, and leave it as
 soon as they are done (`serving.decoding`: the chat template's shared prefix is computed once
-and its KV cache reused), or as soon as their client goes away (Serve cancels the request). A batch for the default version runs on a copy of the base with that adapter merged
-in (`serve.merge_default`); a batch for another single version runs it as PEFT's active
-adapter; requests for different versions share one batch, PEFT applying each row's adapter
+and its KV cache reused) or their client goes away (Serve cancels the request). A batch for
+the default version runs on a copy of the base with that adapter merged in
+(`serve.merge_default`); a batch for another single version runs it as PEFT's active adapter;
+requests for different versions share one batch, PEFT applying each row's adapter
 (`adapter_names`).
 """
 
@@ -262,7 +263,7 @@ class ModelServer:
     # its one adapter): then the batch drains and the next one takes them all. Serve's
     # `@serve.batch` is not used: its queue closes a batch as soon as its wait ends and then
     # holds it behind the running one (Ray 2.60), so under 32 clients each batch held the 1-2
-    # requests of a 10 ms window (2.7x sequential generate; this: 8.7-11.5x, BENCHMARKS.md).
+    # requests of a 10 ms window (2.7x sequential generate; this: 9.5-10.7x, BENCHMARKS.md).
     # The lock is taken per step, so adapters (un)load between steps; a version is unloaded
     # once no running row uses it.
 

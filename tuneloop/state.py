@@ -35,7 +35,7 @@ DEFAULT_ENV = {
     "RAY_AUTH_MODE": "token",
     # Never start a Ray of our own by accident: a Serve handle's router keeps polling its
     # controller after the driver disconnects, and its next call would start a fresh local
-    # Ray (a second cluster, on the machine's address) in whatever process used the handle.
+    # Ray (a second cluster, with its own servers and dashboard) in whatever process used it.
     "RAY_ENABLE_AUTO_CONNECT": "0",
     # Progress bars of artifact downloads and weight loading flood flow logs.
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
