@@ -263,7 +263,7 @@ class ModelServer:
     # its one adapter): then the batch drains and the next one takes them all. Serve's
     # `@serve.batch` is not used: its queue closes a batch as soon as its wait ends and then
     # holds it behind the running one (Ray 2.60), so under 32 clients each batch held the 1-2
-    # requests of a 10 ms window (2.7x sequential generate; this: 9.5-10.7x, BENCHMARKS.md).
+    # requests of a 10 ms window (2.7x sequential generate; this: 9.0-10.7x, BENCHMARKS.md).
     # The lock is taken per step, so adapters (un)load between steps; a version is unloaded
     # once no running row uses it.
 
