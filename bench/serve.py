@@ -187,55 +187,23 @@ def free_port() -> int:
 
 
 def overhead(cfg, n: int) -> dict:
-    """p50 of a no-op FastAPI app on uvicorn alone vs the same app as a Serve deployment."""
-    import subprocess
-
-    from fastapi import FastAPI
+    """p50 of no-op Serve deployments (`bench/serve_noop.py`) in tuneloop's cluster, of the
+    same FastAPI app on uvicorn alone, and of tuneloop's gateway `/healthz`."""
     from ray import serve
 
+    from bench.serve_noop import noop_apps, uvicorn_noop
     from tasks.deploy import endpoint
 
-    noop = FastAPI()
-
-    @noop.get("/")
-    def ok() -> dict:
-        return {"ok": True}
-
-    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
-    @serve.ingress(noop)
-    class NoOp:
-        pass
-
-    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
-    class Plain:  # the least a deployment can be: no FastAPI app, an async call
-        async def __call__(self, request) -> str:
-            return "ok"
-
-    serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
-    serve.run(Plain.bind(), name="plain", route_prefix="/plain")
+    apps = noop_apps()
+    serve.run(apps["fastapi-sync"], name="noop", route_prefix="/noop")
+    serve.run(apps["plain"], name="plain", route_prefix="/plain")
     serve_p50 = p50_get(f"{endpoint(cfg.serve)}/noop/", n)
     plain_p50 = p50_get(f"{endpoint(cfg.serve)}/plain/", n)
     gateway_p50 = p50_get(f"{endpoint(cfg.serve)}/healthz", n)
     serve.delete("noop")
     serve.delete("plain")
-    port = free_port()
-    code = ("from fastapi import FastAPI\nimport uvicorn\napp = FastAPI()\n@app.get('/')\ndef ok():\n"
-            "    return {'ok': True}\n"
-            f"uvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning')\n")
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    try:
-        import httpx
-
-        for _ in range(100):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        uvicorn_p50 = p50_get(f"http://127.0.0.1:{port}/", n)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with uvicorn_noop(free_port()) as url:
+        uvicorn_p50 = p50_get(url, n)
     return {"uvicorn_p50_ms": uvicorn_p50, "serve_noop_p50_ms": serve_p50, "serve_plain_p50_ms": plain_p50,
             "gateway_healthz_p50_ms": gateway_p50, "serve_overhead_p50_ms": serve_p50 - uvicorn_p50,
             "serve_plain_overhead_p50_ms": plain_p50 - uvicorn_p50}

@@ -303,6 +303,9 @@ class ModelServer:
                             continue
                     if any(item.abandoned for item in batch.owners):
                         self._abandon(batch)
+                        if not len(batch):  # the next batch is chosen afresh for what waits
+                            batch, self.active = None, set()
+                            continue
                     items = self._take(batch) if batch.joinable and len(batch) < self.max_batch else []
                     if not items and not len(batch):
                         batch = None
