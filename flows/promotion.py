@@ -41,6 +41,7 @@ from tasks.deploy import (
 from tasks.registry import ModelVersionRef, find_alias, promote_champion, tag_version, version_tags
 from tuneloop.config import TuneloopConfig, load_config
 from tuneloop.gate import evaluate_rule, parse_rule
+from tuneloop.seams import Routing, ServedVersions
 from tuneloop.servespec import serve_config, serve_spec
 from tuneloop.state import inference_db_url, ray_address, tracking_uri
 
@@ -87,7 +88,9 @@ def _routing(champion: str, challenger: str | None = None, mode: str = "off", sh
 
 def _config(cfg: TuneloopConfig, base_version: str, adapters: list[str], routing: dict) -> dict:
     spec = serve_spec(cfg, base_version)
-    return serve_config(cfg, {"spec": spec}, {v: _uri(cfg, v) for v in adapters}, routing["champion"], routing)
+    return serve_config(cfg, {"spec": spec.model_dump(mode="json")},
+                        ServedVersions(adapters={v: _uri(cfg, v) for v in adapters}, default=routing["champion"]),
+                        Routing.model_validate(routing))
 
 
 def compare_arms(cfg: TuneloopConfig, since: dt.datetime, mode: str) -> tuple[str, list[str], dict]:

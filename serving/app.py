@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import Answer, GenerationRequest, ModelServer, PromptTooLong, UnknownAdapter
 from serving.guard import KeyRing, RateLimiter
+from tuneloop.seams import ServeSpec
 
 log = logging.getLogger("ray.serve")
 
@@ -161,28 +162,29 @@ def _retryable(err: BaseException) -> bool:
 class Gateway:
     """HTTP API: checks keys and limits, routes to a model version, logs every request."""
 
-    def __init__(self, model: DeploymentHandle, spec: dict[str, Any]) -> None:
+    def __init__(self, model: DeploymentHandle, spec: ServeSpec) -> None:
         from tuneloop.inferencelog import InferenceLog, LogWriter
 
         self.model = model
         self.stream_handle = model.options(stream=True)
-        self.spec = spec
-        self.name = spec["model_name"]
-        self.store = InferenceLog(spec["inference_db_url"])
+        spec = ServeSpec.model_validate(spec)
+        self.spec = spec.gateway
+        self.name = spec.model_name
+        self.store = InferenceLog(spec.inference_db_url)
         self.writer = LogWriter(self.store, redact=self._redactor())
-        self.keys = KeyRing(spec.get("api_keys") or [])
-        self.require_key = bool(spec.get("require_api_key")) or bool(self.keys)
-        self.limiter = RateLimiter(int(spec["rate_per_minute"]), int(spec["burst"]))
+        self.keys = KeyRing([k.model_dump() for k in self.spec.api_keys])
+        self.require_key = self.spec.require_api_key or bool(self.keys)
+        self.limiter = RateLimiter(self.spec.rate_per_minute, self.spec.burst)
         self.routing: dict[str, Any] = {"champion": None, "challenger": None, "mode": "off", "share": 0.0}
         self._shadow_tasks: set[asyncio.Task] = set()
-        _LIMITS["max_request_bytes"] = int(spec["max_request_bytes"])
+        _LIMITS["max_request_bytes"] = self.spec.max_request_bytes
 
     def _redactor(self) -> Any:
-        if self.spec.get("log_pii", "redact") != "redact":
+        if self.spec.log_pii != "redact":
             return None
         from tuneloop.safety import PiiScanner
 
-        scanner = PiiScanner(list(self.spec.get("pii_entities") or []))
+        scanner = PiiScanner(list(self.spec.pii_entities))
         scanner.redact(["warm-up: alice@example.com"])  # load presidio now, not with the first rows
         return scanner.redact
 
@@ -224,10 +226,10 @@ class Gateway:
 
     def _max_tokens(self, *values: int | None) -> int:
         asked = next((v for v in values if v is not None), None)
-        max_tokens = asked or int(self.spec["default_max_tokens"])
-        if max_tokens > int(self.spec["max_tokens_limit"]):
+        max_tokens = asked or self.spec.default_max_tokens
+        if max_tokens > self.spec.max_tokens_limit:
             raise ApiError(422, f"max_tokens={max_tokens} is above this server's limit of "
-                                f"{self.spec['max_tokens_limit']}", "invalid_request_error", "max_tokens")
+                                f"{self.spec.max_tokens_limit}", "invalid_request_error", "max_tokens")
         return max_tokens
 
     def _route(self, model: str | None, user: str | None) -> tuple[str | None, str]:
@@ -485,9 +487,9 @@ class Gateway:
         return JSONResponse({"id": body.id, "object": "feedback", "status": "recorded"})
 
 
-def build_app(spec: dict[str, Any], model_options: dict[str, Any] | None = None,
+def build_app(spec: ServeSpec, model_options: dict[str, Any] | None = None,
               gateway_options: dict[str, Any] | None = None) -> serve.Application:
-    """Bind the application. `spec` (JSON) is what both deployments are built with."""
+    """Bind the application. `spec` is what both deployments are built with."""
     model = ModelServer.options(**(model_options or {})).bind(spec)
     return Gateway.options(**(gateway_options or {})).bind(model, spec)
 
@@ -497,7 +499,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     writes), or `{"config": "configs/local.yaml", "set": [...]}` to build the spec from a
     tuneloop config and the registry's champion."""
     if "spec" in args:
-        return build_app(dict(args["spec"]))
+        return build_app(ServeSpec.model_validate(args["spec"]))
     from tuneloop.config import load_config
     from tuneloop.servespec import serve_spec
 

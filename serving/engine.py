@@ -33,6 +33,8 @@ from typing import Any
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
+from tuneloop.seams import ServeSpec
+
 log = logging.getLogger("ray.serve")
 
 JOIN_AT_ONCE = 8  # a running batch takes waiting requests once this many wait (or as many as fit) …
@@ -77,24 +79,25 @@ class UnknownAdapter(KeyError):
     max_ongoing_requests=64,
 )
 class ModelServer:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: ServeSpec) -> None:
         import mlflow
         import torch
 
         from tuneloop.models import find_artifact_dir, load_base, read_base_ref
 
-        torch.set_num_threads(int(spec["torch_threads"]))
+        spec = ServeSpec.model_validate(spec)
+        torch.set_num_threads(spec.engine.torch_threads)
         self.spec = spec
-        self.model_name = spec["model_name"]
-        mlflow.set_tracking_uri(spec["tracking_uri"])
-        art = find_artifact_dir(mlflow.artifacts.download_artifacts(artifact_uri=spec["base_uri"]))
+        self.model_name = spec.model_name
+        mlflow.set_tracking_uri(spec.tracking_uri)
+        art = find_artifact_dir(mlflow.artifacts.download_artifacts(artifact_uri=spec.base_uri))
         self.base_ref = read_base_ref(art)
         self.full_version: str | None = None
         if (art / "model").is_dir():  # a fully fine-tuned version is its own base, with no adapter
             from tuneloop.models import load_adapter_model
 
             self.model, self.tokenizer = load_adapter_model(art)
-            self.full_version = spec["base_uri"].rstrip("/").rsplit("/", 1)[-1]
+            self.full_version = spec.base_version
         else:
             self.model, self.tokenizer = load_base(self.base_ref)
             self.model.eval()
@@ -112,13 +115,13 @@ class ModelServer:
         self.merged: dict[str, Any] = {}  # the default version merged into a copy of the base
         from serving.decoding import Decoder
 
-        self.decoder = Decoder(max_prefixes=int(spec.get("prefix_cache", 8)))
+        self.decoder = Decoder(max_prefixes=spec.engine.prefix_cache)
         # since start, for info(): rows decoded per step = row_steps / steps
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "steps": 0, "row_steps": 0, "prefills": 0, "abandoned": 0,
                       "prefill_s": 0.0, "decode_s": 0.0}
         self.started_at = time.time()
-        self.max_batch = int(spec["max_batch_size"])
-        self.batch_wait_s = float(spec["batch_wait_timeout_s"])
+        self.max_batch = spec.engine.max_batch_size
+        self.batch_wait_s = spec.engine.batch_wait_timeout_s
         self._waiting: list[_Pending] = []
         self._arrived = threading.Condition()  # guards _waiting; taken after _lock, never before
         self.active: set[str] = set()  # versions of the rows being decoded
@@ -174,7 +177,7 @@ class ModelServer:
     def _merge_default(self) -> None:
         """Keep a merged copy of the default version (only it), built outside the lock."""
         version = self.default
-        if not self.spec.get("merge_default", True) or version is None or version in self.merged:
+        if not self.spec.engine.merge_default or version is None or version in self.merged:
             return
         import copy
 
@@ -197,7 +200,7 @@ class ModelServer:
         from mlflow import MlflowClient
 
         name = self.model_name
-        version = MlflowClient().get_model_version_by_alias(name, self.spec.get("champion_alias", "champion")).version
+        version = MlflowClient().get_model_version_by_alias(name, self.spec.champion_alias).version
         return {str(version): f"models:/{name}/{version}"}
 
     def _load(self, version: str, uri: str) -> None:
@@ -252,7 +255,7 @@ class ModelServer:
 
         ids = (chat_prompt(self.tokenizer, req.messages) if req.messages is not None
                else text_prompt(self.tokenizer, req.text or ""))
-        limit = int(self.spec["max_prompt_tokens"])
+        limit = self.spec.engine.max_prompt_tokens
         if len(ids) > limit:
             raise PromptTooLong(f"The prompt is {len(ids)} tokens; this server takes at most {limit}")
         return ids

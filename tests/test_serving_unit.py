@@ -10,6 +10,7 @@ import yaml
 from serving.guard import KeyRing, RateLimiter
 from tuneloop.apikeys import key_sha256, keys_from_env, new_key
 from tuneloop.config import ConfigError, load_config
+from tuneloop.seams import Routing, ServedVersions
 from tuneloop.servespec import serve_config
 
 SERVE_CONFIG = Path(__file__).parent.parent / "infra" / "serve" / "serve-config.yaml"
@@ -55,8 +56,8 @@ def test_the_serve_config_tuneloop_writes_is_a_valid_serve_deploy_config() -> No
     from ray.serve.schema import ServeDeploySchema
 
     cfg = load_config(None, ["serve.autoscaling={min_replicas: 1, max_replicas: 4, target_ongoing_requests: 4}"])
-    config = serve_config(cfg, {"config": "configs/local.yaml"}, {"3": "models:/m/3"}, "3",
-                          {"champion": "3", "challenger": None, "mode": "off", "share": 0.0})
+    config = serve_config(cfg, {"config": "configs/local.yaml"},
+                          ServedVersions(adapters={"3": "models:/m/3"}, default="3"), Routing.only("3"))
     schema = ServeDeploySchema.model_validate(config)
     app = schema.applications[0]
     assert app.import_path == "serving.app:app_builder" and app.route_prefix == "/"

@@ -1,7 +1,9 @@
 """What a Ray Serve deployment of tuneloop is built with, from the config and the registry.
 
-    spec = serve_spec(cfg, base_version="3")       # the JSON both deployments get
-    config = serve_config(cfg, spec, adapters={"3": ..., "4": ...}, routing={...})
+    spec = serve_spec(cfg, base_version="3")       # the ServeSpec both deployments get
+    config = serve_config(cfg, {"spec": spec.model_dump(mode="json")},
+                          ServedVersions(adapters={"3": ..., "4": ...}, default="3"),
+                          Routing(champion="3", challenger="4", mode="canary", share=0.1))
     # -> a Serve config (what `serve deploy` reads; infra/serve/serve-config.yaml is one)
 
 Shared by the deploy task (which applies the config through Serve's controller) and
@@ -15,9 +17,12 @@ import os
 from typing import Any
 
 from tuneloop.apikeys import keys_from_env
-from tuneloop.config import TuneloopConfig
+from tuneloop.config import ApiKeyConfig, TuneloopConfig
+from tuneloop.seams import EngineSpec, GatewaySpec, Routing, ServedVersions, ServeSpec
 
 IMPORT_PATH = "serving.app:app_builder"
+MODEL_DEPLOYMENT = "ModelServer"
+GATEWAY_DEPLOYMENT = "Gateway"
 
 
 def champion_version(cfg: TuneloopConfig) -> str:
@@ -29,31 +34,31 @@ def champion_version(cfg: TuneloopConfig) -> str:
     return str(client.get_model_version_by_alias(cfg.registry.model_name, cfg.registry.champion_alias).version)
 
 
-def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> dict[str, Any]:
+def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> ServeSpec:
     """The deployments' static settings; `base_version` (default: the champion) picks the base model."""
     from tuneloop.state import inference_db_url, tracking_uri
 
     s, name = cfg.serve, cfg.registry.model_name
     version = base_version or champion_version(cfg)
-    keys = [k.model_dump() for k in s.api_keys] + keys_from_env(os.environ.get(s.api_keys_env))
-    return {
-        "model_name": name, "base_uri": f"models:/{name}/{version}", "champion_alias": cfg.registry.champion_alias,
-        "tracking_uri": tracking_uri(cfg), "inference_db_url": inference_db_url(cfg),
-        "torch_threads": s.torch_threads, "max_batch_size": s.max_batch_size,
-        "batch_wait_timeout_s": s.batch_wait_timeout_s, "merge_default": s.merge_default,
-        "prefix_cache": s.prefix_cache, "default_max_tokens": s.default_max_tokens,
-        "max_tokens_limit": s.max_tokens_limit, "max_prompt_tokens": s.max_prompt_tokens,
-        "max_request_bytes": s.max_request_bytes, "require_api_key": s.require_api_key, "api_keys": keys,
-        "rate_per_minute": s.rate_per_minute, "burst": s.burst, "log_pii": s.log_pii,
-        "pii_entities": list(s.pii_entities),
-    }
+    keys = [*s.api_keys, *(ApiKeyConfig.model_validate(k) for k in keys_from_env(os.environ.get(s.api_keys_env)))]
+    return ServeSpec(
+        model_name=name, base_uri=f"models:/{name}/{version}", champion_alias=cfg.registry.champion_alias,
+        tracking_uri=tracking_uri(cfg), inference_db_url=inference_db_url(cfg),
+        engine=EngineSpec(torch_threads=s.torch_threads, max_batch_size=s.max_batch_size,
+                          batch_wait_timeout_s=s.batch_wait_timeout_s, merge_default=s.merge_default,
+                          prefix_cache=s.prefix_cache, max_prompt_tokens=s.max_prompt_tokens),
+        gateway=GatewaySpec(default_max_tokens=s.default_max_tokens, max_tokens_limit=s.max_tokens_limit,
+                            max_request_bytes=s.max_request_bytes, require_api_key=s.require_api_key,
+                            api_keys=keys, rate_per_minute=s.rate_per_minute, burst=s.burst,
+                            log_pii=s.log_pii, pii_entities=list(s.pii_entities)),
+    )
 
 
 def model_deployment(cfg: TuneloopConfig) -> dict[str, Any]:
     """Replicas, resources and autoscaling of the model deployment, from `serve.*`."""
     s = cfg.serve
     actor: dict[str, Any] = {"num_cpus": s.replica_cpus, **({"num_gpus": s.replica_gpus} if s.replica_gpus else {})}
-    out: dict[str, Any] = {"name": "ModelServer", "ray_actor_options": actor}
+    out: dict[str, Any] = {"name": MODEL_DEPLOYMENT, "ray_actor_options": actor}
     if s.autoscaling is not None:
         out["autoscaling_config"] = s.autoscaling.model_dump()
     else:
@@ -61,14 +66,16 @@ def model_deployment(cfg: TuneloopConfig) -> dict[str, Any]:
     return out
 
 
-def serve_config(cfg: TuneloopConfig, app_args: dict[str, Any], adapters: dict[str, str] | None = None,
-                 default: str | None = None, routing: dict[str, Any] | None = None) -> dict[str, Any]:
+def serve_config(cfg: TuneloopConfig, app_args: dict[str, Any], versions: ServedVersions | None = None,
+                 routing: Routing | None = None) -> dict[str, Any]:
     """A Serve config (the schema of `serve deploy`) for the tuneloop application."""
     s = cfg.serve
+    versions = versions or ServedVersions()
     model = model_deployment(cfg)
-    model["user_config"] = {"adapters": adapters or {}, "default": default}
-    gateway = {"name": "Gateway", "num_replicas": 1, "ray_actor_options": {"num_cpus": s.gateway_cpus},
-               "user_config": routing or {"champion": default, "challenger": None, "mode": "off", "share": 0.0}}
+    model["user_config"] = versions.model_dump(mode="json")
+    routing = routing or Routing.only(versions.default)
+    gateway = {"name": GATEWAY_DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": s.gateway_cpus},
+               "user_config": routing.model_dump(mode="json")}
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": s.host, "port": s.port},
