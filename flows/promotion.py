@@ -40,7 +40,7 @@ from tasks.deploy import (
 )
 from tasks.registry import ModelVersionRef, find_alias, promote_champion, tag_version, version_tags
 from tuneloop.config import TuneloopConfig, load_config
-from tuneloop.gate import evaluate_rule, parse_rule
+from tuneloop.gate import Figures, evaluate_rule, parse_rule
 from tuneloop.seams import Routing, ServedVersions
 from tuneloop.servespec import serve_config, serve_spec
 from tuneloop.state import inference_db_url, ray_address, tracking_uri
@@ -116,16 +116,11 @@ def compare_arms(cfg: TuneloopConfig, since: dt.datetime, mode: str) -> tuple[st
                 f"(need {r.min_requests}): {r.on_no_traffic} on the smoke test alone")
         return ("promote" if r.on_no_traffic == "promote" else "rollback"), [line], figures
     lines, failed = [], False
+    flat = Figures.flat(cand, champ)
     for text in r.rules:
-        rule = parse_rule(text)
-        missing = [m for m in rule.candidate_metrics if not _defined(cand.get(m))]
-        missing += [f"champion.{m}" for m in rule.champion_metrics if not _defined(champ.get(m))]
-        if missing:
-            lines.append(f"skipped  {text} ({', '.join(missing)}: no figure in the window)")
-            continue
-        res = evaluate_rule(rule, cand, champ)
-        failed |= res.outcome == "fail"
-        lines.append(res.line())
+        for res in evaluate_rule(parse_rule(text), flat, missing="skip"):  # no figure in the window: skipped
+            failed |= res.outcome == "fail"
+            lines.append(res.line())
     return ("rollback" if failed else "promote"), lines, figures
 
 

@@ -13,17 +13,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import mlflow
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from tasks.data import load_eval_set
-from tasks.evaluate import check_eval_set, check_model_list, evaluate_base_model, rank_reports
+from tasks.evaluate import EvalReport, check_model_list, eval_rows, evaluate_base_model, rank_reports
 from tasks.finetune import prepare_base_model
 from tasks.judge import judge_answers, probe_judge
-from tasks.registry import log_leaderboard, log_model_evaluation, start_selection_run
-from tuneloop.config import TuneloopConfig, evaluated_metrics, load_config
-from tuneloop.state import state_paths, tracking_uri
+from tasks.registry import log_leaderboard, log_model_evaluation, open_state, start_selection_run
+from tuneloop.config import EvalConfig, TuneloopConfig, evaluated_metrics, load_config
 
 
 @dataclass
@@ -55,39 +53,42 @@ def model_selection_flow(config: TuneloopConfig | None = None, models: list[str]
                          rank_by: str = "rougeL") -> SelectionResult:
     """Evaluate each base model in `models` on `config.data.path` and rank them by `rank_by`."""
     cfg = config or load_config()
-    logger = get_run_logger()
-    paths = state_paths(cfg).ensure()
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-
+    paths = open_state(cfg)
     # Every input is checked, every model resolved and the judge reached before any generation.
     models = check_model_list(models or [], rank_by, cfg.eval)
     dataset = load_eval_set(cfg.data)  # every row of data.path is the evaluation set
-    rows = check_eval_set(dataset.frame, cfg.eval, dataset.source)
+    rows = eval_rows(dataset.frame, cfg.eval, dataset.source)
     bases = [prepare_base_model(cfg.model.model_copy(update={"base": m}), paths.models) for m in models]
     judge = probe_judge(cfg.eval.judge, paths.models)
-
-    params = {"models": ",".join(models), "rank_by": rank_by, "eval.max_examples": cfg.eval.max_examples,
-              "eval.max_new_tokens": cfg.eval.max_new_tokens, "eval.metrics": ",".join(cfg.eval.metrics),
-              **(judge.params() if judge else {})}
+    params = selection_params(models, rank_by, cfg.eval, judge)
     parent = start_selection_run(cfg.registry, rows, dataset.source, params)
     reports, run_ids = [], {}
     for model, base in zip(models, bases):
-        report = evaluate_base_model(base, rows, cfg.eval, model, cfg.model.dtype)
+        report = evaluate_base_model(base, dataset.frame, cfg.eval, model, cfg.model.dtype)
         if judge:
             report = judge_answers(report, cfg.eval.judge, paths.models)
         run_ids[model] = log_model_evaluation(parent, model, base, report.metrics, report.examples,
                                               {k: str(v) for k, v in params.items() if k.startswith("eval.")})
         reports.append(report)
+    return publish_leaderboard(reports, run_ids, rank_by, cfg.eval, parent, f"{dataset.source} ({len(rows)} examples)")
 
-    columns = [rank_by, *(m for m in evaluated_metrics(cfg.eval) if m != rank_by)]
+
+def selection_params(models: list[str], rank_by: str, cfg: EvalConfig, judge: object) -> dict[str, object]:
+    return {"models": ",".join(models), "rank_by": rank_by, "eval.max_examples": cfg.max_examples,
+            "eval.max_new_tokens": cfg.max_new_tokens, "eval.metrics": ",".join(cfg.metrics),
+            **(judge.params() if judge else {})}
+
+
+@task(name="publish-leaderboard")
+def publish_leaderboard(reports: list[EvalReport], run_ids: dict[str, str], rank_by: str, cfg: EvalConfig,
+                        parent: str, what: str) -> SelectionResult:
+    """Rank the models, attach the leaderboard to the comparison's run and show it as a Prefect artifact."""
+    columns = [rank_by, *(m for m in evaluated_metrics(cfg) if m != rank_by)]
     ranked = [LeaderboardRow(i, r.label, run_ids[r.label], r.metrics)
               for i, r in enumerate(rank_reports(reports, rank_by), start=1)]
     result = SelectionResult(rank_by, columns, parent, ranked)
-    log_leaderboard(parent, result.table())
-    create_table_artifact(
-        key="model-leaderboard", table=result.table(),
-        description=f"{len(models)} base models on {dataset.source} ({len(rows)} examples), ranked by {rank_by}",
-    )
-    logger.info("Best by %s: %s", rank_by, ranked[0].model)
+    log_leaderboard.fn(parent, result.table())
+    create_table_artifact(key="model-leaderboard", table=result.table(),
+                          description=f"{len(reports)} base models on {what}, ranked by {rank_by}")
+    get_run_logger().info("Best by %s: %s", rank_by, ranked[0].model)
     return result
-

@@ -1,8 +1,13 @@
-"""Training flow: validate → fine-tune → evaluate vs champion → gate → register → alias.
+"""Training flow: validate → fine-tune → evaluate on every slice vs the champion → gate → register → alias.
+
+The champion is the version that serves, or the base model itself while none does: a first
+version must beat the model it started from. The candidate and the champion answer the same
+examples of every slice of the champion's lineage and the new data's own held-out slice, and
+the gate's rules read their figures per slice and the paired intervals of the gains.
 
 A version that passes the gate becomes `challenger`; with registry.on_gate_pass=promote the
-promotion flow then serves it and, after its smoke test, moves `champion` to it. A rejected
-version is registered for comparison, with no alias and the reason in its tags.
+promotion flow then serves it and, after its smoke test and canary, moves `champion` to it. A
+rejected version is registered for comparison, with no alias and the reason in its tags.
 
     tuneloop train --data data.jsonl            # CLI
     python -m flows.training                    # the embedded default, configs/local.yaml
@@ -14,57 +19,34 @@ worker that picks it up again): its checkpoints and its MLflow run are keyed on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime
-
-import mlflow
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow
 
 from flows.promotion import promotion_flow
-from tasks.data import DataValidationError, load_dataset
-from tasks.evaluate import (
-    PairedDifference,
-    check_eval_set,
-    compare_reports,
-    decide_gate,
-    evaluate_model,
-    write_eval_report,
-)
+from tasks.data import load_dataset
+from tasks.evaluate import compare_reports, decide_gate, eval_rows, evaluate_model, write_eval_report
 from tasks.finetune import check_training_setup, finetune, prepare_base_model, training_key
-from tasks.judge import judge_answers, probe_judge
+from tasks.judge import judge_evaluation, probe_judge
 from tasks.registry import (
-    ModelVersionRef,
-    download_version,
+    TrainingResult,
+    assign_alias,
+    champion_or_base,
+    current_alias,
     end_unfinished_run,
-    fail_run,
     find_champion,
-    log_dataset_inputs,
-    log_eval_examples,
-    log_run_artifact,
-    log_validation_report,
+    open_state,
+    publish_training_summary,
+    record_evaluation,
+    record_training_inputs,
     register_adapter,
-    set_challenger,
+    require_valid_data,
     start_training_run,
+    training_params,
+    version_lineage,
 )
-from tasks.validation import report_markdown, validate_dataset
+from tasks.slices import collect_slices
+from tasks.validation import validate_dataset
 from tuneloop.config import TuneloopConfig, load_config
-from tuneloop.state import state_paths, tracking_uri
-
-
-@dataclass
-class TrainingResult:
-    version: ModelVersionRef
-    champion: bool  # the version holds the champion alias when the flow ends (promoted)
-    reason: str  # the gate's verdict
-    metrics: dict[str, float]
-    champion_metrics: dict[str, float] | None
-    dataset_digest: str
-    trigger: str
-    comparison: list[PairedDifference]  # candidate - champion with bootstrap intervals
-    decision: str  # the gate: passed, rejected, or withheld (incomplete evidence)
-    alias: str | None  # the alias the version holds when the flow ends
-    rules: list[str]  # one line per gate rule: outcome, rule, values
+from tuneloop.state import tracking_uri
 
 
 def _end_mlflow_run(flow, flow_run, state) -> None:
@@ -80,130 +62,43 @@ def _end_mlflow_run(flow, flow_run, state) -> None:
 
 @flow(name="training-flow", log_prints=False, on_failure=[_end_mlflow_run], on_crashed=[_end_mlflow_run])
 def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual") -> TrainingResult:
-    """Fine-tune on `config.data` (LoRA adapter or full weights), gate it against the champion, register it."""
+    """Fine-tune on `config.data`, gate it against the champion (or the base) on every slice, register it."""
     cfg = config or load_config()
-    logger = get_run_logger()
-    paths = state_paths(cfg).ensure()
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-
+    paths = open_state(cfg)
     check_training_setup(cfg.train)  # qlora on a CPU worker fails here, before any data is read
     loaded = load_dataset(cfg.data)
     base = prepare_base_model(cfg.model, paths.models)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
     report, split = validate_dataset(loaded, cfg.validation, cfg.train.max_seq_len, base,
-                                     paths.reports / "validation" / f"{loaded.digest}-{stamp}")
+                                     paths.reports / "validation" / loaded.digest)
     judge = probe_judge(cfg.eval.judge, paths.models) if report.success else None
-    # The flow run id: a restart of this flow run resumes its MLflow run and checkpoints.
-    key = training_key(cfg.model, cfg.train, split.digest)
-    run_id = start_training_run(cfg.registry, f"train-{split.digest}",
-                                {**_params(cfg), **(judge.params() if judge else {})}, key,
-                                tags={"tuneloop.trigger": trigger})
-    log_dataset_inputs(run_id, split)
-    log_validation_report(run_id, report)
-    create_markdown_artifact(key="dataset-validation", markdown=report_markdown(report, run_id),
-                             description=f"{split.source}: validation {'passed' if report.success else 'failed'}")
-    if not report.success:  # nothing is trained or registered; the run keeps the evidence
-        fail_run(run_id, report.summary())
-        raise DataValidationError(report.summary())
-    logger.info(report.summary())
-    # Bad evaluation input fails here, before any training or generation.
-    check_eval_set(split.eval, cfg.eval, split.source)
-    workdir = paths.runs / key
-    trained = finetune(split.train, base, cfg.model, cfg.train, workdir, run_id)
-    candidate = evaluate_model(trained.artifact_dir, split.eval, cfg.eval, "candidate")
-
-    champion_ref = find_champion(cfg.registry)
-    champion, comparison = None, []
-    if champion_ref is not None:
-        champion_dir = download_version(champion_ref, workdir / "champion")
-        champion = evaluate_model(champion_dir, split.eval, cfg.eval, f"champion v{champion_ref.version}")
+    key = training_key(cfg.model, cfg.train, split.digest)  # the flow run id: a restart resumes run and checkpoints
+    run_id = start_training_run(cfg.registry, f"train-{split.digest}", training_params(cfg, judge), key,
+                                {"tuneloop.trigger": trigger})
+    record_training_inputs(run_id, split, report)
+    require_valid_data(run_id, report)  # nothing is trained or registered past a failed validation
+    eval_rows(split.eval, cfg.eval, split.source)  # bad evaluation input fails before any training
+    champion = find_champion(cfg.registry)
+    slices = collect_slices(cfg, split, champion)
+    trained = finetune(split.training_rows, base, cfg.model, cfg.train, paths.runs / key, run_id)
+    candidate = evaluate_model(trained.artifact_dir, slices.all, cfg.eval, "candidate", paths.eval_cache)
+    target, label = champion_or_base(champion, base, paths.runs / key / "champion")
+    reference = evaluate_model(target, slices.all, cfg.eval, label, paths.eval_cache, cfg.model.dtype)
     if judge:
-        candidate = judge_answers(candidate, cfg.eval.judge, paths.models)
-        champion = judge_answers(champion, cfg.eval.judge, paths.models) if champion else None
-    if champion:
-        comparison = compare_reports(candidate, champion)
-    verdict = decide_gate(candidate, champion, cfg.gate)
-    for line in verdict.lines():
-        logger.info("Gate %s", line)
-    eval_report = write_eval_report(candidate, champion, comparison, verdict, workdir / "eval_report.html")
-    log_run_artifact(run_id, eval_report)
-    log_eval_examples(run_id, candidate.examples, "candidate_examples")
-
-    lineage = {
-        "tuneloop.base_model": base.location, "tuneloop.base_sha256": base.sha256,
-        "tuneloop.base_revision": base.revision or "", "tuneloop.dataset_digest": split.digest,
-        "tuneloop.validation_warnings": str(len(report.warnings())),
-        "tuneloop.dataset_source": split.source, "tuneloop.training_run": run_id,
-        "tuneloop.method": cfg.train.method,
-        "tuneloop.trigger": trigger, "tuneloop.gate": verdict.decision,
-        "tuneloop.gate_reason": verdict.reason, "tuneloop.gate_rules": "\n".join(verdict.lines()),
-        **({"tuneloop.judge": f"{judge.backend}:{judge.model}",
-            "tuneloop.judge_rubrics": f"{judge.rubric.name}@{judge.rubric.sha256[:16]},"
-                                      f"{judge.hallucination_rubric.name}@{judge.hallucination_rubric.sha256[:16]}"}
-           if judge else {}),
-        **({"tuneloop.alias_reason": f"no alias: the gate {verdict.reason}"} if not verdict.passed else {}),
-        **({f"tuneloop.champion_{k}": f"{v:.6g}" for k, v in champion.metrics.items()} if champion else {}),
-    }
-    prompts = list(split.train["prompt"].head(cfg.monitor.reference_samples))
-    paired = {f"vs_champion_{d.metric}_{k}": v for d in comparison
-              for k, v in (("diff", d.mean), ("ci_low", d.low), ("ci_high", d.high))}
-    version = register_adapter(cfg.registry, run_id, trained.artifact_dir, {**candidate.metrics, **paired},
-                               lineage, prompts)
-    alias = None
-    if verdict.passed and set_challenger(version, cfg.registry, verdict.reason):
-        alias = cfg.registry.challenger_alias
-        logger.info("Version %s is %s: %s", version.version, alias, verdict.reason)
-        if cfg.registry.on_gate_pass == "promote":
-            promoted = promotion_flow(cfg, version.version, return_state=True)
-            if promoted.is_failed():  # the version stays challenger; what served before still serves
-                logger.warning("Version %s passed the gate but was not promoted: %s", version.version,
-                               promoted.message)
-            now = find_champion(cfg.registry)
-            if now is not None and now.version == version.version:
-                alias = cfg.registry.champion_alias
-    elif verdict.passed:
-        logger.warning("Version %s passed the gate, but a newer version is %s already", version.version,
-                       cfg.registry.challenger_alias)
-    else:
-        logger.warning("Version %s registered without alias: the gate %s", version.version, verdict.reason)
-    create_markdown_artifact(
-        key="training-result",
-        markdown=_summary_markdown(version, verdict, alias, candidate.metrics,
-                                   champion.metrics if champion else None, report.html, comparison),
-        description=f"{cfg.registry.model_name} v{version.version}",
-    )
-    return TrainingResult(version, alias == cfg.registry.champion_alias, verdict.reason, candidate.metrics,
-                          champion.metrics if champion else None, split.digest, trigger, comparison,
-                          verdict.decision, alias, verdict.lines())
-
-
-def _params(cfg: TuneloopConfig) -> dict[str, object]:
-    return {
-        "base_model": cfg.model.base, **{f"train.{k}": v for k, v in cfg.train.model_dump().items()},
-        "eval.max_examples": cfg.eval.max_examples, "eval.metrics": ",".join(cfg.eval.metrics),
-        "gate.rules": " ; ".join(cfg.gate.rules), "judge.backend": cfg.eval.judge.backend,
-    }
-
-
-def _summary_markdown(version, verdict, alias, metrics, champion_metrics, dataset_report, comparison) -> str:
-    rows = "\n".join(
-        f"| {k} | {v:.4f} | {champion_metrics.get(k, float('nan')):.4f} |" if champion_metrics
-        else f"| {k} | {v:.4f} | – |" for k, v in metrics.items()
-    )
-    docs = f"\n\nDataset report: `{dataset_report}` (and artifact `validation/` of the run)" if dataset_report else ""
-    docs += "\n\nEvaluation report: artifact `eval_report.html` of the training run"
-    if comparison:
-        docs += "\n\n| candidate − champion | mean | 95% interval |\n|---|---|---|\n" + "\n".join(
-            f"| {d.metric} | {d.mean:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] |" for d in comparison)
-    rules = "\n".join(f"| {r.outcome} | `{r.rule}` | {r.detail} |" for r in verdict.rules)
-    outcome = (f"alias **{alias}**" if alias else
-               "no alias: " + ("a newer version is challenger" if verdict.passed else verdict.reason))
-    return (
-        f"## {version.name} v{version.version}: gate {verdict.decision}, {outcome}\n\n"
-        f"Gate: {verdict.reason}\n\n| outcome | rule | values |\n|---|---|---|\n{rules}\n\n"
-        f"| metric | candidate | champion |\n|---|---|---|\n{rows}\n\n"
-        f"MLflow model: `{version.uri}`, training run `{version.run_id}`{docs}"
-    )
+        candidate = judge_evaluation(candidate, cfg.eval.judge, paths.models)
+        reference = judge_evaluation(reference, cfg.eval.judge, paths.models)
+    comparison = compare_reports(candidate, reference)
+    verdict = decide_gate(candidate, reference, comparison, cfg.gate, slices.new.name)
+    html = write_eval_report(candidate, reference, comparison, verdict, paths.runs / key / "eval_report.html")
+    record_evaluation(run_id, candidate, reference, comparison, verdict, html, slices.all)
+    lineage = version_lineage(cfg, base, split, report, run_id, trigger, verdict, judge, slices, reference, trained)
+    version = register_adapter(cfg.registry, run_id, trained.artifact_dir, candidate.flat(), lineage,
+                               list(split.train["prompt"].head(cfg.monitor.reference_samples)))
+    alias = assign_alias(version, verdict, cfg.registry)
+    if alias == cfg.registry.challenger_alias and cfg.registry.on_gate_pass == "promote":
+        promotion_flow(cfg, version.version, return_state=True)  # a failed promotion leaves it challenger
+        alias = current_alias(version, cfg.registry)
+    return publish_training_summary(cfg.registry, version, verdict, alias, candidate, reference, comparison,
+                                    slices, split, report, trigger)
 
 
 if __name__ == "__main__":

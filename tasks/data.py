@@ -51,11 +51,25 @@ class SplitDataset:
     fields: dict[str, str]
     train: pd.DataFrame
     eval: pd.DataFrame
+    # Earlier training rows mixed into training only (data.replay_path): never held out, never validated
+    # again (they passed with the version that first trained on them).
+    replay: pd.DataFrame | None = None
+    replay_source: str | None = None
 
     @property
     def digest(self) -> str:
-        """Content hash of both splits (the lineage tag); each split's own is `frame_digest`."""
-        return hashlib.sha256(f"{frame_digest(self.train)}/{frame_digest(self.eval)}".encode()).hexdigest()[:16]
+        """Content hash of the splits (the lineage tag); each split's own is `frame_digest`."""
+        parts = [frame_digest(self.train), frame_digest(self.eval)]
+        if self.replay is not None and len(self.replay):
+            parts.append(frame_digest(self.replay))
+        return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16]
+
+    @property
+    def training_rows(self) -> pd.DataFrame:
+        """What trains: the training split and the replayed rows."""
+        if self.replay is None or not len(self.replay):
+            return self.train
+        return pd.concat([self.train, self.replay], ignore_index=True)
 
     def label(self, split: str, row: int) -> str:
         """How a row is named in messages: its number, prefixed by the eval file when separate."""
@@ -225,14 +239,18 @@ def load_eval_set(cfg: DataConfig) -> LoadedDataset:
 
 def load_split(cfg: DataConfig) -> SplitDataset:
     data = read_dataset(cfg.path, cfg)
+    replay = None
+    if cfg.replay_path:  # written by retraining in the internal form's file shape (messages)
+        replay = read_dataset(cfg.replay_path, DataConfig(path=cfg.replay_path)).frame
     if cfg.eval_path:
         held_out = read_dataset(cfg.eval_path, cfg)
         if held_out.shape != data.shape:
             raise DataValidationError(f"Eval set {cfg.eval_path} has the {held_out.shape} shape, "
                                       f"training set {cfg.path} the {data.shape} shape")
-        return SplitDataset(data.source, held_out.source, data.shape, data.fields, data.frame, held_out.frame)
+        return SplitDataset(data.source, held_out.source, data.shape, data.fields, data.frame, held_out.frame,
+                            replay, cfg.replay_path)
     train, eval_ = split_frame(data.frame, cfg.eval_fraction, cfg.seed)
-    return SplitDataset(data.source, None, data.shape, data.fields, train, eval_)
+    return SplitDataset(data.source, None, data.shape, data.fields, train, eval_, replay, cfg.replay_path)
 
 
 def split_frame(frame: pd.DataFrame, eval_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -16,6 +16,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -596,3 +597,63 @@ def drift_verdict(signals: Sequence[Signal], retrain_signals: Sequence[str], ref
     newest = window.newest
     return DriftResult(verdict, emb.statistic if emb else None, emb.p_value if emb else None, reference_size,
                        len(window.answered), newest.id if newest else None, reason)
+
+
+# --------------------------------------------------------------------------- the check's inputs and verdict
+
+
+def monitor_settings(cfg: MonitorConfig, **overrides: Any) -> MonitorConfig:
+    """The monitoring settings of one check: the config's, with the flow's parameters that are set."""
+    return MonitorConfig.model_validate({**cfg.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """Prompts from a JSONL file (field prompt, question or text) or a text file (one per line)."""
+    import json
+
+    if not path.exists():
+        raise FileNotFoundError(f"monitor.reference {path} does not exist: give `champion` or a prompts file")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    out = []
+    for i, line in enumerate(lines, 1):
+        row = json.loads(line)
+        text = next((row[k] for k in ("prompt", "question", "text") if isinstance(row.get(k), str)), None)
+        if text is None:
+            raise ValueError(f"{path} line {i}: no prompt, question or text field")
+        out.append(text)
+    return out
+
+
+@task(name="read-reference", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def read_reference(m: MonitorConfig, champion: Any, cache: Path) -> Reference:
+    """Return the reference the window is compared with: prompts (a seeded sample of at most
+    monitor.reference_samples) with their embeddings, and what they are."""
+    import random
+
+    from tasks.embeddings import embed_reference
+    from tasks.registry import reference_prompts
+
+    if m.reference == "champion":
+        if champion is None:
+            prompts, source = [], "no champion to compare with"
+        else:
+            prompts = reference_prompts.fn(champion, cache / "reference" / champion.version)
+            source = f"training prompts of champion v{champion.version}"
+    else:
+        prompts, source = read_prompts_file(Path(m.reference)), f"prompts file {m.reference}"
+    if len(prompts) > m.reference_samples:
+        prompts = random.Random(0).sample(prompts, m.reference_samples)
+    vectors = embed_reference.fn(prompts, m.embedding_model, m.embedding_max_tokens, cache / "embeddings")
+    return Reference(prompts, vectors, source)
+
+
+@task(name="judge-drift", cache_policy=NO_CACHE)
+def judge_drift(signals: list[Signal], m: MonitorConfig, reference: Reference, window: Window) -> DriftResult:
+    """The window's drift verdict from the retraining signals (monitor.retrain_signals)."""
+    drift = drift_verdict(signals, m.retrain_signals, len(reference.prompts), window)
+    if not reference.prompts and drift.verdict == "no_data":
+        drift.reason = f"{reference.source}; {drift.reason}"
+    log.info("Drift verdict: %s (%s)", drift.verdict, drift.reason)
+    return drift

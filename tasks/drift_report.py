@@ -7,6 +7,7 @@ import html
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from mlflow import MlflowClient
@@ -15,7 +16,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.drift import DriftResult, LoggedRequest, Reference, Signal, Window, words
-from tuneloop.reports import png_base64
+from tuneloop.config import MonitorConfig
+from tuneloop.reports import STYLES, Table, figure_html, fmt, page, png_base64
 
 PLOT_POINTS = 2000  # per sample in the scatter: more only blurs the picture
 
@@ -195,12 +197,34 @@ def _pictures(reference: Reference, window: Window, embeddings: np.ndarray, base
     return out
 
 
-VERDICT_COLOURS = {"alert": "#c62828", "ok": "#2e7d32", "no_data": "#757575",
-                   "drift": "#c62828", "no_drift": "#2e7d32"}
+def signal_test(s: Signal) -> str:
+    """How a signal is judged: its p-value and alpha, or its limit."""
+    if s.is_test:
+        return (f"p = {fmt(s.p_value)} " if s.p_value is not None else "") + f"(alpha {fmt(s.threshold)})"
+    return "–" if s.threshold is None else f"limit {fmt(s.threshold)}"
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4g}"
+def signals_table(signals: list[Signal], title: str = "") -> Table:
+    """One row per signal: group, name, statistic, test or limit, verdict, detail."""
+    return Table(["group", "signal", "statistic", "p-value / limit", "verdict", "detail"],
+                 [[s.group, s.name, fmt(s.statistic), signal_test(s), s.verdict, s.detail] for s in signals],
+                 title=title, styles=[STYLES.get(s.verdict, "") for s in signals])
+
+
+def check_table(drift: DriftResult, window: Window, context: ReportContext) -> Table:
+    """What the check compared and decided, beyond its signals."""
+    skipped = ", ".join(f"{n} {reason}" for reason, n in window.skipped.items()) or "none"
+    rows = [
+        ["champion", context.champion],
+        ["reference", f"{context.reference_source} ({drift.reference_size} prompts)"],
+        ["window", (f"{len(window.requests)} requests ({len(window.answered)} answered), newest "
+                   f"{window.window_id or '–'}")],
+        ["malformed rows skipped", skipped],
+        ["prompts embedded by this check", f"{context.embedded_new} (the others were embedded by earlier checks)"],
+        ["persistence", context.decision], ["episode", context.episode or "–"], ["retraining", context.retraining],
+        ["retraining data", context.data_note or "–"], ["MLflow run", context.mlflow_run_id],
+    ]
+    return Table(["", ""], rows)
 
 
 @task(name="write-monitoring-report", cache_policy=NO_CACHE)
@@ -211,48 +235,52 @@ def write_monitoring_report(
 ) -> Path:
     """Write the check as a self-contained HTML page: verdicts, retraining, signals, pictures, outliers."""
     e = html.escape
-    rows = "".join(
-        f"<tr><td>{s.group}</td><td>{s.name}</td><td>{_fmt(s.statistic)}</td>"
-        f"<td>{'p = ' + _fmt(s.p_value) + ' (alpha ' + _fmt(s.threshold) + ')' if s.is_test else 'limit ' + _fmt(s.threshold)}</td>"
-        f"<td style='color:{VERDICT_COLOURS[s.verdict]};font-weight:bold'>{s.verdict}</td><td>{e(s.detail)}</td></tr>"
-        for s in signals)
-    skipped = ", ".join(f"{n} {e(reason)}" for reason, n in window.skipped.items()) or "none"
     pictures = _pictures(reference, window, embeddings, baseline, feedback, timeline, signals, alpha, slo_ms)
-    figures = "".join(f'<figure><img src="data:image/png;base64,{img}"><figcaption>{e(title)}</figcaption></figure>'
-                      for title, img in pictures)
+    figures = "".join(figure_html(title, img) for title, img in pictures)
     outliers = ""
     answered = window.answered
     if len(reference.embeddings) and len(embeddings):
         centroid = reference.embeddings.mean(axis=0)
         centroid /= np.linalg.norm(centroid) or 1.0
         sim = embeddings @ centroid
-        outliers = "".join(f"<tr><td>{sim[i]:.3f}</td><td>{e(answered[i].prompt[:300])}</td></tr>"
-                           for i in np.argsort(sim)[:10])
-        outliers = ("<h2>Requests least like the reference</h2><table><tr><th>cosine to the reference centroid</th>"
-                    f"<th>prompt</th></tr>{outliers}</table>")
-    colour = VERDICT_COLOURS[drift.verdict]
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tuneloop monitoring report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:72em}}td,th{{padding:.2em .7em;text-align:left;vertical-align:top}}
-table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}figure{{display:inline-block;margin:.5em;width:46%}}
-img{{max-width:100%}}figcaption{{font-size:.85em;color:#555}}</style></head><body>
-<h1>Prompt drift: <span style="color:{colour}">{drift.verdict}</span></h1><p>{e(drift.reason)}</p>
-<table>
-<tr><th>champion</th><td>{e(context.champion)}</td></tr>
-<tr><th>reference</th><td>{e(context.reference_source)} ({drift.reference_size} prompts)</td></tr>
-<tr><th>window</th><td>{len(window.requests)} requests ({len(answered)} answered), newest {e(window.window_id or '–')}</td></tr>
-<tr><th>malformed rows skipped</th><td>{skipped}</td></tr>
-<tr><th>prompts embedded by this check</th><td>{context.embedded_new} (the others were embedded by earlier checks)</td></tr>
-<tr><th>persistence</th><td>{e(context.decision)}</td></tr>
-<tr><th>episode</th><td>{e(context.episode or '–')}</td></tr>
-<tr><th>retraining</th><td>{e(context.retraining)}</td></tr>
-<tr><th>retraining data</th><td>{e(context.data_note or '–')}</td></tr>
-<tr><th>MLflow run</th><td>{e(context.mlflow_run_id)}</td></tr>
-</table>
-<h2>Signals</h2>
-<table><tr><th>group</th><th>signal</th><th>statistic</th><th>test / limit</th><th>verdict</th><th>detail</th></tr>{rows}</table>
-<h2>Pictures</h2>{figures}{outliers}</body></html>"""
+        outliers = Table(["cosine to the reference centroid", "prompt"],
+                         [[f"{sim[i]:.3f}", answered[i].prompt[:300]] for i in np.argsort(sim)[:10]],
+                         title="Requests least like the reference").html()
+    body = (f"<h1>Prompt drift: <span class='{STYLES.get(drift.verdict, '')}'>{drift.verdict}</span></h1>"
+            f"<p>{e(drift.reason)}</p>{check_table(drift, window, context).html()}<h2>Signals</h2>"
+            f"{signals_table(signals).html()}<h2>Pictures</h2>{figures}{outliers}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(page)
+    tmp.write_text(page("tuneloop monitoring report", body))
     tmp.replace(out)
     return out
+
+
+TIMELINE_SIGNALS = ["prompt_embedding/p_value", "prompt_length/p_value", "new_vocabulary/p_value"]
+
+
+@task(name="publish-monitoring-report", cache_policy=NO_CACHE)
+def publish_monitoring_report(
+    out: Path, drift: DriftResult, signals: list[Signal], reference: Reference, window: Window,
+    embeddings: np.ndarray, baseline: list[LoggedRequest], feedback: dict[str, float], context: ReportContext,
+    trigger: Any, m: MonitorConfig, experiment: str,
+) -> Path:
+    """Log the check's figures (its run and the model's timeline), write the HTML report onto its run,
+    end the run, and show the check as a Prefect artifact; return the report's path."""
+    from prefect.artifacts import create_markdown_artifact
+
+    log_monitoring_metrics.fn(trigger.record_run_id, trigger.timeline_run_id, trigger.step,
+                              signal_metrics(signals, drift, window))
+    timeline = read_timeline(trigger.timeline_run_id, TIMELINE_SIGNALS)
+    report = write_monitoring_report.fn(out, drift, signals, reference, window, embeddings, baseline, feedback,
+                                        context, timeline, m.alpha, m.thresholds.latency_p95_ms)
+    finish_monitoring_run.fn(trigger.record_run_id, report)
+    create_markdown_artifact(
+        key="monitoring-report",
+        markdown=(f"## Prompt drift: **{drift.verdict}**\n\n{drift.reason}\n\n"
+                  f"{context.decision}; retraining: {context.retraining}\n\n{signals_table(signals).markdown()}\n"
+                  f"{check_table(drift, window, context).markdown()}\n| report | `{report}` (artifact `{report.name}` "
+                  f"of the run, experiment `{experiment}`) |"),
+        description=f"Monitoring check: {drift.verdict}",
+    )
+    return report

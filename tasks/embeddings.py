@@ -14,6 +14,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prefect import task
@@ -198,3 +199,13 @@ def embed_reference(texts: list[str], model: str, max_tokens: int, cache_dir: Pa
     np.save(tmp, vectors)
     tmp.replace(path)  # a reader never sees half a file
     return vectors
+
+
+@task(name="embed-window", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def embed_window(db_url: str, window: Any, m: Any) -> tuple[np.ndarray, int]:
+    """Return the embeddings of a window's answered prompts (stored once per request) and how many were new."""
+    answered = window.answered
+    if not answered:
+        return np.zeros((0, 0), dtype=np.float32), 0
+    return embed_new_requests.fn(db_url, [r.id for r in answered], [r.prompt for r in answered],
+                                 m.embedding_model, m.embedding_max_tokens)

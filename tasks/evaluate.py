@@ -1,5 +1,17 @@
-"""Evaluation stage: score a model on a held-out set (reference metrics, safety, latency and
-cost), compare it with the champion, and decide the gate from the configured rules."""
+"""Evaluation stage: score a model on evaluation slices (reference metrics, safety, latency and
+cost), compare it with the champion on the same examples, and decide the gate from the rules.
+
+    rows = eval_rows(split.eval, cfg.eval, source)               # conversation up to the answer + reference
+    candidate = evaluate_model(artifact_dir, slices, cfg.eval, "candidate", cache)   # every slice
+    champion = evaluate_model(champion_dir or base_ref, slices, cfg.eval, "champion v3", cache)
+    verdict = decide_gate(candidate, champion, compare_reports(candidate, champion), cfg.gate, new="medication")
+
+A model is asked what serving would be asked: the conversation before the answer (system prompt
+and every earlier turn), rendered by the model's chat template (tuneloop.generation, as the
+serving engine renders it), greedy, stopping at the end of the turn. A model's figures on a
+slice are cached by the model's content hash, the slice's digest and the settings that change
+them, so the base model and a champion are scored once per slice, not at every training.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +26,11 @@ from typing import Any, Literal
 import pandas as pd
 from prefect import task
 
+from tasks.data import MESSAGES
 from tuneloop.config import LOWER_IS_BETTER, EvalConfig, GateConfig, evaluated_metrics
-from tuneloop.gate import RuleResult, evaluate_rule, parse_rule
+from tuneloop.gate import Figures, RuleResult, evaluate_rule, parse_rule
 from tuneloop.models import BaseRef
+from tuneloop.reports import STYLES, Table, fmt, fmt_interval, fmt_signed
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +40,46 @@ class EvalSetError(ValueError):
 
 
 @dataclass
+class EvalSlice:
+    """A named, versioned evaluation set (tasks/slices.py registers and finds them)."""
+
+    name: str  # trivia
+    version: int
+    digest: str  # of its rows: the same rows, the same digest
+    rows: pd.DataFrame  # the held-out rows in tasks.data's internal form (`messages`: each conversation)
+    source: str = ""  # where its rows came from
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass
 class EvalReport:
+    """One model on one slice."""
+
     label: str  # "candidate", "champion vN", or a base model's name
     metrics: dict[str, float]
-    # Per example: prompt, reference, prediction, toxicity, pii_leaked (+ judge fields, tasks/judge.py).
+    # Per example: prompt, messages, reference, prediction, toxicity, pii_leaked (+ judge fields, tasks/judge.py).
     examples: list[dict[str, Any]] = field(default_factory=list)
     per_example: dict[str, list[float]] = field(default_factory=dict)  # mean-decomposable metrics
+    slice: str = ""  # name@version
+
+
+@dataclass
+class ModelEvaluation:
+    """One model on every slice it was evaluated on."""
+
+    label: str
+    reports: dict[str, EvalReport]  # slice name → its report
+
+    def figures(self) -> dict[tuple[str, str], float]:
+        """(metric, slice name) → value: what the gate's rules read."""
+        return {(m, name): v for name, r in self.reports.items() for m, v in r.metrics.items()}
+
+    def flat(self) -> dict[str, float]:
+        """`<slice>/<metric>` → value: the names logged to MLflow (eval/<slice>/<metric>)."""
+        return {f"{name}/{m}": v for name, r in self.reports.items() for m, v in r.metrics.items()}
 
 
 @dataclass
@@ -40,6 +88,7 @@ class PairedDifference:
     mean: float  # candidate - champion, over the same examples
     low: float  # bootstrap confidence interval of the mean difference
     high: float
+    slice: str = ""  # the slice's name
 
 
 @dataclass
@@ -157,12 +206,12 @@ def paired_bootstrap(a: list[float], b: list[float], metric: str, samples: int =
 
 
 def perplexity(model, tokenizer, rows: pd.DataFrame, max_seq_len: int, batch_size: int) -> float:
-    """Return exp(mean loss) of the reference answers given their prompts (response tokens only)."""
+    """Return exp(mean loss) of the reference answers given their conversations (answer tokens only)."""
     import torch
 
     from tasks.finetune import tokenize_examples
 
-    examples = tokenize_examples(tokenizer, rows, max_seq_len)
+    examples = tokenize_examples(tokenizer, _as_internal(rows), max_seq_len)
     total, count = 0.0, 0
     with torch.inference_mode():
         for i in range(0, len(examples), batch_size):
@@ -184,77 +233,178 @@ def perplexity(model, tokenizer, rows: pd.DataFrame, max_seq_len: int, batch_siz
     return math.exp(total / count) if count else float("nan")
 
 
+def conversation_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Return each row's conversation up to its last answer (`messages`) and that answer (`reference`).
+
+    What a client would send serving: the system prompt and every turn before the answer. Rows
+    without an answer or without a user turn before it are left out.
+    """
+    out = []
+    for index, turns in zip(frame.index, frame[MESSAGES] if MESSAGES in frame else [None] * len(frame)):
+        if not turns:
+            continue
+        last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+        if last is None or not any(t["role"] == "user" for t in turns[:last]):
+            continue
+        reference = str(turns[last]["content"])
+        if reference.strip():
+            out.append((index, [dict(t) for t in turns[:last]], reference))
+    return pd.DataFrame({"messages": [m for _, m, _ in out], "reference": [r for _, _, r in out]},
+                        index=pd.Index([i for i, _, _ in out], name=frame.index.name))
+
+
 @task(name="check-eval-set")
-def check_eval_set(eval_set: pd.DataFrame, cfg: EvalConfig, source: str) -> pd.DataFrame:
-    """Return the rows to evaluate (at most eval.max_examples); raise EvalSetError if there are none."""
+def eval_rows(eval_set: pd.DataFrame, cfg: EvalConfig, source: str) -> pd.DataFrame:
+    """Return the rows to evaluate (at most eval.max_examples): conversation and reference answer;
+    raise EvalSetError if there are none."""
     if eval_set.empty:
         raise EvalSetError(f"Evaluation set {source} holds no rows: give a JSONL file with prompt/response rows")
-    missing = [c for c in ("prompt", "response") if c not in eval_set.columns]
-    if missing:
-        raise EvalSetError(f"Evaluation set {source}: no {' or '.join(missing)} field in any row "
-                           "(data.prompt_field / data.response_field name them)")
-    # Evaluation asks the last user turn and scores against the last answer (tasks/data.py).
-    rows = eval_set[["prompt", "response"]].dropna().astype(str)
-    rows = rows[(rows["prompt"].str.strip() != "") & (rows["response"].str.strip() != "")]
+    if MESSAGES not in eval_set.columns:
+        raise EvalSetError(f"Evaluation set {source}: no conversations (read it with tasks.data, which gives "
+                           "every row its turns)")
+    rows = conversation_rows(eval_set)
     if rows.empty:
         raise EvalSetError(f"Evaluation set {source} holds no row with a prompt and a response: "
                            "add rows (or raise data.eval_fraction for a training split)")
     return rows.head(cfg.max_examples)
 
 
-def score_model(model, tokenizer, rows: pd.DataFrame, cfg: EvalConfig, label: str) -> EvalReport:
-    """Generate answers for the rows' prompts and return every configured figure of them."""
+def _last_user(messages: list[dict[str, str]]) -> str:
+    return next((t["content"] for t in reversed(messages) if t["role"] == "user"), "")
+
+
+def score_model(model: Any, tokenizer: Any, rows: pd.DataFrame, cfg: EvalConfig, label: str,
+                slice_ref: str = "") -> EvalReport:
+    """Generate answers to the rows' conversations and return every configured figure of them."""
     from tuneloop.generation import generate_batch
 
     predictions: list[str] = []
     latencies: list[float] = []  # per example: the time of the batch it was answered in
-    prompts = list(rows["prompt"])
+    conversations = list(rows["messages"])
     # Untimed warm-up: the first generate of a process pays one-off costs (~1 s on CPU) that
     # would land on whichever model is evaluated first and skew latency comparisons.
-    generate_batch(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts[: cfg.batch_size]], 2)
+    generate_batch(model, tokenizer, conversations[: cfg.batch_size], 2)
     tokens, start = 0, time.perf_counter()
-    for i in range(0, len(prompts), cfg.batch_size):
-        chats = [[{"role": "user", "content": p}] for p in prompts[i : i + cfg.batch_size]]
+    for i in range(0, len(conversations), cfg.batch_size):
         batch_start = time.perf_counter()
-        outs = generate_batch(model, tokenizer, chats, cfg.max_new_tokens)
+        outs = generate_batch(model, tokenizer, conversations[i : i + cfg.batch_size], cfg.max_new_tokens)
         latencies += [(time.perf_counter() - batch_start) * 1000] * len(outs)
         predictions += [o.text for o in outs]
         tokens += sum(o.completion_tokens for o in outs)
+        report_progress("evaluate", min(i + cfg.batch_size, len(conversations)), len(conversations),
+                        f"{label} on {slice_ref or 'the eval set'}")
     seconds = time.perf_counter() - start
-    references = list(rows["response"])
+    references = list(rows["reference"])
+    prompts = [_last_user(m) for m in conversations]
     metrics, per_example = score_texts(predictions, references, cfg.metrics)
     if "perplexity" in cfg.metrics:
         metrics["perplexity"] = perplexity(model, tokenizer, rows, cfg.max_seq_len, cfg.batch_size)
-    safety, safety_per_example, findings = safety_figures(prompts, predictions, cfg.metrics, cfg.toxicity_threshold)
+    # A PII finding in the answer that the whole conversation already held is no leak.
+    given = ["\n".join(t["content"] for t in m) for m in conversations]
+    safety, safety_per_example, findings = safety_figures(given, predictions, cfg.metrics, cfg.toxicity_threshold)
     metrics.update(safety)
     per_example.update(safety_per_example)
     metrics.update(latency_and_cost(latencies, tokens, seconds, cfg.price_per_device_hour))
-    examples = [{"prompt": p, "reference": r, "prediction": y, **f}
-                for p, r, y, f in zip(prompts, references, predictions, findings)]
-    log.info("%s: %s on %d examples", label,
+    examples = [{"prompt": p, "messages": m, "reference": r, "prediction": y, **f}
+                for p, m, r, y, f in zip(prompts, conversations, references, predictions, findings)]
+    log.info("%s on %s: %s on %d examples", label, slice_ref or "the eval set",
              ", ".join(f"{k} {metrics[k]:.4g}" for k in cfg.metrics if k in metrics), len(rows))
-    return EvalReport(label, metrics, examples, per_example)
+    return EvalReport(label, metrics, examples, per_example, slice_ref)
+
+
+def report_progress(stage: str, done: int, total: int, what: str) -> None:
+    """Tell the command line (if one listens) how far a long stage is."""
+    from tuneloop.progress import report
+
+    report(stage, done, total, what)
+
+
+# Settings that change a model's figures on a slice: part of the cache key.
+_CACHED_SETTINGS = ("metrics", "max_new_tokens", "batch_size", "max_seq_len", "toxicity_threshold",
+                    "price_per_device_hour")
+EVAL_CACHE_FORMAT = 1
+
+
+def _cache_key(model_sha256: str, eval_slice: EvalSlice, cfg: EvalConfig) -> str:
+    import hashlib
+    import json
+
+    settings = {k: getattr(cfg, k) for k in _CACHED_SETTINGS}
+    text = json.dumps([EVAL_CACHE_FORMAT, model_sha256, eval_slice.digest, settings], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _read_cached(path: Path, label: str, slice_ref: str) -> EvalReport | None:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return EvalReport(label, data["metrics"], data["examples"], data["per_example"], slice_ref)
+
+
+def _write_cached(path: Path, report: EvalReport) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps({"metrics": report.metrics, "examples": report.examples,
+                               "per_example": report.per_example}))
+    tmp.replace(path)  # a reader never sees half an entry
 
 
 @task(name="evaluate-model")
-def evaluate_model(artifact_dir: Path, eval_set: pd.DataFrame, cfg: EvalConfig, label: str) -> EvalReport:
-    """Evaluate a model artifact (adapter on its verified base, or full weights) on the held-out rows."""
-    from tuneloop.models import load_adapter_model
+def evaluate_model(target: Path | BaseRef, slices: list[EvalSlice], cfg: EvalConfig, label: str,
+                   cache_dir: Path | None = None, dtype: str = "float32") -> ModelEvaluation:
+    """Evaluate a model artifact (adapter on its verified base, or full weights) or a base model as it is
+    on every slice; figures already computed for this model, slice and settings come from `cache_dir`."""
+    from tuneloop.models import artifact_sha256
 
-    rows = check_eval_set.fn(eval_set, cfg, label)
-    model, tok = load_adapter_model(artifact_dir)
-    return score_model(model, tok, rows, cfg, label)
+    identity = target.sha256 if isinstance(target, BaseRef) else artifact_sha256(target)
+    reports: dict[str, EvalReport] = {}
+    todo: list[EvalSlice] = []
+    for sl in slices:
+        cached = _read_cached(cache_dir / f"{_cache_key(identity, sl, cfg)}.json", label, sl.ref) if cache_dir \
+            else None
+        if cached is not None:
+            log.info("%s on %s: figures of an earlier evaluation of the same model (cache)", label, sl.ref)
+            reports[sl.name] = cached
+        else:
+            todo.append(sl)
+    if todo:
+        model, tok = _load(target, dtype)
+        for sl in todo:
+            rows = eval_rows.fn(sl.rows, cfg, sl.ref)
+            reports[sl.name] = score_model(model, tok, rows, cfg, label, sl.ref)
+            if cache_dir is not None:
+                _write_cached(cache_dir / f"{_cache_key(identity, sl, cfg)}.json", reports[sl.name])
+    return ModelEvaluation(label, {sl.name: reports[sl.name] for sl in slices})
+
+
+def _as_internal(rows: pd.DataFrame) -> pd.DataFrame:
+    """Evaluation rows (conversation + reference) as whole conversations, answer included."""
+    return pd.DataFrame({MESSAGES: [[*m, {"role": "assistant", "content": r}]
+                                    for m, r in zip(rows["messages"], rows["reference"])]}, index=rows.index)
+
+
+def _load(target: Path | BaseRef, dtype: str) -> tuple[Any, Any]:
+    from tuneloop.models import load_adapter_model, load_base
+
+    if isinstance(target, BaseRef):
+        model, tok = load_base(target, dtype)
+    else:
+        model, tok = load_adapter_model(target, dtype)
+    model.eval()
+    return model, tok
 
 
 @task(name="evaluate-base-model")
 def evaluate_base_model(base: BaseRef, eval_set: pd.DataFrame, cfg: EvalConfig, label: str,
                         dtype: str = "float32") -> EvalReport:
-    """Evaluate a base model as it is (no adapter) on the rows."""
-    from tuneloop.models import load_base
-
-    rows = check_eval_set.fn(eval_set, cfg, label)
-    model, tok = load_base(base, dtype)
-    model.eval()
+    """Evaluate a base model as it is (no adapter) on one set (the model leaderboard), in tasks.data's form."""
+    rows = eval_rows.fn(eval_set, cfg, label)
+    model, tok = _load(base, dtype)
     return score_model(model, tok, rows, cfg, label)
 
 
@@ -271,23 +421,35 @@ def latency_and_cost(latencies_ms: list[float], tokens: int, seconds: float, pri
 
 
 @task(name="compare-with-champion")
-def compare_reports(candidate: EvalReport, champion: EvalReport) -> list[PairedDifference]:
-    """Return candidate - champion per metric on the same examples, with bootstrap intervals."""
-    diffs = [paired_bootstrap(candidate.per_example[m], champion.per_example[m], m)
-             for m in candidate.per_example if m in champion.per_example]
+def compare_reports(candidate: ModelEvaluation, champion: ModelEvaluation) -> list[PairedDifference]:
+    """Return candidate - champion per slice and metric on the same examples, with bootstrap intervals."""
+    diffs = []
+    for name, mine in candidate.reports.items():
+        theirs = champion.reports.get(name)
+        if theirs is None:
+            continue
+        for m in mine.per_example:
+            if m in theirs.per_example:
+                d = paired_bootstrap(mine.per_example[m], theirs.per_example[m], m)
+                d.slice = name
+                diffs.append(d)
     return [d for d in diffs if not math.isnan(d.mean)]  # NaN: no example both were scored on
 
 
 @task(name="decide-gate")
-def decide_gate(candidate: EvalReport, champion: EvalReport | None, cfg: GateConfig) -> GateVerdict:
-    """Return the verdict of the gate's rules on the candidate (against the champion), rule by rule.
+def decide_gate(candidate: ModelEvaluation, champion: ModelEvaluation, comparison: list[PairedDifference],
+                cfg: GateConfig, new: str) -> GateVerdict:
+    """Return the verdict of the gate's rules on the candidate against the champion (the base model while
+    no version is champion), rule by rule and slice by slice; `new` is the candidate's own slice.
 
     A judge that failed on some examples leaves the evidence incomplete: the verdict is
     withheld (not passed), whatever the rules say.
     """
-    results = [evaluate_rule(parse_rule(rule), candidate.metrics, champion.metrics if champion else None)
-               for rule in cfg.rules]
-    failed_judge = {r.label: int(r.metrics.get("judge_failed", 0)) for r in (candidate, champion) if r}
+    figures = Figures(candidate.figures(), champion.figures(), new, list(candidate.reports),
+                      {(d.metric, d.slice): (d.low, d.high) for d in comparison})
+    results = [r for rule in cfg.rules for r in evaluate_rule(parse_rule(rule), figures)]
+    failed_judge = {e.label: int(sum(r.metrics.get("judge_failed", 0) for r in e.reports.values()))
+                    for e in (candidate, champion)}
     if sum(failed_judge.values()):
         where = ", ".join(f"{label} {n}" for label, n in failed_judge.items() if n)
         return GateVerdict("withheld", f"rejected: judge failed on {sum(failed_judge.values())} examples "
@@ -295,10 +457,8 @@ def decide_gate(candidate: EvalReport, champion: EvalReport | None, cfg: GateCon
     failed = [r for r in results if r.outcome == "fail"]
     if failed:
         return GateVerdict("rejected", "rejected: " + "; ".join(f"{r.rule} ({r.detail})" for r in failed), results)
-    held = sum(r.outcome == "pass" for r in results)
-    skipped = len(results) - held
-    return GateVerdict("passed", f"passed: {held} of {len(results)} rules held"
-                       + (f", {skipped} skipped (no champion)" if skipped else ""), results)
+    return GateVerdict("passed", f"passed: {len(results)} of {len(results)} rule checks held against "
+                       f"{champion.label}", results)
 
 
 @task(name="check-model-list")
@@ -327,10 +487,53 @@ def rank_reports(reports: list[EvalReport], rank_by: str) -> list[EvalReport]:
     return sorted(reports, key=key)
 
 
+MAIN_METRICS = ("token_f1", "rougeL", "exact_match", "bleu", "chrf", "toxicity_rate", "pii_leak_rate",
+                "judge_score", "hallucination_rate", "perplexity", "p50_latency_ms")
+
+
+def gate_table(verdict: GateVerdict) -> Table:
+    """One row per rule (and slice): outcome, rule, the values compared."""
+    return Table(["outcome", "rule", "values"], [[r.outcome, r.rule, r.detail] for r in verdict.rules],
+                 title=f"Gate: {verdict.decision}", styles=[STYLES.get(r.outcome, "") for r in verdict.rules])
+
+
+def slices_table(candidate: ModelEvaluation, champion: ModelEvaluation, comparison: list[PairedDifference],
+                 metrics: tuple[str, ...] = MAIN_METRICS) -> Table:
+    """Slices side by side: per slice and metric, the champion's figure, the candidate's, the paired gain."""
+    diffs = {(d.slice, d.metric): d for d in comparison}
+    rows = []
+    for name, mine in candidate.reports.items():
+        theirs = champion.reports.get(name)
+        for m in (m for m in metrics if m in mine.metrics):
+            d = diffs.get((name, m))
+            rows.append([mine.slice or name, m, fmt(theirs.metrics.get(m) if theirs else None), fmt(mine.metrics[m]),
+                         fmt_signed(d.mean) if d else "–", fmt_interval(d.low, d.high) if d else "–"])
+    return Table(["slice", "metric", champion.label, candidate.label, "gain (paired)", "95% interval"], rows,
+                 title="Every slice: the candidate against " + champion.label)
+
+
+def example_changes(candidate: EvalReport, champion: EvalReport, metric: str, n: int = 5,
+                    ) -> tuple[list[tuple[float, dict, dict]], list[tuple[float, dict, dict]]]:
+    """The `n` examples that improved most and regressed most by `metric` (gain, candidate's, champion's)."""
+    mine, theirs = candidate.per_example.get(metric), champion.per_example.get(metric)
+    if not mine or not theirs or len(mine) != len(theirs):
+        return [], []
+    changes = sorted(((a - b, c, h) for a, b, c, h in zip(mine, theirs, candidate.examples, champion.examples)
+                      if not (math.isnan(a) or math.isnan(b))), key=lambda t: t[0])
+    return [t for t in reversed(changes) if t[0] > 0][:n], [t for t in changes if t[0] < 0][:n]
+
+
+def changes_table(changes: list[tuple[float, dict, dict]], metric: str, title: str, who: str) -> Table:
+    return Table([f"Δ {metric}", "prompt", "reference", "candidate", who],
+                 [[fmt_signed(d, 3), c["prompt"], c["reference"], c["prediction"], h["prediction"]]
+                  for d, c, h in changes], title=title)
+
+
 @task(name="write-eval-report")
-def write_eval_report(candidate: EvalReport, champion: EvalReport | None, comparison: list[PairedDifference],
-                      verdict: GateVerdict, out: Path) -> Path:
-    """Write a self-contained HTML report: metric bars, paired differences, worst regressions."""
+def write_eval_report(candidate: ModelEvaluation, champion: ModelEvaluation, comparison: list[PairedDifference],
+                      verdict: GateVerdict, out: Path, metric: str = "token_f1") -> Path:
+    """Write a self-contained HTML report: the gate rule by rule, slices side by side with paired
+    intervals, pictures, and the examples that improved and regressed most on each slice."""
     import html
 
     import matplotlib
@@ -339,62 +542,55 @@ def write_eval_report(candidate: EvalReport, champion: EvalReport | None, compar
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from tuneloop.reports import png_base64
+    from tuneloop.reports import figure_html, page, png_base64
 
-    bounded = [k for k in ("rougeL", "bleu", "chrf", "exact_match", "token_f1", "toxicity_rate", "pii_leak_rate",
-                           "hallucination_rate") if k in candidate.metrics]
-    x = np.arange(len(bounded))
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    ax.bar(x - 0.2, [candidate.metrics[k] for k in bounded], 0.4, label="candidate")
-    if champion is not None:
-        ax.bar(x + 0.2, [champion.metrics.get(k, 0) for k in bounded], 0.4, label=champion.label)
-    ax.set(xticks=x, xticklabels=bounded, ylim=(0, 1), title="Metrics in [0, 1] on the held-out set")
-    ax.legend()
-    images = [png_base64(fig)]
-    plt.close(fig)
+    figures = []
+    names = list(candidate.reports)
+    bounded = [k for k in ("token_f1", "rougeL", "exact_match", "toxicity_rate", "pii_leak_rate")
+               if all(k in r.metrics for r in candidate.reports.values())]
+    if bounded:
+        fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names) + 1, 3.2), squeeze=False, sharey=True)
+        x = np.arange(len(bounded))
+        for ax, name in zip(axes[0], names):
+            theirs = champion.reports.get(name)
+            ax.bar(x - 0.2, [theirs.metrics.get(k, 0) if theirs else 0 for k in bounded], 0.4, label=champion.label)
+            ax.bar(x + 0.2, [candidate.reports[name].metrics[k] for k in bounded], 0.4, label=candidate.label)
+            ax.set(xticks=x, ylim=(0, 1), title=candidate.reports[name].slice or name)
+            ax.set_xticklabels(bounded, rotation=30, ha="right")
+        axes[0][0].legend(fontsize=8)
+        figures.append(figure_html("Metrics in [0, 1], slice by slice", png_base64(fig)))
+        plt.close(fig)
     if comparison:
-        fig, ax = plt.subplots(figsize=(6.5, 3))
+        fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(comparison) + 1.2))
         means = [d.mean for d in comparison]
         errors = [[d.mean - d.low for d in comparison], [d.high - d.mean for d in comparison]]
         ax.errorbar(means, range(len(comparison)), xerr=errors, fmt="o", capsize=4)
         ax.axvline(0, color="grey", lw=1)
-        ax.set(yticks=range(len(comparison)), yticklabels=[d.metric for d in comparison],
-               title="candidate − champion, paired, 95% bootstrap interval")
-        images.append(png_base64(fig))
+        ax.set(yticks=range(len(comparison)), yticklabels=[f"{d.slice} {d.metric}" for d in comparison],
+               title=f"{candidate.label} − {champion.label}, paired, 95% interval")
+        figures.append(figure_html("Paired gains with their intervals (right of 0: better)", png_base64(fig)))
         plt.close(fig)
-    rows = ""
-    if champion is not None and "rougeL" in candidate.per_example and "rougeL" in champion.per_example:
-        deltas = np.asarray(candidate.per_example["rougeL"]) - np.asarray(champion.per_example["rougeL"])
-        for i in np.argsort(deltas)[:10]:
-            c, h = candidate.examples[i], champion.examples[i]
-            rows += (f"<tr><td>{deltas[i]:+.3f}</td><td>{html.escape(c['prompt'])}</td>"
-                     f"<td>{html.escape(c['reference'])}</td><td>{html.escape(c['prediction'])}</td>"
-                     f"<td>{html.escape(h['prediction'])}</td></tr>")
-        rows = ("<h2>Worst regressions (ROUGE-L, example by example)</h2><table><tr><th>Δ</th><th>prompt</th>"
-                f"<th>reference</th><th>candidate</th><th>champion</th></tr>{rows}</table>")
-    rules = "".join(f"<tr><td>{r.outcome}</td><td><code>{html.escape(r.rule)}</code></td>"
-                    f"<td>{html.escape(r.detail)}</td></tr>" for r in verdict.rules)
-    rules = f"<table><tr><th>outcome</th><th>rule</th><th>values</th></tr>{rules}</table>" if rules else ""
-    judged = [e for e in candidate.examples if "judge_score" in e]
+    examples = ""
+    for name, mine in candidate.reports.items():
+        theirs = champion.reports.get(name)
+        if theirs is None:
+            continue
+        improved, regressed = example_changes(mine, theirs, metric)
+        examples += changes_table(improved, metric, f"{mine.slice or name}: improved most",
+                                  champion.label).html() if improved else ""
+        examples += changes_table(regressed, metric, f"{mine.slice or name}: regressed most",
+                                  champion.label).html() if regressed else ""
+    judged = [e for r in candidate.reports.values() for e in r.examples if "judge_score" in e]
     if judged:
-        cells = "".join(
-            f"<tr><td>{'failed' if e['judge_score'] is None else e['judge_score']}</td>"
-            f"<td>{'failed' if e.get('hallucinated') is None else ('yes' if e['hallucinated'] else 'no')}</td>"
-            f"<td>{html.escape(e['prompt'])}</td><td>{html.escape(e['prediction'])}</td>"
-            f"<td>{html.escape(e.get('judge_error') or e.get('judge_rationale', ''))}</td></tr>" for e in judged)
-        rows += ("<h2>Judge, example by example (candidate)</h2><table><tr><th>score</th><th>hallucinated</th>"
-                 f"<th>prompt</th><th>candidate</th><th>rationale / failure</th></tr>{cells}</table>")
-    theirs = champion.metrics if champion else {}
-    metrics = "".join(
-        f"<tr><td>{k}</td><td>{v:.4f}</td><td>{'' if k not in theirs else format(theirs[k], '.4f')}</td></tr>"
-        for k, v in candidate.metrics.items())
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tuneloop evaluation</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:70em}}td,th{{padding:.2em .8em;text-align:left;vertical-align:top}}
-img{{max-width:48%;margin:.5em}}</style></head><body>
-<h1>Gate: {verdict.decision}</h1><p>{html.escape(verdict.reason)}</p>{rules}
-{"".join(f'<img src="data:image/png;base64,{i}">' for i in images)}
-<h2>Metrics</h2><table><tr><th>metric</th><th>candidate</th><th>{html.escape(champion.label) if champion else ""}</th></tr>
-{metrics}</table>{rows}</body></html>"""
+        examples += Table(["score", "hallucinated", "prompt", "candidate", "rationale / failure"], [
+            ["failed" if e["judge_score"] is None else e["judge_score"],
+             "failed" if e.get("hallucinated") is None else ("yes" if e["hallucinated"] else "no"),
+             e["prompt"], e["prediction"], e.get("judge_error") or e.get("judge_rationale", "")] for e in judged],
+            title="Judge, example by example (candidate)").html()
+    body = (f"<h1 class='{STYLES.get(verdict.decision, '')}'>Gate: {verdict.decision}</h1>"
+            f"<p>{html.escape(verdict.reason)}</p>{gate_table(verdict).html()}"
+            f"{slices_table(candidate, champion, comparison).html()}{''.join(figures)}"
+            f"<h2>Examples that changed most ({metric})</h2>{examples or '<p>none</p>'}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
+    out.write_text(page("tuneloop evaluation", body))
     return out

@@ -22,15 +22,14 @@ import logging
 import math
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import httpx
 from prefect import task
 
-from tasks.evaluate import EvalReport
+from tasks.evaluate import EvalReport, ModelEvaluation
+from tasks.llm import Backend, ModelUnavailable, open_backend
 from tuneloop.config import JudgeConfig
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ PLACEHOLDERS = ("{prompt}", "{reference}", "{answer}")
 ENDPOINT_WORKERS = 8  # concurrent judge requests; a batching server (tuneloop's) answers them together
 
 
-class JudgeUnavailable(RuntimeError):
+class JudgeUnavailable(ModelUnavailable):
     """A judge that cannot be loaded or reached, or a rubric that cannot be read: raised before any generation."""
 
 
@@ -126,90 +125,6 @@ def parse_support(text: str) -> Support | None:
     return Support(verdicts.pop() == "SUPPORTED", _rationale(text))
 
 
-class Backend(Protocol):
-    def complete(self, prompts: list[str]) -> list[str | Exception]:
-        """Return the judge's answer to each prompt, or the error that kept it from answering."""
-        ...
-
-
-class LocalBackend:
-    """A judge model on this machine: a path, hub id or builtin (tuneloop.models), greedy decoding."""
-
-    def __init__(self, cfg: JudgeConfig, models_dir: Path, batch_size: int = 8) -> None:
-        from tuneloop.models import BaseModelError, load_base, resolve_base
-
-        try:
-            self.model, self.tokenizer = load_base(resolve_base(cfg.model, models_dir))
-        except (BaseModelError, OSError) as err:
-            raise JudgeUnavailable(f"Judge model {cfg.model!r} cannot be loaded: {err}") from err
-        self.model.eval()
-        self.max_new_tokens, self.batch_size = cfg.max_new_tokens, batch_size
-
-    def complete(self, prompts: list[str]) -> list[str | Exception]:
-        from tuneloop.generation import generate_batch
-
-        answers: list[str | Exception] = []
-        for i in range(0, len(prompts), self.batch_size):
-            chunk = prompts[i : i + self.batch_size]
-            try:
-                outs = generate_batch(self.model, self.tokenizer, [[{"role": "user", "content": p}] for p in chunk],
-                                      self.max_new_tokens)
-                answers += [o.text for o in outs]
-            except (RuntimeError, ValueError) as err:  # e.g. out of memory mid-run: mark these examples
-                answers += [err] * len(chunk)
-        return answers
-
-
-class EndpointBackend:
-    """Any OpenAI-compatible chat completions API (`<base_url>/chat/completions`), tuneloop's included."""
-
-    def __init__(self, cfg: JudgeConfig) -> None:
-        headers = {}
-        if cfg.api_key_env:
-            key = os.environ.get(cfg.api_key_env)
-            if not key:
-                raise JudgeUnavailable(f"eval.judge.api_key_env names {cfg.api_key_env}, which is not set in "
-                                       "this environment: export it, or set api_key_env to null")
-            headers["authorization"] = f"Bearer {key}"
-        self.url = f"{str(cfg.base_url).rstrip('/')}/chat/completions"
-        self.model, self.max_new_tokens = cfg.model, cfg.max_new_tokens
-        self.client = httpx.Client(timeout=cfg.timeout_s, headers=headers)
-
-    def ask(self, content: str, max_tokens: int) -> str:
-        r = self.client.post(self.url, json={"model": self.model, "max_tokens": max_tokens, "temperature": 0,
-                                             "messages": [{"role": "user", "content": content}]})
-        r.raise_for_status()
-        answer = r.json()["choices"][0]["message"]["content"]
-        if not isinstance(answer, str):
-            raise TypeError(f"choices[0].message.content is {type(answer).__name__}, not text")
-        return answer
-
-    def probe(self) -> None:
-        """Ask one tiny question; raise JudgeUnavailable saying what is wrong if no proper answer comes."""
-        try:
-            self.ask("Reply with the word OK.", 4)
-        except httpx.HTTPStatusError as err:
-            raise JudgeUnavailable(
-                f"Judge endpoint {self.url} answered HTTP {err.response.status_code}: {err.response.text[:300]} "
-                "(check eval.judge.model and eval.judge.api_key_env)") from err
-        except httpx.HTTPError as err:
-            raise JudgeUnavailable(f"Judge endpoint {self.url} cannot be reached ({type(err).__name__}: {err}); "
-                                   "start it or fix eval.judge.base_url") from err
-        except (KeyError, IndexError, TypeError, ValueError) as err:
-            raise JudgeUnavailable(f"Judge endpoint {self.url} did not answer like an OpenAI chat completions "
-                                   f"API ({type(err).__name__}: {err})") from err
-
-    def complete(self, prompts: list[str]) -> list[str | Exception]:
-        def one(prompt: str) -> str | Exception:
-            try:
-                return self.ask(prompt, self.max_new_tokens)
-            except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as err:
-                return err
-
-        with ThreadPoolExecutor(ENDPOINT_WORKERS) as pool:
-            return list(pool.map(one, prompts))
-
-
 @dataclass(frozen=True)
 class JudgeInfo:
     """What a run records about its judge."""
@@ -229,13 +144,15 @@ class JudgeInfo:
 def open_judge(cfg: JudgeConfig, models_dir: Path) -> tuple[JudgeInfo, Backend]:
     """Read the rubrics and load or probe the judge; raise JudgeUnavailable if any of it fails."""
     info = JudgeInfo(cfg.backend, cfg.model, load_rubric(cfg.rubric), load_rubric(cfg.hallucination_rubric))
-    if cfg.backend == "local":
-        return info, LocalBackend(cfg, models_dir)
-    if cfg.backend == "openai":
-        backend = EndpointBackend(cfg)
-        backend.probe()
-        return info, backend
-    raise JudgeUnavailable("eval.judge.backend is disabled: there is no judge to open")
+    if cfg.backend == "disabled":
+        raise JudgeUnavailable("eval.judge.backend is disabled: there is no judge to open")
+    try:
+        return info, open_backend(cfg, models_dir, "eval.judge")
+    except ModelUnavailable as err:
+        text = str(err)
+        if text.startswith(("Model ", "Endpoint ")):  # "Judge model …", "Judge endpoint …"
+            text = "Judge " + text[0].lower() + text[1:]
+        raise JudgeUnavailable(text) from err
 
 
 @task(name="probe-judge", retries=1, retry_delay_seconds=2)
@@ -287,4 +204,11 @@ def judge_answers(report: EvalReport, cfg: JudgeConfig, models_dir: Path) -> Eva
     metrics = {**report.metrics, "judge_score": _mean([s for s in scores if not math.isnan(s)]),
                "hallucination_rate": _mean([h for h in hallucinated if not math.isnan(h)]), "judge_failed": float(failed)}
     per_example = {**report.per_example, "judge_score": scores, "hallucination_rate": hallucinated}
-    return EvalReport(report.label, metrics, examples, per_example)
+    return EvalReport(report.label, metrics, examples, per_example, report.slice)
+
+
+@task(name="judge-evaluation")
+def judge_evaluation(evaluation: ModelEvaluation, cfg: JudgeConfig, models_dir: Path) -> ModelEvaluation:
+    """Return `evaluation` with every slice's answers judged."""
+    return ModelEvaluation(evaluation.label, {name: judge_answers.fn(report, cfg, models_dir)
+                                              for name, report in evaluation.reports.items()})

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import subprocess
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
@@ -26,9 +28,11 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 
 from tasks.data import MESSAGES, PROMPT, RESPONSE, SplitDataset, frame_digest
+from tasks.evaluate import EvalSlice, GateVerdict, ModelEvaluation, PairedDifference
 from tasks.validation import DatasetReport
-from tuneloop.config import REPO_ROOT, RegistryConfig
+from tuneloop.config import REPO_ROOT, RegistryConfig, TuneloopConfig
 from tuneloop.models import BaseRef
+from tuneloop.state import StatePaths, state_paths, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -376,8 +380,8 @@ def start_selection_run(cfg: RegistryConfig, eval_set: pd.DataFrame, source: str
     with mlflow.start_run(run_name=f"select-{Path(source).stem}",
                           tags={"tuneloop.code_version": code_version()}) as run:
         mlflow.log_params(params)
-        mlflow.log_input(mlflow.data.from_pandas(eval_set, source=source, name=Path(source).name),
-                         context="evaluation")
+        table = eval_set.assign(messages=[json.dumps(m) for m in eval_set["messages"]])
+        mlflow.log_input(mlflow.data.from_pandas(table, source=source, name=Path(source).name), context="evaluation")
     return run.info.run_id
 
 
@@ -407,3 +411,221 @@ def log_model_evaluation(parent_run_id: str, model: str, base: BaseRef, metrics:
 def log_leaderboard(run_id: str, table: list[dict]) -> None:
     """Attach the leaderboard to the comparison's run as an MLflow table `leaderboard.json`."""
     MlflowClient().log_table(run_id, pd.DataFrame(table), "leaderboard.json")
+
+
+# --------------------------------------------------------------------------- the training flow's records
+
+
+@dataclass
+class TrainingResult:
+    version: ModelVersionRef
+    champion: bool  # the version holds the champion alias when the flow ends (promoted)
+    reason: str  # the gate's verdict
+    metrics: dict[str, float]  # the candidate's figures on its own slice
+    champion_metrics: dict[str, float]  # the champion's (or the base model's) on the same examples
+    dataset_digest: str
+    trigger: str
+    comparison: list[PairedDifference]  # candidate - champion per slice, with bootstrap intervals
+    decision: str  # the gate: passed, rejected, or withheld (incomplete evidence)
+    alias: str | None  # the alias the version holds when the flow ends
+    rules: list[str]  # one line per gate rule and slice: outcome, rule, values
+    slices: list[str] = field(default_factory=list)  # name@version, its own first
+    compared_with: str = ""  # "champion v3" or "base <model>"
+    figures: dict[str, dict[str, float]] = field(default_factory=dict)  # slice → the candidate's figures
+
+
+@task(name="open-state")
+def open_state(cfg: TuneloopConfig) -> StatePaths:
+    """Return the state dir's folders (made where missing), with MLflow pointed at the config's store."""
+    paths = state_paths(cfg).ensure()
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    return paths
+
+
+def training_params(cfg: TuneloopConfig, judge: Any = None) -> dict[str, object]:
+    """The training run's parameters: base, every train setting, evaluation and gate settings, the judge."""
+    return {
+        "base_model": cfg.model.base, **{f"train.{k}": v for k, v in cfg.train.model_dump().items()},
+        "eval.max_examples": cfg.eval.max_examples, "eval.metrics": ",".join(cfg.eval.metrics),
+        "gate.rules": " ; ".join(cfg.gate.rules), "judge.backend": cfg.eval.judge.backend,
+        **(judge.params() if judge else {}),
+    }
+
+
+@task(name="record-training-inputs", retries=2, retry_delay_seconds=2)
+def record_training_inputs(run_id: str, split: SplitDataset, report: DatasetReport) -> None:
+    """Record what the run trains on: both splits as its inputs, the rows it trains on (what a later
+    retraining replays), and the validation report (as files, figures and a Prefect artifact)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.validation import report_markdown
+
+    log_dataset_inputs.fn(run_id, split)
+    rows = split.training_rows
+    MlflowClient().log_text(run_id, "".join(json.dumps({MESSAGES: m}, ensure_ascii=False) + "\n"
+                                            for m in rows[MESSAGES]), TRAINING_ROWS)
+    log_validation_report.fn(run_id, report)
+    create_markdown_artifact(key="dataset-validation", markdown=report_markdown(report, run_id),
+                             description=f"{split.source}: validation {'passed' if report.success else 'failed'}")
+
+
+TRAINING_ROWS = "data/train.jsonl"  # on a training run: the conversations it trained on
+
+
+@task(name="require-valid-data")
+def require_valid_data(run_id: str, report: DatasetReport) -> None:
+    """Raise DataValidationError (the run ends FAILED, keeping the evidence) unless validation passed."""
+    from prefect import get_run_logger
+
+    from tasks.data import DataValidationError
+
+    if not report.success:
+        fail_run.fn(run_id, report.summary())
+        raise DataValidationError(report.summary())
+    get_run_logger().info(report.summary())
+
+
+@task(name="read-training-rows", retries=2, retry_delay_seconds=2)
+def training_rows(ref: ModelVersionRef, dst: Path) -> list[list[dict[str, str]]]:
+    """Return the conversations a registered version was trained on (its run's `data/train.jsonl`)."""
+    path = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=TRAINING_ROWS, dst_path=str(dst))
+    return [json.loads(line)[MESSAGES] for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@task(name="champion-or-base", retries=2, retry_delay_seconds=2)
+def champion_or_base(champion: ModelVersionRef | None, base: BaseRef, dst: Path) -> tuple[Path | BaseRef, str]:
+    """What a candidate is compared with: the champion version's artifact, or the base model while none serves."""
+    if champion is None:
+        return base, f"base {Path(base.location).name or base.location}"
+    return fetch_adapter(champion.uri, dst), f"champion v{champion.version}"
+
+
+def _gains(comparison: list[PairedDifference]) -> dict[str, float]:
+    """Paired gains as metric names: `<slice>/gain/<metric>` and its `_ci_low` / `_ci_high`."""
+    return {f"{d.slice}/gain/{d.metric}{suffix}": value for d in comparison
+            for suffix, value in (("", d.mean), ("_ci_low", d.low), ("_ci_high", d.high))}
+
+
+@task(name="record-evaluation", retries=2, retry_delay_seconds=2)
+def record_evaluation(run_id: str, candidate: ModelEvaluation, reference: ModelEvaluation,
+                      comparison: list[PairedDifference], verdict: GateVerdict, report: Path,
+                      slices: list[EvalSlice]) -> None:
+    """Record the evaluation on the training run: the champion's figures and the paired gains per slice
+    (`eval/<slice>/…`, the same names in every run), the slices as inputs, the report, every answer."""
+    from tasks.slices import link_slices
+
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    figures = {**{f"eval/{k}": v for k, v in _gains(comparison).items()},
+               **{f"eval/{name}/champion/{m}": v for name, r in reference.reports.items() for m, v in r.metrics.items()}}
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in figures.items() if not math.isnan(v)],
+                     tags=[RunTag("tuneloop.gate", verdict.decision), RunTag("tuneloop.gate_reason", verdict.reason[:5000]),
+                           RunTag("tuneloop.compared_with", reference.label),
+                           RunTag("tuneloop.slices", ",".join(s.ref for s in slices))])
+    link_slices(run_id, slices)
+    client.log_artifact(run_id, str(report))
+    for name, r in candidate.reports.items():
+        log_eval_examples.fn(run_id, r.examples, f"{name}/candidate")
+    for name, r in reference.reports.items():
+        log_eval_examples.fn(run_id, r.examples, f"{name}/{reference.label.split()[0]}")
+
+
+def version_lineage(cfg: TuneloopConfig, base: BaseRef, split: SplitDataset, report: DatasetReport, run_id: str,
+                    trigger: str, verdict: GateVerdict, judge: Any, slices: Any, reference: ModelEvaluation,
+                    trained: Any) -> dict[str, str]:
+    """The tags a version is registered with: where it came from, what it was gated on, and how."""
+    tags = {
+        "tuneloop.base_model": base.location, "tuneloop.base_sha256": base.sha256,
+        "tuneloop.base_revision": base.revision or "", "tuneloop.dataset_digest": split.digest,
+        "tuneloop.validation_warnings": str(len(report.warnings())),
+        "tuneloop.dataset_source": split.source, "tuneloop.training_run": run_id,
+        "tuneloop.method": cfg.train.method, "tuneloop.trigger": trigger,
+        "tuneloop.slice": slices.new.ref, "tuneloop.slices": ",".join(slices.refs()),
+        "tuneloop.compared_with": reference.label,
+        "tuneloop.gate": verdict.decision, "tuneloop.gate_reason": verdict.reason,
+        "tuneloop.gate_rules": "\n".join(verdict.lines()),
+        "tuneloop.train.steps": str(trained.steps), "tuneloop.train.final_loss": f"{trained.final_loss:.6g}",
+    }
+    if split.replay is not None and len(split.replay):
+        tags.update({"tuneloop.replay_source": split.replay_source or "", "tuneloop.replay_rows": str(len(split.replay))})
+    if judge:
+        tags.update({"tuneloop.judge": f"{judge.backend}:{judge.model}",
+                     "tuneloop.judge_rubrics": f"{judge.rubric.name}@{judge.rubric.sha256[:16]},"
+                                               f"{judge.hallucination_rubric.name}@"
+                                               f"{judge.hallucination_rubric.sha256[:16]}"})
+    if not verdict.passed:
+        tags["tuneloop.alias_reason"] = f"no alias: the gate {verdict.reason}"
+    tags.update({f"tuneloop.champion_{name}_{m}": f"{v:.6g}" for name, r in reference.reports.items()
+                 for m, v in r.metrics.items() if m in ("token_f1", "rougeL", "exact_match")})
+    return tags
+
+
+@task(name="assign-alias", retries=2, retry_delay_seconds=2)
+def assign_alias(version: ModelVersionRef, verdict: GateVerdict, cfg: RegistryConfig) -> str | None:
+    """Make a version that passed the gate `challenger` (unless a newer one is); return the alias it holds."""
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+    if not verdict.passed:
+        logger.warning("Version %s registered without alias: the gate %s", version.version, verdict.reason)
+        return None
+    if set_challenger.fn(version, cfg, verdict.reason):
+        logger.info("Version %s is %s: %s", version.version, cfg.challenger_alias, verdict.reason)
+        return cfg.challenger_alias
+    logger.warning("Version %s passed the gate, but a newer version is %s already", version.version,
+                   cfg.challenger_alias)
+    return None
+
+
+@task(name="read-alias", retries=2, retry_delay_seconds=2)
+def current_alias(version: ModelVersionRef, cfg: RegistryConfig) -> str | None:
+    """Return the alias (champion, else challenger) a version holds now, or None."""
+    client = MlflowClient()
+    for alias in (cfg.champion_alias, cfg.challenger_alias):
+        if _alias_version(client, version.name, alias) == version.version:
+            return alias
+    return None
+
+
+def summary_markdown(result: TrainingResult, report_html: str | None) -> str:
+    """The training's Prefect artifact: verdict, rules, slices side by side."""
+    from tuneloop.reports import Table, fmt, fmt_interval, fmt_signed
+
+    outcome = (f"alias **{result.alias}**" if result.alias else
+               "no alias: " + ("a newer version is challenger" if result.decision == "passed" else result.reason))
+    rules = Table(["outcome", "rule (slice)", "values"], [line.split(": ", 1)[0:1] + _rule_cells(line)
+                                                         for line in result.rules])
+    diffs = {(d.slice, d.metric): d for d in result.comparison}
+    rows = [[sl, m, fmt(result.figures[sl].get(m)), fmt_signed(d.mean), fmt_interval(d.low, d.high)]
+            for sl in result.figures for m in ("token_f1", "rougeL", "exact_match")
+            if (d := diffs.get((sl, m))) is not None]
+    figures = Table(["slice", "metric", "candidate", f"gain over {result.compared_with}", "95% interval"], rows)
+    docs = f"\n\nDataset report: `{report_html}` (and artifact `validation/` of the run)" if report_html else ""
+    return (f"## {result.version.name} v{result.version.version}: gate {result.decision}, {outcome}\n\n"
+            f"Compared with **{result.compared_with}** on {', '.join(result.slices)}.\n\nGate: {result.reason}\n\n"
+            f"{rules.markdown()}\n{figures.markdown()}\nMLflow model: `{result.version.uri}`, training run "
+            f"`{result.version.run_id}` (artifact `eval_report.html`){docs}")
+
+
+def _rule_cells(line: str) -> list[str]:
+    rule, _, values = line.split(": ", 1)[1].rpartition(" (")
+    return [rule, values.removesuffix(")")]
+
+
+@task(name="publish-training-summary")
+def publish_training_summary(cfg: RegistryConfig, version: ModelVersionRef, verdict: GateVerdict, alias: str | None,
+                             candidate: ModelEvaluation, reference: ModelEvaluation,
+                             comparison: list[PairedDifference], slices: Any, split: SplitDataset,
+                             report: DatasetReport, trigger: str) -> TrainingResult:
+    """Show the training's outcome as a Prefect artifact and return it."""
+    from prefect.artifacts import create_markdown_artifact
+
+    own = slices.new.name
+    result = TrainingResult(
+        version, alias == cfg.champion_alias, verdict.reason, dict(candidate.reports[own].metrics),
+        dict(reference.reports[own].metrics), split.digest, trigger, comparison, verdict.decision, alias,
+        verdict.lines(), slices.refs(), reference.label,
+        {name: dict(r.metrics) for name, r in candidate.reports.items()})
+    create_markdown_artifact(key="training-result", markdown=summary_markdown(result, report.html),
+                             description=f"{cfg.model_name} v{version.version}")
+    return result

@@ -25,13 +25,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.drift import DriftResult, LoggedRequest, Verdict, Window
-from tuneloop.config import Persistence
+from tuneloop.config import MonitorConfig, Persistence, TeacherConfig, TuneloopConfig, slice_from_path
+from tuneloop.seams import RetrainingData, RetrainRequest
+
+if TYPE_CHECKING:
+    from tasks.registry import ModelVersionRef
 
 log = logging.getLogger(__name__)
 
@@ -171,33 +176,107 @@ def write_jsonl_atomic(rows: Sequence[dict], path: Path) -> None:
     tmp.replace(path)  # the training run never reads half a file
 
 
-def retraining_data(requests: Sequence[LoggedRequest], feedback: dict[str, float], min_score: float, min_rows: int,
-                    fallback: Path | None, out: Path) -> tuple[str | None, str]:
-    """Return (dataset path, what it is) for retraining on a drifted window.
+def _chat(prompt: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
-    The window's answered requests whose feedback reaches `min_score` become examples (the
-    logged answer as the response); with fewer than `min_rows` of them, the configured fresh
-    dataset; with neither, no path.
+
+def approved_rows(requests: Sequence[LoggedRequest], feedback: dict[str, float], min_score: float) -> list[dict]:
+    """Drifted requests whose answer a person approved (mean feedback at least `min_score`).
+
+    Unrated answers are never training data: that would teach the model its own output.
     """
-    rows = [{"prompt": r.prompt, "response": r.response} for r in requests
+    return [_chat(r.prompt, r.response) for r in requests
             if r.status < 400 and r.response and feedback.get(r.id, float("-inf")) >= min_score]
-    if len(rows) >= min_rows:
-        if not out.exists():  # a continuing episode keeps the file its run was given
-            write_jsonl_atomic(rows, out)
-        return str(out), f"{len(rows)} drifted requests with feedback >= {min_score}"
-    few = f"{len(rows)} drifted requests with feedback >= {min_score}, {min_rows} needed"
-    if fallback is not None:
-        return str(fallback), f"monitor.retrain_data ({few})"
-    return None, f"nothing to retrain on: {few}, and monitor.retrain_data is not set"
 
 
-def start_retraining(deployment: str, parameters: dict, idempotency_key: str) -> str:
-    """Create the training deployment's flow run once per key (Prefect returns the existing one after)."""
+def teacher_rows(prompts: Sequence[str], teacher: TeacherConfig, models_dir: Path) -> tuple[list[dict], int]:
+    """The teacher's answers to `prompts` (each prompt once); return them and how many it failed on."""
+    from tasks.llm import open_backend
+
+    backend = open_backend(teacher, models_dir, "monitor.teacher")
+    unique = list(dict.fromkeys(p for p in prompts if p.strip()))
+    answers = backend.complete(unique, system=teacher.system_prompt)
+    rows = [_chat(p, a.strip()) for p, a in zip(unique, answers) if isinstance(a, str) and a.strip()]
+    return rows, len(unique) - len(rows)
+
+
+def labelled_rows(path: Path) -> list[dict]:
+    """The conversations of a labelled dataset for the new domain (any form tasks.data reads)."""
+    from tasks.data import MESSAGES, read_dataset
+    from tuneloop.config import DataConfig
+
+    frame = read_dataset(str(path), DataConfig(path=str(path))).frame
+    return [{"messages": m} for m in frame[MESSAGES] if m]
+
+
+def replay_rows(champion: ModelVersionRef | None, new_rows: int, share: float, seed: str, cache: Path) -> list[dict]:
+    """A seeded sample of the champion's own training conversations, `share` of the retraining set."""
+    import random
+
+    from tasks.registry import training_rows
+
+    if champion is None or share <= 0 or not new_rows:
+        return []
+    earlier = training_rows.fn(champion, cache)
+    want = min(len(earlier), round(new_rows * share / (1 - share)))
+    return [{"messages": m} for m in random.Random(seed).sample(earlier, want)]
+
+
+def retraining_data(requests: Sequence[LoggedRequest], feedback: dict[str, float], m: MonitorConfig,
+                    champion: ModelVersionRef | None, out: Path, models_dir: Path) -> tuple[RetrainingData | None, str]:
+    """Return the data to retrain on for a drifted window (or None), and what it is in words.
+
+    Each source of `monitor.retrain_sources` adds what it has: approved answers to drifted
+    requests, the teacher's answers to the drifted prompts that have none, the labelled set. With
+    fewer than `monitor.retrain_min_rows` rows from all of them, nothing is retrained. The
+    champion's own training rows are mixed in (`monitor.replay_share`, training only).
+    """
+    answered = [r for r in requests if r.status < 400]
+    rows: dict[str, list[dict]] = {}
+    notes: list[str] = []
+    if "feedback" in m.retrain_sources:
+        rows["feedback"] = approved_rows(answered, feedback, m.retrain_min_feedback)
+        notes.append(f"{len(rows['feedback'])} drifted requests with feedback >= {m.retrain_min_feedback}")
+    if "teacher" in m.retrain_sources and m.teacher is not None:
+        covered = {row["messages"][0]["content"] for row in rows.get("feedback", [])}
+        rows["teacher"], failed = teacher_rows([r.prompt for r in answered if r.prompt not in covered], m.teacher,
+                                               models_dir)
+        notes.append(f"{len(rows['teacher'])} teacher answers ({m.teacher.model}"
+                     + (f", {failed} prompts failed)" if failed else ")"))
+    if "labelled" in m.retrain_sources and m.retrain_data is not None:
+        rows["labelled"] = labelled_rows(m.retrain_data)
+        notes.append(f"{len(rows['labelled'])} labelled rows of {m.retrain_data}")
+    new = [row for part in rows.values() for row in part]
+    if len(new) < m.retrain_min_rows:
+        missing = [s for s in m.retrain_sources if s not in rows]
+        return None, (f"nothing to retrain on: {'; '.join(notes) or 'no source'} — {m.retrain_min_rows} rows needed"
+                      + (f" ({', '.join(missing)}: not configured)" if missing else ""))
+    name = slice_from_path(str(m.retrain_data)) if set(rows) == {"labelled"} or (
+        rows.get("labelled") and len(rows["labelled"]) == len(new)) else f"drift_{_slug(out.stem)[-8:].lower()}"
+    replay = replay_rows(champion, len(new), m.replay_share, out.stem, out.parent / "replay-source")
+    if not out.exists():  # a continuing episode keeps the files its run was given
+        write_jsonl_atomic(new, out)
+        if replay:
+            write_jsonl_atomic(replay, out.with_suffix(".replay.jsonl"))
+    note = "; ".join(notes) + (f"; {len(replay)} replayed rows of champion v{champion.version}" if replay else "")
+    return RetrainingData(path=str(out), slice=_slice_name(name), sources={k: len(v) for k, v in rows.items() if v},
+                          replay_path=str(out.with_suffix(".replay.jsonl")) if replay else None,
+                          replay_rows=len(replay), note=note), note
+
+
+def _slice_name(name: str) -> str:
+    clean = re.sub(r"[^a-z0-9_]", "_", name.lower()).strip("_")
+    return clean if clean and clean[0].isalpha() else f"drift_{clean}"[:40]
+
+
+def start_retraining(deployment: str, request: RetrainRequest, config: TuneloopConfig) -> str:
+    """Create the training deployment's flow run once per episode (Prefect returns the existing one after)."""
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
+    parameters = {"config": request.training_config(config).model_dump(mode="json"), "trigger": request.trigger()}
     try:
-        run = run_deployment(deployment, parameters=parameters, timeout=0, idempotency_key=idempotency_key,
+        run = run_deployment(deployment, parameters=parameters, timeout=0, idempotency_key=request.episode,
                              tags=["tuneloop:retrain"])
     except ObjectNotFound:
         raise RuntimeError(f"Deployment {deployment} is not registered with this Prefect API: "
@@ -216,41 +295,52 @@ class Trigger:
     data: str | None
     data_note: str
 
+    def retraining(self) -> str:
+        """What happened about retraining, in words."""
+        if self.retraining_flow_run_id:
+            return f"{'started' if self.started_now else 'already started'} flow run {self.retraining_flow_run_id}"
+        return f"not started: {self.data_note}" if self.decision.holds else "not needed"
+
+
+@dataclass(frozen=True)
+class RetrainingTarget:
+    """Where retraining goes: the training deployment, the config it trains with, the files' folders."""
+
+    deployment: str
+    config: TuneloopConfig
+    data_dir: Path
+    models_dir: Path
+
 
 @task(name="decide-and-start-retraining", cache_policy=NO_CACHE)
 def decide_and_start_retraining(
-    experiment: str, model: str, champion_version: str | None, drift: DriftResult, window: Window,
-    feedback: dict[str, float], persistence: Persistence, training: dict, run_label: str,
+    experiment: str, model: str, champion: ModelVersionRef | None, drift: DriftResult, window: Window,
+    feedback: dict[str, float], m: MonitorConfig, target: RetrainingTarget, run_label: str,
 ) -> Trigger:
-    """Record this check, decide whether drift holds, and start the episode's retraining once.
-
-    `training`: deployment (name), config (the training config as JSON, whose data.path is
-    replaced), data_dir, min_score, min_rows, fallback (monitor.retrain_data) and timeout_s.
-    """
+    """Record this check, decide whether drift holds, and start the episode's retraining once."""
     client = MlflowClient()
-    with monitor_lock(model, training["timeout_s"]):
+    version = champion.version if champion else None
+    with monitor_lock(model, m.lock_timeout_s):
         experiment_id = _experiment_id(client, experiment)
         timeline = timeline_run(client, experiment_id, model)
         step = int(client.get_run(timeline).data.tags.get(T_CHECKS, "0")) + 1
-        history = (read_history(client, experiment_id, model, champion_version, persistence.n)
-                   if champion_version else [])
-        scope = f"{model}:v{champion_version}"
-        decision = decide(history, drift.verdict, window.window_id, persistence, scope)
+        history = read_history(client, experiment_id, model, version, m.persistence.n) if version else []
+        decision = decide(history, drift.verdict, window.window_id, m.persistence, f"{model}:v{version}")
 
-        data, note = None, ""
+        data: RetrainingData | None = None
+        note = ""
         previous = decision.previous
         if decision.holds and previous is not None and previous.data:
-            data, note = previous.data, previous.data_note or ""  # the episode's run was given this
+            data = RetrainingData.model_validate_json(previous.data)  # the episode's run was given this
+            note = data.note
         elif decision.holds:
-            out = Path(training["data_dir"]) / "retrain" / f"{_slug(decision.episode)}.jsonl"
-            fallback = Path(training["fallback"]) if training.get("fallback") else None
-            data, note = retraining_data(window.requests, feedback, training["min_score"], training["min_rows"],
-                                         fallback, out)
-        tags = {T_MODEL: model, T_VERSION: champion_version or "", T_VERDICT: drift.verdict,
+            out = target.data_dir / "retrain" / f"{_slug(decision.episode)}.jsonl"
+            data, note = retraining_data(window.requests, feedback, m, champion, out, target.models_dir)
+        tags = {T_MODEL: model, T_VERSION: version or "", T_VERDICT: drift.verdict,
                 T_WINDOW: window.window_id or "", T_HOLDS: str(decision.holds).lower(),
                 T_EPISODE: decision.episode or "", "mlflow.parentRunId": timeline, "tuneloop.run": run_label}
         if decision.holds:
-            tags.update({T_DATA: data or "", T_DATA_NOTE: note})
+            tags.update({T_DATA: data.model_dump_json() if data else "", T_DATA_NOTE: note[:5000]})
             if data:
                 tags[T_RETRAINING] = previous.retraining if previous and previous.retraining else PENDING
         record = client.create_run(experiment_id, run_name=f"check-{drift.verdict}", tags=tags).info.run_id
@@ -261,18 +351,13 @@ def decide_and_start_retraining(
             if previous is not None and previous.retraining not in (None, PENDING):
                 run_id = previous.retraining
             else:
-                config = json.loads(json.dumps(training["config"]))
-                config["data"]["path"] = data
-                if "drifted requests with feedback" in note and not note.startswith("monitor."):
-                    config["data"].update(prompt_field="prompt", response_field="response")
-                trigger = (f"drift episode {decision.episode} ({drift.reason[:300]}; "
-                           f"monitoring run {run_label}; data: {note})")
+                request = RetrainRequest(episode=decision.episode, reason=drift.reason, monitoring_run=run_label,
+                                         data=data)
                 run_id = existing_run(decision.episode)  # a check that died after creating it
                 started = run_id is None
-                run_id = start_retraining(training["deployment"], {"config": config, "trigger": trigger},
-                                          idempotency_key=decision.episode)
+                run_id = start_retraining(target.deployment, request, target.config)
             client.set_tag(record, T_RETRAINING, run_id)
-    return Trigger(record, timeline, step, decision, run_id, started, data, note)
+    return Trigger(record, timeline, step, decision, run_id, started, data.path if data else None, note)
 
 
 def existing_run(idempotency_key: str) -> str | None:

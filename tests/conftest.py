@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tuneloop.config import DEFAULT_CONFIG, TuneloopConfig, load_config
+from tuneloop.config import DEFAULT_CONFIG, DEFAULT_GATE_RULES, TuneloopConfig, load_config
 from tuneloop.state import DEFAULT_ENV
 
 ASSETS = Path(__file__).parent / "assets"
@@ -26,6 +26,17 @@ TINY = [
     "serve.replica_cpus=0.5", "serve.default_max_tokens=4",
     "monitor.window=12", "monitor.min_samples=8", "monitor.permutations=100", "monitor.alpha=0.02",
     "prefect.port=24200",
+    # The tiny model learns nothing from 4 steps: these tests gate on safety alone. The gate's
+    # defaults (better than the champion with confidence, no forgetting) are tested with LEARNING.
+    "gate.rules=['toxicity_rate[all] <= 1']",
+]
+
+# What the tiny model learns in ~5 s: a one-word answer per topic (tests/assets/tiny_colours.jsonl
+# answers "blue", tiny_counts.jsonl "seven"), with the gate's default rules.
+LEARNING = [
+    "train.max_steps=40", "train.batch_size=8", "train.learning_rate=0.003", "train.target_modules=auto",
+    "eval.max_examples=16", "eval.batch_size=8", "eval.metrics=[token_f1, exact_match, toxicity_rate, pii_leak_rate]",
+    f"gate.rules={DEFAULT_GATE_RULES!r}",
 ]
 
 for key, value in DEFAULT_ENV.items():

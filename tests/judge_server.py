@@ -1,8 +1,10 @@
-"""A real OpenAI-compatible judge for tests: a FastAPI app on 127.0.0.1, run by uvicorn in a thread.
+"""A real OpenAI-compatible judge (and teacher) for tests: a FastAPI app on 127.0.0.1, run by uvicorn
+in a thread.
 
 Its judgments are canned so tests know what to expect: answers mentioning "Lyon" are
 unsupported, answers containing "CRASH" get an HTTP 500 (a judge failing mid-run), and
-answers containing "MUMBLE" get prose without a score.
+answers containing "MUMBLE" get prose without a score. As a teacher it answers "How many …"
+questions with "seven" (what tests/assets/tiny_counts.jsonl teaches).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def _answer(content: str) -> str:
     if "VERDICT:" in content:
         verdict = "UNSUPPORTED" if "Lyon" in answer else "SUPPORTED"
         return f"VERDICT: {verdict}\nRATIONALE: checked against the reference"
+    if content.startswith("How many"):
+        return "seven"
     return "OK"
 
 

@@ -2,54 +2,84 @@
 and the gate's rules: parsing, bad rules, passing / failing / borderline candidates."""
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from tasks.evaluate import EvalReport, GateVerdict, decide_gate, perplexity, reference_metrics
+from tasks.evaluate import EvalReport, ModelEvaluation, PairedDifference, decide_gate, perplexity, reference_metrics
 from tuneloop.config import ConfigError, GateConfig, load_config
-from tuneloop.gate import RuleError, evaluate_rule, parse_rule
+from tuneloop.gate import Figures, RuleError, evaluate_rule, parse_rule
 
 
 def report(label: str = "x", **metrics: float) -> EvalReport:
     return EvalReport(label, metrics)
 
 
+def evaluation(label: str, **slices: dict[str, float]) -> ModelEvaluation:
+    return ModelEvaluation(label, {name: EvalReport(label, dict(m), slice=f"{name}@1") for name, m in slices.items()})
+
+
+def interval(slice_name: str, metric: str, low: float, high: float) -> PairedDifference:
+    return PairedDifference(metric, (low + high) / 2, low, high, slice_name)
+
+
 SAFE = {"toxicity_rate": 0.0, "pii_leak_rate": 0.0}
 
 
-def test_default_rules_are_rougel_non_inferiority_plus_safety() -> None:
+def test_default_rules_want_a_confident_gain_on_the_new_slice_and_no_forgetting() -> None:
     gate = GateConfig()
-    assert decide_gate.fn(report(rougeL=0.30, **SAFE), report(rougeL=0.25, **SAFE), gate).passed
-    assert decide_gate.fn(report(rougeL=0.24, **SAFE), report(rougeL=0.25, **SAFE), gate).passed  # at the margin
-    worse = decide_gate.fn(report(rougeL=0.2399, **SAFE), report(rougeL=0.25, **SAFE), gate)
-    assert worse.decision == "rejected" and "rougeL >= champion.rougeL - 0.01" in worse.reason
-    toxic = decide_gate.fn(report(rougeL=0.5, toxicity_rate=0.25, pii_leak_rate=0.0), None, gate)
-    assert toxic.decision == "rejected" and "toxicity_rate <= 0.1" in toxic.reason
+    champion = evaluation("champion v1", med={"token_f1": 0.1, **SAFE}, trivia={"token_f1": 0.5, **SAFE})
+    better = evaluation("candidate", med={"token_f1": 0.4, **SAFE}, trivia={"token_f1": 0.49, **SAFE})
+    verdict = decide_gate.fn(better, champion, [interval("med", "token_f1", 0.1, 0.5)], gate, "med")
+    assert verdict.passed, verdict.reason
+    assert verdict.lines()[:2] == [
+        "PASS: ci_low(token_f1[new] - champion) > 0 (ci_low(token_f1[med] - champion)=0.1, paired 95% interval "
+        "of token_f1[med] - champion=[0.1, 0.5]: 0.1 > 0)",
+        "PASS: token_f1[trivia] >= champion - 0.02 (token_f1[trivia]=0.49, champion.token_f1[trivia]=0.5: "
+        "0.49 >= 0.48)"]
+    # a gain whose interval reaches 0 is no evidence of one
+    unsure = decide_gate.fn(better, champion, [interval("med", "token_f1", -0.01, 0.5)], gate, "med")
+    assert unsure.decision == "rejected" and "ci_low(token_f1[new] - champion) > 0" in unsure.reason
+    # forgetting the older slice is refused, whatever the gain on the new one
+    forgot = evaluation("candidate", med={"token_f1": 0.9, **SAFE}, trivia={"token_f1": 0.2, **SAFE})
+    verdict = decide_gate.fn(forgot, champion, [interval("med", "token_f1", 0.5, 0.9)], gate, "med")
+    assert verdict.decision == "rejected" and "token_f1[trivia] >= champion - 0.02" in verdict.reason
+    toxic = evaluation("candidate", med={"token_f1": 0.4, "toxicity_rate": 0.0, "pii_leak_rate": 0.0},
+                       trivia={"token_f1": 0.5, "toxicity_rate": 0.25, "pii_leak_rate": 0.0})
+    verdict = decide_gate.fn(toxic, champion, [interval("med", "token_f1", 0.1, 0.5)], gate, "med")
+    assert [r.rule for r in verdict.rules if r.outcome == "fail"] == ["toxicity_rate[trivia] <= 0.1"]
 
 
-def test_first_candidate_skips_champion_rules_but_not_absolute_ones() -> None:
-    verdict = decide_gate.fn(report(rougeL=0.1, **SAFE), None, GateConfig())
-    assert verdict.passed and verdict.reason == "passed: 2 of 3 rules held, 1 skipped (no champion)"
-    assert verdict.lines()[0] == "SKIPPED: rougeL >= champion.rougeL - 0.01 (no champion: skipped)"
-    assert [r.outcome for r in verdict.rules] == ["skipped", "pass", "pass"]
+def test_a_first_version_has_no_older_slice_to_forget() -> None:
+    base = evaluation("base smollm2", med={"token_f1": 0.1, **SAFE})
+    first = evaluation("candidate", med={"token_f1": 0.3, **SAFE})
+    verdict = decide_gate.fn(first, base, [interval("med", "token_f1", 0.05, 0.3)], GateConfig(), "med")
+    assert verdict.passed and "against base smollm2" in verdict.reason
+    assert verdict.lines()[1] == "PASS: token_f1[old] >= champion - 0.02 (no earlier slice: nothing to compare)"
+    assert not any(r.outcome == "skipped" for r in verdict.rules)  # nothing is skipped for want of a champion
 
 
 def test_one_line_per_rule_with_the_values_compared() -> None:
     gate = GateConfig(rules=["rougeL >= champion.rougeL - 0.005", "toxicity_rate <= 0.01",
                              "p95_latency_ms <= 1.2 * champion.p95_latency_ms"])
-    verdict = decide_gate.fn(report(rougeL=0.31, toxicity_rate=0.0, p95_latency_ms=130.0),
-                             report(rougeL=0.30, p95_latency_ms=100.0), gate)
+    verdict = decide_gate.fn(evaluation("candidate", d={"rougeL": 0.31, "toxicity_rate": 0.0, "p95_latency_ms": 130.0}),
+                             evaluation("champion v1", d={"rougeL": 0.30, "p95_latency_ms": 100.0}), [], gate, "d")
     assert verdict.decision == "rejected"
     assert verdict.lines() == [
-        "PASS: rougeL >= champion.rougeL - 0.005 (rougeL=0.31, champion.rougeL=0.3: 0.31 >= 0.295)",
-        "PASS: toxicity_rate <= 0.01 (toxicity_rate=0: 0 <= 0.01)",
+        "PASS: rougeL >= champion.rougeL - 0.005 (rougeL[d]=0.31, champion.rougeL[d]=0.3: 0.31 >= 0.295)",
+        "PASS: toxicity_rate <= 0.01 (toxicity_rate[d]=0: 0 <= 0.01)",
         ("FAIL: p95_latency_ms <= 1.2 * champion.p95_latency_ms "
-        "(p95_latency_ms=130, champion.p95_latency_ms=100: 130 not <= 120)"),
+         "(p95_latency_ms[d]=130, champion.p95_latency_ms[d]=100: 130 not <= 120)"),
     ]
     assert verdict.reason.startswith("rejected: p95_latency_ms <= 1.2 * champion.p95_latency_ms")
+
+
+def one(rule: str, candidate: dict[str, float], champion: dict[str, float] | None) -> str:
+    [result] = evaluate_rule(parse_rule(rule), Figures.flat(candidate, champion))
+    return result.outcome
 
 
 @pytest.mark.parametrize("rule,candidate,champion,outcome", [
@@ -64,20 +94,54 @@ def test_one_line_per_rule_with_the_values_compared() -> None:
     ("-rougeL < -(champion.rougeL * (1 + 0.5))", 0.7, 0.4, "pass"),
 ])
 def test_borderline_and_arithmetic(rule: str, candidate: float, champion: float, outcome: str) -> None:
-    assert evaluate_rule(parse_rule(rule), {"rougeL": candidate}, {"rougeL": champion}).outcome == outcome
+    assert one(rule, {"rougeL": candidate}, {"rougeL": champion}) == outcome
 
 
 def test_missing_or_nan_values_fail_the_rule() -> None:
-    nan = evaluate_rule(parse_rule("judge_score >= 3"), {"judge_score": math.nan}, None)
+    [nan] = evaluate_rule(parse_rule("judge_score >= 3"), Figures.flat({"judge_score": math.nan}, None))
     assert nan.outcome == "fail" and "judge_score is not a number" in nan.detail
-    missing = evaluate_rule(parse_rule("bleu >= champion.bleu"), {"bleu": 0.2}, {"rougeL": 0.1})
+    [missing] = evaluate_rule(parse_rule("bleu >= champion.bleu"), Figures.flat({"bleu": 0.2}, {"rougeL": 0.1}))
     assert missing.outcome == "fail" and "champion.bleu is missing" in missing.detail
 
 
+def test_rules_name_slices_and_read_paired_intervals() -> None:
+    figures = Figures({("token_f1", "med"): 0.4, ("token_f1", "trivia"): 0.3},
+                      {("token_f1", "med"): 0.2, ("token_f1", "trivia"): 0.31}, "med", ["med", "trivia"],
+                      {("token_f1", "med"): (0.05, 0.35), ("token_f1", "trivia"): (-0.05, 0.03)})
+    outcome = {r: [x.outcome for x in evaluate_rule(parse_rule(r), figures)] for r in [
+        "token_f1[trivia] >= champion.token_f1[trivia] - 0.02", "token_f1[trivia] >= champion.token_f1[trivia]",
+        "ci_low(token_f1[med] - champion) > 0", "ci_low(token_f1[trivia] - champion.token_f1[trivia]) > 0",
+        "ci_high(token_f1 - champion) < 0.5", "token_f1[all] >= 0.3", "token_f1[old] > champion"]}
+    assert outcome == {
+        "token_f1[trivia] >= champion.token_f1[trivia] - 0.02": ["pass"],
+        "token_f1[trivia] >= champion.token_f1[trivia]": ["fail"],
+        "ci_low(token_f1[med] - champion) > 0": ["pass"],
+        "ci_low(token_f1[trivia] - champion.token_f1[trivia]) > 0": ["fail"],
+        "ci_high(token_f1 - champion) < 0.5": ["pass"],  # a bare metric is the new slice's
+        "token_f1[all] >= 0.3": ["pass", "pass"],  # one result per slice
+        "token_f1[old] > champion": ["fail"],
+    }
+    [each] = evaluate_rule(parse_rule("token_f1[old] > champion"), figures)
+    assert each.rule == "token_f1[trivia] > champion" and each.slice == "trivia"
+
+
+def test_a_rule_over_a_slice_that_is_not_evaluated_stops_the_config_from_loading() -> None:
+    with pytest.raises(ConfigError, match=r"slice trivia is not evaluated with this config \(evaluated: med\); "
+                                          "add it to eval.slices"):
+        load_config(None, ["data.path=data/med.jsonl", 'gate.rules=["token_f1[trivia] >= 0.2"]'])
+    cfg = load_config(None, ["data.path=data/med.jsonl", "eval.slices=[trivia]",
+                             'gate.rules=["token_f1[trivia] >= 0.2"]'])
+    assert cfg.gate.rules == ["token_f1[trivia] >= 0.2"]
+    with pytest.raises(ConfigError, match="bleu has no per-example values"):
+        load_config(None, ['gate.rules=["ci_low(bleu[new] - champion) > 0"]'])
+    with pytest.raises(ConfigError, match="without slices or intervals"):
+        load_config(None, ['serve.rollout.rules=["error_rate[trivia] <= 0.1"]'])
+
+
 def test_judge_failures_withhold_the_verdict_whatever_the_rules_say() -> None:
-    candidate = report("candidate", rougeL=0.9, judge_failed=2.0, **SAFE)
-    champion = report("champion v1", rougeL=0.1, judge_failed=1.0, **SAFE)
-    verdict = decide_gate.fn(candidate, champion, GateConfig())
+    candidate = evaluation("candidate", d={"rougeL": 0.9, "judge_failed": 2.0, **SAFE})
+    champion = evaluation("champion v1", d={"rougeL": 0.1, "judge_failed": 1.0, **SAFE})
+    verdict = decide_gate.fn(candidate, champion, [], GateConfig(rules=["rougeL >= champion - 0.01"]), "d")
     assert not verdict.passed and verdict.decision == "withheld"
     assert verdict.reason == ("rejected: judge failed on 3 examples (candidate 2, champion v1 1); "
                               "verdict withheld")
@@ -91,15 +155,19 @@ def test_judge_failures_withhold_the_verdict_whatever_the_rules_say() -> None:
     ("rougeL == 0.3", "compare with one of"),
     ("rougeL >= ", "is not an expression"),
     ("rougeL >= abs(bleu)", "'abs(bleu)' is not allowed"),
-    ("rougeL >= champion['rougeL']", "is not allowed"),
+    ("rougeL >= champion['rougeL']", "a slice is a name"),
     ("rougeL >= champion.rougeL.real", "is not allowed"),
     ("rougeL >= 'high'", "is not allowed"),
     ("rougeL >= True", "is not allowed"),
     ("rougeL >= bleu ** 2", "is not allowed"),
-    ("1 >= champion", "a bare 'champion' needs one metric name"),
+    ("1 >= champion", "a bare 'champion' needs one metric term"),
+    ("token_f1[1] >= 0", "a slice is a name"),
+    ("ci_low(token_f1) > 0", "takes one paired difference"),
+    ("ci_low(token_f1 - champion.rougeL) > 0", "the champion's same metric on the same slice"),
+    ("token_f1[old] >= token_f1[all]", "one of [old] and [all]"),
 ])
 def test_bad_rules_are_refused_saying_why(rule: str, message: str) -> None:
-    with pytest.raises(RuleError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    with pytest.raises(RuleError, match=re.escape(message)):
         parse_rule(rule)
 
 
@@ -147,14 +215,16 @@ def test_perplexity_matches_the_models_own_loss(models_dir) -> None:
     [ex] = tokenize_examples(tok, rows, 64)
     with torch.no_grad():
         loss = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss
-    assert perplexity(model, tok, rows, 64, 4) == pytest.approx(math.exp(loss.item()), rel=1e-4)
+    asked = pd.DataFrame({"messages": [[{"role": "user", "content": "What is 2 plus 2?"}]],
+                          "reference": ["2 plus 2 is 4."]})  # what evaluation asks: the turns before the answer
+    assert perplexity(model, tok, asked, 64, 4) == pytest.approx(math.exp(loss.item()), rel=1e-4)
 
 
 def test_unknown_metric_and_unevaluated_gate_metric_fail_at_load() -> None:
     with pytest.raises(ConfigError, match="eval.metrics.1: Input should be 'rougeL'"):
         load_config(None, ["eval.metrics=[rougeL, nonsense]"])
-    with pytest.raises(ConfigError, match="gate rule 'rougeL >= champion.rougeL - 0.01': metric rougeL is not "
-                                          "evaluated"):
+    with pytest.raises(ConfigError, match=r"gate rule 'ci_low\(token_f1\[new\] - champion\) > 0': metric "
+                                          "token_f1 is not evaluated"):
         load_config(None, ["eval.metrics=[bleu, toxicity_rate, pii_leak_rate]"])
 
 
@@ -204,17 +274,32 @@ def test_latency_and_cost_by_hand() -> None:
     assert m["cost_per_1k_tokens"] == pytest.approx(0.008)
 
 
-def test_eval_report_shows_bars_intervals_and_regressions(tmp_path) -> None:
+def test_eval_report_shows_slices_side_by_side_rules_and_changed_examples(tmp_path) -> None:
     from tasks.evaluate import paired_bootstrap, write_eval_report
 
-    examples = [{"prompt": f"q<{i}>", "reference": "a", "prediction": "b"} for i in range(3)]
-    cand = EvalReport("candidate", {"rougeL": 0.2, "bleu": 0.1}, examples, {"rougeL": [0.1, 0.2, 0.3]})
-    champ = EvalReport("champion v1", {"rougeL": 0.3, "bleu": 0.2}, examples, {"rougeL": [0.4, 0.2, 0.3]})
-    diff = [paired_bootstrap(cand.per_example["rougeL"], champ.per_example["rougeL"], "rougeL")]
-    verdict = decide_gate.fn(cand, champ, GateConfig(rules=["rougeL >= champion.rougeL"]))
-    page = write_eval_report.fn(cand, champ, diff, verdict, tmp_path / "r.html").read_text()
+    def examples(predictions: list[str]) -> list[dict]:
+        return [{"prompt": f"q<{i}>", "reference": "a", "prediction": p} for i, p in enumerate(predictions)]
+
+    cand = ModelEvaluation("candidate", {
+        "med": EvalReport("candidate", {"token_f1": 0.2, "rougeL": 0.2}, examples(["a", "b", "c"]),
+                          {"token_f1": [1.0, 0.0, 0.0]}, "med@1"),
+        "trivia": EvalReport("candidate", {"token_f1": 0.5}, examples(["x", "y"]), {"token_f1": [0.0, 1.0]},
+                             "trivia@2")})
+    champ = ModelEvaluation("champion v1", {
+        "med": EvalReport("champion v1", {"token_f1": 0.3, "rougeL": 0.3}, examples(["z", "b", "c"]),
+                          {"token_f1": [0.0, 0.0, 1.0]}, "med@1"),
+        "trivia": EvalReport("champion v1", {"token_f1": 0.6}, examples(["x", "y"]), {"token_f1": [1.0, 1.0]},
+                             "trivia@2")})
+    diffs = []
+    for name in ("med", "trivia"):
+        d = paired_bootstrap(cand.reports[name].per_example["token_f1"], champ.reports[name].per_example["token_f1"],
+                             "token_f1")
+        d.slice = name
+        diffs.append(d)
+    verdict = decide_gate.fn(cand, champ, diffs, GateConfig(rules=["token_f1[old] >= champion"]), "med")
+    page = write_eval_report.fn(cand, champ, diffs, verdict, tmp_path / "r.html").read_text()
     assert "Gate: rejected" in page and page.count("data:image/png;base64,") == 2
-    assert "<code>rougeL &gt;= champion.rougeL</code>" in page and "0.2 not &gt;= 0.3" in page
-    assert "Worst regressions" in page and "-0.300" in page and "q&lt;0&gt;" in page
-    first = write_eval_report.fn(cand, None, [], GateVerdict("passed", "first"), tmp_path / "f.html").read_text()
-    assert "Gate: passed" in first and first.count("data:image/png") == 1
+    assert "token_f1[trivia] &gt;= champion" in page and "0.5 not &gt;= 0.6" in page
+    assert "med@1" in page and "trivia@2" in page  # both slices, side by side
+    assert "med@1: improved most" in page and "med@1: regressed most" in page and "trivia@2: regressed most" in page
+    assert "q&lt;0&gt;" in page and "+1.000" in page and "-1.000" in page

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.evaluate import EvalReport, decide_gate
+from tasks.evaluate import EvalReport, ModelEvaluation, decide_gate
 from tasks.judge import (
     JudgeUnavailable,
     Score,
@@ -65,6 +65,9 @@ def test_shipped_rubrics_are_versioned_files_with_every_placeholder(tmp_path: Pa
         load_rubric(str(own))
 
 
+BASE = ModelEvaluation("base", {"d": EvalReport("base", {})})
+
+
 def answers(*predictions: str) -> EvalReport:
     examples = [{"prompt": "What is the capital of France?", "reference": "The capital of France is Paris.",
                  "prediction": p} for p in predictions]
@@ -79,7 +82,7 @@ def test_a_tiny_local_judge_answers_garbage_so_every_example_is_marked(models_di
     assert judged.metrics["judge_failed"] == 2
     assert math.isnan(judged.metrics["judge_score"]) and math.isnan(judged.metrics["hallucination_rate"])
     assert all("unparseable judge answer" in e["judge_error"] and e["judge_score"] is None for e in judged.examples)
-    verdict = decide_gate.fn(judged, None, GateConfig())
+    verdict = decide_gate.fn(ModelEvaluation("candidate", {"d": judged}), BASE, [], GateConfig(), "d")
     assert verdict.decision == "withheld" and verdict.reason.startswith("rejected: judge failed on 2 examples")
 
 
@@ -123,7 +126,8 @@ def test_a_judge_failing_mid_run_marks_those_examples_and_withholds_the_verdict(
     assert "judge call failed: HTTPStatusError" in crash["judge_error"] and "500" in crash["judge_error"]
     assert "unparseable judge answer: 'I think it is fine" in mumble["judge_error"]
     assert math.isnan(judged.per_example["judge_score"][1])
-    verdict = decide_gate.fn(judged, None, GateConfig(rules=["judge_score >= 3"]))
+    verdict = decide_gate.fn(ModelEvaluation("candidate", {"d": judged}), BASE, [], GateConfig(rules=["judge_score >= 3"]),
+                             "d")
     assert verdict.decision == "withheld" and "judge failed on 2 examples" in verdict.reason
 
 

@@ -7,7 +7,9 @@ import pytest
 
 from tasks.drift import LoggedRequest
 from tasks.retrain import CheckRecord, decide, retraining_data
-from tuneloop.config import Persistence
+from tests.conftest import ASSETS
+from tests.judge_server import KEY, MODEL, judge_server
+from tuneloop.config import MonitorConfig, Persistence, TeacherConfig
 
 
 def run_checks(verdicts: str, k: int, n: int) -> list[CheckRecord]:
@@ -63,25 +65,69 @@ def request(i: int, status: int = 200, response: str | None = "an answer") -> Lo
                          1, 10.0, None)
 
 
-def test_retraining_data_from_requests_with_good_feedback(tmp_path) -> None:
-    rows = [request(i) for i in range(12)] + [request(12, status=503, response=None)]
-    feedback = {f"r{i}": (1.0 if i < 10 else 0.0) for i in range(13)}
+def settings(**extra) -> MonitorConfig:
+    return MonitorConfig(**{"retrain_min_rows": 10, "replay_share": 0.0, **extra})
+
+
+def conversations(path) -> list[list[dict]]:
+    return [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+
+
+def test_retraining_data_from_answers_people_approved(tmp_path) -> None:
+    rows = [request(i) for i in range(12)] + [request(12, status=503, response=None), request(13)]
+    feedback = {f"r{i}": (1.0 if i < 10 else 0.0) for i in range(13)}  # r13 unrated: never trained on
     out = tmp_path / "retrain" / "ep.jsonl"
-    path, note = retraining_data(rows, feedback, 0.5, 10, None, out)
-    assert path == str(out) and note == "10 drifted requests with feedback >= 0.5"
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert lines[0] == {"prompt": "prompt 0", "response": "an answer"} and len(lines) == 10
-    assert not list(out.parent.glob(".*partial"))  # written whole, then renamed
+    data, note = retraining_data(rows, feedback, settings(retrain_sources=["feedback"]), None, out, tmp_path)
+    assert data is not None and data.path == str(out) and data.sources == {"feedback": 10} and data.rows == 10
+    assert note == "10 drifted requests with feedback >= 0.5" and data.replay_path is None
+    lines = conversations(out)
+    assert lines[0] == [{"role": "user", "content": "prompt 0"}, {"role": "assistant", "content": "an answer"}]
+    assert len(lines) == 10 and not list(out.parent.glob(".*partial"))  # written whole, then renamed
 
 
-def test_too_little_feedback_falls_back_to_the_configured_dataset(tmp_path) -> None:
+def test_too_few_rows_retrains_nothing_and_a_labelled_set_is_used_as_it_is(tmp_path) -> None:
     rows = [request(i) for i in range(12)]
-    fresh = tmp_path / "fresh.jsonl"
-    path, note = retraining_data(rows, {"r0": 1.0}, 0.5, 10, fresh, tmp_path / "ep.jsonl")
-    assert path == str(fresh) and note.startswith("monitor.retrain_data (1 drifted requests")
-    path, note = retraining_data(rows, {}, 0.5, 10, None, tmp_path / "ep.jsonl")
-    assert path is None and "monitor.retrain_data is not set" in note
+    data, note = retraining_data(rows, {"r0": 1.0}, settings(), None, tmp_path / "ep.jsonl", tmp_path)
+    assert data is None and "10 rows needed" in note and "teacher, labelled: not configured" in note
     assert not (tmp_path / "ep.jsonl").exists()
+    labelled = ASSETS / "tiny_counts.jsonl"
+    data, note = retraining_data(rows, {"r0": 1.0}, settings(retrain_data=labelled), None, tmp_path / "ep.jsonl",
+                                 tmp_path)
+    assert data.sources == {"feedback": 1, "labelled": 80} and data.slice.startswith("drift_")
+    assert "80 labelled rows" in note
+    only = settings(retrain_sources=["labelled"], retrain_data=labelled)
+    data, _ = retraining_data(rows, {}, only, None, tmp_path / "ep2.jsonl", tmp_path)
+    assert data.slice == "tiny_counts" and data.sources == {"labelled": 80}  # named after the labelled set
+
+
+def test_a_teacher_on_an_openai_compatible_endpoint_labels_the_drifted_prompts(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    rows = [LoggedRequest(f"r{i}", dt.datetime(2026, 1, 1, tzinfo=dt.UTC), 200, f"How many cats are in box {i % 11}?",
+                          "blue", "1", 1, 1, 10.0, None) for i in range(14)]
+    with judge_server() as (url, requests):
+        teacher = TeacherConfig(backend="openai", base_url=url, model=MODEL, api_key_env="TEST_JUDGE_KEY")
+        m = settings(retrain_sources=["feedback", "teacher"], teacher=teacher)
+        data, note = retraining_data(rows, {"r0": 1.0}, m, None, tmp_path / "ep.jsonl", tmp_path)
+    # r0 was approved as it was answered; the teacher answered each other distinct prompt once
+    assert data.sources == {"feedback": 1, "teacher": 10} and "10 teacher answers (canned-judge)" in note
+    taught = [c for c in conversations(tmp_path / "ep.jsonl") if c[1]["content"] == "seven"]
+    assert len(taught) == 10 and len(requests) == 1 + 10  # a probe, then one request per distinct prompt
+
+
+def test_replay_mixes_in_the_champions_training_rows(tmp_path, monkeypatch) -> None:
+    import tasks.registry
+
+    earlier = [[{"role": "user", "content": f"old {i}"}, {"role": "assistant", "content": "blue"}] for i in range(50)]
+    monkeypatch.setattr(tasks.registry.training_rows, "fn", lambda ref, dst: earlier)  # the champion's run artifact
+    rows = [request(i) for i in range(10)]
+    m = settings(retrain_sources=["feedback"], replay_share=0.5)
+    from tasks.registry import ModelVersionRef
+
+    data, note = retraining_data(rows, {f"r{i}": 1.0 for i in range(10)}, m, ModelVersionRef("m", "3", "run"),
+                                 tmp_path / "ep.jsonl", tmp_path)
+    assert data.replay_rows == 10 and "10 replayed rows of champion v3" in note  # half of the set
+    replayed = conversations(tmp_path / "ep.replay.jsonl")
+    assert all(c in earlier for c in replayed) and len({c[0]["content"] for c in replayed}) == 10
 
 
 def test_the_monitoring_deployment_parameters_fit_the_flow() -> None:

@@ -10,6 +10,7 @@ flow parameters (Prefect renders these models as forms) replace them, pydantic v
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,18 @@ class ModelConfig(Strict):
     )
 
 
+SLICE_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"  # an identifier: rules name slices as metric[slice]
+RESERVED_SLICES = ("new", "old", "all", "champion")
+
+
+def slice_from_path(path: str) -> str:
+    """A slice name from a data file's name: `data/Trivia-QA.jsonl` → `trivia_qa`."""
+    stem = Path(str(path).rstrip("/")).name.split(".")[0].lower()
+    name = re.sub(r"[^a-z0-9_]+", "_", stem).strip("_") or "data"
+    name = name if name[0].isalpha() else f"d_{name}"
+    return name[:40] if name not in RESERVED_SLICES else f"{name}_data"
+
+
 class DataConfig(Strict):
     path: str | None = Field(
         None, description="A JSONL, CSV or Parquet file, a `datasets` save_to_disk folder, or a hub id."
@@ -59,11 +72,36 @@ class DataConfig(Strict):
     )
     max_rows: int | None = Field(None, gt=0, description="Use at most this many rows.")
     seed: int = Field(0, description="Seed of the train/eval split.")
+    slice: str | None = Field(
+        None, pattern=SLICE_PATTERN, description="Name of this data's held-out evaluation slice (e.g. trivia): "
+        "registered as `<name>@<version>`, evaluated for every later version of its lineage, named in gate rules. "
+        "None: the data file's name (trivia.jsonl: trivia).",
+    )
+    replay_path: str | None = Field(
+        None, description="Earlier training rows mixed into training only, never held out (retraining writes it "
+        "from the champion's training data, monitor.replay_share).",
+    )
 
-    @field_validator("path", "eval_path", mode="before")
+    @field_validator("path", "eval_path", "replay_path", mode="before")
     @classmethod
     def _path_as_text(cls, value: Any) -> Any:
         return str(value) if isinstance(value, Path) else value
+
+    @field_validator("slice")
+    @classmethod
+    def _not_a_selector(cls, value: str | None) -> str | None:
+        if value in RESERVED_SLICES:
+            raise ValueError(f"data.slice {value!r} is a word of the gate's rules ({', '.join(RESERVED_SLICES)}): "
+                             "choose another name")
+        return value
+
+    def slice_name(self) -> str | None:
+        """The held-out slice's name: data.slice, or the data file's name made a rule identifier."""
+        if self.slice:
+            return self.slice
+        if not self.path:
+            return None
+        return slice_from_path(self.path)
 
 
 Level = Literal["error", "warn", "off"]
@@ -238,6 +276,9 @@ MetricName = Literal["rougeL", "bleu", "chrf", "exact_match", "token_f1", "perpl
 # Measured on every evaluation, whatever eval.metrics lists.
 SYSTEM_METRICS = ("generation_tokens_per_second", "p50_latency_ms", "p95_latency_ms", "cost_per_1k_tokens")
 JUDGE_METRICS = ("judge_score", "hallucination_rate")  # with eval.judge.backend other than disabled
+# Scored per example (their mean is the figure): these have paired intervals, ci_low / ci_high in rules.
+PER_EXAMPLE_METRICS = ("rougeL", "exact_match", "token_f1", "toxicity_rate", "pii_leak_rate", "judge_score",
+                       "hallucination_rate")
 # Where a smaller value is better (leaderboards sort these ascending).
 LOWER_IS_BETTER = frozenset({"perplexity", "toxicity_rate", "pii_leak_rate", "hallucination_rate",
                              "p50_latency_ms", "p95_latency_ms", "cost_per_1k_tokens"})
@@ -296,6 +337,19 @@ class EvalConfig(Strict):
         0.5, gt=0, lt=1, description="An answer counts as toxic at this offensive probability or above."
     )
     judge: JudgeConfig = JudgeConfig()
+    slices: list[str] = Field(
+        [], description="Registered slices (by name; the newest version of each) evaluated besides the data's own "
+        "and those of the champion's lineage; gate rules may name these.",
+    )
+
+    @field_validator("slices")
+    @classmethod
+    def _slice_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not re.fullmatch(SLICE_PATTERN, name) or name in RESERVED_SLICES:
+                raise ValueError(f"eval.slices: {name!r} is not a slice name (lower-case identifier, not "
+                                 f"{', '.join(RESERVED_SLICES)})")
+        return names
 
 
 def evaluated_metrics(cfg: EvalConfig) -> list[str]:
@@ -307,18 +361,20 @@ def evaluated_metrics(cfg: EvalConfig) -> list[str]:
 KNOWN_METRICS = [*MetricName.__args__, *SYSTEM_METRICS, *JUDGE_METRICS]
 
 DEFAULT_GATE_RULES = [
-    "rougeL >= champion.rougeL - 0.01",  # non-inferiority: at most 0.01 below what serves
-    "toxicity_rate <= 0.1",
-    "pii_leak_rate <= 0.1",
+    "ci_low(token_f1[new] - champion) > 0",  # better than what serves (or the base) on its own slice, with confidence
+    "token_f1[old] >= champion - 0.02",  # and forgets nothing: at most 0.02 below it on every earlier slice
+    "toxicity_rate[all] <= 0.1",
+    "pii_leak_rate[all] <= 0.1",
 ]
 
 
 class GateConfig(Strict):
     rules: list[str] = Field(
         DEFAULT_GATE_RULES, min_length=1,
-        description="Every rule must hold for a candidate to pass: comparisons of the candidate's "
-        "metrics (bare names) with numbers and the champion's (champion.<metric>), using + - * /. "
-        "Rules naming the champion are skipped while there is none.",
+        description="Every rule must hold for a candidate to pass: comparisons of the candidate's metrics per "
+        "slice (token_f1[trivia]; a bare name is its own slice; new / old / all select slices) with numbers, the "
+        "champion's (champion.<metric>[slice]; the base model while no version is champion) and paired interval "
+        "bounds (ci_low(token_f1[new] - champion)), using + - * /.",
     )
 
     @model_validator(mode="before")
@@ -345,6 +401,8 @@ class RegistryConfig(Strict):
     monitoring_experiment: str = Field("tuneloop-monitoring")
     promotion_experiment: str = Field(
         "tuneloop-promotions", description="MLflow experiment of promotion runs (canary figures, decision).")
+    slices_experiment: str = Field(
+        "tuneloop-slices", description="MLflow experiment holding the evaluation slices (one run per slice version).")
     selection_experiment: str = Field(
         "tuneloop-model-selection", description="MLflow experiment of `tuneloop evaluate` (one run per model)."
     )
@@ -532,6 +590,30 @@ class Persistence(Strict):
         return self
 
 
+class TeacherConfig(Strict):
+    """A larger model that answers drifted prompts for retraining (distillation into the served model)."""
+
+    backend: Literal["local", "openai"] = Field(
+        "openai", description="local: a model on this machine (path, hub id or builtin:<name>); openai: any "
+        "OpenAI-compatible chat completions endpoint.")
+    model: str = Field(..., description="local: path / hub id / builtin:<name>; openai: the model name it serves.")
+    base_url: str | None = Field(None, description="openai: the API root, e.g. http://127.0.0.1:9000/v1.")
+    api_key_env: str | None = Field(None, description="openai: environment variable holding its key (never the key).")
+    system_prompt: str | None = Field(None, description="Sent before each drifted prompt (e.g. the answer style).")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens the teacher may write per answer.")
+    timeout_s: float = Field(60, gt=0, description="openai: seconds per request before it counts as failed.")
+
+    @model_validator(mode="after")
+    def _endpoint_needs_a_url(self) -> TeacherConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("monitor.teacher.backend=openai needs monitor.teacher.base_url, e.g. "
+                             "http://127.0.0.1:9000/v1")
+        return self
+
+
+RetrainSourceName = Literal["feedback", "teacher", "labelled"]
+
+
 class MonitorConfig(Strict):
     window: int = Field(40, ge=1, description="Most recent logged requests compared.")
     min_samples: int = Field(10, ge=2, description="Fewer requests: verdict `no_data`.")
@@ -547,16 +629,29 @@ class MonitorConfig(Strict):
         "the same false-positive rate, bench/drift.py); too small and every prompt looks unlike every other."
     )
     alpha: float = Field(0.01, gt=0, lt=1, description="Drift when p-value < alpha (every test signal).")
+    retrain_sources: list[RetrainSourceName] = Field(
+        ["feedback", "teacher", "labelled"], min_length=1, description="Where retraining rows come from, each used "
+        "when it has any: feedback (drifted requests whose answer a person approved: a correction sent with the "
+        "feedback, or the answer itself when rated at least retrain_min_feedback; never unrated model output), "
+        "teacher (monitor.teacher answers the drifted prompts that have no approved answer), labelled "
+        "(monitor.retrain_data, a labelled set for the new domain). Recorded in the version's lineage.",
+    )
     retrain_data: Path | None = Field(
-        None, description="Fresh dataset for retraining, used when the drifted requests have too little "
-        "good feedback to train on (see retrain_min_rows)."
+        None, description="A labelled dataset for the new domain (source `labelled`)."
+    )
+    teacher: TeacherConfig | None = Field(
+        None, description="A model that answers drifted prompts (source `teacher`); None: no teacher."
     )
     retrain_min_feedback: float = Field(
-        0.5, description="A drifted request whose mean feedback score is at least this becomes a training example "
-        "(its logged response as the answer)."
+        0.5, description="A drifted request rated at least this (mean feedback score) has an approved answer."
     )
     retrain_min_rows: int = Field(
-        10, ge=1, description="Fewer such examples: retrain on retrain_data instead (or not at all without it)."
+        10, ge=1, description="Fewer new rows from all sources together: no retraining (the check says why)."
+    )
+    replay_share: float = Field(
+        0.5, ge=0, lt=1, description="Share of the retraining set drawn from the champion's own training data, so "
+        "the new version keeps what the old one knew (0: none; the gate's rules over earlier slices catch "
+        "forgetting either way)."
     )
     retrain_signals: list[SignalName] = Field(
         ["prompt_embedding"], min_length=1, description="Signals whose alert counts as drift for retraining; each "
@@ -622,8 +717,10 @@ class TuneloopConfig(Strict):
     def _gate_rules_use_evaluated_metrics(self) -> TuneloopConfig:
         from tuneloop.gate import check_metrics, parse_rule
 
+        own = self.data.slice_name()
+        slices = [*([own] if own else []), *self.eval.slices]
         for rule in self.gate.rules:
-            check_metrics(parse_rule(rule), evaluated_metrics(self.eval), KNOWN_METRICS)
+            check_metrics(parse_rule(rule), evaluated_metrics(self.eval), KNOWN_METRICS, slices, PER_EXAMPLE_METRICS)
         return self
 
 

@@ -261,6 +261,25 @@ def read_base_ref(artifact_dir: Path) -> BaseRef:
         raise BaseModelError(f"Adapter artifact {artifact_dir}: unreadable {BASE_REF_FILE}: {err}") from err
 
 
+def artifact_manifest(artifact_dir: Path) -> dict[str, str]:
+    """Return the SHA-256 of every file of a model artifact, by path relative to it (sorted)."""
+    root = Path(artifact_dir)
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != HASH_FILE):
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out[path.relative_to(root).as_posix()] = h.hexdigest()
+    return out
+
+
+def artifact_sha256(artifact_dir: Path) -> str:
+    """Return one digest of a model artifact's content (its manifest): the same files, the same digest."""
+    manifest = artifact_manifest(artifact_dir)
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
 def artifact_kind(artifact_dir: Path) -> str:
     """Return "full" for an artifact holding all weights (`model/`), "adapter" for a PEFT adapter."""
     artifact_dir = Path(artifact_dir)

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tuneloop.config import ApiKeyConfig, DataConfig, TuneloopConfig
+from tuneloop.config import SLICE_PATTERN, ApiKeyConfig, DataConfig, TuneloopConfig
 from tuneloop.gate import RuleResult
 
 
@@ -248,18 +248,25 @@ class CanaryVerdict:
 # --------------------------------------------------------------------------- retraining
 
 
-RetrainSource = Literal["feedback", "labelled", "teacher"]
+RetrainSource = Literal["feedback", "teacher", "labelled"]
 
 
 class RetrainingData(_Seam):
-    """The data a retraining run trains on, and where it came from (recorded in lineage)."""
+    """The data a retraining run trains on, and where it came from (recorded in lineage).
 
-    path: str
-    source: RetrainSource
-    rows: int = Field(ge=0)
-    prompt_field: str = "prompt"
-    response_field: str = "response"
+    Files are JSONL of `{"messages": [...]}` conversations (tasks.data reads them as chat data).
+    """
+
+    path: str  # the new rows: split into training rows and the new held-out slice
+    slice: str = Field(pattern=SLICE_PATTERN)  # the new slice's name
+    sources: dict[RetrainSource, int]  # rows per source
+    replay_path: str | None  # earlier training rows, training only
+    replay_rows: int = Field(ge=0)
     note: str  # human-readable: what it is, for the run's trigger and tags
+
+    @property
+    def rows(self) -> int:
+        return sum(self.sources.values())
 
 
 class RetrainRequest(_Seam):
@@ -271,10 +278,10 @@ class RetrainRequest(_Seam):
     data: RetrainingData
 
     def training_config(self, cfg: TuneloopConfig) -> TuneloopConfig:
-        """Return `cfg` training on this request's data (its fields), everything else unchanged."""
+        """Return `cfg` training on this request's data, everything else unchanged."""
         data: DataConfig = cfg.data.model_copy(update={
-            "path": self.data.path, "prompt_field": self.data.prompt_field,
-            "response_field": self.data.response_field})
+            "path": self.data.path, "format": "jsonl", "messages_field": "messages", "eval_path": None,
+            "replay_path": self.data.replay_path, "slice": self.data.slice, "max_rows": None})
         return cfg.model_copy(update={"data": data})
 
     def trigger(self) -> str:

@@ -89,6 +89,11 @@ class StatePaths:
         return self.home / "cache"
 
     @property
+    def eval_cache(self) -> Path:
+        """A model's figures per slice, by the model's content hash, slice digest and settings."""
+        return self.cache / "evaluations"
+
+    @property
     def services(self) -> Path:
         """Pid files and logs of the local servers started by `tuneloop up`."""
         return self.home / "services"
