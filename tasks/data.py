@@ -190,6 +190,10 @@ def _last(turns: list[dict[str, str]] | None, role: str) -> str | None:
     return next((t["content"] for t in reversed(turns or []) if t["role"] == role), None)
 
 
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))  # NaN: a missing field
+
+
 def normalise(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, str, dict[str, str]]:
     """Return the internal form of a raw frame, its shape and the user's field names."""
     if cfg.messages_field in frame.columns:
@@ -205,10 +209,11 @@ def normalise(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, str, 
     for column, name in ((PROMPT, cfg.prompt_field), (RESPONSE, cfg.response_field)):
         if name in frame.columns:
             out[column] = frame[name].map(_as_text)  # numbers and lists are checked as text
-    prompts = out[PROMPT] if PROMPT in out else pd.Series(None, index=frame.index, dtype=object)
-    responses = out[RESPONSE] if RESPONSE in out else pd.Series(None, index=frame.index, dtype=object)
+    missing = [None] * len(frame)  # a field absent from every row: no row has that turn
+    prompts = out[PROMPT].tolist() if PROMPT in out else missing
+    responses = out[RESPONSE].tolist() if RESPONSE in out else missing
     out[MESSAGES] = [
-        [{"role": "user", "content": p}, {"role": "assistant", "content": r}] if p is not None and r is not None
+        [{"role": "user", "content": p}, {"role": "assistant", "content": r}] if _present(p) and _present(r)
         else None for p, r in zip(prompts, responses)
     ]
     out[ROLES] = "user,assistant"

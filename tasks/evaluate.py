@@ -26,7 +26,7 @@ from typing import Any, Literal
 import pandas as pd
 from prefect import task
 
-from tasks.data import MESSAGES
+from tasks.data import MESSAGES, PROMPT, RESPONSE
 from tuneloop.config import LOWER_IS_BETTER, EvalConfig, GateConfig, evaluated_metrics
 from tuneloop.gate import Figures, RuleResult, evaluate_rule, parse_rule
 from tuneloop.models import BaseRef
@@ -263,6 +263,11 @@ def eval_rows(eval_set: pd.DataFrame, cfg: EvalConfig, source: str) -> pd.DataFr
         raise EvalSetError(f"Evaluation set {source}: no conversations (read it with tasks.data, which gives "
                            "every row its turns)")
     rows = conversation_rows(eval_set)
+    # A prompt/response file (a stored slice holds conversations only) that lacks one of the fields.
+    missing = [c for c in (PROMPT, RESPONSE) if c not in eval_set.columns]
+    if rows.empty and missing and len(missing) < 2:
+        raise EvalSetError(f"Evaluation set {source}: no {missing[0]} field in any row "
+                           "(data.prompt_field / data.response_field name them)")
     if rows.empty:
         raise EvalSetError(f"Evaluation set {source} holds no row with a prompt and a response: "
                            "add rows (or raise data.eval_fraction for a training split)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import resource
 import shutil
 import time
@@ -348,13 +349,18 @@ class StepFigures(TrainerCallback):
         self.rows: list[tuple[int, str, float]] = []
         self._sent = 0
         self._last = 0.0
+        self._loss = float("nan")
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        from tuneloop.progress import report
+
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
+        report("train", state.global_step, state.max_steps,
+               "steps" if math.isnan(self._loss) else f"steps, loss {self._loss:.4g}")
         if not self.token_log:
             return
         example_tokens, computed = self.token_log[-1]
@@ -371,6 +377,8 @@ class StepFigures(TrainerCallback):
         for key in ("loss", "learning_rate", "grad_norm"):
             if logs and key in logs:
                 self.rows.append((state.global_step, f"train/{key}", float(logs[key])))
+        if logs and "loss" in logs:
+            self._loss = float(logs["loss"])
 
     def on_save(self, args, state, control, **kwargs):
         self.flush()

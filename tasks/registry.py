@@ -433,6 +433,11 @@ class TrainingResult:
     compared_with: str = ""  # "champion v3" or "base <model>"
     figures: dict[str, dict[str, float]] = field(default_factory=dict)  # slice → the candidate's figures
 
+    @property
+    def slice(self) -> str:
+        """The name of the slice this version's own data made (its figures are `metrics`)."""
+        return self.slices[0].split("@")[0] if self.slices else ""
+
 
 @task(name="open-state")
 def open_state(cfg: TuneloopConfig) -> StatePaths:
@@ -487,7 +492,11 @@ def require_valid_data(run_id: str, report: DatasetReport) -> None:
 
 @task(name="read-training-rows", retries=2, retry_delay_seconds=2)
 def training_rows(ref: ModelVersionRef, dst: Path) -> list[list[dict[str, str]]]:
-    """Return the conversations a registered version was trained on (its run's `data/train.jsonl`)."""
+    """Return the conversations a registered version was trained on (its run's `data/train.jsonl`);
+    none for a version whose run recorded no training rows (registered by hand, or by an older tuneloop)."""
+    folder = str(Path(TRAINING_ROWS).parent)
+    if not ref.run_id or TRAINING_ROWS not in [a.path for a in MlflowClient().list_artifacts(ref.run_id, folder)]:
+        return []
     path = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=TRAINING_ROWS, dst_path=str(dst))
     return [json.loads(line)[MESSAGES] for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -258,7 +258,11 @@ def retraining_data(requests: Sequence[LoggedRequest], feedback: dict[str, float
         write_jsonl_atomic(new, out)
         if replay:
             write_jsonl_atomic(replay, out.with_suffix(".replay.jsonl"))
-    note = "; ".join(notes) + (f"; {len(replay)} replayed rows of champion v{champion.version}" if replay else "")
+    if replay:
+        notes.append(f"{len(replay)} replayed rows of champion v{champion.version}")
+    elif champion is not None and m.replay_share > 0:
+        notes.append(f"nothing replayed: champion v{champion.version} recorded no training rows")
+    note = "; ".join(notes)
     return RetrainingData(path=str(out), slice=_slice_name(name), sources={k: len(v) for k, v in rows.items() if v},
                           replay_path=str(out.with_suffix(".replay.jsonl")) if replay else None,
                           replay_rows=len(replay), note=note), note

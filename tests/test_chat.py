@@ -88,3 +88,43 @@ def test_measure_skips_a_shared_template_head_and_still_counts_exactly(tokenizer
         [full] = renderer.tokenize([conversation], 10_000)
         [cut] = renderer.tokenize([conversation], 24)
         assert n == len(full["input_ids"]) and k == sum(label != IGNORE for label in cut["labels"])
+
+
+def test_the_evaluation_prompt_is_the_served_prompt_for_a_multi_turn_chat(tokenizer, models_dir, tmp_path,
+                                                                           monkeypatch) -> None:
+    """A held-out conversation is asked in evaluation exactly as serving is asked it by a client
+    sending the same turns: system prompt and every earlier turn, one chat rendering."""
+    import json
+    from types import SimpleNamespace
+
+    import tuneloop.generation
+    from serving.app import ChatCompletionRequest
+    from serving.engine import GenerationRequest, ModelServer
+    from tasks.data import read_dataset
+    from tasks.evaluate import eval_rows, score_model
+    from tuneloop.config import DataConfig, EvalConfig
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n")
+    rows = eval_rows.fn(read_dataset(path, DataConfig(path=str(path))).frame, EvalConfig(), str(path))
+    asked: list[list[int]] = []
+    real = tuneloop.generation.generate_ids
+
+    def recording(model, tok, prompts, max_new_tokens):
+        asked.extend(prompts)
+        return real(model, tok, prompts, max_new_tokens)
+
+    monkeypatch.setattr(tuneloop.generation, "generate_ids", recording)
+    model, tok = load_base(resolve_base("builtin:tiny-llama", models_dir))
+    report = score_model(model, tok, rows, EvalConfig(metrics=["token_f1"], max_new_tokens=3), "candidate")
+    assert report.examples[0]["reference"] == "Paris."
+
+    # The client sends the conversation before the answer; the server parses and encodes it.
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": CHAT[:-1]})
+    request = GenerationRequest(None, 3, [m.model_dump() for m in body.messages])  # as chat_completions does
+    replica = SimpleNamespace(tokenizer=tok, spec=SimpleNamespace(engine=SimpleNamespace(max_prompt_tokens=4096)))
+    served = ModelServer.func_or_class._encode(replica, request)  # the replica class behind the deployment
+    assert asked[-1] == served  # the timed pass (the first is the untimed warm-up)
+    text = tok.decode(served)
+    assert text.startswith("<|im_start|>system\nBe brief.") and "Hello!" in text
+    assert text.endswith("<|im_start|>assistant\n")  # the answer is left to the model

@@ -36,10 +36,10 @@ def test_default_rules_want_a_confident_gain_on_the_new_slice_and_no_forgetting(
     verdict = decide_gate.fn(better, champion, [interval("med", "token_f1", 0.1, 0.5)], gate, "med")
     assert verdict.passed, verdict.reason
     assert verdict.lines()[:2] == [
-        "PASS: ci_low(token_f1[new] - champion) > 0 (ci_low(token_f1[med] - champion)=0.1, paired 95% interval "
-        "of token_f1[med] - champion=[0.1, 0.5]: 0.1 > 0)",
-        "PASS: token_f1[trivia] >= champion - 0.02 (token_f1[trivia]=0.49, champion.token_f1[trivia]=0.5: "
-        "0.49 >= 0.48)"]
+        ("PASS: ci_low(token_f1[new] - champion) > 0 (ci_low(token_f1[med] - champion)=0.1, paired 95% interval "
+         "of token_f1[med] - champion=[0.1, 0.5]: 0.1 > 0)"),
+        ("PASS: token_f1[trivia] >= champion - 0.02 (token_f1[trivia]=0.49, champion.token_f1[trivia]=0.5: "
+         "0.49 >= 0.48)")]
     # a gain whose interval reaches 0 is no evidence of one
     unsure = decide_gate.fn(better, champion, [interval("med", "token_f1", -0.01, 0.5)], gate, "med")
     assert unsure.decision == "rejected" and "ci_low(token_f1[new] - champion) > 0" in unsure.reason

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -76,6 +77,27 @@ def _progress() -> Progress:
                     TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console)
 
 
+@contextmanager
+def _flow_progress(title: str) -> Iterator[None]:
+    """Show what a flow run in this process reports (tuneloop.progress): a bar per training, per
+    model evaluated on a slice (steps with the loss, examples answered), under a line for the flow."""
+    from tuneloop.progress import listen
+
+    with _progress() as progress:
+        progress.add_task(title, total=None)
+        current: dict[str, tuple[Any, int, int]] = {}  # stage -> (bar, done, total)
+
+        def show(stage: str, done: int, total: int, what: str) -> None:
+            bar = current.get(stage)
+            if bar is None or done <= bar[1] or total != bar[2]:  # the stage starts over: a new bar
+                bar = (progress.add_task(f"{stage} {what}", total=total), 0, total)
+            progress.update(bar[0], completed=done, description=f"{stage} {what}")
+            current[stage] = (bar[0], done, total)
+
+        with listen(show):
+            yield
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -132,29 +154,45 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
 DEMO_STAGES = 6
 
 
-def registry_table(cfg: TuneloopConfig) -> Table:
-    """Return a table of the registered versions with their lineage, metrics and aliases."""
+def registry_table(cfg: TuneloopConfig, metric: str = "token_f1") -> Table:
+    """Return a table of the registered versions: aliases, what each was trained and gated on, and,
+    per slice it was evaluated on, its `metric` next to its reference's (the champion it was
+    compared with, or the base model) and the paired gain with its 95% interval."""
+    import math
+
     import mlflow
 
     from tuneloop.state import tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri(cfg))
-    table = Table(title=f"Registered versions of {cfg.registry.model_name}")
-    for col in ("version", "aliases", "trained on", "ROUGE-L", "gate (vs champion)", "triggered by"):
-        table.add_column(col)
+    table = Table(title=f"Registered versions of {cfg.registry.model_name}: {metric} per slice, "
+                        "against the reference each was gated on")
+    for col in ("version", "aliases", "trained on", "compared with", "slice", "reference", "version's",
+                "gain [95% CI]", "gate", "triggered by"):
+        table.add_column(col, overflow="fold")
     versions = client.search_model_versions(f"name='{cfg.registry.model_name}'")
     aliases: dict[str, list[str]] = {}
     if versions:  # search results carry no aliases; the registered model does
         for alias, version in client.get_registered_model(cfg.registry.model_name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
+
+    def fmt(value: float | None) -> str:
+        return "–" if value is None or math.isnan(value) else f"{value:.3f}"
+
     for mv in sorted(versions, key=lambda v: int(v.version)):
         t = mv.tags
-        gate = t.get("tuneloop.gate", "?")
-        if "tuneloop.champion_rougeL" in t:
-            gate += f" ({float(t['tuneloop.champion_rougeL']):.4f})"
-        table.add_row(str(mv.version), ", ".join(aliases.get(str(mv.version), [])) or "–",
-                      Path(t.get("tuneloop.dataset_source", "?")).name, f"{float(t.get('eval.rougeL', 'nan')):.4f}",
-                      gate, t.get("tuneloop.trigger", "?"))
+        figures = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+        slices = [ref.split("@")[0] for ref in t.get("tuneloop.slices", "").split(",") if ref] or ["–"]
+        for i, name in enumerate(slices):
+            gain = figures.get(f"eval/{name}/gain/{metric}")
+            low, high = figures.get(f"eval/{name}/gain/{metric}_ci_low"), figures.get(f"eval/{name}/gain/{metric}_ci_high")
+            interval = "–" if gain is None else f"{gain:+.3f} [{low:+.3f}, {high:+.3f}]"
+            head = (str(mv.version), ", ".join(aliases.get(str(mv.version), [])) or "–",
+                    t.get("tuneloop.slice", "?"), t.get("tuneloop.compared_with", "?")) if i == 0 else ("",) * 4
+            tail = (t.get("tuneloop.gate", "?"), t.get("tuneloop.trigger", "?")) if i == 0 else ("", "")
+            table.add_row(*head, name, fmt(figures.get(f"eval/{name}/champion/{metric}")),
+                          fmt(figures.get(f"eval/{name}/{metric}")), interval, *tail)
+        table.add_section()
     return table
 
 
@@ -308,7 +346,7 @@ def train(
     _environment(cfg, use_server=False, verbose=verbose)
     from flows.training import training_flow
 
-    with console.status("training flow"):
+    with _flow_progress("training flow: validate, train, evaluate against the champion, register"):
         try:
             result = training_flow(cfg, trigger="cli")
         except Exception as err:
@@ -402,7 +440,7 @@ def evaluate_models(
     from tuneloop.config import LOWER_IS_BETTER
 
     specs = [m.strip() for m in models.split(",") if m.strip()]
-    with console.status(f"evaluating {len(specs)} models on {data.name}"):
+    with _flow_progress(f"evaluating {len(specs)} models on {data.name}"):
         try:
             result = model_selection_flow(cfg, specs, rank_by)
         except Exception as err:

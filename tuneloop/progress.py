@@ -22,7 +22,7 @@ _listeners: list[Listener] = []
 
 def report(stage: str, done: int, total: int, what: str = "") -> None:
     """Tell every listener that `done` of `total` units of `stage` are done."""
-    for listener in list(_listeners):
+    for listener in list(_listeners):  # noqa: PERF101 - a copy: a listener may leave while it runs
         try:
             listener(stage, done, total, what)
         except Exception:  # a display must never break the work it shows

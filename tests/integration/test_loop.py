@@ -62,7 +62,9 @@ def test_loop_registers_two_versions_the_second_triggered_by_drift(loop) -> None
     versions = {str(v.version): v for v in client.search_model_versions(f"name='{cfg.registry.model_name}'")}
     assert set(versions) == {"1", "2"}
     assert versions["2"].tags["tuneloop.trigger"].startswith("drift")
-    assert versions["2"].tags["tuneloop.dataset_source"].endswith("tiny_medication.jsonl")
+    assert versions["2"].tags["tuneloop.slice"].startswith("tiny_medication@")  # the labelled set's slice
+    assert versions["2"].tags["tuneloop.slices"].startswith("tiny_medication@")  # gated on its own slice ...
+    assert "tiny_qa@" in versions["2"].tags["tuneloop.slices"]  # ... and on the champion's
     champion = client.get_model_version_by_alias(cfg.registry.model_name, "champion")
     assert str(champion.version) == "2"
     assert s["serving"] == "2"  # the retraining run promoted its champion to Serve

@@ -110,9 +110,16 @@ def test_drift_starts_one_retraining_run_per_episode(setup) -> None:
     runs = training_runs(deployment_id)
     assert [str(r.id) for r in runs] == [after.retraining_flow_run_id]
     params = runs[0].parameters
-    assert params["config"]["data"]["path"] == str(ASSETS / "tiny_medication.jsonl")
+    # The retraining set is written once per episode: here the labelled set alone (no approved
+    # answers, no teacher), a slice named after it.
+    data = params["config"]["data"]
+    assert Path(data["path"]).parent == cfg.home / "data" / "retrain" and data["slice"] == "tiny_medication"
+    labelled = (ASSETS / "tiny_medication.jsonl").read_text().splitlines()
+    assert len(Path(data["path"]).read_text().splitlines()) == len(labelled)
     assert params["trigger"].startswith(f"drift episode {after.episode}")
-    assert "monitor.retrain_data" in after.data_note
+    assert f"{len(labelled)} labelled rows of {ASSETS / 'tiny_medication.jsonl'}" in after.data_note
+    # This champion was registered by hand, without training rows: nothing to replay, and the note says so.
+    assert f"nothing replayed: champion v{version} recorded no training rows" in after.data_note
 
     # The same drift, one window later: the same episode, the same run, nothing embedded twice.
     log.add(MEDICATION[12:16])
@@ -131,7 +138,7 @@ def test_drift_starts_one_retraining_run_per_episode(setup) -> None:
     for signal in ("prompt_embedding", "prompt_length", "new_vocabulary", "response_length", "refusal_rate",
                    "toxicity_rate", "latency", "error_rate", "cost", "feedback"):
         assert f"<td>{signal}</td>" in page
-    assert "monitor.retrain_data" in page and after.episode in page
+    assert "labelled rows of" in page and after.episode in page
     client = MlflowClient(tracking_uri(cfg))
     assert [a.path for a in client.list_artifacts(again.mlflow_run_id)] == [again.report.name]
     record = client.get_run(again.mlflow_run_id)
@@ -179,8 +186,11 @@ def test_overlapping_checks_start_one_run_and_train_on_good_feedback(setup) -> N
     data = Path(runs[0].parameters["config"]["data"]["path"])
     assert data.parent == cfg.home / "data" / "retrain"
     rows = [json.loads(line) for line in data.read_text().splitlines()]
-    assert len(rows) == 11 and rows[0] == {"prompt": MEDICATION[0], "response": "Take it with food, twice a day."}
-    assert runs[0].parameters["config"]["data"]["prompt_field"] == "prompt"
+    labelled = (ASSETS / "tiny_medication.jsonl").read_text().splitlines()
+    assert len(rows) == 11 + len(labelled)  # the approved answers first, then the labelled set
+    assert rows[0] == {"messages": [{"role": "user", "content": MEDICATION[0]},
+                                    {"role": "assistant", "content": "Take it with food, twice a day."}]}
+    assert runs[0].parameters["config"]["data"]["messages_field"] == "messages"
 
 
 def test_a_check_that_crashes_before_starting_leaves_no_run_and_the_next_one_starts_it(setup, monkeypatch) -> None:

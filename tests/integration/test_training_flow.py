@@ -61,13 +61,17 @@ def test_trains_registers_and_aliases_with_lineage(register_only) -> None:
     first = training_flow(cfg)
     assert first.decision == "passed" and first.version.version == "1"
     assert first.alias == "challenger" and not first.champion  # champion moves only by promotion
-    assert first.rules[0] == "SKIPPED: rougeL >= champion.rougeL - 0.01 (no champion: skipped)"
+    # Before any champion the base model is the reference: every rule is checked against it, none skipped.
+    assert first.compared_with.startswith("base") and first.rules
+    assert not [line for line in first.rules if line.startswith("SKIPPED")], first.rules
+    own = first.slice  # the slice this version's data made: its figures are eval/<slice>/<metric>
     client = MlflowClient(tracking_uri(cfg))
     mv = client.get_model_version_by_alias(name, "challenger")
     assert str(mv.version) == "1"
     assert client.get_registered_model(name).aliases == {"challenger": 1}
-    for tag in ("tuneloop.base_sha256", "tuneloop.dataset_digest", "tuneloop.training_run", "eval.rougeL",
-                "eval.toxicity_rate", "eval.pii_leak_rate", "tuneloop.code_version", "tuneloop.gate_rules"):
+    for tag in ("tuneloop.base_sha256", "tuneloop.dataset_digest", "tuneloop.training_run", f"eval.{own}/rougeL",
+                f"eval.{own}/toxicity_rate", f"eval.{own}/pii_leak_rate", "tuneloop.code_version",
+                "tuneloop.gate_rules", "tuneloop.compared_with", "tuneloop.slices"):
         assert mv.tags[tag], tag
     assert mv.tags["tuneloop.gate"] == "passed" and mv.tags["tuneloop.alias_reason"].startswith("challenger: passed")
     run = client.get_run(first.version.run_id)
@@ -76,8 +80,8 @@ def test_trains_registers_and_aliases_with_lineage(register_only) -> None:
     assert run.data.tags["tuneloop.validation"] == "passed" and run.data.metrics["validation/errors"] == 0
     assert "validation/dataset_report.html" in [a.path for a in client.list_artifacts(run.info.run_id, "validation")]
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == cfg.train.max_steps
-    assert run.data.tags["tuneloop.gate"] == "passed" and run.data.params["gate.rules"].startswith("rougeL >=")
-    assert "eval/candidate_examples.json" in [a.path for a in client.list_artifacts(run.info.run_id, "eval")]
+    assert run.data.tags["tuneloop.gate"] == "passed" and run.data.params["gate.rules"] == " ; ".join(cfg.gate.rules)
+    assert f"eval/{own}/candidate.json" in [a.path for a in client.list_artifacts(run.info.run_id, f"eval/{own}")]
 
     # The version carries a signature and an input example, and answers through MLflow's own
     # loader, by alias.
@@ -99,8 +103,9 @@ def test_trains_registers_and_aliases_with_lineage(register_only) -> None:
                                                      "pii_leak_rate"}
     assert all(d.low <= d.mean <= d.high for d in second.comparison)
     logged = client.get_run(second.version.run_id).data.metrics
-    for key in ("eval/bleu", "eval/perplexity", "eval/p95_latency_ms", "eval/vs_champion_rougeL_ci_low",
-                "eval/toxicity_rate", "eval/pii_leak_rate"):
+    for key in (f"eval/{own}/bleu", f"eval/{own}/perplexity", f"eval/{own}/p95_latency_ms",
+                f"eval/{own}/gain/rougeL_ci_low", f"eval/{own}/champion/rougeL", f"eval/{own}/toxicity_rate",
+                f"eval/{own}/pii_leak_rate"):
         assert key in logged, key
     assert "eval_report.html" in [a.path for a in client.list_artifacts(second.version.run_id)]
     assert second.dataset_digest == first.dataset_digest
@@ -114,7 +119,8 @@ def test_a_rejected_version_gets_no_alias_and_cannot_be_promoted(register_only) 
     cfg = updated(register_only, gate={"rules": ["rougeL >= 2"]})  # no model reaches that
     result = training_flow(cfg)
     assert result.decision == "rejected" and result.alias is None and not result.champion
-    assert result.rules == [(f"FAIL: rougeL >= 2 (rougeL={result.metrics['rougeL']:.6g}: "
+    # A rule without a slice holds on every slice; the line names the slice it failed on.
+    assert result.rules == [(f"FAIL: rougeL >= 2 (rougeL[{result.slice}]={result.metrics['rougeL']:.6g}: "
                             f"{result.metrics['rougeL']:.6g} not >= 2)")]
     client = MlflowClient(tracking_uri(cfg))
     mv = client.get_model_version(cfg.registry.model_name, result.version.version)
@@ -138,12 +144,14 @@ def test_a_judge_on_an_openai_compatible_endpoint_gates_the_candidate(register_o
         result = training_flow(cfg)
     assert result.decision == "passed", result.reason
     assert result.metrics["judge_score"] == 4 and result.metrics["judge_failed"] == 0
-    # A probe before training, one before judging, then two rubrics per example.
-    assert len(requests) == 2 + 2 * cfg.eval.max_examples
+    # A probe before training; then the candidate and its reference (the base model here) are each
+    # judged: a probe before judging, then two rubrics per example.
+    assert len(requests) == 1 + 2 * (1 + 2 * cfg.eval.max_examples)
     run = MlflowClient(tracking_uri(cfg)).get_run(result.version.run_id)
     assert run.data.params["judge.rubric"] == "answer_quality_v1"
     assert run.data.params["judge.hallucination_rubric"] == "hallucination_v1"
-    assert run.data.metrics["eval/judge_score"] == 4 and run.data.metrics["eval/judge_failed"] == 0
+    own = result.slice
+    assert run.data.metrics[f"eval/{own}/judge_score"] == 4 and run.data.metrics[f"eval/{own}/judge_failed"] == 0
     tags = MlflowClient(tracking_uri(cfg)).get_model_version(cfg.registry.model_name, "1").tags
     assert tags["tuneloop.judge_rubrics"].startswith("answer_quality_v1@")
 
