@@ -34,7 +34,7 @@ test-fast: install
 	$(VENV)/bin/pytest -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check tuneloop flows tasks serving tests bench
+	$(VENV)/bin/ruff check tuneloop flows tasks serving tests bench infra
 
 down: install
 	$(VENV)/bin/tuneloop down
