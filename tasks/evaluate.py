@@ -187,22 +187,31 @@ def safety_figures(prompts: list[str], answers: list[str], names: list[str], thr
 
 def paired_bootstrap(a: list[float], b: list[float], metric: str, samples: int = 2000, level: float = 0.95,
                      seed: int = 0) -> PairedDifference:
-    """Return the mean of a - b (paired by example) with a percentile bootstrap interval.
+    """Return the mean of a - b (paired by example) with scipy's BCa bootstrap interval.
 
-    Examples where either value is NaN (a judge that failed on it) are left out of the pairs.
+    Paired: the interval is of the mean per-example difference, so examples both models find
+    hard or easy cancel out. Examples where either value is NaN (a judge that failed on it) are
+    left out of the pairs. Differences that are all equal have a zero-width interval.
     """
     import numpy as np
+    from scipy.stats import bootstrap
 
     diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     diff = diff[~np.isnan(diff)]
     if not len(diff):
         nan = float("nan")
         return PairedDifference(metric, nan, nan, nan)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    return PairedDifference(metric, float(diff.mean()), float(np.percentile(means, tail)),
-                            float(np.percentile(means, 100 - tail)))
+    mean = float(diff.mean())
+    if np.ptp(diff) == 0:  # no spread (or one pair): every resample has this mean; BCa is undefined
+        return PairedDifference(metric, mean, mean, mean)
+    ci = bootstrap((diff,), np.mean, n_resamples=samples, confidence_level=level, method="BCa",
+                   random_state=np.random.default_rng(seed)).confidence_interval
+    low, high = float(ci.low), float(ci.high)
+    if math.isnan(low) or math.isnan(high):  # BCa degenerate on a near-constant sample: percentile instead
+        ci = bootstrap((diff,), np.mean, n_resamples=samples, confidence_level=level, method="percentile",
+                       random_state=np.random.default_rng(seed)).confidence_interval
+        low, high = float(ci.low), float(ci.high)
+    return PairedDifference(metric, mean, min(low, mean), max(high, mean))
 
 
 def perplexity(model, tokenizer, rows: pd.DataFrame, max_seq_len: int, batch_size: int) -> float:

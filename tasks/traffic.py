@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Self
@@ -41,6 +42,15 @@ def send_chat_traffic(endpoint: str, model: str, prompts: list[str], max_tokens:
     return TrafficResult(len(prompts), ok, len(prompts) - ok, versions)
 
 
+def canary_open(endpoint: str) -> bool:
+    """Whether the endpoint routes a share of requests to a challenger now (its /v1/models routing)."""
+    try:
+        routing = httpx.get(f"{endpoint}/v1/models", timeout=5).json()["data"][0].get("routing") or {}
+    except (httpx.HTTPError, ValueError, KeyError, IndexError):
+        return False
+    return bool(routing.get("challenger")) and routing.get("mode") in ("canary", "shadow")
+
+
 class BackgroundTraffic:
     """Live-like traffic while a block runs: `clients` threads POST prompts (cycled) until it ends.
 
@@ -50,11 +60,12 @@ class BackgroundTraffic:
     """
 
     def __init__(self, endpoint: str, model: str, prompts: list[str], max_tokens: int, clients: int = 2,
-                 pause_s: float = 0.25) -> None:
+                 pause_s: float = 0.25, only_when: Callable[[], bool] | None = None) -> None:
         import threading
 
         self.endpoint, self.model, self.prompts, self.max_tokens = endpoint, model, prompts, max_tokens
         self.pause_s = pause_s  # between a client's requests: people read answers
+        self.only_when = only_when  # checked before each request: False holds the traffic back
         self.stop = threading.Event()
         self.answers: list[str | None] = []
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
@@ -64,6 +75,9 @@ class BackgroundTraffic:
         i = offset
         with httpx.Client(timeout=300) as http:
             while not self.stop.is_set():
+                if self.only_when is not None and not self.only_when():
+                    self.stop.wait(2.0)
+                    continue
                 body = {"model": self.model, "max_tokens": self.max_tokens,
                         "messages": [{"role": "user", "content": self.prompts[i % len(self.prompts)]}]}
                 wait = self.pause_s

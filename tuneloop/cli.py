@@ -119,7 +119,7 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
     from flows.training import training_flow
     from tasks.deploy import endpoint, serving_version
     from tasks.retrain import wait_for_retraining
-    from tasks.traffic import BackgroundTraffic, send_chat_traffic
+    from tasks.traffic import BackgroundTraffic, canary_open, send_chat_traffic
 
     start = time.perf_counter()
     cfg = cfg.model_copy(update={
@@ -140,9 +140,12 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
     after = report.stages["check_after"] = monitoring_flow(cfg)
     on_stage("retrain on medication data (training deployment), gate, canary, promote")
     if after.retraining_flow_run_id:
-        # Users keep asking while the new version trains and then takes its canary share:
-        # the promotion decides on these live answers.
-        with BackgroundTraffic(url, name, data.medication_traffic, max_tokens) as live:
+        # Users ask while the new version takes its canary share: the promotion decides on these
+        # live answers. The traffic waits while the version trains and is evaluated, so the
+        # evaluation's figures (latency included) are the model's on a quiet machine, not the
+        # contention of 2 cores shared with the demo's own requests.
+        with BackgroundTraffic(url, name, data.medication_traffic, max_tokens,
+                               only_when=lambda: canary_open(url)) as live:
             report.stages["retraining_state"] = wait_for_retraining(after.retraining_flow_run_id,
                                                                     retraining_timeout_s)
         report.stages["live_traffic"] = live.result
