@@ -124,21 +124,9 @@ def tokenize_examples(tokenizer, frame: pd.DataFrame, max_seq_len: int) -> list[
 # Model: target modules, methods
 
 
-def find_target_modules(model: Any) -> list[str]:
-    """Return the names of every linear layer of attention and MLP blocks (not the output head).
-
-    Found by inspection, so one rule covers Llama / Qwen / Mistral (q/k/v/o_proj, gate/up/down_proj)
-    and GPT-2 (c_attn, c_proj, c_fc: `Conv1D`, a linear layer with transposed weights).
-    """
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    head = model.get_output_embeddings()
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head}
-    if not names:
-        raise TrainingSetupError(f"{type(model).__name__} has no linear layer to adapt: set train.target_modules")
-    return sorted(names)
+def adapted_modules(peft_model: Any) -> list[str]:
+    """The kinds of module a PEFT model put adapters on (`all-linear` resolves to their full paths)."""
+    return sorted({name.rsplit(".", 1)[-1] for name in peft_model.peft_config["default"].target_modules})
 
 
 def linear_params(model: Any) -> int:
@@ -205,7 +193,9 @@ def build_model(base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig) -> tupl
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    targets = find_target_modules(model) if cfg.target_modules == "auto" else list(cfg.target_modules)
+    # auto: PEFT's own `all-linear` (every linear layer of attention and MLP blocks, not the
+    # output head; Llama/Qwen/Mistral q/k/v/o/gate/up/down_proj, GPT-2's Conv1D c_attn/c_proj/c_fc).
+    targets = "all-linear" if cfg.target_modules in ("auto", "all-linear") else list(cfg.target_modules)
     try:
         peft_model = get_peft_model(model, LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -213,7 +203,7 @@ def build_model(base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig) -> tupl
         ))
     except ValueError as err:  # e.g. "Target modules {'q_projx'} not found in the base model"
         raise TrainingSetupError(f"train.target_modules {targets}: {err}") from None
-    return peft_model, tok, targets
+    return peft_model, tok, adapted_modules(peft_model)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from tasks.finetune import (
     TrainingOOMError,
     TrainingSetupError,
     TuneloopTrainer,
+    adapted_modules,
     build_model,
     check_device,
-    find_target_modules,
     tokenize_examples,
     train_model,
     training_key,
@@ -95,14 +95,19 @@ def _from_config(config) -> torch.nn.Module:
 def test_target_modules_are_every_attention_and_mlp_linear_layer(tiny) -> None:
     from transformers import GPT2Config, MistralConfig, Qwen2Config
 
+    def adapted(model) -> list[str]:  # what train.target_modules=auto gives: PEFT's all-linear
+        from peft import LoraConfig, get_peft_model
+
+        return adapted_modules(get_peft_model(model, LoraConfig(r=2, target_modules="all-linear")))
+
     model, _ = load_base(tiny)
-    assert find_target_modules(model) == LLAMA_MODULES  # not lm_head, not the embeddings
+    assert adapted(model) == LLAMA_MODULES  # not lm_head, not the embeddings
     small = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                  "num_attention_heads": 2, "num_key_value_heads": 1}
-    assert find_target_modules(_from_config(Qwen2Config(**small))) == LLAMA_MODULES
-    assert find_target_modules(_from_config(MistralConfig(**small))) == LLAMA_MODULES
+    assert adapted(_from_config(Qwen2Config(**small))) == LLAMA_MODULES
+    assert adapted(_from_config(MistralConfig(**small))) == LLAMA_MODULES
     gpt2 = _from_config(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
-    assert find_target_modules(gpt2) == ["c_attn", "c_fc", "c_proj"]
+    assert adapted(gpt2) == ["c_attn", "c_fc", "c_proj"]
 
 
 def test_auto_targets_are_adapted_and_a_wrong_name_is_refused(tiny) -> None:

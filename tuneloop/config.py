@@ -209,9 +209,9 @@ class TrainConfig(Strict):
     lora_rank: int = Field(8, ge=1, description="LoRA rank: higher, more capacity and memory.")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (alpha / rank).")
     lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Literal["auto"] | list[str] = Field(
-        "auto", description="Modules given adapters: auto = every linear layer of attention and MLP, "
-        "found in the model (q/k/v/o/gate/up/down for Llama, Qwen, Mistral; c_attn/c_proj/c_fc for GPT-2); "
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+        "auto", description="Modules given adapters: auto (= PEFT's all-linear) = every linear layer of "
+        "attention and MLP (q/k/v/o/gate/up/down for Llama, Qwen, Mistral; c_attn/c_proj/c_fc for GPT-2); "
         "or a list of module names. Ignored by method full, which trains every weight.",
     )
     max_steps: int = Field(20, ge=1, description="Optimizer steps.")
