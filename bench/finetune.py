@@ -98,8 +98,8 @@ class PeakRss:
 def nq_open(rows: int) -> pd.DataFrame:
     from tasks.data import export_demo_data
 
-    demo = export_demo_data.fn(Path(tempfile.mkdtemp()), trivia_rows=rows, traffic_rows=1)  # no Prefect run
-    return pd.read_json(demo.trivia_train, lines=True)
+    demo = export_demo_data.fn(Path(tempfile.mkdtemp()), first_rows=rows, traffic_rows=1)  # no Prefect run
+    return pd.read_json(demo.first_train, lines=True)
 
 
 def plain(setup: str, base, cfg: TrainConfig, frame: pd.DataFrame, out: Path, clock: CpuClock) -> list:

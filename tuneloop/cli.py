@@ -105,6 +105,7 @@ def _flow_progress(title: str) -> Iterator[None]:
 class DemoReport:
     stages: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    topics: tuple[str, str] = ("first", "drifted")  # the first training's topic, the drifted one
 
 
 def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Callable[[str], None] = lambda s: None,
@@ -123,28 +124,28 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
 
     start = time.perf_counter()
     cfg = cfg.model_copy(update={
-        "data": cfg.data.model_copy(update={"path": str(data.trivia_train)}),
-        "monitor": cfg.monitor.model_copy(update={"retrain_data": data.medication_train}),
+        "data": cfg.data.model_copy(update={"path": str(data.first_train), "slice": data.first_topic}),
+        "monitor": cfg.monitor.model_copy(update={"retrain_data": data.drifted_train}),
     })
-    report = DemoReport()
+    report = DemoReport(topics=(data.first_topic, data.drifted_topic))
     url, name = endpoint(cfg.serve), cfg.registry.model_name
-    on_stage("train on trivia, gate, register, promote to Ray Serve")
+    on_stage(f"train on {data.first_topic}, gate against the base model, register, promote to Ray Serve")
     report.stages["first_training"] = training_flow(cfg, trigger="demo: initial training")
-    on_stage(f"send {len(data.trivia_traffic)} trivia requests")
-    report.stages["trivia_traffic"] = send_chat_traffic(url, name, data.trivia_traffic, max_tokens)
-    on_stage("monitor: drift check on trivia traffic")
+    on_stage(f"send {len(data.first_traffic)} {data.first_topic} requests")
+    report.stages["first_traffic"] = send_chat_traffic(url, name, data.first_traffic, max_tokens)
+    on_stage(f"monitor: drift check on {data.first_topic} traffic")
     report.stages["check_before"] = monitoring_flow(cfg)
-    on_stage(f"send {len(data.medication_traffic)} medication requests")
-    report.stages["medication_traffic"] = send_chat_traffic(url, name, data.medication_traffic, max_tokens)
-    on_stage("monitor: drift check on medication traffic")
+    on_stage(f"send {len(data.drifted_traffic)} {data.drifted_topic} requests")
+    report.stages["drifted_traffic"] = send_chat_traffic(url, name, data.drifted_traffic, max_tokens)
+    on_stage(f"monitor: drift check on {data.drifted_topic} traffic")
     after = report.stages["check_after"] = monitoring_flow(cfg)
-    on_stage("retrain on medication data (training deployment), gate, canary, promote")
+    on_stage(f"retrain on {data.drifted_topic} data with replay (training deployment), gate, canary, promote")
     if after.retraining_flow_run_id:
         # Users ask while the new version takes its canary share: the promotion decides on these
         # live answers. The traffic waits while the version trains and is evaluated, so the
         # evaluation's figures (latency included) are the model's on a quiet machine, not the
         # contention of 2 cores shared with the demo's own requests.
-        with BackgroundTraffic(url, name, data.medication_traffic, max_tokens,
+        with BackgroundTraffic(url, name, data.drifted_traffic, max_tokens,
                                only_when=lambda: canary_open(url)) as live:
             report.stages["retraining_state"] = wait_for_retraining(after.retraining_flow_run_id,
                                                                     retraining_timeout_s)
@@ -206,16 +207,19 @@ def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
     checks = Table(title="Drift checks (MMD² on MiniLM embeddings, permutation test)")
     for col in ("check", "window", "MMD²", "p-value", "verdict", "retraining run"):
         checks.add_column(col)
-    for key, label in (("check_before", "after trivia traffic"), ("check_after", "after medication traffic")):
+    first, drifted = report.topics
+    for key, label in (("check_before", f"after {first} traffic"), ("check_after", f"after {drifted} traffic")):
         m = report.stages[key]
         d = m.drift
         checks.add_row(label, str(d.window_size), f"{d.statistic:.4f}" if d.statistic is not None else "–",
                        f"{d.p_value:.4f}" if d.p_value is not None else "–", d.verdict,
                        m.retraining_flow_run_id[:8] if m.retraining_flow_run_id else "–")
     console.print(checks)
-    for key in ("trivia_traffic", "medication_traffic"):
-        t = report.stages[key]
-        console.print(f"{key.replace('_', ' ')}: {t.ok}/{t.sent} answered, by version {t.versions}")
+    for key, label in (("first_traffic", f"{first} traffic"), ("drifted_traffic", f"{drifted} traffic"),
+                       ("live_traffic", f"{drifted} traffic during the canary")):
+        if key in report.stages:
+            t = report.stages[key]
+            console.print(f"{label}: {t.ok}/{t.sent} answered, by version {t.versions}")
     console.print(f"Retraining run: {report.stages.get('retraining_state', 'not started')}; now serving "
                   f"v{report.stages['serving']}; loop took {report.seconds:.0f} s")
     console.print(
@@ -223,7 +227,8 @@ def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
         f"{cfg.home}):\n  .venv/bin/tuneloop up      # Prefect UI http://127.0.0.1:{cfg.prefect.port}, "
         f"MLflow UI http://127.0.0.1:{cfg.mlflow.ui_port}, Ray dashboard http://127.0.0.1:{cfg.serve.dashboard_port}\n"
         f"  curl -s {endpoint(cfg.serve)}/v1/chat/completions -H 'content-type: application/json' \\\n"
-        "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is morphine?\"}]}'\n"
+        "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Which medicine is this question about? "
+        "Answer with its generic name.\\n\\ncan i take ibuprofen with a cold?\"}]}'\n"
         "  .venv/bin/tuneloop down    # stop everything")
 
 
@@ -231,7 +236,7 @@ def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
 def demo(
     config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
     keep_up: Annotated[bool, typer.Option(help="Leave the servers running at the end")] = False,
-    trivia_rows: Annotated[int, typer.Option(help="Trivia training rows")] = 400,
+    first_rows: Annotated[int, typer.Option(help="Training rows of the first task (arithmetic word problems)")] = 400,
     traffic: Annotated[int, typer.Option(help="Requests per traffic phase")] = 24,
 ) -> None:
     """Run the whole loop on the embedded default: train, serve, drift, retrain, promote."""
@@ -247,7 +252,7 @@ def demo(
         try:
             services.start_prefect_server(cfg)
             services.start_ray(cfg)
-            data = export_demo_data.fn(paths.data, trivia_rows, traffic)
+            data = export_demo_data.fn(paths.data, first_rows, traffic)
             services.start_flow_runner(cfg, config or DEFAULT_CONFIG,
                                        schedules=False, overrides=set_ or [])
             progress.advance(task)

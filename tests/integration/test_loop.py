@@ -39,7 +39,8 @@ def loop(tmp_path_factory, models_dir, prefect_api):
     services.start_ray(cfg, num_cpus=4)
     try:
         services.start_flow_runner(cfg, LOCAL_CONFIG, schedules=False, overrides=TINY, api_url=prefect_api)
-        data = DemoData(ASSETS / "tiny_qa.jsonl", ASSETS / "tiny_medication.jsonl", TRIVIA, MEDICATION)
+        data = DemoData(ASSETS / "tiny_qa.jsonl", ASSETS / "tiny_medication.jsonl", TRIVIA, MEDICATION,
+                        "tiny_qa", "tiny_medication")
         report = run_demo(cfg, data, max_tokens=4, retraining_timeout_s=600)
         yield cfg, report
     finally:
@@ -84,8 +85,8 @@ def test_endpoint_answers_and_every_request_is_logged(loop) -> None:
     assert data["object"] == "chat.completion" and data["choices"][0]["message"]["role"] == "assistant"
     assert data["usage"]["completion_tokens"] <= 3
 
-    sent = report.stages["trivia_traffic"].sent + report.stages["medication_traffic"].sent
-    assert report.stages["trivia_traffic"].failed == 0 and report.stages["medication_traffic"].failed == 0
+    sent = report.stages["first_traffic"].sent + report.stages["drifted_traffic"].sent
+    assert report.stages["first_traffic"].failed == 0 and report.stages["drifted_traffic"].failed == 0
     log = InferenceLog(inference_db_url(cfg))
     for _ in range(60):  # the gateway writes the log in the background, in batches
         if log.get(r.headers["x-request-id"]):
