@@ -169,10 +169,9 @@ def registry_table(cfg: TuneloopConfig, metric: str = "token_f1") -> Table:
     from tuneloop.state import tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri(cfg))
-    table = Table(title=f"Registered versions of {cfg.registry.model_name}: {metric} per slice, "
-                        "against the reference each was gated on")
-    for col in ("version", "aliases", "trained on", "compared with", "slice", "reference", "version's",
-                "gain [95% CI]", "gate", "triggered by"):
+    table = Table(title=f"Registered versions of {cfg.registry.model_name}: {metric} per slice, the version "
+                        "next to what it was gated against (the base model, or the champion then)")
+    for col in ("version", "aliases", "gate", "slice", "reference", "version's", "gain [95% CI]"):
         table.add_column(col, overflow="fold")
     versions = client.search_model_versions(f"name='{cfg.registry.model_name}'")
     aliases: dict[str, list[str]] = {}
@@ -187,15 +186,17 @@ def registry_table(cfg: TuneloopConfig, metric: str = "token_f1") -> Table:
         t = mv.tags
         figures = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
         slices = [ref.split("@")[0] for ref in t.get("tuneloop.slices", "").split(",") if ref] or ["–"]
+        against = t.get("tuneloop.compared_with", "?")
+        against = "base" if against.startswith("base") else against.replace("champion ", "")
         for i, name in enumerate(slices):
             gain = figures.get(f"eval/{name}/gain/{metric}")
-            low, high = figures.get(f"eval/{name}/gain/{metric}_ci_low"), figures.get(f"eval/{name}/gain/{metric}_ci_high")
+            low, high = (figures.get(f"eval/{name}/gain/{metric}_ci_{end}") for end in ("low", "high"))
             interval = "–" if gain is None else f"{gain:+.3f} [{low:+.3f}, {high:+.3f}]"
-            head = (str(mv.version), ", ".join(aliases.get(str(mv.version), [])) or "–",
-                    t.get("tuneloop.slice", "?"), t.get("tuneloop.compared_with", "?")) if i == 0 else ("",) * 4
-            tail = (t.get("tuneloop.gate", "?"), t.get("tuneloop.trigger", "?")) if i == 0 else ("", "")
-            table.add_row(*head, name, fmt(figures.get(f"eval/{name}/champion/{metric}")),
-                          fmt(figures.get(f"eval/{name}/{metric}")), interval, *tail)
+            head = ((str(mv.version), ", ".join(aliases.get(str(mv.version), [])) or "–", t.get("tuneloop.gate", "?"))
+                    if i == 0 else ("", "", ""))
+            table.add_row(*head, name + (" (new)" if i == 0 else ""),
+                          f"{fmt(figures.get(f'eval/{name}/champion/{metric}'))} {against}",
+                          fmt(figures.get(f"eval/{name}/{metric}")), interval)
         table.add_section()
     return table
 
