@@ -190,10 +190,6 @@ def _last(turns: list[dict[str, str]] | None, role: str) -> str | None:
     return next((t["content"] for t in reversed(turns or []) if t["role"] == role), None)
 
 
-def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))  # NaN: a missing field
-
-
 def normalise(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, str, dict[str, str]]:
     """Return the internal form of a raw frame, its shape and the user's field names."""
     if cfg.messages_field in frame.columns:
@@ -213,7 +209,7 @@ def normalise(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, str, 
     prompts = out[PROMPT].tolist() if PROMPT in out else missing
     responses = out[RESPONSE].tolist() if RESPONSE in out else missing
     out[MESSAGES] = [
-        [{"role": "user", "content": p}, {"role": "assistant", "content": r}] if _present(p) and _present(r)
+        [{"role": "user", "content": p}, {"role": "assistant", "content": r}] if _as_text(p) is not None and _as_text(r) is not None
         else None for p, r in zip(prompts, responses)
     ]
     out[ROLES] = "user,assistant"

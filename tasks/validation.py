@@ -263,6 +263,10 @@ def _allowed(count: int, total: int, max_fraction: float) -> bool:
     return count <= max_fraction * total
 
 
+def _last_answer(turns: list[dict[str, str]]) -> int:
+    return max((j for j, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
+
+
 class _Rows:
     """All structurally valid rows of both splits, in order, with their labels and words.
 
@@ -280,7 +284,12 @@ class _Rows:
                     self.split.append(name)
                     self.labels.append(data.label(name, row))
                     self.conversations.append(turns)
-        words = [_WORD.findall(" ".join(t["content"] for t in turns).lower()) for turns in self.conversations]
+        per_turn = [[_WORD.findall(t["content"].lower()) for t in turns] for turns in self.conversations]
+        words = [list(itertools.chain.from_iterable(turns)) for turns in per_turn]
+        # Words of the turns before each row's last answer: what evaluation asks (a prefix of the row).
+        self.question_lengths = np.array(
+            [sum(len(w) for w in turns[:_last_answer(conv)]) for turns, conv in zip(per_turn, self.conversations)],
+            dtype=np.int64)
         self.lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
         flat = np.fromiter(itertools.chain.from_iterable(words), dtype=object, count=int(self.lengths.sum()))
@@ -290,11 +299,9 @@ class _Rows:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def question(self, i: int) -> tuple[str, ...]:
-        """Row i's turns before its last answer, as lower-case words (what evaluation asks)."""
-        turns = self.conversations[i]
-        last = max((j for j, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
-        return tuple(_WORD.findall(" ".join(t["content"] for t in turns[:last]).lower()))
+    def question(self, i: int) -> bytes:
+        """Row i's turns before its last answer, as word ids (equal for the same words)."""
+        return self.words[self.starts[i] : self.starts[i] + self.question_lengths[i]].tobytes()
 
     def first(self, indices: list[int] | np.ndarray) -> list[str]:
         return [self.labels[i] for i in list(indices)[:SHOWN_ROWS]]

@@ -83,8 +83,8 @@ def _flow_progress(title: str) -> Iterator[None]:
     model evaluated on a slice (steps with the loss, examples answered), under a line for the flow."""
     from tuneloop.progress import listen
 
+    console.print(title)
     with _progress() as progress:
-        progress.add_task(title, total=None)
         current: dict[str, tuple[Any, int, int]] = {}  # stage -> (bar, done, total)
 
         def show(stage: str, done: int, total: int, what: str) -> None:
