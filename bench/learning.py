@@ -1,7 +1,8 @@
 """What the demo's model learns: the demo's data and training recipe through the real training flow,
 without serving or monitoring, so the figures are the model's on a quiet machine.
 
-    .venv/bin/python bench/learning.py [--replay-share 0.25] [--home DIR]
+    .venv/bin/python bench/learning.py [--replay-share 0.5] [--start-from champion] [--retrain-steps N]
+        [--set key=value] [--home DIR]
 
 Version 1 trains on the first task (ASDiv word problems) and is gated against the base model;
 it is made champion; version 2 trains on the labelled medication set with a share of version
@@ -26,8 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--replay-share", type=float, default=0.25)
+    parser.add_argument("--replay-share", type=float, default=0.5)
     parser.add_argument("--first-rows", type=int, default=400)
+    parser.add_argument("--start-from", choices=["base", "champion"], default="champion",
+                        help="what version 2 trains on (monitor.retrain_start_from)")
+    parser.add_argument("--retrain-steps", type=int, default=None, help="version 2's steps (default: the demo's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra key.path=value")
     parser.add_argument("--home", type=Path, default=None, help="state dir (default: a new temporary one)")
     args = parser.parse_args()
 
@@ -45,13 +50,14 @@ def main() -> None:
         os.environ.setdefault(key, value)
     home = args.home or Path(tempfile.mkdtemp(prefix="tuneloop-learning-"))
     cfg = load_config(None, [f"home={home}", *DEMO_SETTINGS, "registry.on_gate_pass=register_only",
-                             "validation.data_docs=false"])
+                             "validation.data_docs=false", *args.overrides])
     apply_environment(cfg, prefect_api=False)
     data = export_demo_data.fn(home / "demo-data", args.first_rows, 1)
 
-    def on(path: Path, slice_: str, replay: Path | None = None):
+    def on(path: Path, slice_: str, replay: Path | None = None, **train):
         update = {"path": str(path), "slice": slice_, **({"replay_path": str(replay)} if replay else {})}
-        return cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update=update),
+                                      "train": cfg.train.model_copy(update=train)})
 
     def show(label: str, result, seconds: float) -> None:
         print(f"\n{label}: gate {result.decision} against {result.compared_with} ({seconds:.0f} s)")
@@ -76,8 +82,11 @@ def main() -> None:
             replay_file = home / "replay.jsonl"
             replay_file.write_text("".join(json.dumps(r) + "\n" for r in replay))
         start = time.perf_counter()
-        second = training_flow(on(data.drifted_train, data.drifted_topic, replay_file))
-        show(f"v{second.version.version} on {data.drifted_topic} ({len(replay)} rows replayed)", second,
+        steps = {"max_steps": args.retrain_steps} if args.retrain_steps else {}
+        second = training_flow(on(data.drifted_train, data.drifted_topic, replay_file, start_from=args.start_from,
+                                  **steps))
+        show(f"v{second.version.version} on {data.drifted_topic} ({len(replay)} rows replayed, from the "
+             f"{args.start_from})", second,
              time.perf_counter() - start)
 
 

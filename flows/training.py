@@ -79,9 +79,9 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     eval_rows(split.eval, cfg.eval, split.source)  # bad evaluation input fails before any training
     champion = find_champion(cfg.registry)
     slices = collect_slices(cfg, split, champion)
-    trained = finetune(split.training_rows, base, cfg.model, cfg.train, paths.runs / key, run_id)
-    candidate = evaluate_model(trained.artifact_dir, slices.all, cfg.eval, "candidate", paths.eval_cache)
     target, label = champion_or_base(champion, base, paths.runs / key / "champion")
+    trained = finetune(split.training_rows, base, cfg.model, cfg.train, paths.runs / key, run_id, target)
+    candidate = evaluate_model(trained.artifact_dir, slices.all, cfg.eval, "candidate", paths.eval_cache)
     reference = evaluate_model(target, slices.all, cfg.eval, label, paths.eval_cache, cfg.model.dtype)
     if judge:
         candidate = judge_evaluation(candidate, cfg.eval.judge, paths.models)

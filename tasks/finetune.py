@@ -38,7 +38,9 @@ from tuneloop.config import REPO_ROOT, ModelConfig, TrainConfig
 from tuneloop.models import (
     BaseModelError,
     BaseRef,
+    artifact_kind,
     load_base,
+    read_base_ref,
     save_adapter_artifact,
     save_full_artifact,
     write_artifact_metadata,
@@ -71,6 +73,7 @@ class TrainedAdapter:
     final_loss: float
     train_tokens: int
     tokens_per_second: float
+    started_from: str = "base"  # or the artifact whose adapter trained on (the champion's)
 
 
 @dataclass
@@ -168,11 +171,19 @@ def resolve_packing(cfg: TrainConfig, device: str) -> str:
     return "shared_prefix" if device == "cpu" else "padding_free"
 
 
-def build_model(base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig) -> tuple[Any, Any, list[str]]:
-    """Load the base for `cfg.method`; return (trainable model, tokenizer, adapted module names)."""
+def build_model(base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig,
+                start: Path | None = None) -> tuple[Any, Any, list[str]]:
+    """Load the base for `cfg.method`; return (trainable model, tokenizer, adapted module names).
+
+    With `start`, an adapter artifact on the same base (the champion's), that adapter trains on
+    instead of a new one: its rank and modules, whatever `cfg` says.
+    """
     import torch
     from transformers import set_seed
 
+    if start is not None and (started := read_base_ref(start)).sha256 != base.sha256:
+        raise TrainingSetupError(f"The adapter to start from ({start}) was trained on base {started.location} "
+                                 f"(sha256 {started.sha256[:12]}), not on {base.location} ({base.sha256[:12]})")
     set_seed(cfg.seed)  # LoRA's A matrices start random: the same seed, the same adapter
 
     quantization = None
@@ -193,6 +204,11 @@ def build_model(base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig) -> tupl
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    if start is not None:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, start / "adapter", is_trainable=True)
+        return peft_model, tok, adapted_modules(peft_model)
     # auto: PEFT's own `all-linear` (every linear layer of attention and MLP blocks, not the
     # output head; Llama/Qwen/Mistral q/k/v/o/gate/up/down_proj, GPT-2's Conv1D c_attn/c_proj/c_fc).
     targets = "all-linear" if cfg.target_modules in ("auto", "all-linear") else list(cfg.target_modules)
@@ -583,16 +599,38 @@ def _no_retry_for_bad_input(task, task_run, state) -> bool:
     return not isinstance(error, (TrainingSetupError, TrainingOOMError, BaseModelError, ValueError))
 
 
+def start_adapter(cfg: TrainConfig, champion: Path | BaseRef, base: BaseRef) -> tuple[Path | None, str]:
+    """Return the adapter artifact a training starts from (None: a new adapter) and why, in words.
+
+    `champion` is what the candidate is compared with: the champion's artifact, or the base
+    while no version serves. Only an adapter on the same base can train on.
+    """
+    if cfg.start_from == "base":
+        return None, "base"
+    if not isinstance(champion, Path):
+        return None, "base (no champion yet)"
+    if artifact_kind(champion) != "adapter":
+        return None, "base (the champion holds full weights, not an adapter)"
+    if read_base_ref(champion).sha256 != base.sha256:
+        return None, "base (the champion was trained on another base model)"
+    return champion, "champion's adapter"
+
+
 @task(name="finetune", retries=2, retry_delay_seconds=5, retry_condition_fn=_no_retry_for_bad_input)
 def finetune(
     train: pd.DataFrame, base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig,
-    out_dir: Path, run_id: str,
+    out_dir: Path, run_id: str, champion: Path | BaseRef | None = None,
 ) -> TrainedAdapter:
-    """Fine-tune on `train` (resuming a killed attempt in `out_dir`), log to MLflow run `run_id`, save."""
+    """Fine-tune on `train` (resuming a killed attempt in `out_dir`), log to MLflow run `run_id`, save.
+
+    With `train.start_from: champion`, the champion's adapter (`champion`, its artifact) trains on.
+    """
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     check_device(cfg)  # before loading anything: a CPU worker given qlora fails here
-    loaded = build_model(base, model_cfg, cfg)
+    start, started_from = start_adapter(cfg, champion if champion is not None else base, base)
+    log.info("Training starts from the %s", started_from)
+    loaded = build_model(base, model_cfg, cfg, start)
     examples = tokenize_examples(loaded[1], train, cfg.max_seq_len)
     if not examples:
         raise ValueError(f"No training example fits max_seq_len={cfg.max_seq_len}: raise it")
@@ -605,9 +643,10 @@ def finetune(
         monitor.finish()
     import mlflow
 
-    mlflow.MlflowClient().log_batch(run_id, tags=[_tag(k, v) for k, v in outcome.params.items()])
+    tags = {**outcome.params, "train.started_from": started_from}
+    mlflow.MlflowClient().log_batch(run_id, tags=[_tag(k, v) for k, v in tags.items()])
     return TrainedAdapter(outcome.artifact_dir, base, outcome.steps, outcome.final_loss, outcome.train_tokens,
-                          outcome.tokens_per_second)
+                          outcome.tokens_per_second, started_from)
 
 
 def _tag(key: str, value: str) -> Any:

@@ -554,6 +554,8 @@ def version_lineage(cfg: TuneloopConfig, base: BaseRef, split: SplitDataset, rep
         "tuneloop.gate": verdict.decision, "tuneloop.gate_reason": verdict.reason,
         "tuneloop.gate_rules": "\n".join(verdict.lines()),
         "tuneloop.train.steps": str(trained.steps), "tuneloop.train.final_loss": f"{trained.final_loss:.6g}",
+        "tuneloop.train.started_from": (f"{reference.label}'s adapter" if trained.started_from == "champion's adapter"
+                                        else trained.started_from),
     }
     if split.replay is not None and len(split.replay):
         tags.update({"tuneloop.replay_source": split.replay_source or "", "tuneloop.replay_rows": str(len(split.replay))})

@@ -21,6 +21,7 @@ from tasks.finetune import (
     adapted_modules,
     build_model,
     check_device,
+    start_adapter,
     tokenize_examples,
     train_model,
     training_key,
@@ -28,7 +29,7 @@ from tasks.finetune import (
 from tests.conftest import ASSETS
 from tuneloop.chat import IGNORE
 from tuneloop.config import REPO_ROOT, ModelConfig, TrainConfig
-from tuneloop.models import load_adapter_model, load_base, resolve_base
+from tuneloop.models import BaseRef, load_adapter_model, load_base, resolve_base
 
 LLAMA_MODULES = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 TINY_TRAIN = {"max_steps": 3, "batch_size": 4, "max_seq_len": 48, "save_steps": None}
@@ -52,6 +53,7 @@ def frame() -> pd.DataFrame:
     ({"packing": "padding_free", "batch_size": 1}, "batch_size 1 packs nothing"),
     ({"method": "dora"}, "method"),
     ({"deepspeed": "zero1"}, "deepspeed"),
+    ({"method": "full", "start_from": "champion"}, "start_from champion continues the champion's LoRA adapter"),
 ])
 def test_invalid_train_config_is_refused(fields: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
@@ -221,6 +223,42 @@ def test_lora_training_records_its_figures(tiny, frame, tmp_path: Path) -> None:
     assert outcome.params["train.resolved_packing"] == "shared_prefix"  # auto on CPU
     assert outcome.params["train.resumed_from"] == "none: from scratch"
     assert (outcome.artifact_dir / "adapter" / "adapter_config.json").exists()
+
+
+def _lora_weights(model) -> dict[str, torch.Tensor]:
+    return {k.replace(".default", ""): v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def test_a_training_from_the_champion_continues_its_adapter(tiny, frame, tmp_path: Path) -> None:
+    examples = tokenize_examples(load_base(tiny)[1], frame, 48)
+    first = train_model(examples, tiny, ModelConfig(), TrainConfig(lora_rank=4, **TINY_TRAIN), tmp_path / "v1")
+    champion = first.artifact_dir
+    cfg = TrainConfig(start_from="champion", lora_rank=16, **TINY_TRAIN)  # the champion's rank wins
+    assert start_adapter(cfg, champion, tiny) == (champion, "champion's adapter")
+    model, tok, targets = build_model(tiny, ModelConfig(), cfg, champion)
+    trained_before = _lora_weights(load_adapter_model(champion)[0])
+    assert sorted(targets) == LLAMA_MODULES and model.peft_config["default"].r == 4
+    assert all(torch.equal(w, trained_before[k]) for k, w in _lora_weights(model).items())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0  # it trains on
+    second = train_model(examples, tiny, ModelConfig(), cfg, tmp_path / "v2", loaded=(model, tok, targets))
+    after = _lora_weights(load_adapter_model(second.artifact_dir)[0])
+    assert after.keys() == trained_before.keys() and any(not torch.equal(after[k], trained_before[k]) for k in after)
+
+
+def test_a_training_starts_from_the_base_without_a_champion_adapter_on_the_same_base(tiny, frame,
+                                                                                      tmp_path: Path) -> None:
+    cfg = TrainConfig(start_from="champion", **TINY_TRAIN)
+    assert start_adapter(cfg, tiny, tiny) == (None, "base (no champion yet)")
+    assert start_adapter(TrainConfig(**TINY_TRAIN), tmp_path, tiny) == (None, "base")
+    full = train_model(tokenize_examples(load_base(tiny)[1], frame, 48), tiny, ModelConfig(),
+                       TrainConfig(method="full", **TINY_TRAIN), tmp_path / "full")
+    assert start_adapter(cfg, full.artifact_dir, tiny)[1] == "base (the champion holds full weights, not an adapter)"
+    lora = train_model(tokenize_examples(load_base(tiny)[1], frame, 48), tiny, ModelConfig(),
+                       TrainConfig(**TINY_TRAIN), tmp_path / "lora")
+    other = BaseRef(tiny.location, "0" * 64)
+    assert start_adapter(cfg, lora.artifact_dir, other)[1] == "base (the champion was trained on another base model)"
+    with pytest.raises(TrainingSetupError, match="was trained on base"):
+        build_model(other, ModelConfig(), cfg, lora.artifact_dir)
 
 
 def test_full_fine_tuning_on_cpu_saves_a_model_that_loads(tiny, frame, tmp_path: Path) -> None:

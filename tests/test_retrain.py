@@ -9,7 +9,8 @@ from tasks.drift import LoggedRequest
 from tasks.retrain import CheckRecord, decide, retraining_data
 from tests.conftest import ASSETS
 from tests.judge_server import KEY, MODEL, judge_server
-from tuneloop.config import MonitorConfig, Persistence, TeacherConfig
+from tuneloop.config import MonitorConfig, Persistence, TeacherConfig, load_config
+from tuneloop.seams import RetrainingData, RetrainRequest
 
 
 def run_checks(verdicts: str, k: int, n: int) -> list[CheckRecord]:
@@ -141,3 +142,15 @@ def test_the_monitoring_deployment_parameters_fit_the_flow() -> None:
     assert set(params) == {"config", "window", "reference", "thresholds", "persistence"}
     assert params["window"] == 77 and params["reference"] == "champion"
     assert params["persistence"] == Persistence(k=2, n=4) and isinstance(params["thresholds"], MonitorThresholds)
+
+
+@pytest.mark.parametrize("start_from", ["champion", "base"])
+def test_a_retraining_trains_its_data_from_what_the_monitor_says(start_from: str, tmp_path) -> None:
+    cfg = load_config(None, [f"home={tmp_path}", f"monitor.retrain_start_from={start_from}", "train.max_steps=7"])
+    data = RetrainingData(path=str(tmp_path / "new.jsonl"), slice="medication", sources={"labelled": 30},
+                          replay_path=str(tmp_path / "new.replay.jsonl"), replay_rows=30, note="30 labelled rows")
+    request = RetrainRequest(episode="e1", reason="drift", monitoring_run="m1", data=data)
+    trained = request.training_config(cfg)
+    assert trained.train.start_from == start_from and trained.train.max_steps == 7
+    assert (trained.data.path, trained.data.replay_path, trained.data.slice) == (
+        data.path, data.replay_path, "medication")

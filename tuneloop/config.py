@@ -214,6 +214,12 @@ class TrainConfig(Strict):
         "attention and MLP (q/k/v/o/gate/up/down for Llama, Qwen, Mistral; c_attn/c_proj/c_fc for GPT-2); "
         "or a list of module names. Ignored by method full, which trains every weight.",
     )
+    start_from: Literal["base", "champion"] = Field(
+        "base", description="base: a new adapter on the base model; champion: the champion's adapter trains on "
+        "(its rank and modules, lora_rank/target_modules ignored), so a retraining continues what the serving "
+        "version learned instead of starting over. With no champion yet, or a champion on another base or "
+        "method, the base. Recorded in the version's lineage.",
+    )
     max_steps: int = Field(20, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Examples per optimizer step (packed or not).")
     learning_rate: float = Field(2e-4, gt=0)
@@ -266,6 +272,9 @@ class TrainConfig(Strict):
         if self.packing in ("padding_free", "shared_prefix") and self.batch_size == 1:
             raise ValueError(f"packing {self.packing} with batch_size 1 packs nothing: raise batch_size "
                              "or set packing: off")
+        if self.start_from == "champion" and self.method == "full":
+            raise ValueError("start_from champion continues the champion's LoRA adapter: method full trains "
+                             "every weight of the base; use method lora or qlora, or start_from base")
         # method full trains every weight: a target_modules list (e.g. from a LoRA config file
         # that `--set train.method=full` switches) is ignored, as its description says.
         return self
@@ -652,6 +661,10 @@ class MonitorConfig(Strict):
         0.5, ge=0, lt=1, description="Share of the retraining set drawn from the champion's own training data, so "
         "the new version keeps what the old one knew (0: none; the gate's rules over earlier slices catch "
         "forgetting either way)."
+    )
+    retrain_start_from: Literal["base", "champion"] = Field(
+        "champion", description="What a retraining trains on (train.start_from of the retraining run): the "
+        "champion's adapter, continuing what it learned, or a new adapter on the base."
     )
     retrain_signals: list[SignalName] = Field(
         ["prompt_embedding"], min_length=1, description="Signals whose alert counts as drift for retraining; each "
