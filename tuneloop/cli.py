@@ -105,6 +105,7 @@ def _flow_progress(title: str) -> Iterator[None]:
 class DemoReport:
     stages: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage, in order
     topics: tuple[str, str] = ("first", "drifted")  # the first training's topic, the drifted one
 
 
@@ -129,17 +130,28 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
     })
     report = DemoReport(topics=(data.first_topic, data.drifted_topic))
     url, name = endpoint(cfg.serve), cfg.registry.model_name
-    on_stage(f"train on {data.first_topic}, gate against the base model, register, promote to Ray Serve")
+    current, since = "", start
+
+    def stage(name: str) -> None:  # time the stage that ends here, announce the next ("": none)
+        nonlocal current, since
+        now = time.perf_counter()
+        if current:
+            report.stage_seconds[current] = now - since
+        current, since = name, now
+        if name:
+            on_stage(name)
+
+    stage(f"train on {data.first_topic}, gate against the base model, register, promote to Ray Serve")
     report.stages["first_training"] = training_flow(cfg, trigger="demo: initial training")
-    on_stage(f"send {len(data.first_traffic)} {data.first_topic} requests")
+    stage(f"send {len(data.first_traffic)} {data.first_topic} requests")
     report.stages["first_traffic"] = send_chat_traffic(url, name, data.first_traffic, max_tokens)
-    on_stage(f"monitor: drift check on {data.first_topic} traffic")
+    stage(f"monitor: drift check on {data.first_topic} traffic")
     report.stages["check_before"] = monitoring_flow(cfg)
-    on_stage(f"send {len(data.drifted_traffic)} {data.drifted_topic} requests")
+    stage(f"send {len(data.drifted_traffic)} {data.drifted_topic} requests")
     report.stages["drifted_traffic"] = send_chat_traffic(url, name, data.drifted_traffic, max_tokens)
-    on_stage(f"monitor: drift check on {data.drifted_topic} traffic")
+    stage(f"monitor: drift check on {data.drifted_topic} traffic")
     after = report.stages["check_after"] = monitoring_flow(cfg)
-    on_stage(f"retrain on {data.drifted_topic} data with replay (training deployment), gate, canary, promote")
+    stage(f"retrain on {data.drifted_topic} data with replay (training deployment), gate, canary, promote")
     if after.retraining_flow_run_id:
         # Users ask while the new version takes its canary share: the promotion decides on these
         # live answers. The traffic waits while the version trains and is evaluated, so the
@@ -150,6 +162,7 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
             report.stages["retraining_state"] = wait_for_retraining(after.retraining_flow_run_id,
                                                                     retraining_timeout_s)
         report.stages["live_traffic"] = live.result
+    stage("")
     report.stages["serving"] = serving_version.fn(cfg.serve)
     report.seconds = time.perf_counter() - start
     return report
@@ -222,7 +235,9 @@ def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
             t = report.stages[key]
             console.print(f"{label}: {t.ok}/{t.sent} answered, by version {t.versions}")
     console.print(f"Retraining run: {report.stages.get('retraining_state', 'not started')}; now serving "
-                  f"v{report.stages['serving']}; loop took {report.seconds:.0f} s")
+                  f"v{report.stages['serving']}; loop took {report.seconds:.0f} s:")
+    for name, seconds in report.stage_seconds.items():
+        console.print(f"  {seconds:6.0f} s  {name}")
     console.print(
         "\n[bold]Look around[/bold] (state in "
         f"{cfg.home}):\n  .venv/bin/tuneloop up      # Prefect UI http://127.0.0.1:{cfg.prefect.port}, "
@@ -239,6 +254,8 @@ DEMO_SETTINGS = [
     "train.max_steps=40", "train.lora_rank=16", "train.lora_alpha=32", "train.target_modules=auto",
     "train.learning_rate=0.001", "train.max_seq_len=128", "data.eval_fraction=0.2", "eval.max_examples=48",
     "eval.max_new_tokens=12",  # monitor.replay_share stays at its default, 0.5: 0.25 forgot more (BENCHMARKS.md)
+    # No perplexity: a forward pass over every reference, a third of each evaluation's time, in no demo rule.
+    "eval.metrics=[rougeL,bleu,chrf,exact_match,token_f1,toxicity_rate,pii_leak_rate]",
 ]
 
 

@@ -52,6 +52,7 @@ def test_loop_registers_two_versions_the_second_triggered_by_drift(loop) -> None
     cfg, report = loop
     s = report.stages
     assert s["first_training"].champion and s["first_training"].version.version == "1"
+    assert len(report.stage_seconds) == 6 and sum(report.stage_seconds.values()) <= report.seconds
     assert s["check_before"].drift.verdict == "no_drift", s["check_before"].drift.reason
     after = s["check_after"]
     assert after.drift.verdict == "drift", after.drift.reason
@@ -66,6 +67,8 @@ def test_loop_registers_two_versions_the_second_triggered_by_drift(loop) -> None
     assert versions["2"].tags["tuneloop.slice"].startswith("tiny_medication@")  # the labelled set's slice
     assert versions["2"].tags["tuneloop.slices"].startswith("tiny_medication@")  # gated on its own slice ...
     assert "tiny_qa@" in versions["2"].tags["tuneloop.slices"]  # ... and on the champion's
+    assert versions["1"].tags["tuneloop.train.started_from"] == "base"
+    assert versions["2"].tags["tuneloop.train.started_from"] == "champion v1's adapter"  # it trained on v1's
     champion = client.get_model_version_by_alias(cfg.registry.model_name, "champion")
     assert str(champion.version) == "2"
     assert s["serving"] == "2"  # the retraining run promoted its champion to Serve
