@@ -49,8 +49,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")  # Evidently's usage reporting off
 os.environ.setdefault("EVIDENTLY_DISABLE_TELEMETRY", "1")
 
 from tasks.drift import distinct, mmd_permutation_test
-from tasks.embeddings import EmbeddingStore, embed_missing, embedder_key, load_embedder
+from tasks.embeddings import embed_missing, embedder_key, load_embedder
 from tuneloop.config import MonitorConfig
+from tuneloop.inferencelog import InferenceLog
 
 MODEL, MAX_TOKENS = "builtin:all-minilm-l6-v2", 128
 
@@ -140,13 +141,13 @@ def time_10k(trivia: list[str], health: list[str], args) -> dict[str, list[float
     times: dict[str, list[float]] = {}
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            store = EmbeddingStore(f"sqlite:///{tmp}/log.db")
+            store = InferenceLog(f"sqlite:///{tmp}/log.db")
             ids = [f"req-{i}" for i in range(len(requests))]
             t = time.perf_counter()
             embed_missing(store, ids, requests, embedder_key(MODEL, MAX_TOKENS), embed)
             times.setdefault("embed 10k prompts into the store", []).append(time.perf_counter() - t)
             t = time.perf_counter()
-            cur = store.get(ids, embedder_key(MODEL, MAX_TOKENS))
+            cur = store.embeddings(ids, embedder_key(MODEL, MAX_TOKENS))
             # As the flow does: each distinct prompt once, training prompts asked again left out.
             _, unseen = distinct(requests, cur, exclude=set(reference))
             _, p = mmd_permutation_test(ref_emb, unseen, args.permutations, bandwidth=args.bandwidth)

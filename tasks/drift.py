@@ -22,10 +22,9 @@ from typing import Any, Literal
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import String, or_, select, type_coerce
 
 from tuneloop.config import MonitorConfig, MonitorThresholds
-from tuneloop.inferencelog import InferenceLog, inference_log
+from tuneloop.inferencelog import InferenceLog
 
 log = logging.getLogger(__name__)
 
@@ -143,19 +142,11 @@ def parse_row(raw: dict[str, Any]) -> LoggedRequest:
     )
 
 
-def _raw_select():
-    # created_at as stored (text on SQLite): one unreadable timestamp must skip its row, not
-    # fail the whole read as SQLAlchemy's DateTime conversion would.
-    cols = [c if c.name != "created_at" else type_coerce(c, String).label("created_at") for c in inference_log.c]
-    not_shadow = or_(inference_log.c.arm.is_(None), inference_log.c.arm != "shadow")
-    return select(*cols).where(not_shadow)
-
-
-def _parse_rows(raw_rows: Sequence[Any]) -> Window:
+def _parse_rows(raw_rows: Sequence[dict[str, Any]]) -> Window:
     requests, skipped = [], Counter()
     for row in raw_rows:
         try:
-            requests.append(parse_row(dict(row._mapping)))
+            requests.append(parse_row(row))
         except MalformedRow as err:
             skipped[str(err)] += 1
     requests.sort(key=lambda r: (r.created_at, r.id))
@@ -170,9 +161,7 @@ def read_window(db_url: str, window: int) -> Window:
     """
     store = InferenceLog(db_url)
     try:
-        query = _raw_select().order_by(inference_log.c.created_at.desc(), inference_log.c.id.desc()).limit(window)
-        with store.engine.connect() as conn:
-            return _parse_rows(conn.execute(query).all())
+        return _parse_rows(store.newest_served(window))
     finally:
         store.close()
 
@@ -187,10 +176,7 @@ def read_launch_window(db_url: str, version: str | None, size: int, exclude: lis
         return []
     store = InferenceLog(db_url)
     try:
-        query = (_raw_select().where(inference_log.c.model_version == version, inference_log.c.status < 400)
-                 .order_by(inference_log.c.created_at, inference_log.c.id).limit(size + len(exclude)))
-        with store.engine.connect() as conn:
-            rows = _parse_rows(conn.execute(query).all()).requests
+        rows = _parse_rows(store.first_answers(version, size + len(exclude))).requests
     finally:
         store.close()
     excluded = set(exclude)

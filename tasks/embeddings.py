@@ -2,13 +2,12 @@
 
 The monitoring flow embeds, in batches, the requests of its window that have no embedding
 yet, and reads the stored vectors back: a request is embedded once, however many checks
-look at it. Table `prompt_embedding` (request_id, model) → float32 vector, in the inference
-log's database (SQLite by default, or the same Postgres URL).
+look at it. The vectors live in the inference log's database (`prompt_embedding`, owned by
+tuneloop.inferencelog); this module computes them.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import hashlib
 import logging
@@ -19,112 +18,13 @@ from typing import Any
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import (
-    Column,
-    DateTime,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    create_engine,
-    event,
-    select,
-)
-from sqlalchemy.engine import Engine
+
+from tuneloop.inferencelog import InferenceLog
 
 log = logging.getLogger(__name__)
 
 BUILTIN_EMBEDDER = "builtin:all-minilm-l6-v2"
 Embedder = Callable[[list[str]], np.ndarray]  # texts → unit-norm float32 rows
-
-metadata = MetaData()
-
-prompt_embedding = Table(
-    "prompt_embedding",
-    metadata,
-    Column("request_id", String(36), primary_key=True),  # inference_log.id
-    # The embedder (and its token cut-off): another model gets its own rows, never mixed ones.
-    Column("model", String(200), primary_key=True),
-    Column("dim", Integer, nullable=False),
-    Column("vector", LargeBinary, nullable=False),  # float32, little-endian, dim × 4 bytes
-    Column("created_at", DateTime(timezone=True), nullable=False),
-)
-
-
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")  # as the inference log: the serving writer is never blocked
-    cur.execute("PRAGMA busy_timeout=5000")
-    cur.close()
-
-
-class EmbeddingStore:
-    """Read and add prompt embeddings at the inference log's SQLAlchemy URL."""
-
-    def __init__(self, url: str) -> None:
-        self.engine: Engine = create_engine(url, future=True)
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
-
-    def missing(self, request_ids: Sequence[str], model: str) -> list[str]:
-        """Return the ids (in the given order) that have no embedding by `model`."""
-        have: set[str] = set()
-        ids = list(request_ids)
-        with self.engine.connect() as conn:
-            for i in range(0, len(ids), 500):
-                query = select(prompt_embedding.c.request_id).where(
-                    prompt_embedding.c.model == model, prompt_embedding.c.request_id.in_(ids[i:i + 500]))
-                have.update(conn.scalars(query))
-        return [i for i in ids if i not in have]
-
-    def add(self, request_ids: Sequence[str], model: str, vectors: np.ndarray) -> None:
-        """Store one vector per id; an id stored meanwhile (by another run) is kept as it is."""
-        if not len(request_ids):
-            return
-        vectors = np.ascontiguousarray(vectors, dtype="<f4")
-        now = dt.datetime.now(dt.UTC)
-        rows = [{"request_id": rid, "model": model, "dim": vectors.shape[1], "vector": vec.tobytes(),
-                 "created_at": now} for rid, vec in zip(request_ids, vectors, strict=True)]
-        dialect = self.engine.dialect.name
-        if dialect in ("sqlite", "postgresql"):
-            module = __import__(f"sqlalchemy.dialects.{dialect}", fromlist=["insert"])
-            stmt = module.insert(prompt_embedding).on_conflict_do_nothing()
-        else:
-            from sqlalchemy import insert
-
-            stmt = insert(prompt_embedding)
-        with self.engine.begin() as conn:
-            conn.execute(stmt, rows)
-
-    def get(self, request_ids: Sequence[str], model: str) -> np.ndarray:
-        """Return the vectors of `request_ids` in that order; every id must have one."""
-        found: dict[str, np.ndarray] = {}
-        ids = list(request_ids)
-        with self.engine.connect() as conn:
-            for i in range(0, len(ids), 500):
-                query = select(prompt_embedding.c.request_id, prompt_embedding.c.dim, prompt_embedding.c.vector).where(
-                    prompt_embedding.c.model == model, prompt_embedding.c.request_id.in_(ids[i:i + 500]))
-                for rid, dim, blob in conn.execute(query):
-                    found[rid] = np.frombuffer(blob, dtype="<f4", count=dim)
-        absent = [i for i in ids if i not in found]
-        if absent:
-            raise KeyError(f"{len(absent)} requests have no {model} embedding (first: {absent[0]}): "
-                           "embed them first (embed_new_requests)")
-        return np.stack([found[i] for i in ids]) if ids else np.zeros((0, 0), dtype=np.float32)
-
-    def count(self, model: str | None = None) -> int:
-        from sqlalchemy import func
-
-        query = select(func.count()).select_from(prompt_embedding)
-        if model is not None:
-            query = query.where(prompt_embedding.c.model == model)
-        with self.engine.connect() as conn:
-            return conn.execute(query).scalar_one()
-
-    def close(self) -> None:
-        self.engine.dispose()
 
 
 def embedder_key(model: str, max_tokens: int) -> str:
@@ -157,18 +57,18 @@ def load_embedder(model: str, max_tokens: int) -> Embedder:
     return embed
 
 
-def embed_missing(store: EmbeddingStore, request_ids: Sequence[str], prompts: Sequence[str], model_key: str,
+def embed_missing(store: InferenceLog, request_ids: Sequence[str], prompts: Sequence[str], model_key: str,
                   embedder: Embedder, chunk: int = 512) -> int:
     """Embed the prompts whose request has no stored vector yet; return how many were embedded.
 
     Stored chunk by chunk: a run stopped half-way keeps what it embedded.
     """
-    todo = set(store.missing(request_ids, model_key))
+    todo = set(store.missing_embeddings(request_ids, model_key))
     pending = [(rid, text) for rid, text in zip(request_ids, prompts, strict=True) if rid in todo]
     pending = list(dict(pending).items())  # a request id listed twice is embedded once
     for i in range(0, len(pending), chunk):
         part = pending[i:i + chunk]
-        store.add([rid for rid, _ in part], model_key, embedder([text for _, text in part]))
+        store.add_embeddings([rid for rid, _ in part], model_key, embedder([text for _, text in part]))
     return len(pending)
 
 
@@ -176,12 +76,12 @@ def embed_missing(store: EmbeddingStore, request_ids: Sequence[str], prompts: Se
 def embed_new_requests(db_url: str, request_ids: list[str], prompts: list[str], model: str,
                        max_tokens: int) -> tuple[np.ndarray, int]:
     """Persist embeddings of the requests that lack one; return every request's vector and how many were new."""
-    store = EmbeddingStore(db_url)
+    store = InferenceLog(db_url)
     try:
         key = embedder_key(model, max_tokens)
-        missing = store.missing(request_ids, key)
+        missing = store.missing_embeddings(request_ids, key)
         new = embed_missing(store, request_ids, prompts, key, load_embedder(model, max_tokens)) if missing else 0
-        return store.get(request_ids, key), new
+        return store.embeddings(request_ids, key), new
     finally:
         store.close()
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from tasks.embeddings import EmbeddingStore, embed_missing, embedder_key, load_embedder
+from tasks.embeddings import embed_missing, embedder_key, load_embedder
+from tuneloop.inferencelog import InferenceLog
 
 
 class CountingEmbedder:
@@ -20,31 +21,31 @@ class CountingEmbedder:
 
 
 def test_a_second_pass_embeds_nothing_new(tmp_path) -> None:
-    store = EmbeddingStore(f"sqlite:///{tmp_path / 'log.db'}")
+    store = InferenceLog(f"sqlite:///{tmp_path / 'log.db'}")
     embed = CountingEmbedder()
     ids, prompts = [f"r{i}" for i in range(10)], [f"prompt {i}" for i in range(10)]
     assert embed_missing(store, ids[:6], prompts[:6], "m@128", embed, chunk=4) == 6
-    first = store.get(ids[:6], "m@128")
+    first = store.embeddings(ids[:6], "m@128")
     # The next window overlaps the last: only its 4 new requests are embedded.
     assert embed_missing(store, ids, prompts, "m@128", embed) == 4
     assert embed_missing(store, ids, prompts, "m@128", embed) == 0
     assert len(embed.texts) == 10 and sorted(embed.texts) == sorted(prompts)
-    vectors = store.get(ids, "m@128")
+    vectors = store.embeddings(ids, "m@128")
     assert vectors.shape == (10, 6) and vectors.dtype == np.float32
     np.testing.assert_array_equal(vectors[:6], first)  # stored bytes read back exactly
     # Another embedder keeps rows of its own.
-    assert store.missing(ids, "other@128") == ids
-    assert store.count("m@128") == 10
+    assert store.missing_embeddings(ids, "other@128") == ids
+    assert store.embedding_count("m@128") == 10
     store.close()
 
 
 def test_a_vector_stored_meanwhile_is_kept_and_missing_ones_are_named(tmp_path) -> None:
-    store = EmbeddingStore(f"sqlite:///{tmp_path / 'log.db'}")
-    store.add(["a"], "m", np.ones((1, 3), np.float32))
-    store.add(["a", "b"], "m", np.zeros((2, 3), np.float32))  # "a" was added by another run: kept
-    np.testing.assert_array_equal(store.get(["b", "a"], "m"), [[0, 0, 0], [1, 1, 1]])
+    store = InferenceLog(f"sqlite:///{tmp_path / 'log.db'}")
+    store.add_embeddings(["a"], "m", np.ones((1, 3), np.float32))
+    store.add_embeddings(["a", "b"], "m", np.zeros((2, 3), np.float32))  # "a" was added by another run: kept
+    np.testing.assert_array_equal(store.embeddings(["b", "a"], "m"), [[0, 0, 0], [1, 1, 1]])
     with pytest.raises(KeyError, match="1 requests have no m embedding"):
-        store.get(["a", "c"], "m")
+        store.embeddings(["a", "c"], "m")
     store.close()
 
 

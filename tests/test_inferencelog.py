@@ -11,8 +11,9 @@ def test_append_and_read_newest_first(tmp_path: Path) -> None:
                                    latency_ms=1.5))
     log.append(InferenceRecord(route="/v1/chat/completions", model="m", prompt="bad", status=503))
     assert log.count() == 6
-    assert [r["prompt"] for r in log.recent(3)] == ["p4", "p3", "p2"]
-    assert [r["prompt"] for r in log.recent(1, status=503)] == ["bad"]
+    assert [r["prompt"] for r in log.window(limit=4)][1:] == ["p4", "p3", "p2"]
+    assert [r["prompt"] for r in log.newest_served(1)] == ["bad"] and log.newest_served(1)[0]["status"] == 503
+    assert [r["prompt"] for r in log.first_answers("1", 2)] == ["p0", "p1"]
     log.close()
 
 

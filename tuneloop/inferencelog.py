@@ -7,9 +7,13 @@ SQLAlchemy Core, so the same code writes SQLite (embedded default) or a Postgres
     writer.submit(record)                            # returns at once; a thread batches inserts
     log.add_feedback(response_id, score=1.0)         # the quality signal, per response
     log.window(limit=500)                            # monitoring: newest rows, every status
+    log.add_embeddings(ids, "model@128", vectors)    # drift: a prompt is embedded once
 
-Tables: `inference_log` (one row per answer: the served one, and a shadow model's, marked by
-`arm`) and `feedback` (scores per response id). Rows are never updated or deleted here.
+The one owner of this database: serving, monitoring and drift read and write it through
+`InferenceLog`, and nothing else holds SQL over its tables. Tables: `inference_log` (one row
+per answer: the served one, and a shadow model's, marked by `arm`), `feedback` (scores per
+response id) and `prompt_embedding` (one vector per request and embedder). Rows are never
+updated or deleted here.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 from sqlalchemy import (
     Column,
     DateTime,
     Float,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -37,8 +43,10 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    or_,
     select,
     text,
+    type_coerce,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -78,7 +86,19 @@ feedback = Table(
     Column("comment", Text),
 )
 
+prompt_embedding = Table(
+    "prompt_embedding",
+    metadata,
+    Column("request_id", String(36), primary_key=True),  # inference_log.id
+    # The embedder (and its token cut-off): another model gets its own rows, never mixed ones.
+    Column("model", String(200), primary_key=True),
+    Column("dim", Integer, nullable=False),
+    Column("vector", LargeBinary, nullable=False),  # float32, little-endian, dim × 4 bytes
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 _ADDED_COLUMNS = ("adapter", "arm", "key_id", "error")
+_CHUNK = 500  # ids per IN (...) clause
 
 
 @dataclass
@@ -136,14 +156,6 @@ class InferenceLog:
             with self.engine.begin() as conn:
                 conn.execute(insert(inference_log), [asdict(r) for r in records])
 
-    def recent(self, limit: int, status: int | None = 200) -> list[dict[str, Any]]:
-        """Return the newest `limit` rows (newest first), only of `status` when given."""
-        query = select(inference_log).order_by(inference_log.c.created_at.desc()).limit(limit)
-        if status is not None:
-            query = query.where(inference_log.c.status == status)
-        with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
-
     def window(self, limit: int | None = None, since: dt.datetime | None = None,
                until: dt.datetime | None = None, arms: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
         """Rows of every status, newest first: the newest `limit`, and/or those in [since, until)."""
@@ -180,11 +192,86 @@ class InferenceLog:
         out: dict[str, float] = {}
         ids = list(response_ids)
         with self.engine.connect() as conn:
-            for i in range(0, len(ids), 500):
+            for i in range(0, len(ids), _CHUNK):
                 query = (select(feedback.c.response_id, func.avg(feedback.c.score))
-                         .where(feedback.c.response_id.in_(ids[i:i + 500])).group_by(feedback.c.response_id))
+                         .where(feedback.c.response_id.in_(ids[i:i + _CHUNK])).group_by(feedback.c.response_id))
                 out.update({rid: float(score) for rid, score in conn.execute(query)})
         return out
+
+    # -- monitoring reads: rows as stored, for tasks.drift to parse one by one
+
+    @staticmethod
+    def _as_stored():
+        # created_at as stored (text on SQLite): one unreadable timestamp must skip its row, not
+        # fail the whole read as SQLAlchemy's DateTime conversion would. Shadow answers left out.
+        cols = [c if c.name != "created_at" else type_coerce(c, String).label("created_at") for c in inference_log.c]
+        return select(*cols).where(or_(inference_log.c.arm.is_(None), inference_log.c.arm != "shadow"))
+
+    def newest_served(self, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` served rows of every status (newest first), `created_at` as stored."""
+        query = self._as_stored().order_by(inference_log.c.created_at.desc(), inference_log.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def first_answers(self, version: str, limit: int) -> list[dict[str, Any]]:
+        """The first `limit` answered (status < 400) served rows of a model version, oldest first, as stored."""
+        query = (self._as_stored().where(inference_log.c.model_version == version, inference_log.c.status < 400)
+                 .order_by(inference_log.c.created_at, inference_log.c.id).limit(limit))
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    # -- prompt embeddings: one float32 vector per (request id, embedder)
+
+    def missing_embeddings(self, request_ids: Sequence[str], model: str) -> list[str]:
+        """Return the ids (in the given order) that have no embedding by `model`."""
+        have: set[str] = set()
+        ids = list(request_ids)
+        with self.engine.connect() as conn:
+            for i in range(0, len(ids), _CHUNK):
+                query = select(prompt_embedding.c.request_id).where(
+                    prompt_embedding.c.model == model, prompt_embedding.c.request_id.in_(ids[i:i + _CHUNK]))
+                have.update(conn.scalars(query))
+        return [i for i in ids if i not in have]
+
+    def add_embeddings(self, request_ids: Sequence[str], model: str, vectors: np.ndarray) -> None:
+        """Store one vector per id; an id stored meanwhile (by another run) is kept as it is."""
+        if not len(request_ids):
+            return
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        now = dt.datetime.now(dt.UTC)
+        rows = [{"request_id": rid, "model": model, "dim": vectors.shape[1], "vector": vec.tobytes(),
+                 "created_at": now} for rid, vec in zip(request_ids, vectors, strict=True)]
+        dialect = self.engine.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            module = __import__(f"sqlalchemy.dialects.{dialect}", fromlist=["insert"])
+            stmt = module.insert(prompt_embedding).on_conflict_do_nothing()
+        else:
+            stmt = insert(prompt_embedding)
+        with self.engine.begin() as conn:
+            conn.execute(stmt, rows)
+
+    def embeddings(self, request_ids: Sequence[str], model: str) -> np.ndarray:
+        """Return the vectors of `request_ids` in that order; every id must have one."""
+        found: dict[str, np.ndarray] = {}
+        ids = list(request_ids)
+        with self.engine.connect() as conn:
+            for i in range(0, len(ids), _CHUNK):
+                query = select(prompt_embedding.c.request_id, prompt_embedding.c.dim, prompt_embedding.c.vector).where(
+                    prompt_embedding.c.model == model, prompt_embedding.c.request_id.in_(ids[i:i + _CHUNK]))
+                for rid, dim, blob in conn.execute(query):
+                    found[rid] = np.frombuffer(blob, dtype="<f4", count=dim)
+        absent = [i for i in ids if i not in found]
+        if absent:
+            raise KeyError(f"{len(absent)} requests have no {model} embedding (first: {absent[0]}): "
+                           "embed them first (tasks.embeddings.embed_missing)")
+        return np.stack([found[i] for i in ids]) if ids else np.zeros((0, 0), dtype=np.float32)
+
+    def embedding_count(self, model: str | None = None) -> int:
+        query = select(func.count()).select_from(prompt_embedding)
+        if model is not None:
+            query = query.where(prompt_embedding.c.model == model)
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar_one()
 
     def close(self) -> None:
         self.engine.dispose()

@@ -17,7 +17,6 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.monitoring import monitoring_flow
-from tasks.embeddings import EmbeddingStore
 from tests.conftest import ASSETS, make_config
 from tuneloop.config import TuneloopConfig
 from tuneloop.inferencelog import InferenceLog, InferenceRecord
@@ -130,7 +129,7 @@ def test_drift_starts_one_retraining_run_per_episode(setup) -> None:
     assert len(training_runs(deployment_id)) == 1
     last = monitoring_flow(cfg)
     assert last.embedded_new == 0  # a check of an unchanged log embeds nothing
-    assert EmbeddingStore(inference_db_url(cfg)).count() == 28
+    assert InferenceLog(inference_db_url(cfg)).embedding_count() == 28
 
     # The report: every signal, pictures, logged to the check's MLflow run; figures on the timeline.
     page = again.report.read_text()
