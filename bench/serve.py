@@ -34,10 +34,8 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -107,63 +105,6 @@ def sequential_baseline(cfg, version: str, prompts: list[str], max_tokens: int, 
     del model
     return {"requests": len(prompts), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
             "p50_ms": statistics.median(latencies), "p99_ms": percentile(latencies, 0.99)}
-
-
-class Load:
-    """`clients` threads sending chat requests until `total` are answered (or stopped)."""
-
-    def __init__(self, url: str, model: str, prompts: list[str], clients: int, max_tokens: int,
-                 total: int | None = None) -> None:
-        self.url, self.model, self.prompts, self.max_tokens, self.total = url, model, prompts, max_tokens, total
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.sent = 0
-        self.results: list[tuple[int, float, int, str]] = []  # status, latency ms, tokens, version
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _next(self) -> int | None:
-        with self.lock:
-            if self.stop.is_set() or (self.total is not None and self.sent >= self.total):
-                return None
-            self.sent += 1
-            return self.sent
-
-    def _run(self) -> None:
-        import httpx
-
-        with httpx.Client(timeout=600) as http:
-            while (i := self._next()) is not None:
-                body = {"model": self.model, "max_tokens": self.max_tokens,
-                        "messages": [{"role": "user", "content": self.prompts[i % len(self.prompts)]}]}
-                t = time.perf_counter()
-                try:
-                    r = http.post(f"{self.url}/v1/chat/completions", json=body)
-                    ms = (time.perf_counter() - t) * 1000
-                    data = r.json() if r.status_code == 200 else {}
-                    tokens = data.get("usage", {}).get("completion_tokens", 0)
-                    self.results.append((r.status_code, ms, tokens, data.get("system_fingerprint", "")))
-                except httpx.HTTPError as err:
-                    self.results.append((0, (time.perf_counter() - t) * 1000, 0, str(err)))
-
-    def run(self) -> float:
-        start = time.perf_counter()
-        for t in self.threads:
-            t.start()
-        for t in self.threads:
-            t.join()
-        return time.perf_counter() - start
-
-    def __enter__(self) -> Self:
-        self.start = time.perf_counter()
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-        self.wall = time.perf_counter() - self.start
 
 
 def p50_get(url: str, n: int) -> float:
@@ -254,6 +195,7 @@ def main() -> None:
 
     from flows.promotion import promotion_flow
     from tasks.deploy import endpoint, ray_client, replica_infos
+    from tasks.traffic import ChatLoad
     from tuneloop import services
 
     services.start_ray(cfg, num_cpus=max(4, os.cpu_count() or 2))
@@ -262,15 +204,16 @@ def main() -> None:
         promotion_flow(cfg, v1)
         url = endpoint(cfg.serve)
         name = cfg.registry.model_name
-        Load(url, name, prompts, 4, 4, total=8).run()  # warm-up
+        ChatLoad(url, name, prompts, 4, clients=4, total=8, timeout_s=600).run()  # warm-up
         print(f"deployment: {args.clients} clients, {args.requests} requests …", flush=True)
-        load = Load(url, name, prompts, args.clients, args.max_tokens, total=args.requests)
-        wall = load.run()
-        ok = [r for r in load.results if r[0] == 200]
-        lat = [r[1] for r in ok]
-        results["serve"] = {"requests": len(load.results), "failed": len(load.results) - len(ok),
-                            "tokens": sum(r[2] for r in ok), "wall_s": wall,
-                            "tok_s": sum(r[2] for r in ok) / wall, "p50_ms": statistics.median(lat),
+        load = ChatLoad(url, name, prompts, args.max_tokens, clients=args.clients, total=args.requests, timeout_s=600)
+        load.run()
+        wall = load.wall_s
+        ok = [a for a in load.answers if a.status == 200]
+        lat = [a.latency_ms for a in ok]
+        results["serve"] = {"requests": len(load.answers), "failed": len(load.answers) - len(ok),
+                            "tokens": sum(a.tokens for a in ok), "wall_s": wall,
+                            "tok_s": sum(a.tokens for a in ok) / wall, "p50_ms": statistics.median(lat),
                             "p99_ms": percentile(lat, 0.99)}
         with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
             results["replicas"] = {r: {"merged": i.get("merged"), **i.get("decoding", {})}
@@ -278,12 +221,12 @@ def main() -> None:
             results["overhead"] = overhead(cfg, args.overhead_requests)
         if not args.skip_promotion:
             print(f"promotion of v{v2} under load ({args.clients} clients) …", flush=True)
-            with Load(url, name, prompts, args.clients, 8) as during:
+            with ChatLoad(url, name, prompts, 8, clients=args.clients, timeout_s=600) as during:
                 promoted = promotion_flow(cfg, v2)
             results["promotion"] = {"strategy": promoted.strategy, "serving": promoted.serving,
-                                    "requests": len(during.results),
-                                    "failed": sum(1 for r in during.results if r[0] != 200),
-                                    "wall_s": during.wall}
+                                    "requests": len(during.answers),
+                                    "failed": sum(1 for a in during.answers if a.status != 200),
+                                    "wall_s": during.wall_s}
     finally:
         services.stop_ray(cfg)
     # The machine's speed drifts over minutes: the baseline again, after the deployment, and

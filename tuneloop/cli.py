@@ -121,7 +121,7 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
     from flows.training import training_flow
     from tasks.deploy import endpoint, serving_version
     from tasks.retrain import wait_for_retraining
-    from tasks.traffic import BackgroundTraffic, canary_open, send_chat_traffic
+    from tasks.traffic import ChatLoad, canary_open, send_chat_traffic
 
     start = time.perf_counter()
     cfg = cfg.model_copy(update={
@@ -157,11 +157,11 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
         # live answers. The traffic waits while the version trains and is evaluated, so the
         # evaluation's figures (latency included) are the model's on a quiet machine, not the
         # contention of 2 cores shared with the demo's own requests.
-        with BackgroundTraffic(url, name, data.drifted_traffic, max_tokens,
-                               only_when=lambda: canary_open(url)) as live:
+        with ChatLoad(url, name, data.drifted_traffic, max_tokens, clients=2, pause_s=0.25,
+                      only_when=lambda: canary_open(url)) as live:
             report.stages["retraining_state"] = wait_for_retraining(after.retraining_flow_run_id,
                                                                     retraining_timeout_s)
-        report.stages["live_traffic"] = live.result
+        report.stages["live_traffic"] = live.result()
     stage("")
     report.stages["serving"] = serving_version.fn(cfg.serve)
     report.seconds = time.perf_counter() - start

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Self
 
 import httpx
 import mlflow
@@ -20,6 +18,7 @@ from mlflow import MlflowClient
 from flows.promotion import PromotionRolledBack, promotion_flow
 from tasks.deploy import endpoint, ray_client, replica_infos
 from tasks.registry import register_adapter
+from tasks.traffic import ChatLoad
 from tests.conftest import make_config
 from tuneloop import services
 from tuneloop.apikeys import key_sha256
@@ -226,43 +225,21 @@ def test_adapters_hot_load_into_running_replicas_and_share_batches(served) -> No
             alone[key]["choices"][0]["message"]["content"], key
 
 
-class Load:
-    """Clients sending requests until stopped; every answer's status and version counted."""
-
-    def __init__(self, cfg, clients: int = 4) -> None:
-        self.cfg, self.stop, self.results = cfg, threading.Event(), []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def _run(self, i: int) -> None:
-        n = 0
-        while not self.stop.is_set():
-            try:
-                r = _chat(self.cfg, f"What is {i} plus {n}?", max_tokens=2, user=f"user-{i}-{n}")
-                self.results.append((r.status_code, r.json().get("system_fingerprint")))
-            except httpx.HTTPError as err:
-                self.results.append((0, str(err)))
-            n += 1
-
-    def __enter__(self) -> Self:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
+def _load(cfg, clients: int = 4) -> ChatLoad:
+    """Clients asking until stopped, each request its own user; every answer's status and version kept."""
+    return ChatLoad(endpoint(cfg.serve), NAME, [f"What is {i} plus {i + 1}?" for i in range(8)], 2, clients=clients,
+                    user=lambda n: f"user-{n}", timeout_s=60)
 
 
 def test_canary_promotes_under_load_with_no_failed_request(served) -> None:
     cfg, *_ = served
     before = _replicas(cfg)
-    with Load(cfg) as load:
+    with _load(cfg) as load:
         result = promotion_flow(cfg, "2")
     assert result.strategy == "hot-load + canary" and result.serving == "2" and result.previous == "1"
-    failed = [r for r in load.results if r[0] != 200]
+    failed = [a for a in load.answers if a.status != 200]
     assert not failed, failed[:5]
-    assert {"v1", "v2"} <= {v for _, v in load.results}  # both answered during the canary
+    assert {"v1", "v2"} <= {a.version for a in load.answers}  # both answered during the canary
     assert _replicas(cfg) == before  # no replica restarted
     assert _chat(cfg, "hi").json()["system_fingerprint"] == "v2"
     client = MlflowClient(tracking_uri(cfg))
@@ -277,10 +254,10 @@ def test_a_losing_canary_rolls_back_and_the_champion_keeps_all_traffic(served) -
     cfg, *_ = served
     strict = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"rollout": cfg.serve.rollout.model_copy(
         update={"rules": ["p95_latency_ms <= 0.01 * champion.p95_latency_ms"]})})})
-    with Load(cfg) as load, pytest.raises(PromotionRolledBack, match="lost the canary"):
+    with _load(cfg) as load, pytest.raises(PromotionRolledBack, match="lost the canary"):
         promotion_flow(strict, "3")
-    assert all(code == 200 for code, _ in load.results)
-    versions = [v for _, v in load.results]
+    assert all(a.status == 200 for a in load.answers)
+    versions = [a.version for a in load.answers]
     share = versions.count("v3") / len(versions)
     assert share <= 0.75, share  # never more than its canary share (0.5) plus noise
     assert _chat(cfg, "hi").json()["system_fingerprint"] == "v2"
@@ -296,11 +273,11 @@ def test_shadow_mode_logs_challenger_answers_without_returning_them(served) -> N
     cfg, *_ = served
     shadow = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"rollout": cfg.serve.rollout.model_copy(
         update={"mode": "shadow"})})})
-    with Load(cfg) as load:
+    with _load(cfg) as load:
         result = promotion_flow(shadow, "3")
-    during = [v for _, v in load.results]
+    during = [a.version for a in load.answers]
     assert result.serving == "3" and result.strategy == "hot-load + shadow"
-    assert all(code == 200 for code, _ in load.results)
+    assert all(a.status == 200 for a in load.answers)
     log = InferenceLog(inference_db_url(cfg))
     shadows = [r for r in log.window(limit=2000) if r["arm"] == "shadow"]
     assert len(shadows) >= 6 and {r["model_version"] for r in shadows} == {"3"}
@@ -317,13 +294,13 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(served) -> None:
     log = InferenceLog(inference_db_url(cfg))
     time.sleep(1)  # earlier tests' last rows reach the log
     since = dt.datetime.now(dt.UTC)
-    with Load(cfg, clients=6) as load:
+    with _load(cfg, clients=6) as load:
         time.sleep(2)
         with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
             victim = next(iter(replica_infos(cfg).values()))["actor_name"]
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         time.sleep(8)
-    codes = [code for code, _ in load.results]
+    codes = [a.status for a in load.answers]
     assert set(codes) <= {200, 503}, set(codes)
     assert codes.count(200) >= len(codes) - 6  # at most the requests in flight on the killed replica fail
     deadline = time.time() + 120
@@ -350,10 +327,10 @@ def test_a_new_base_model_rolls_out_replica_by_replica(served, tmp_path) -> None
     new_base = BaseRef(str(other), weights_sha256(other))
     version = _register(cfg, _adapter(new_base, work / "other", seed=5))
     before = set(_replicas(cfg))
-    with Load(cfg) as load:
+    with _load(cfg) as load:
         result = promotion_flow(cfg, version)
     assert result.strategy == "replace" and result.serving == version
-    assert all(code == 200 for code, _ in load.results), [r for r in load.results if r[0] != 200][:3]
+    assert all(a.status == 200 for a in load.answers), [a for a in load.answers if a.status != 200][:3]
     assert not (set(_replicas(cfg)) & before)  # all replicas replaced
 
 
