@@ -19,31 +19,36 @@ Prefect artifact; a rolled-back version is tagged with the reason and the flow r
 from __future__ import annotations
 
 import datetime as dt
-import math
-import time
 from dataclasses import dataclass, field
 
 import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
 
 from tasks.deploy import (
     DeployError,
     ServeState,
     apply_config,
-    arm_figures,
+    can_hot_load,
     endpoint,
     ray_client,
     read_state,
     smoke_test,
+    watch_canary,
 )
-from tasks.registry import ModelVersionRef, find_alias, promote_champion, tag_version, version_tags
+from tasks.registry import (
+    ModelVersionRef,
+    find_alias,
+    promote_champion,
+    record_promotion,
+    tag_version,
+    version_tags,
+)
 from tuneloop.config import TuneloopConfig, load_config
-from tuneloop.gate import Figures, evaluate_rule, parse_rule
-from tuneloop.seams import Routing, ServedVersions
+from tuneloop.reports import Table, fmt
+from tuneloop.seams import Routing, RoutingMode, ServedVersions
 from tuneloop.servespec import serve_config, serve_spec
-from tuneloop.state import inference_db_url, ray_address, tracking_uri
+from tuneloop.state import ray_address, tracking_uri
 
 
 class PromotionRolledBack(DeployError):
@@ -66,81 +71,15 @@ def _uri(cfg: TuneloopConfig, version: str) -> str:
     return f"models:/{cfg.registry.model_name}/{version}"
 
 
-def _same_base(cfg: TuneloopConfig, state: ServeState, version: str) -> bool:
-    """Whether `version` is a LoRA adapter of the base the replicas run (then it can be hot-loaded)."""
-    import tempfile
-    from pathlib import Path
-
-    from tasks.registry import fetch_adapter
-    from tuneloop.models import read_base_ref
-
-    with tempfile.TemporaryDirectory() as tmp:
-        new = fetch_adapter(_uri(cfg, version), Path(tmp) / "new")
-        old = fetch_adapter(_uri(cfg, state.base_version), Path(tmp) / "old")
-        if not (new / "adapter").is_dir() or not (old / "adapter").is_dir():
-            return False
-        return read_base_ref(new).sha256 == read_base_ref(old).sha256
+def _routing(champion: str, challenger: str | None = None, mode: RoutingMode = "off", share: float = 0.0) -> Routing:
+    return Routing(champion=champion, challenger=challenger, mode=mode, share=share)
 
 
-def _routing(champion: str, challenger: str | None = None, mode: str = "off", share: float = 0.0) -> dict:
-    return {"champion": champion, "challenger": challenger, "mode": mode, "share": share}
-
-
-def _config(cfg: TuneloopConfig, base_version: str, adapters: list[str], routing: dict) -> dict:
+def _config(cfg: TuneloopConfig, base_version: str, adapters: list[str], routing: Routing) -> dict:
     spec = serve_spec(cfg, base_version)
     return serve_config(cfg, {"spec": spec.model_dump(mode="json")},
-                        ServedVersions(adapters={v: _uri(cfg, v) for v in adapters}, default=routing["champion"]),
-                        Routing.model_validate(routing))
-
-
-def compare_arms(cfg: TuneloopConfig, since: dt.datetime, mode: str) -> tuple[str, list[str], dict]:
-    """Watch live traffic until the window closes; return (decision, rule lines, figures per arm)."""
-    r = cfg.serve.rollout
-    arm = "challenger" if mode == "canary" else "shadow"
-    logger = get_run_logger()
-    start = time.monotonic()
-    while True:
-        time.sleep(min(2.0, r.window_s))
-        figs = arm_figures(inference_db_url(cfg), since, ("champion", arm))
-        waited = time.monotonic() - start
-        if waited >= r.window_s and figs[arm].requests >= r.min_requests:
-            break
-        if waited >= r.max_wait_s:
-            break
-        logger.info("%s: %d challenger answers of %d needed, %.0f s of %.0f s", mode, figs[arm].requests,
-                    r.min_requests, waited, r.window_s)
-    cand, champ = figs[arm].metrics(), figs["champion"].metrics()
-    figures = {"challenger": cand, "champion": champ}
-    if figs[arm].requests < r.min_requests:
-        line = (f"only {figs[arm].requests} challenger answers in {r.max_wait_s:.0f} s "
-                f"(need {r.min_requests}): {r.on_no_traffic} on the smoke test alone")
-        return ("promote" if r.on_no_traffic == "promote" else "rollback"), [line], figures
-    lines, failed = [], False
-    flat = Figures.flat(cand, champ)
-    for text in r.rules:
-        for res in evaluate_rule(parse_rule(text), flat, missing="skip"):  # no figure in the window: skipped
-            failed |= res.outcome == "fail"
-            lines.append(res.line())
-    return ("rollback" if failed else "promote"), lines, figures
-
-
-def _defined(value: float | None) -> bool:
-    return value is not None and not math.isnan(value)
-
-
-def _record(cfg: TuneloopConfig, target: ModelVersionRef, previous: str | None, strategy: str, decision: str,
-            reason: str, figures: dict, lines: list[str]) -> str:
-    """One MLflow run per promotion: each arm's figures, the rules, the decision."""
-    mlflow.set_experiment(cfg.registry.promotion_experiment)
-    with mlflow.start_run(run_name=f"promote-v{target.version}") as run:
-        mlflow.log_params({"version": target.version, "previous": previous or "none", "strategy": strategy,
-                           "share": cfg.serve.rollout.share if "canary" in strategy else 1.0})
-        mlflow.log_metrics({f"{arm}_{k}": v for arm, m in figures.items() for k, v in m.items() if _defined(v)})
-        mlflow.set_tags({"tuneloop.decision": decision, "tuneloop.reason": reason[:5000],
-                         "tuneloop.model_version": target.version,
-                         "tuneloop.prefect_flow_run": str(flow_run.get_id() or "")})
-        mlflow.log_text("\n".join(lines) or "(no rules: smoke test only)", "rules.txt")
-        return run.info.run_id
+                        ServedVersions(adapters={v: _uri(cfg, v) for v in adapters}, default=routing.champion),
+                        routing)
 
 
 @flow(name="promotion-flow")
@@ -164,18 +103,21 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
                           f"{gate.get('tuneloop.gate_reason', gate['tuneloop.gate'])}")
     with ray_client(ray_address(cfg)):
         state = read_state(cfg)
+        share = 1.0  # the new version's share of routed traffic while it was compared
         if state is not None and state.champion == target.version:
             strategy = "already serving"
             smoke = smoke_test(cfg.serve, name, target.version)
             figures, lines = {}, []
-        elif state is not None and _same_base(cfg, state, target.version):
+        elif state is not None and can_hot_load(cfg.registry.model_name, state.base_version, target.version):
             strategy, smoke, figures, lines = _hot_rollout(cfg, state, target)
+            share = _canary_share(cfg)
         else:
             strategy, smoke, figures, lines = "replace", _replace(cfg, state, target), {}, []
     previous = state.champion if state else None
     reason = f"{strategy}: served at {endpoint(cfg.serve)}, smoke test passed" + (
         f"; {'; '.join(lines)}" if lines else "")
-    run_id = _record(cfg, target, previous, strategy, "promoted", reason, figures, lines)
+    run_id = record_promotion(cfg.registry.promotion_experiment, target, previous, strategy, "promoted", reason,
+                              figures, lines, share)
     tag_version(target, {"tuneloop.promotion": "serving", "tuneloop.promotion_run": run_id})
     old_champion = promote_champion(target, reg, reason[:4000])
     logger.info("Version %s serves at %s and is %s (was v%s)", target.version, endpoint(cfg.serve),
@@ -197,9 +139,7 @@ def _figures_table(figures: dict[str, dict[str, float]]) -> str:
     if not figures:
         return ""
     keys = sorted({k for m in figures.values() for k in m})
-    rows = "".join(f"| {k} | " + " | ".join(f"{figures[a].get(k, float('nan')):.4g}" for a in figures) + " |\n"
-                   for k in keys)
-    return f"| | {' | '.join(figures)} |\n|---|{'---|' * len(figures)}\n{rows}\n"
+    return Table(["", *figures], [[k, *(fmt(figures[a].get(k)) for a in figures)] for k in keys]).markdown() + "\n"
 
 
 def _replace(cfg: TuneloopConfig, state: ServeState | None, target: ModelVersionRef):
@@ -237,10 +177,11 @@ def _hot_rollout(cfg: TuneloopConfig, state: ServeState, target: ModelVersionRef
                          cfg, both)
             logger.info("%s: v%s gets %s of routed traffic for ≥ %.0f s", r.mode, new,
                         f"{r.share:.0%}" if r.mode == "canary" else "a shadow copy", r.window_s)
-            decision, lines, figures = compare_arms(cfg, since, r.mode)
-            if decision == "rollback":
-                raise PromotionRolledBack(f"v{new} lost the {r.mode} comparison: "
-                                          + "; ".join(x for x in lines if x.startswith(("fail", "only"))))
+            verdict = watch_canary(cfg, since, r.mode)
+            figures = verdict.figures
+            lines = [rule.line() for rule in verdict.rules] or [verdict.note]
+            if verdict.decision == "rollback":
+                raise PromotionRolledBack(f"v{new} lost the {r.mode} comparison: {verdict.reason()}")
         # Promote: everything to the new version; the old champion stays loaded for a fast rollback.
         apply_config(_config(cfg, state.base_version, both, _routing(new)), cfg, both)
         smoke = smoke_test(cfg.serve, cfg.registry.model_name, new)
@@ -248,13 +189,19 @@ def _hot_rollout(cfg: TuneloopConfig, state: ServeState, target: ModelVersionRef
     except DeployError as err:
         logger.error("Version %s rolled back: %s", new, err)
         apply_config(_config(cfg, state.base_version, [champion], _routing(champion)), cfg, [champion])
-        _rolled_back(cfg, target, champion, strategy, str(err), figures, lines)
+        _rolled_back(cfg, target, champion, strategy, str(err), figures, lines, _canary_share(cfg))
         raise
 
 
+def _canary_share(cfg: TuneloopConfig) -> float:
+    r = cfg.serve.rollout
+    return r.share if r.mode == "canary" else 1.0
+
+
 def _rolled_back(cfg: TuneloopConfig, target: ModelVersionRef, champion: str | None, strategy: str,
-                 reason: str, figures: dict, lines: list[str]) -> None:
-    run_id = _record(cfg, target, champion, strategy, "rolled back", reason, figures, lines)
+                 reason: str, figures: dict, lines: list[str], share: float = 1.0) -> None:
+    run_id = record_promotion(cfg.registry.promotion_experiment, target, champion, strategy, "rolled back", reason,
+                              figures, lines, share)
     tag_version(target, {"tuneloop.promotion": f"rolled back to {champion}: {reason}"[:5000],
                          "tuneloop.promotion_run": run_id})
     create_markdown_artifact(

@@ -41,9 +41,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.engine import Answer, GenerationRequest, ModelServer, PromptTooLong, UnknownAdapter
+from serving.engine import ModelServer
 from serving.guard import KeyRing, RateLimiter
-from tuneloop.seams import ServeSpec
+from tuneloop.seams import Answer, GenerationRequest, Refusal, Routing, ServeSpec
 
 log = logging.getLogger("ray.serve")
 
@@ -101,6 +101,7 @@ def _error(status: int, message: str, kind: str, param: str | None = None, code:
 
 api = FastAPI(title="tuneloop", description="OpenAI-compatible completions of tuneloop models",
               docs_url=None, redoc_url=None)
+api.state.max_request_bytes = 256_000  # the Gateway sets its spec's limit when its replica starts
 
 
 @api.exception_handler(ApiError)
@@ -131,13 +132,10 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # neve
     return _error(500, f"Internal error ({type(exc).__name__}); the server log has the details", "server_error")
 
 
-_LIMITS = {"max_request_bytes": 256_000}  # set by the gateway replica from its spec
-
-
 @api.middleware("http")
 async def _limit_body(request: Request, call_next: Any) -> Any:
     """413 before anything reads the body: by Content-Length, or while a chunked body arrives."""
-    limit = _LIMITS["max_request_bytes"]
+    limit = request.app.state.max_request_bytes  # the gateway replica's spec (one app per replica process)
     length = request.headers.get("content-length")
     too_big = _error(413, f"Request body is over this server's limit of {limit} bytes",
                      "invalid_request_error", None, "request_too_large")
@@ -175,9 +173,9 @@ class Gateway:
         self.keys = KeyRing([k.model_dump() for k in self.spec.api_keys])
         self.require_key = self.spec.require_api_key or bool(self.keys)
         self.limiter = RateLimiter(self.spec.rate_per_minute, self.spec.burst)
-        self.routing: dict[str, Any] = {"champion": None, "challenger": None, "mode": "off", "share": 0.0}
+        self.routing = Routing()
         self._shadow_tasks: set[asyncio.Task] = set()
-        _LIMITS["max_request_bytes"] = self.spec.max_request_bytes
+        api.state.max_request_bytes = self.spec.max_request_bytes
 
     def _redactor(self) -> Any:
         if self.spec.log_pii != "redact":
@@ -189,12 +187,7 @@ class Gateway:
         return scanner.redact
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        routing = {"champion": None, "challenger": None, "mode": "off", "share": 0.0}
-        routing.update({k: v for k, v in (user_config or {}).items() if k in routing})
-        for k in ("champion", "challenger"):
-            routing[k] = str(routing[k]) if routing[k] is not None else None
-        if routing["mode"] not in ("off", "canary", "shadow"):
-            raise ValueError(f"routing mode {routing['mode']!r}: expected off, canary or shadow")
+        routing = Routing.model_validate(user_config or {})  # a bad table fails the update, the old one stays
         self.routing = routing
         log.info("Routing: %s", routing)
 
@@ -236,11 +229,11 @@ class Gateway:
         """Return (version or None for the replicas' default, arm)."""
         if model in (None, self.name):
             r = self.routing
-            if r["mode"] == "canary" and r["challenger"]:
+            if r.mode == "canary" and r.challenger:
                 draw = (int(uuid.uuid5(uuid.NAMESPACE_URL, user).int % 10_000) / 10_000) if user else random.random()
-                if draw < float(r["share"]):
-                    return r["challenger"], "challenger"
-            return r["champion"], "champion"
+                if draw < r.share:
+                    return r.challenger, "challenger"
+            return r.champion, "champion"
         name, _, version = model.partition(":")
         if name == self.name and version:
             return version.removeprefix("v"), "pinned"
@@ -249,6 +242,13 @@ class Gateway:
                        "model_not_found")
 
     # ------------------------------------------------------------------ calls
+
+    def _refused(self, refusal: Refusal, req: GenerationRequest) -> ApiError:
+        """The client's 4xx for a request the engine will not answer."""
+        if refusal.code == "prompt_too_long":
+            return ApiError(400, refusal.message, "invalid_request_error", "messages", "context_length_exceeded")
+        return ApiError(404, f"The model {self.name}:{req.version} is not loaded here (see /v1/models)",
+                        "invalid_request_error", "model", "model_not_found")
 
     async def _answer(self, req: GenerationRequest) -> Answer:
         for attempt in range(2):
@@ -259,13 +259,8 @@ class Gateway:
                     log.warning("replica lost during request %s (%s): retrying once", req.request_id, err)
                     continue
                 raise
-            if isinstance(out, PromptTooLong):
-                raise ApiError(400, str(out), "invalid_request_error", "messages", "context_length_exceeded")
-            if isinstance(out, UnknownAdapter):
-                raise ApiError(404, f"The model {self.name}:{req.adapter} is not loaded here (see /v1/models)",
-                               "invalid_request_error", "model", "model_not_found")
-            if isinstance(out, Exception):
-                raise out
+            if isinstance(out, Refusal):
+                raise self._refused(out, req)
             return out
         raise RuntimeError("unreachable")
 
@@ -303,7 +298,8 @@ class Gateway:
             max_tokens = self._max_tokens(*max_tokens_values)
             version, arm = self._route(body.model, body.user)
             record.arm = arm
-            req = GenerationRequest(version, max_tokens, messages, text, record.id, pinned=arm == "pinned")
+            turns = tuple((m["role"], m["content"]) for m in messages) if messages is not None else None
+            req = GenerationRequest(version, max_tokens, turns, text, record.id, pinned=arm == "pinned")
             if body.stream:
                 return await self._stream(route, req, record, start, body)
             answer = await self._answer(req)
@@ -319,7 +315,7 @@ class Gateway:
             raise ApiError(503, f"The model could not answer ({type(err).__name__}); retry later",
                            "server_error", None, "model_unavailable") from None
         self._finish(record, start, answer)
-        if arm == "champion" and self.routing["mode"] == "shadow" and self.routing["challenger"]:
+        if arm == "champion" and self.routing.mode == "shadow" and self.routing.challenger:
             self._shadow(route, req, prompt)
         return answer, record
 
@@ -329,7 +325,7 @@ class Gateway:
             start = time.perf_counter()
             record = self._record(route, prompt, None, "shadow")
             try:
-                answer = await self._answer(GenerationRequest(self.routing["challenger"], req.max_tokens,
+                answer = await self._answer(GenerationRequest(self.routing.challenger, req.max_tokens,
                                                               req.messages, req.text, record.id))
             except ApiError as err:
                 self._finish(record, start, error=err)
@@ -348,12 +344,9 @@ class Gateway:
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         gen = self.stream_handle.stream.remote(req)
-        first = await gen.__anext__()  # request-level errors surface before any byte is sent
-        if isinstance(first, PromptTooLong):
-            raise ApiError(400, str(first), "invalid_request_error", "messages", "context_length_exceeded")
-        if isinstance(first, UnknownAdapter):
-            raise ApiError(404, f"The model {self.name}:{req.adapter} is not loaded here (see /v1/models)",
-                           "invalid_request_error", "model", "model_not_found")
+        first = await gen.__anext__()  # request-level refusals surface before any byte is sent
+        if first.kind == "refused":
+            raise self._refused(first.refusal, req)
 
         def chunk(delta: str | None, finish: str | None, version: str | None, usage: dict | None = None) -> str:
             if chat:
@@ -375,16 +368,14 @@ class Gateway:
             logged = False
             try:
                 yield chunk("", None, None)
-                async for item in gen:
-                    if isinstance(item, list):
-                        delta, answer = item
-                        if delta:
-                            yield chunk(delta, None, answer.version)
+                async for event in gen:
+                    if event.kind == "delta":
+                        yield chunk(event.text, None, None)
+                    elif event.kind == "done":
+                        answer = event.answer
+                        if event.text:
+                            yield chunk(event.text, None, answer.version)
                         yield chunk(None, answer.finish_reason, answer.version)
-                    elif isinstance(item, Exception):
-                        raise item
-                    elif item:
-                        yield chunk(item, None, None)
                 if answer is not None and include_usage:
                     yield chunk(None, None, answer.version, {
                         "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
@@ -425,14 +416,14 @@ class Gateway:
             return _error(503, f"No model replica answers ({type(err).__name__})", "server_error")
         if not info["adapters"]:
             return _error(503, "No model version is loaded", "server_error")
-        return JSONResponse({"status": "ready", "versions": info["adapters"], "routing": self.routing})
+        return JSONResponse({"status": "ready", "versions": info["adapters"], "routing": self.routing.model_dump()})
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         info = await self.model.info.remote()
-        default = self.routing["champion"] or info["default"]
+        default = self.routing.champion or info["default"]
         data = [{"id": self.name, "object": "model", "created": int(info["started_at"]), "owned_by": "tuneloop",
-                 "version": default, "routing": self.routing}]
+                 "version": default, "routing": self.routing.model_dump()}]
         data += [{"id": f"{self.name}:{v}", "object": "model", "created": int(info["loaded_at"].get(v, 0)),
                   "owned_by": "tuneloop", "version": v, "parent": self.name} for v in info["adapters"]]
         return {"object": "list", "data": data}

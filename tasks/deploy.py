@@ -23,6 +23,7 @@ import httpx
 from prefect import task
 
 from tuneloop.config import ServeConfig, TuneloopConfig
+from tuneloop.seams import CanaryVerdict, Routing
 from tuneloop.services import port_open
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,11 @@ class ServeState:
     config: dict[str, Any]  # the applied Serve config (schema of `serve deploy`)
     base_version: str  # the version whose base model (or full weights) the replicas run
     adapters: dict[str, str]
-    routing: dict[str, Any]
+    routing: Routing
 
     @property
     def champion(self) -> str | None:
-        return self.routing.get("champion") or (next(iter(self.adapters), None) if self.adapters else None)
+        return self.routing.champion or (next(iter(self.adapters), None) if self.adapters else None)
 
 
 @dataclass
@@ -135,7 +136,7 @@ def read_state(cfg: TuneloopConfig) -> ServeState | None:
     base_version = str(spec.get("base_uri", "")).rstrip("/").rsplit("/", 1)[-1]
     config = {"proxy_location": "HeadOnly", "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
               "applications": [applied]}
-    return ServeState(config, base_version, dict(model_cfg.get("adapters") or {}), dict(routing))
+    return ServeState(config, base_version, dict(model_cfg.get("adapters") or {}), Routing.model_validate(routing))
 
 
 @task(name="apply-serve-config")
@@ -153,11 +154,11 @@ def apply_config(config: dict[str, Any], cfg: TuneloopConfig, expect_versions: l
     except Exception as err:  # the controller's build task raises with the import's traceback
         raise DeployError(f"Serve refused the config: {err}"[:2000]) from err
     _wait_for_replicas(cfg, expect_versions, timeout_s)
-    routing = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")["user_config"]
-    _wait_for_routing(cfg, routing, timeout_s=60)
+    gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")
+    _wait_for_routing(cfg, Routing.model_validate(gateway["user_config"]), timeout_s=60)
 
 
-def _wait_for_routing(cfg: TuneloopConfig, routing: dict[str, Any], timeout_s: float) -> None:
+def _wait_for_routing(cfg: TuneloopConfig, routing: Routing, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     seen: Any = None
     while time.monotonic() < deadline:
@@ -166,7 +167,7 @@ def _wait_for_routing(cfg: TuneloopConfig, routing: dict[str, Any], timeout_s: f
             seen = r.json()["data"][0].get("routing") if r.status_code == 200 else r.text[:200]
         except (httpx.HTTPError, ValueError, KeyError, IndexError) as err:
             seen = str(err)
-        if isinstance(seen, dict) and all(str(seen.get(k)) == str(v) for k, v in routing.items()):
+        if isinstance(seen, dict) and seen == routing.model_dump():
             return
         time.sleep(0.5)
     raise DeployError(f"The gateway did not take routing {routing} in {timeout_s:.0f} s (it reports {seen})")
@@ -274,3 +275,55 @@ def arm_figures(db_url: str, since: Any, arms: tuple[str, str]) -> dict[str, Arm
         if r["id"] in scores:
             fig.feedback.append(scores[r["id"]])
     return out
+
+
+@task(name="watch-canary")
+def watch_canary(cfg: TuneloopConfig, since: Any, mode: str) -> CanaryVerdict:
+    """Watch live traffic since `since` until the rollout window closes (and the challenger has
+    `min_requests` answers, or `max_wait_s` passed); judge the arms by the rollout's rules."""
+    from prefect import get_run_logger
+
+    from tuneloop.gate import Figures, evaluate_rule, parse_rule
+    from tuneloop.state import inference_db_url
+
+    r = cfg.serve.rollout
+    arm = "challenger" if mode == "canary" else "shadow"
+    logger = get_run_logger()
+    start = time.monotonic()
+    while True:
+        time.sleep(min(2.0, r.window_s))
+        figs = arm_figures(inference_db_url(cfg), since, ("champion", arm))
+        waited = time.monotonic() - start
+        if (waited >= r.window_s and figs[arm].requests >= r.min_requests) or waited >= r.max_wait_s:
+            break
+        logger.info("%s: %d challenger answers of %d needed, %.0f s of %.0f s", mode, figs[arm].requests,
+                    r.min_requests, waited, r.window_s)
+    cand, champ = figs[arm].metrics(), figs["champion"].metrics()
+    figures = {"challenger": cand, "champion": champ}
+    if figs[arm].requests < r.min_requests:
+        note = (f"only {figs[arm].requests} challenger answers in {r.max_wait_s:.0f} s "
+                f"(need {r.min_requests}): {r.on_no_traffic} on the smoke test alone")
+        return CanaryVerdict("promote" if r.on_no_traffic == "promote" else "rollback", "no_traffic", [], figures, note)
+    flat = Figures.flat(cand, champ)
+    # a figure the window does not have (no feedback yet, say) skips its rule
+    results = [res for text in r.rules for res in evaluate_rule(parse_rule(text), flat, missing="skip")]
+    decision = "rollback" if any(res.outcome == "fail" for res in results) else "promote"
+    return CanaryVerdict(decision, "rules", results, figures)
+
+
+@task(name="can-hot-load", retries=2, retry_delay_seconds=2)
+def can_hot_load(model_name: str, serving_base_version: str, version: str) -> bool:
+    """Whether `version` is a LoRA adapter of the base the replicas run (then it is hot-loaded next
+    to the champion; otherwise it replaces the replicas)."""
+    import tempfile
+    from pathlib import Path
+
+    from tasks.registry import fetch_adapter
+    from tuneloop.models import read_base_ref
+
+    with tempfile.TemporaryDirectory() as tmp:
+        new = fetch_adapter(f"models:/{model_name}/{version}", Path(tmp) / "new")
+        old = fetch_adapter(f"models:/{model_name}/{serving_base_version}", Path(tmp) / "old")
+        if not (new / "adapter").is_dir() or not (old / "adapter").is_dir():
+            return False
+        return read_base_ref(new).sha256 == read_base_ref(old).sha256

@@ -640,3 +640,23 @@ def publish_training_summary(cfg: RegistryConfig, version: ModelVersionRef, verd
     create_markdown_artifact(key="training-result", markdown=summary_markdown(result, report.html),
                              description=f"{cfg.model_name} v{version.version}")
     return result
+
+
+@task(name="record-promotion", retries=2, retry_delay_seconds=2)
+def record_promotion(experiment: str, target: ModelVersionRef, previous: str | None, strategy: str, decision: str,
+                     reason: str, figures: dict[str, dict[str, float]], lines: list[str], share: float = 1.0) -> str:
+    """One MLflow run per promotion: each arm's figures, the rules, the decision; `share`: the
+    challenger's share of routed traffic during the comparison (1.0: none was held, all at once)."""
+    from prefect.runtime import flow_run
+
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=f"promote-v{target.version}") as run:
+        mlflow.log_params({"version": target.version, "previous": previous or "none", "strategy": strategy,
+                           "share": share})
+        mlflow.log_metrics({f"{arm}_{k}": v for arm, m in figures.items() for k, v in m.items()
+                            if v is not None and not math.isnan(v)})
+        mlflow.set_tags({"tuneloop.decision": decision, "tuneloop.reason": reason[:5000],
+                         "tuneloop.model_version": target.version,
+                         "tuneloop.prefect_flow_run": str(flow_run.get_id() or "")})
+        mlflow.log_text("\n".join(lines) or "(no rules: smoke test only)", "rules.txt")
+        return run.info.run_id

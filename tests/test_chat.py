@@ -99,10 +99,11 @@ def test_the_evaluation_prompt_is_the_served_prompt_for_a_multi_turn_chat(tokeni
 
     import tuneloop.generation
     from serving.app import ChatCompletionRequest
-    from serving.engine import GenerationRequest, ModelServer
+    from serving.engine import ModelServer
     from tasks.data import read_dataset
     from tasks.evaluate import eval_rows, score_model
     from tuneloop.config import DataConfig, EvalConfig
+    from tuneloop.seams import GenerationRequest
 
     path = tmp_path / "chats.jsonl"
     path.write_text(json.dumps({"messages": CHAT}) + "\n")
@@ -121,7 +122,7 @@ def test_the_evaluation_prompt_is_the_served_prompt_for_a_multi_turn_chat(tokeni
 
     # The client sends the conversation before the answer; the server parses and encodes it.
     body = ChatCompletionRequest.model_validate({"model": "m", "messages": CHAT[:-1]})
-    request = GenerationRequest(None, 3, [m.model_dump() for m in body.messages])  # as chat_completions does
+    request = GenerationRequest(None, 3, tuple((m.role, m.content) for m in body.messages))  # as the gateway does
     replica = SimpleNamespace(tokenizer=tok, spec=SimpleNamespace(engine=SimpleNamespace(max_prompt_tokens=4096)))
     served = ModelServer.func_or_class._encode(replica, request)  # the replica class behind the deployment
     assert asked[-1] == served  # the timed pass (the first is the untimed warm-up)
