@@ -585,6 +585,18 @@ def train_model(
                            figures.rows + summary, params)
 
 
+def train_on(frame: pd.DataFrame, base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
+             run_id: str | None = None, start: Path | None = None) -> TrainingOutcome:
+    """The one training composition (the flow's task, the launchers' `main`, each Ray Train worker):
+    load the model for `cfg.method` (continuing `start`'s adapter), tokenize `frame` with its
+    tokenizer, train, save the artifact."""
+    loaded = build_model(base, model_cfg, cfg, start)
+    examples = tokenize_examples(loaded[1], frame, cfg.max_seq_len)
+    if not examples:
+        raise ValueError(f"No training example fits max_seq_len={cfg.max_seq_len}: raise it")
+    return train_model(examples, base, model_cfg, cfg, out_dir, run_id, loaded=loaded)
+
+
 def _collator(packing: str, tokenizer: Any) -> Any:
     from transformers import DataCollatorForSeq2Seq
 
@@ -630,15 +642,11 @@ def finetune(
     check_device(cfg)  # before loading anything: a CPU worker given qlora fails here
     start, started_from = start_adapter(cfg, champion if champion is not None else base, base)
     log.info("Training starts from the %s", started_from)
-    loaded = build_model(base, model_cfg, cfg, start)
-    examples = tokenize_examples(loaded[1], train, cfg.max_seq_len)
-    if not examples:
-        raise ValueError(f"No training example fits max_seq_len={cfg.max_seq_len}: raise it")
     # CPU, memory, GPU utilisation every 10 s, sent 6 samples per call.
     monitor = SystemMetricsMonitor(run_id, sampling_interval=10, samples_before_logging=6, resume_logging=True)
     monitor.start()
     try:
-        outcome = train_model(examples, base, model_cfg, cfg, out_dir, run_id, loaded=loaded)
+        outcome = train_on(train, base, model_cfg, cfg, out_dir, run_id, start)
     finally:
         monitor.finish()
     import mlflow
@@ -698,9 +706,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
     base = resolve_base(cfg.model.base, state_paths(cfg).ensure().models)
     check_device(cfg.train)
-    loaded = build_model(base, cfg.model, cfg.train)
-    examples = tokenize_examples(loaded[1], load_split(cfg.data).train, cfg.train.max_seq_len)
-    outcome = train_model(examples, base, cfg.model, cfg.train, args.out, loaded=loaded)
+    outcome = train_on(load_split(cfg.data).train, base, cfg.model, cfg.train, args.out)
     import torch.distributed as dist
 
     ranks = dist.get_world_size() if dist.is_initialized() else 1

@@ -31,14 +31,12 @@ def _worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from tasks.finetune import build_model, tokenize_examples, train_model
+    from tasks.finetune import train_on
 
     cfg = TrainConfig.model_validate(config["train"])
     model_cfg = ModelConfig.model_validate(config["model"])
     base = BaseRef.from_json(config["base"])
-    loaded = build_model(base, model_cfg, cfg)
-    examples = tokenize_examples(loaded[1], config["frame"], cfg.max_seq_len)
-    outcome = train_model(examples, base, model_cfg, cfg, Path(config["out_dir"]), config["run_id"], loaded=loaded)
+    outcome = train_on(config["frame"], base, model_cfg, cfg, Path(config["out_dir"]), config["run_id"])
     figures = {"steps": outcome.steps, "final_loss": outcome.final_loss, "train_tokens": outcome.train_tokens,
                "tokens_per_second": outcome.tokens_per_second,
                "world_size": dist.get_world_size() if dist.is_initialized() else 1}
