@@ -38,6 +38,7 @@ from prefect import task
 from tasks.data import MESSAGES, PROMPT, RESPONSE, ROLES, SplitDataset
 from tuneloop.config import ValidationConfig
 from tuneloop.models import BaseRef
+from tuneloop.reports import Table
 
 log = logging.getLogger(__name__)
 
@@ -741,12 +742,14 @@ def report_markdown(report: DatasetReport, run_id: str | None = None) -> str:
     verdict = "passed" if report.success else "**FAILED**"
     lines = [f"## Dataset validation {verdict}", "",
              (f"`{report.source}`: {report.train_rows} train + {report.eval_rows} eval rows, "
-             f"digest `{report.digest}`"), "", "| contract | level | verdict | figure | rows |", "|---|---|---|---|---|"]
-    lines += [f"| {c.name} | {c.level} | {c.status} | {c.figure} | {', '.join(c.rows)} |" for c in report.contracts]
+             f"digest `{report.digest}`"), "",
+             Table(["contract", "level", "verdict", "figure", "rows"],
+                   [[c.name, c.level, c.status, c.figure, ", ".join(c.rows)] for c in report.contracts]).markdown()]
     failed = [c for c in report.checks if not c.success]
     if failed:
-        lines += ["", "| expectation | field | severity | detail | rows |", "|---|---|---|---|---|"]
-        lines += [f"| {c.name} | {c.column or ''} | {c.severity} | {c.detail} | {', '.join(c.rows)} |" for c in failed]
+        lines += ["", Table(["expectation", "field", "severity", "detail", "rows"],
+                            [[c.name, c.column or "", c.severity, c.detail, ", ".join(c.rows)]
+                             for c in failed]).markdown()]
     else:
         lines += ["", f"All {len(report.checks)} great-expectations expectations passed."]
     where = f"artifact `validation/dataset_report.html` of MLflow run `{run_id}`" if run_id else f"`{report.html}`"
