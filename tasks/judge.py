@@ -147,12 +147,9 @@ def open_judge(cfg: JudgeConfig, models_dir: Path) -> tuple[JudgeInfo, Backend]:
     if cfg.backend == "disabled":
         raise JudgeUnavailable("eval.judge.backend is disabled: there is no judge to open")
     try:
-        return info, open_backend(cfg, models_dir, "eval.judge")
+        return info, open_backend(cfg, models_dir, "eval.judge", role="Judge")
     except ModelUnavailable as err:
-        text = str(err)
-        if text.startswith(("Model ", "Endpoint ")):  # "Judge model …", "Judge endpoint …"
-            text = "Judge " + text[0].lower() + text[1:]
-        raise JudgeUnavailable(text) from err
+        raise JudgeUnavailable(str(err)) from err
 
 
 @task(name="probe-judge", retries=1, retry_delay_seconds=2)

@@ -48,13 +48,13 @@ def _chat(prompt: str, system: str | None) -> list[dict[str, str]]:
 class LocalBackend:
     """A model on this machine: a path, hub id or builtin (tuneloop.models), greedy decoding."""
 
-    def __init__(self, cfg: ModelSettings, models_dir: Path, batch_size: int = 8) -> None:
+    def __init__(self, cfg: ModelSettings, models_dir: Path, batch_size: int = 8, role: str = "") -> None:
         from tuneloop.models import BaseModelError, load_base, resolve_base
 
         try:
             self.model, self.tokenizer = load_base(resolve_base(cfg.model, models_dir))
         except (BaseModelError, OSError) as err:
-            raise ModelUnavailable(f"Model {cfg.model!r} cannot be loaded: {err}") from err
+            raise ModelUnavailable(f"{_noun(role, 'model')} {cfg.model!r} cannot be loaded: {err}") from err
         self.model.eval()
         self.max_new_tokens, self.batch_size = cfg.max_new_tokens, batch_size
 
@@ -76,7 +76,7 @@ class LocalBackend:
 class EndpointBackend:
     """Any OpenAI-compatible chat completions API (`<base_url>/chat/completions`), tuneloop's included."""
 
-    def __init__(self, cfg: ModelSettings, setting: str) -> None:
+    def __init__(self, cfg: ModelSettings, setting: str, role: str = "") -> None:
         headers = {}
         if cfg.api_key_env:
             key = os.environ.get(cfg.api_key_env)
@@ -84,7 +84,7 @@ class EndpointBackend:
                 raise ModelUnavailable(f"{setting}.api_key_env names {cfg.api_key_env}, which is not set in this "
                                        "environment: export it, or set api_key_env to null")
             headers["authorization"] = f"Bearer {key}"
-        self.setting = setting
+        self.setting, self.noun = setting, _noun(role, "endpoint")
         self.url = f"{str(cfg.base_url).rstrip('/')}/chat/completions"
         self.model, self.max_new_tokens = cfg.model, cfg.max_new_tokens
         self.client = httpx.Client(timeout=cfg.timeout_s, headers=headers)
@@ -104,13 +104,13 @@ class EndpointBackend:
             self.ask("Reply with the word OK.", 4)
         except httpx.HTTPStatusError as err:
             raise ModelUnavailable(
-                f"Endpoint {self.url} answered HTTP {err.response.status_code}: {err.response.text[:300]} "
+                f"{self.noun} {self.url} answered HTTP {err.response.status_code}: {err.response.text[:300]} "
                 f"(check {self.setting}.model and {self.setting}.api_key_env)") from err
         except httpx.HTTPError as err:
-            raise ModelUnavailable(f"Endpoint {self.url} cannot be reached ({type(err).__name__}: {err}); "
+            raise ModelUnavailable(f"{self.noun} {self.url} cannot be reached ({type(err).__name__}: {err}); "
                                    f"start it or fix {self.setting}.base_url") from err
         except (KeyError, IndexError, TypeError, ValueError) as err:
-            raise ModelUnavailable(f"Endpoint {self.url} did not answer like an OpenAI chat completions "
+            raise ModelUnavailable(f"{self.noun} {self.url} did not answer like an OpenAI chat completions "
                                    f"API ({type(err).__name__}: {err})") from err
 
     def complete(self, prompts: list[str], system: str | None = None) -> list[str | Exception]:
@@ -124,12 +124,17 @@ class EndpointBackend:
             return list(pool.map(one, prompts))
 
 
-def open_backend(cfg: ModelSettings, models_dir: Path, setting: str) -> Backend:
-    """Load the local model or reach the endpoint (one probe question); raise ModelUnavailable if not."""
+def _noun(role: str, what: str) -> str:
+    return f"{role} {what}" if role else what.capitalize()  # "Judge model", or "Model"
+
+
+def open_backend(cfg: ModelSettings, models_dir: Path, setting: str, role: str = "") -> Backend:
+    """Load the local model or reach the endpoint (one probe question); raise ModelUnavailable if not.
+    `role` ("Judge", "Teacher") names the model in the messages."""
     if cfg.backend == "local":
-        return LocalBackend(cfg, models_dir)
+        return LocalBackend(cfg, models_dir, role=role)
     if cfg.backend == "openai":
-        backend = EndpointBackend(cfg, setting)
+        backend = EndpointBackend(cfg, setting, role)
         backend.probe()
         return backend
     raise ModelUnavailable(f"{setting}.backend is {cfg.backend!r}: there is no model to open")

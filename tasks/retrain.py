@@ -193,7 +193,7 @@ def teacher_rows(prompts: Sequence[str], teacher: TeacherConfig, models_dir: Pat
     """The teacher's answers to `prompts` (each prompt once); return them and how many it failed on."""
     from tasks.llm import open_backend
 
-    backend = open_backend(teacher, models_dir, "monitor.teacher")
+    backend = open_backend(teacher, models_dir, "monitor.teacher", role="Teacher")
     unique = list(dict.fromkeys(p for p in prompts if p.strip()))
     answers = backend.complete(unique, system=teacher.system_prompt)
     rows = [_chat(p, a.strip()) for p, a in zip(unique, answers) if isinstance(a, str) and a.strip()]
