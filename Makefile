@@ -35,6 +35,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check tuneloop flows tasks serving tests bench infra
+	$(VENV)/bin/ruff format --check tuneloop flows tasks serving tests bench infra
 
 down: install
 	$(VENV)/bin/tuneloop down

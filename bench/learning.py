@@ -29,8 +29,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replay-share", type=float, default=0.5)
     parser.add_argument("--first-rows", type=int, default=400)
-    parser.add_argument("--start-from", choices=["base", "champion"], default="champion",
-                        help="what version 2 trains on (monitor.retrain_start_from)")
+    parser.add_argument(
+        "--start-from",
+        choices=["base", "champion"],
+        default="champion",
+        help="what version 2 trains on (monitor.retrain_start_from)",
+    )
     parser.add_argument("--retrain-steps", type=int, default=None, help="version 2's steps (default: the demo's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra key.path=value")
     parser.add_argument("--home", type=Path, default=None, help="state dir (default: a new temporary one)")
@@ -49,15 +53,24 @@ def main() -> None:
     for key, value in DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
     home = args.home or Path(tempfile.mkdtemp(prefix="tuneloop-learning-"))
-    cfg = load_config(None, [f"home={home}", *DEMO_SETTINGS, "registry.on_gate_pass=register_only",
-                             "validation.data_docs=false", *args.overrides])
+    cfg = load_config(
+        None,
+        [
+            f"home={home}",
+            *DEMO_SETTINGS,
+            "registry.on_gate_pass=register_only",
+            "validation.data_docs=false",
+            *args.overrides,
+        ],
+    )
     apply_environment(cfg, prefect_api=False)
     data = export_demo_data.fn(home / "demo-data", args.first_rows, 1)
 
     def on(path: Path, slice_: str, replay: Path | None = None, **train):
         update = {"path": str(path), "slice": slice_, **({"replay_path": str(replay)} if replay else {})}
-        return cfg.model_copy(update={"data": cfg.data.model_copy(update=update),
-                                      "train": cfg.train.model_copy(update=train)})
+        return cfg.model_copy(
+            update={"data": cfg.data.model_copy(update=update), "train": cfg.train.model_copy(update=train)}
+        )
 
     def show(label: str, result, seconds: float) -> None:
         print(f"\n{label}: gate {result.decision} against {result.compared_with} ({seconds:.0f} s)")
@@ -65,8 +78,10 @@ def main() -> None:
         for d in result.comparison:
             if d.metric in ("token_f1", "exact_match"):
                 mine = result.figures[d.slice][d.metric]
-                print(f"  {d.slice:12} {d.metric:12} {mine - d.mean:9.3f} {mine:8.3f}  "
-                      f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
+                print(
+                    f"  {d.slice:12} {d.metric:12} {mine - d.mean:9.3f} {mine:8.3f}  "
+                    f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+                )
         for line in result.rules:
             print(f"    {line}")
 
@@ -83,11 +98,15 @@ def main() -> None:
             replay_file.write_text("".join(json.dumps(r) + "\n" for r in replay))
         start = time.perf_counter()
         steps = {"max_steps": args.retrain_steps} if args.retrain_steps else {}
-        second = training_flow(on(data.drifted_train, data.drifted_topic, replay_file, start_from=args.start_from,
-                                  **steps))
-        show(f"v{second.version.version} on {data.drifted_topic} ({len(replay)} rows replayed, from the "
-             f"{args.start_from})", second,
-             time.perf_counter() - start)
+        second = training_flow(
+            on(data.drifted_train, data.drifted_topic, replay_file, start_from=args.start_from, **steps)
+        )
+        show(
+            f"v{second.version.version} on {data.drifted_topic} ({len(replay)} rows replayed, from the "
+            f"{args.start_from})",
+            second,
+            time.perf_counter() - start,
+        )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,14 @@ def register(cfg, artifact: Path) -> str:
     client = MlflowClient()
     exp = client.get_experiment_by_name("bench") or client.get_experiment(client.create_experiment("bench"))
     run_id = client.create_run(exp.experiment_id).info.run_id
-    ref = register_adapter.fn(cfg.registry, run_id, artifact, {"rougeL": 0.0},
-                              {"tuneloop.gate": "passed", "tuneloop.trigger": "bench"}, ["What is 2 plus 2?"])
+    ref = register_adapter.fn(
+        cfg.registry,
+        run_id,
+        artifact,
+        {"rougeL": 0.0},
+        {"tuneloop.gate": "passed", "tuneloop.trigger": "bench"},
+        ["What is 2 plus 2?"],
+    )
     client.set_terminated(run_id)
     return ref.version
 
@@ -103,8 +109,14 @@ def sequential_baseline(cfg, version: str, prompts: list[str], max_tokens: int, 
         tokens += out.completion_tokens
     wall = time.perf_counter() - start
     del model
-    return {"requests": len(prompts), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "p50_ms": statistics.median(latencies), "p99_ms": percentile(latencies, 0.99)}
+    return {
+        "requests": len(prompts),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s": tokens / wall,
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": percentile(latencies, 0.99),
+    }
 
 
 def p50_get(url: str, n: int) -> float:
@@ -145,9 +157,14 @@ def overhead(cfg, n: int) -> dict:
     serve.delete("plain")
     with uvicorn_noop(free_port()) as url:
         uvicorn_p50 = p50_get(url, n)
-    return {"uvicorn_p50_ms": uvicorn_p50, "serve_noop_p50_ms": serve_p50, "serve_plain_p50_ms": plain_p50,
-            "gateway_healthz_p50_ms": gateway_p50, "serve_overhead_p50_ms": serve_p50 - uvicorn_p50,
-            "serve_plain_overhead_p50_ms": plain_p50 - uvicorn_p50}
+    return {
+        "uvicorn_p50_ms": uvicorn_p50,
+        "serve_noop_p50_ms": serve_p50,
+        "serve_plain_p50_ms": plain_p50,
+        "gateway_healthz_p50_ms": gateway_p50,
+        "serve_overhead_p50_ms": serve_p50 - uvicorn_p50,
+        "serve_plain_overhead_p50_ms": plain_p50 - uvicorn_p50,
+    }
 
 
 def main() -> None:
@@ -173,14 +190,26 @@ def main() -> None:
     models = Path(".tuneloop/models").resolve()  # the builtin base, built once per checkout
     models.mkdir(parents=True, exist_ok=True)
     (home / "models").symlink_to(models, target_is_directory=True)
-    cfg = load_config(None, [
-        f"home={home}", "serve.port=28500", "serve.ray_port=26590", "serve.dashboard_port=28565",
-        f"serve.num_replicas={args.replicas}", f"serve.torch_threads={args.threads}",
-        f"serve.replica_cpus={max(0.1, args.threads / 2)}", f"serve.max_batch_size={args.batch}",
-        "serve.batch_wait_timeout_s=0.01", f"serve.max_tokens_limit={max(256, args.max_tokens)}",
-        "serve.rollout.window_s=10", "serve.rollout.min_requests=8", "serve.rollout.share=0.2",
-        "serve.rate_per_minute=100000", "serve.burst=10000",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"home={home}",
+            "serve.port=28500",
+            "serve.ray_port=26590",
+            "serve.dashboard_port=28565",
+            f"serve.num_replicas={args.replicas}",
+            f"serve.torch_threads={args.threads}",
+            f"serve.replica_cpus={max(0.1, args.threads / 2)}",
+            f"serve.max_batch_size={args.batch}",
+            "serve.batch_wait_timeout_s=0.01",
+            f"serve.max_tokens_limit={max(256, args.max_tokens)}",
+            "serve.rollout.window_s=10",
+            "serve.rollout.min_requests=8",
+            "serve.rollout.share=0.2",
+            "serve.rate_per_minute=100000",
+            "serve.burst=10000",
+        ],
+    )
     apply_environment(cfg, prefect_api=False)
     from tuneloop.models import resolve_base
 
@@ -211,22 +240,31 @@ def main() -> None:
         wall = load.wall_s
         ok = [a for a in load.answers if a.status == 200]
         lat = [a.latency_ms for a in ok]
-        results["serve"] = {"requests": len(load.answers), "failed": len(load.answers) - len(ok),
-                            "tokens": sum(a.tokens for a in ok), "wall_s": wall,
-                            "tok_s": sum(a.tokens for a in ok) / wall, "p50_ms": statistics.median(lat),
-                            "p99_ms": percentile(lat, 0.99)}
+        results["serve"] = {
+            "requests": len(load.answers),
+            "failed": len(load.answers) - len(ok),
+            "tokens": sum(a.tokens for a in ok),
+            "wall_s": wall,
+            "tok_s": sum(a.tokens for a in ok) / wall,
+            "p50_ms": statistics.median(lat),
+            "p99_ms": percentile(lat, 0.99),
+        }
         with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
-            results["replicas"] = {r: {"merged": i.get("merged"), **i.get("decoding", {})}
-                                   for r, i in replica_infos(cfg).items()}
+            results["replicas"] = {
+                r: {"merged": i.get("merged"), **i.get("decoding", {})} for r, i in replica_infos(cfg).items()
+            }
             results["overhead"] = overhead(cfg, args.overhead_requests)
         if not args.skip_promotion:
             print(f"promotion of v{v2} under load ({args.clients} clients) …", flush=True)
             with ChatLoad(url, name, prompts, 8, clients=args.clients, timeout_s=600) as during:
                 promoted = promotion_flow(cfg, v2)
-            results["promotion"] = {"strategy": promoted.strategy, "serving": promoted.serving,
-                                    "requests": len(during.answers),
-                                    "failed": sum(1 for a in during.answers if a.status != 200),
-                                    "wall_s": during.wall_s}
+            results["promotion"] = {
+                "strategy": promoted.strategy,
+                "serving": promoted.serving,
+                "requests": len(during.answers),
+                "failed": sum(1 for a in during.answers if a.status != 200),
+                "wall_s": during.wall_s,
+            }
     finally:
         services.stop_ray(cfg)
     # The machine's speed drifts over minutes: the baseline again, after the deployment, and
@@ -246,12 +284,19 @@ def main() -> None:
     print(f"{'  same, after the deployment':34}{a['tok_s']:9.1f}{a['p50_ms']:10.0f}{a['p99_ms']:10.0f}{0:8}")
     sm = seq_merged
     print(f"{'  same, adapter merged into base':34}{sm['tok_s']:9.1f}{sm['p50_ms']:10.0f}{sm['p99_ms']:10.0f}{0:8}")
-    print(f"{f'Serve, {args.clients} clients':34}{s['tok_s']:9.1f}{s['p50_ms']:10.0f}{s['p99_ms']:10.0f}{s['failed']:8}")
-    print(f"ratio: {results['ratio_tok_s']:.1f}x tokens/s against the mean of the two sequential runs "
-          f"({results['ratio_tok_s_vs_merged']:.1f}x the merged baseline)")
-    print(f"overhead p50: uvicorn no-op {o['uvicorn_p50_ms']:.2f} ms; Serve no-op FastAPI {o['serve_noop_p50_ms']:.2f} ms "
-          f"(+{o['serve_overhead_p50_ms']:.2f}), plain {o['serve_plain_p50_ms']:.2f} ms (+{o['serve_plain_overhead_p50_ms']:.2f}); "
-          f"tuneloop gateway /healthz {o['gateway_healthz_p50_ms']:.2f} ms")
+    print(
+        f"{f'Serve, {args.clients} clients':34}{s['tok_s']:9.1f}{s['p50_ms']:10.0f}{s['p99_ms']:10.0f}{s['failed']:8}"
+    )
+    print(
+        f"ratio: {results['ratio_tok_s']:.1f}x tokens/s against the mean of the two sequential runs "
+        f"({results['ratio_tok_s_vs_merged']:.1f}x the merged baseline)"
+    )
+    print(
+        f"overhead p50: uvicorn no-op {o['uvicorn_p50_ms']:.2f} ms; "
+        f"Serve no-op FastAPI {o['serve_noop_p50_ms']:.2f} ms (+{o['serve_overhead_p50_ms']:.2f}), "
+        f"plain {o['serve_plain_p50_ms']:.2f} ms (+{o['serve_plain_overhead_p50_ms']:.2f}); "
+        f"tuneloop gateway /healthz {o['gateway_healthz_p50_ms']:.2f} ms"
+    )
     if "promotion" in results:
         p = results["promotion"]
         print(f"promotion under load ({p['strategy']}): {p['requests']} requests, {p['failed']} failed")

@@ -61,8 +61,10 @@ def uvicorn_noop(port: int) -> Iterator[str]:
     """The same no-op FastAPI app (sync route) on uvicorn alone, in a subprocess; yields its URL."""
     import httpx
 
-    code = ("from fastapi import FastAPI\nimport uvicorn\napp = FastAPI()\n@app.get('/')\ndef ok():\n"
-            f"    return {{'ok': True}}\nuvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning')\n")
+    code = (
+        "from fastapi import FastAPI\nimport uvicorn\napp = FastAPI()\n@app.get('/')\ndef ok():\n"
+        f"    return {{'ok': True}}\nuvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning')\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code])
     url = f"http://127.0.0.1:{port}/"
     try:

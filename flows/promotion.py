@@ -77,9 +77,12 @@ def _routing(champion: str, challenger: str | None = None, mode: RoutingMode = "
 
 def _config(cfg: TuneloopConfig, base_version: str, adapters: list[str], routing: Routing) -> dict:
     spec = serve_spec(cfg, base_version)
-    return serve_config(cfg, {"spec": spec.model_dump(mode="json")},
-                        ServedVersions(adapters={v: _uri(cfg, v) for v in adapters}, default=routing.champion),
-                        routing)
+    return serve_config(
+        cfg,
+        {"spec": spec.model_dump(mode="json")},
+        ServedVersions(adapters={v: _uri(cfg, v) for v in adapters}, default=routing.champion),
+        routing,
+    )
 
 
 @flow(name="promotion-flow")
@@ -90,17 +93,24 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
     logger = get_run_logger()
     mlflow.set_tracking_uri(tracking_uri(cfg))
     name, reg = cfg.registry.model_name, cfg.registry
-    target = (ModelVersionRef(name, version) if version
-              else find_alias(name, reg.challenger_alias) or find_alias(name, reg.champion_alias))
+    target = (
+        ModelVersionRef(name, version)
+        if version
+        else find_alias(name, reg.challenger_alias) or find_alias(name, reg.champion_alias)
+    )
     if target is None:
-        raise DeployError(f"No version of {name} holds the {reg.challenger_alias!r} or {reg.champion_alias!r} "
-                          "alias: train one that passes the gate, or give a version")
+        raise DeployError(
+            f"No version of {name} holds the {reg.challenger_alias!r} or {reg.champion_alias!r} "
+            "alias: train one that passes the gate, or give a version"
+        )
     gate = version_tags(target)
     if gate is None:
         raise DeployError(f"{name} has no version {target.version}")
     if gate.get("tuneloop.gate") in ("rejected", "withheld"):
-        raise DeployError(f"Version {target.version} cannot become {reg.champion_alias}: the gate "
-                          f"{gate.get('tuneloop.gate_reason', gate['tuneloop.gate'])}")
+        raise DeployError(
+            f"Version {target.version} cannot become {reg.champion_alias}: the gate "
+            f"{gate.get('tuneloop.gate_reason', gate['tuneloop.gate'])}"
+        )
     with ray_client(ray_address(cfg)):
         state = read_state(cfg)
         share = 1.0  # the new version's share of routed traffic while it was compared
@@ -115,24 +125,35 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
             strategy, smoke, figures, lines = "replace", _replace(cfg, state, target), {}, []
     previous = state.champion if state else None
     reason = f"{strategy}: served at {endpoint(cfg.serve)}, smoke test passed" + (
-        f"; {'; '.join(lines)}" if lines else "")
-    run_id = record_promotion(cfg.registry.promotion_experiment, target, previous, strategy, "promoted", reason,
-                              figures, lines, share)
+        f"; {'; '.join(lines)}" if lines else ""
+    )
+    run_id = record_promotion(
+        cfg.registry.promotion_experiment, target, previous, strategy, "promoted", reason, figures, lines, share
+    )
     tag_version(target, {"tuneloop.promotion": "serving", "tuneloop.promotion_run": run_id})
     old_champion = promote_champion(target, reg, reason[:4000])
-    logger.info("Version %s serves at %s and is %s (was v%s)", target.version, endpoint(cfg.serve),
-                reg.champion_alias, old_champion)
+    logger.info(
+        "Version %s serves at %s and is %s (was v%s)",
+        target.version,
+        endpoint(cfg.serve),
+        reg.champion_alias,
+        old_champion,
+    )
     create_markdown_artifact(
         key="promotion-result",
-        markdown=(f"## {name} v{target.version} serving, now {reg.champion_alias}\n\n"
-                  f"Strategy: **{strategy}**. Previously serving: {previous or 'none'}; previous "
-                  f"{reg.champion_alias}: {old_champion or 'none'}\n\n"
-                  + _figures_table(figures) + "".join(f"- `{line}`\n" for line in lines)
-                  + f"\nEndpoint: `{endpoint(cfg.serve)}/v1/chat/completions`; MLflow run `{run_id}`\n\n"
-                  f"Smoke test ({smoke.latency_ms:.0f} ms): {cfg.serve.smoke_prompt!r} → {smoke.answer!r}"),
+        markdown=(
+            f"## {name} v{target.version} serving, now {reg.champion_alias}\n\n"
+            f"Strategy: **{strategy}**. Previously serving: {previous or 'none'}; previous "
+            f"{reg.champion_alias}: {old_champion or 'none'}\n\n"
+            + _figures_table(figures)
+            + "".join(f"- `{line}`\n" for line in lines)
+            + f"\nEndpoint: `{endpoint(cfg.serve)}/v1/chat/completions`; MLflow run `{run_id}`\n\n"
+            f"Smoke test ({smoke.latency_ms:.0f} ms): {cfg.serve.smoke_prompt!r} → {smoke.answer!r}"
+        ),
     )
-    return PromotionResult(target.version, previous, endpoint(cfg.serve), smoke.answer, old_champion, strategy,
-                           figures, lines)
+    return PromotionResult(
+        target.version, previous, endpoint(cfg.serve), smoke.answer, old_champion, strategy, figures, lines
+    )
 
 
 def _figures_table(figures: dict[str, dict[str, float]]) -> str:
@@ -146,8 +167,7 @@ def _replace(cfg: TuneloopConfig, state: ServeState | None, target: ModelVersion
     """New replicas for the target alone (first deployment, or another base model)."""
     logger = get_run_logger()
     try:
-        apply_config(_config(cfg, target.version, [target.version], _routing(target.version)), cfg,
-                     [target.version])
+        apply_config(_config(cfg, target.version, [target.version], _routing(target.version)), cfg, [target.version])
         return smoke_test(cfg.serve, cfg.registry.model_name, target.version)
     except DeployError as err:
         logger.error("Version %s failed: %s", target.version, err)
@@ -173,10 +193,14 @@ def _hot_rollout(cfg: TuneloopConfig, state: ServeState, target: ModelVersionRef
         smoke = smoke_test(cfg.serve, f"{cfg.registry.model_name}:{new}", new)
         if r.mode != "direct":
             since = dt.datetime.now(dt.UTC)
-            apply_config(_config(cfg, state.base_version, both, _routing(champion, new, r.mode, r.share)),
-                         cfg, both)
-            logger.info("%s: v%s gets %s of routed traffic for ≥ %.0f s", r.mode, new,
-                        f"{r.share:.0%}" if r.mode == "canary" else "a shadow copy", r.window_s)
+            apply_config(_config(cfg, state.base_version, both, _routing(champion, new, r.mode, r.share)), cfg, both)
+            logger.info(
+                "%s: v%s gets %s of routed traffic for ≥ %.0f s",
+                r.mode,
+                new,
+                f"{r.share:.0%}" if r.mode == "canary" else "a shadow copy",
+                r.window_s,
+            )
             verdict = watch_canary(cfg, since, r.mode)
             figures = verdict.figures
             lines = [rule.line() for rule in verdict.rules] or [verdict.note]
@@ -198,18 +222,31 @@ def _canary_share(cfg: TuneloopConfig) -> float:
     return r.share if r.mode == "canary" else 1.0
 
 
-def _rolled_back(cfg: TuneloopConfig, target: ModelVersionRef, champion: str | None, strategy: str,
-                 reason: str, figures: dict, lines: list[str], share: float = 1.0) -> None:
-    run_id = record_promotion(cfg.registry.promotion_experiment, target, champion, strategy, "rolled back", reason,
-                              figures, lines, share)
-    tag_version(target, {"tuneloop.promotion": f"rolled back to {champion}: {reason}"[:5000],
-                         "tuneloop.promotion_run": run_id})
+def _rolled_back(
+    cfg: TuneloopConfig,
+    target: ModelVersionRef,
+    champion: str | None,
+    strategy: str,
+    reason: str,
+    figures: dict,
+    lines: list[str],
+    share: float = 1.0,
+) -> None:
+    run_id = record_promotion(
+        cfg.registry.promotion_experiment, target, champion, strategy, "rolled back", reason, figures, lines, share
+    )
+    tag_version(
+        target, {"tuneloop.promotion": f"rolled back to {champion}: {reason}"[:5000], "tuneloop.promotion_run": run_id}
+    )
     create_markdown_artifact(
         key="promotion-result",
-        markdown=(f"## {cfg.registry.model_name} v{target.version} rolled back\n\n"
-                  f"v{champion or 'none'} keeps serving all traffic. Reason: {reason}\n\n"
-                  + _figures_table(figures) + "".join(f"- `{line}`\n" for line in lines)
-                  + f"\nMLflow run `{run_id}`"),
+        markdown=(
+            f"## {cfg.registry.model_name} v{target.version} rolled back\n\n"
+            f"v{champion or 'none'} keeps serving all traffic. Reason: {reason}\n\n"
+            + _figures_table(figures)
+            + "".join(f"- `{line}`\n" for line in lines)
+            + f"\nMLflow run `{run_id}`"
+        ),
     )
 
 

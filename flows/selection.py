@@ -22,8 +22,9 @@ from tuneloop.config import TuneloopConfig, load_config
 
 
 @flow(name="model-selection-flow")
-def model_selection_flow(config: TuneloopConfig | None = None, models: list[str] | None = None,
-                         rank_by: str = "rougeL") -> SelectionResult:
+def model_selection_flow(
+    config: TuneloopConfig | None = None, models: list[str] | None = None, rank_by: str = "rougeL"
+) -> SelectionResult:
     """Evaluate each base model in `models` on `config.data.path` and rank them by `rank_by`."""
     cfg = config or load_config()
     paths = open_state(cfg)
@@ -40,7 +41,13 @@ def model_selection_flow(config: TuneloopConfig | None = None, models: list[str]
         report = evaluate_base_model(base, dataset.frame, cfg.eval, model, cfg.model.dtype)
         if judge:
             report = judge_answers(report, cfg.eval.judge, paths.models)
-        run_ids[model] = log_model_evaluation(parent, model, base, report.metrics, report.examples,
-                                              {k: str(v) for k, v in params.items() if k.startswith("eval.")})
+        run_ids[model] = log_model_evaluation(
+            parent,
+            model,
+            base,
+            report.metrics,
+            report.examples,
+            {k: str(v) for k, v in params.items() if k.startswith("eval.")},
+        )
         reports.append(report)
     return publish_leaderboard(reports, run_ids, rank_by, cfg.eval, parent, f"{dataset.source} ({len(rows)} examples)")

@@ -52,12 +52,20 @@ from tuneloop.state import tracking_uri
 def _end_mlflow_run(flow, flow_run, state) -> None:
     """End the flow run's MLflow run FAILED (KILLED if crashed); running the flow run again resumes it."""
     try:
-        cfg = TuneloopConfig.model_validate(flow_run.parameters["config"]) if flow_run.parameters.get(
-            "config") else load_config()
+        cfg = (
+            TuneloopConfig.model_validate(flow_run.parameters["config"])
+            if flow_run.parameters.get("config")
+            else load_config()
+        )
     except (ValueError, OSError):  # the flow failed on its config: it started no run
         return
-    end_unfinished_run(str(flow_run.id), cfg.registry.experiment, "KILLED" if state.is_crashed() else "FAILED",
-                       state.message or state.name, tracking_uri(cfg))
+    end_unfinished_run(
+        str(flow_run.id),
+        cfg.registry.experiment,
+        "KILLED" if state.is_crashed() else "FAILED",
+        state.message or state.name,
+        tracking_uri(cfg),
+    )
 
 
 @flow(name="training-flow", log_prints=False, on_failure=[_end_mlflow_run], on_crashed=[_end_mlflow_run])
@@ -68,12 +76,14 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     check_training_setup(cfg.train)  # qlora on a CPU worker fails here, before any data is read
     loaded = load_dataset(cfg.data)
     base = prepare_base_model(cfg.model, paths.models)
-    report, split = validate_dataset(loaded, cfg.validation, cfg.train.max_seq_len, base,
-                                     paths.reports / "validation" / loaded.digest)
+    report, split = validate_dataset(
+        loaded, cfg.validation, cfg.train.max_seq_len, base, paths.reports / "validation" / loaded.digest
+    )
     judge = probe_judge(cfg.eval.judge, paths.models) if report.success else None
     key = training_key(cfg.model, cfg.train, split.digest)  # the flow run id: a restart resumes run and checkpoints
-    run_id = start_training_run(cfg.registry, f"train-{split.digest}", training_params(cfg, judge), key,
-                                {"tuneloop.trigger": trigger})
+    run_id = start_training_run(
+        cfg.registry, f"train-{split.digest}", training_params(cfg, judge), key, {"tuneloop.trigger": trigger}
+    )
     record_training_inputs(run_id, split, report)
     require_valid_data(run_id, report)  # nothing is trained or registered past a failed validation
     eval_rows(split.eval, cfg.eval, split.source)  # bad evaluation input fails before any training
@@ -91,14 +101,21 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     html = write_eval_report(candidate, reference, comparison, verdict, paths.runs / key / "eval_report.html")
     record_evaluation(run_id, candidate, reference, comparison, verdict, html, slices.all)
     lineage = version_lineage(cfg, base, split, report, run_id, trigger, verdict, judge, slices, reference, trained)
-    version = register_adapter(cfg.registry, run_id, trained.artifact_dir, candidate.flat(), lineage,
-                               list(split.train["prompt"].head(cfg.monitor.reference_samples)))
+    version = register_adapter(
+        cfg.registry,
+        run_id,
+        trained.artifact_dir,
+        candidate.flat(),
+        lineage,
+        list(split.train["prompt"].head(cfg.monitor.reference_samples)),
+    )
     alias = assign_alias(version, verdict, cfg.registry)
     if alias == cfg.registry.challenger_alias and cfg.registry.on_gate_pass == "promote":
         promotion_flow(cfg, version.version, return_state=True)  # a failed promotion leaves it challenger
         alias = current_alias(version, cfg.registry)
-    return publish_training_summary(cfg.registry, version, verdict, alias, candidate, reference, comparison,
-                                    slices, split, report, trigger)
+    return publish_training_summary(
+        cfg.registry, version, verdict, alias, candidate, reference, comparison, slices, split, report, trigger
+    )
 
 
 if __name__ == "__main__":

@@ -86,21 +86,38 @@ class FeedbackRequest(BaseModel):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
         self.headers = headers or {}
 
 
-def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, headers=headers,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+def _error(
+    status: int,
+    message: str,
+    kind: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        headers=headers,
+        content={"error": {"message": message, "type": kind, "param": param, "code": code}},
+    )
 
 
-api = FastAPI(title="tuneloop", description="OpenAI-compatible completions of tuneloop models",
-              docs_url=None, redoc_url=None)
+api = FastAPI(
+    title="tuneloop", description="OpenAI-compatible completions of tuneloop models", docs_url=None, redoc_url=None
+)
 api.state.max_request_bytes = 256_000  # the Gateway sets its spec's limit when its replica starts
 
 
@@ -114,8 +131,13 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
-        return _error(400, f"The body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                      "invalid_request_error", None, "invalid_json")
+        return _error(
+            400,
+            f"The body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+            "invalid_request_error",
+            None,
+            "invalid_json",
+        )
     param = ".".join(str(p) for p in first["loc"] if p != "body")
     return _error(422, f"Invalid request: {param or 'body'}: {first['msg']}", "invalid_request_error", param)
 
@@ -137,8 +159,13 @@ async def _limit_body(request: Request, call_next: Any) -> Any:
     """413 before anything reads the body: by Content-Length, or while a chunked body arrives."""
     limit = request.app.state.max_request_bytes  # the gateway replica's spec (one app per replica process)
     length = request.headers.get("content-length")
-    too_big = _error(413, f"Request body is over this server's limit of {limit} bytes",
-                     "invalid_request_error", None, "request_too_large")
+    too_big = _error(
+        413,
+        f"Request body is over this server's limit of {limit} bytes",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
     if length is not None:
         if length.isdigit() and int(length) > limit:
             return too_big
@@ -154,8 +181,13 @@ def _retryable(err: BaseException) -> bool:
     return isinstance(err, (ActorDiedError, ActorUnavailableError, RayActorError))
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512,
-                  max_surge_percent=100, health_check_period_s=10)
+@serve.deployment(
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0.1},
+    max_ongoing_requests=512,
+    max_surge_percent=100,
+    health_check_period_s=10,
+)
 @serve.ingress(api)
 class Gateway:
     """HTTP API: checks keys and limits, routes to a model version, logs every request."""
@@ -204,8 +236,13 @@ class Gateway:
             key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
             entry = self.keys.identify(key) if key else None
             if entry is None:
-                raise ApiError(401, "Missing or invalid API key: send `Authorization: Bearer <key>`",
-                               "authentication_error", None, "invalid_api_key")
+                raise ApiError(
+                    401,
+                    "Missing or invalid API key: send `Authorization: Bearer <key>`",
+                    "authentication_error",
+                    None,
+                    "invalid_api_key",
+                )
             key_id, per_minute = entry.id, entry.rate_per_minute
         else:
             key_id = f"client:{request.client.host if request.client else 'unknown'}"
@@ -213,16 +250,26 @@ class Gateway:
             record.key_id = key_id
         wait = self.limiter.take(key_id, per_minute)
         if wait > 0:
-            raise ApiError(429, f"Rate limit reached for {key_id}: retry in {math.ceil(wait)} s",
-                           "rate_limit_error", None, "rate_limit_exceeded", {"Retry-After": str(math.ceil(wait))})
+            raise ApiError(
+                429,
+                f"Rate limit reached for {key_id}: retry in {math.ceil(wait)} s",
+                "rate_limit_error",
+                None,
+                "rate_limit_exceeded",
+                {"Retry-After": str(math.ceil(wait))},
+            )
         return key_id
 
     def _max_tokens(self, *values: int | None) -> int:
         asked = next((v for v in values if v is not None), None)
         max_tokens = asked or self.spec.default_max_tokens
         if max_tokens > self.spec.max_tokens_limit:
-            raise ApiError(422, f"max_tokens={max_tokens} is above this server's limit of "
-                                f"{self.spec.max_tokens_limit}", "invalid_request_error", "max_tokens")
+            raise ApiError(
+                422,
+                f"max_tokens={max_tokens} is above this server's limit of {self.spec.max_tokens_limit}",
+                "invalid_request_error",
+                "max_tokens",
+            )
         return max_tokens
 
     def _route(self, model: str | None, user: str | None) -> tuple[str | None, str]:
@@ -237,9 +284,13 @@ class Gateway:
         name, _, version = model.partition(":")
         if name == self.name and version:
             return version.removeprefix("v"), "pinned"
-        raise ApiError(404, f"The model {model!r} does not exist here; use {self.name!r} or "
-                            f"'{self.name}:<version>' (see /v1/models)", "invalid_request_error", "model",
-                       "model_not_found")
+        raise ApiError(
+            404,
+            f"The model {model!r} does not exist here; use {self.name!r} or '{self.name}:<version>' (see /v1/models)",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
 
     # ------------------------------------------------------------------ calls
 
@@ -247,8 +298,13 @@ class Gateway:
         """The client's 4xx for a request the engine will not answer."""
         if refusal.code == "prompt_too_long":
             return ApiError(400, refusal.message, "invalid_request_error", "messages", "context_length_exceeded")
-        return ApiError(404, f"The model {self.name}:{req.version} is not loaded here (see /v1/models)",
-                        "invalid_request_error", "model", "model_not_found")
+        return ApiError(
+            404,
+            f"The model {self.name}:{req.version} is not loaded here (see /v1/models)",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
 
     async def _answer(self, req: GenerationRequest) -> Answer:
         for attempt in range(2):
@@ -264,8 +320,9 @@ class Gateway:
             return out
         raise RuntimeError("unreachable")
 
-    def _record(self, route: str, prompt: str, key_id: str | None, arm: str | None,
-                request: Request | None = None) -> Any:
+    def _record(
+        self, route: str, prompt: str, key_id: str | None, arm: str | None, request: Request | None = None
+    ) -> Any:
         from tuneloop.inferencelog import InferenceRecord
 
         record = InferenceRecord(route=route, model=self.name, prompt=prompt, status=200, key_id=key_id, arm=arm)
@@ -276,8 +333,14 @@ class Gateway:
             record.id = rid
         return record
 
-    def _finish(self, record: Any, start: float, answer: Answer | None = None, error: ApiError | None = None,
-                failure: BaseException | None = None) -> None:
+    def _finish(
+        self,
+        record: Any,
+        start: float,
+        answer: Answer | None = None,
+        error: ApiError | None = None,
+        failure: BaseException | None = None,
+    ) -> None:
         record.latency_ms = (time.perf_counter() - start) * 1000
         if answer is not None:
             record.response, record.model_version = answer.text, answer.version
@@ -289,8 +352,16 @@ class Gateway:
             record.status, record.error = 503, f"{type(failure).__name__}: {failure}"[:2000]
         self.writer.submit(record)  # returns at once: a thread writes the log
 
-    async def _complete(self, route: str, body: Any, request: Request, messages: list[dict] | None,
-                        text: str | None, prompt: str, max_tokens_values: tuple) -> Any:
+    async def _complete(
+        self,
+        route: str,
+        body: Any,
+        request: Request,
+        messages: list[dict] | None,
+        text: str | None,
+        prompt: str,
+        max_tokens_values: tuple,
+    ) -> Any:
         start = time.perf_counter()
         record = self._record(route, prompt, None, None, request)
         try:
@@ -312,8 +383,13 @@ class Gateway:
         except Exception as err:  # the client gets a clean 503, the log gets the failure
             log.exception("generation failed")
             self._finish(record, start, failure=err)
-            raise ApiError(503, f"The model could not answer ({type(err).__name__}); retry later",
-                           "server_error", None, "model_unavailable") from None
+            raise ApiError(
+                503,
+                f"The model could not answer ({type(err).__name__}); retry later",
+                "server_error",
+                None,
+                "model_unavailable",
+            ) from None
         self._finish(record, start, answer)
         if arm == "champion" and self.routing.mode == "shadow" and self.routing.challenger:
             self._shadow(route, req, prompt)
@@ -321,12 +397,14 @@ class Gateway:
 
     def _shadow(self, route: str, req: GenerationRequest, prompt: str) -> None:
         """Ask the challenger the same thing in the background; log its answer as `shadow`."""
+
         async def run() -> None:
             start = time.perf_counter()
             record = self._record(route, prompt, None, "shadow")
             try:
-                answer = await self._answer(GenerationRequest(self.routing.challenger, req.max_tokens,
-                                                              req.messages, req.text, record.id))
+                answer = await self._answer(
+                    GenerationRequest(self.routing.challenger, req.max_tokens, req.messages, req.text, record.id)
+                )
             except ApiError as err:
                 self._finish(record, start, error=err)
             except Exception as err:  # noqa: BLE001 - a failed shadow answer is logged, never raised
@@ -350,15 +428,33 @@ class Gateway:
 
         def chunk(delta: str | None, finish: str | None, version: str | None, usage: dict | None = None) -> str:
             if chat:
-                choice = {"index": 0, "delta": ({"role": "assistant", "content": delta} if delta == ""
-                                                 and finish is None else ({"content": delta} if delta else {})),
-                          "finish_reason": finish, "logprobs": None}
-                obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
-                       "system_fingerprint": f"v{version}" if version else None, "choices": [choice]}
+                choice = {
+                    "index": 0,
+                    "delta": (
+                        {"role": "assistant", "content": delta}
+                        if delta == "" and finish is None
+                        else ({"content": delta} if delta else {})
+                    ),
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+                obj = {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": self.name,
+                    "system_fingerprint": f"v{version}" if version else None,
+                    "choices": [choice],
+                }
             else:
-                obj = {"id": rid, "object": "text_completion", "created": created, "model": self.name,
-                       "system_fingerprint": f"v{version}" if version else None,
-                       "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]}
+                obj = {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.name,
+                    "system_fingerprint": f"v{version}" if version else None,
+                    "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}],
+                }
             if usage is not None:
                 obj["choices"], obj["usage"] = [], usage
             return f"data: {json.dumps(obj)}\n\n"
@@ -377,9 +473,16 @@ class Gateway:
                             yield chunk(event.text, None, answer.version)
                         yield chunk(None, answer.finish_reason, answer.version)
                 if answer is not None and include_usage:
-                    yield chunk(None, None, answer.version, {
-                        "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                        "total_tokens": answer.prompt_tokens + answer.completion_tokens})
+                    yield chunk(
+                        None,
+                        None,
+                        answer.version,
+                        {
+                            "prompt_tokens": answer.prompt_tokens,
+                            "completion_tokens": answer.completion_tokens,
+                            "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+                        },
+                    )
                 logged = True
                 self._finish(record, start, answer)
                 yield "data: [DONE]\n\n"
@@ -387,9 +490,20 @@ class Gateway:
                 log.exception("stream failed")
                 logged = True
                 self._finish(record, start, failure=err)
-                yield ("data: " + json.dumps({"error": {"message": f"The model stopped answering "
-                                                        f"({type(err).__name__})", "type": "server_error",
-                                                        "param": None, "code": "model_unavailable"}}) + "\n\n")
+                yield (
+                    "data: "
+                    + json.dumps(
+                        {
+                            "error": {
+                                "message": f"The model stopped answering ({type(err).__name__})",
+                                "type": "server_error",
+                                "param": None,
+                                "code": "model_unavailable",
+                            }
+                        }
+                    )
+                    + "\n\n"
+                )
             finally:
                 if not logged:  # the client went away mid-stream (the task is cancelled): still logged
                     gen.cancel()  # and the replica stops decoding for it
@@ -399,8 +513,7 @@ class Gateway:
                         record.response, record.model_version = answer.text, answer.version
                     self.writer.submit(record)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache"})
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
     # ------------------------------------------------------------------ routes
 
@@ -422,48 +535,88 @@ class Gateway:
     async def models(self) -> dict[str, Any]:
         info = await self.model.info.remote()
         default = self.routing.champion or info["default"]
-        data = [{"id": self.name, "object": "model", "created": int(info["started_at"]), "owned_by": "tuneloop",
-                 "version": default, "routing": self.routing.model_dump()}]
-        data += [{"id": f"{self.name}:{v}", "object": "model", "created": int(info["loaded_at"].get(v, 0)),
-                  "owned_by": "tuneloop", "version": v, "parent": self.name} for v in info["adapters"]]
+        data = [
+            {
+                "id": self.name,
+                "object": "model",
+                "created": int(info["started_at"]),
+                "owned_by": "tuneloop",
+                "version": default,
+                "routing": self.routing.model_dump(),
+            }
+        ]
+        data += [
+            {
+                "id": f"{self.name}:{v}",
+                "object": "model",
+                "created": int(info["loaded_at"].get(v, 0)),
+                "owned_by": "tuneloop",
+                "version": v,
+                "parent": self.name,
+            }
+            for v in info["adapters"]
+        ]
         return {"object": "list", "data": data}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         messages = [m.model_dump() for m in body.messages]
         prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-        out = await self._complete("/v1/chat/completions", body, request, messages, None, prompt,
-                                   (body.max_completion_tokens, body.max_tokens))
+        out = await self._complete(
+            "/v1/chat/completions", body, request, messages, None, prompt, (body.max_completion_tokens, body.max_tokens)
+        )
         if isinstance(out, StreamingResponse):
             return out
         answer, record = out
-        return JSONResponse({
-            "id": f"chatcmpl-{record.id}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.name, "system_fingerprint": f"v{answer.version}",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                         "finish_reason": answer.finish_reason, "logprobs": None}],
-            "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                      "total_tokens": answer.prompt_tokens + answer.completion_tokens},
-        })
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{record.id}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.name,
+                "system_fingerprint": f"v{answer.version}",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer.text},
+                        "finish_reason": answer.finish_reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": answer.prompt_tokens,
+                    "completion_tokens": answer.completion_tokens,
+                    "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+                },
+            }
+        )
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
-            raise ApiError(422, "Send one prompt per request (a list of exactly one string)",
-                           "invalid_request_error", "prompt")
-        out = await self._complete("/v1/completions", body, request, None, prompts[0], prompts[0],
-                                   (body.max_tokens,))
+            raise ApiError(
+                422, "Send one prompt per request (a list of exactly one string)", "invalid_request_error", "prompt"
+            )
+        out = await self._complete("/v1/completions", body, request, None, prompts[0], prompts[0], (body.max_tokens,))
         if isinstance(out, StreamingResponse):
             return out
         answer, record = out
-        return JSONResponse({
-            "id": f"cmpl-{record.id}", "object": "text_completion", "created": int(time.time()),
-            "model": self.name, "system_fingerprint": f"v{answer.version}",
-            "choices": [{"index": 0, "text": answer.text, "finish_reason": answer.finish_reason, "logprobs": None}],
-            "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                      "total_tokens": answer.prompt_tokens + answer.completion_tokens},
-        })
+        return JSONResponse(
+            {
+                "id": f"cmpl-{record.id}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.name,
+                "system_fingerprint": f"v{answer.version}",
+                "choices": [{"index": 0, "text": answer.text, "finish_reason": answer.finish_reason, "logprobs": None}],
+                "usage": {
+                    "prompt_tokens": answer.prompt_tokens,
+                    "completion_tokens": answer.completion_tokens,
+                    "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+                },
+            }
+        )
 
     @api.post("/v1/feedback")
     async def post_feedback(self, body: FeedbackRequest, request: Request) -> JSONResponse:
@@ -472,14 +625,16 @@ class Gateway:
         await asyncio.to_thread(self.writer.flush, 5.0)  # the answer may still be on its way to the log
         row = await asyncio.to_thread(self.store.get, rid)
         if row is None:
-            raise ApiError(404, f"No logged response has id {body.id!r}", "invalid_request_error", "id",
-                           "response_not_found")
+            raise ApiError(
+                404, f"No logged response has id {body.id!r}", "invalid_request_error", "id", "response_not_found"
+            )
         await asyncio.to_thread(self.store.add_feedback, rid, body.score, body.comment)
         return JSONResponse({"id": body.id, "object": "feedback", "status": "recorded"})
 
 
-def build_app(spec: ServeSpec, model_options: dict[str, Any] | None = None,
-              gateway_options: dict[str, Any] | None = None) -> serve.Application:
+def build_app(
+    spec: ServeSpec, model_options: dict[str, Any] | None = None, gateway_options: dict[str, Any] | None = None
+) -> serve.Application:
     """Bind the application. `spec` is what both deployments are built with."""
     model = ModelServer.options(**(model_options or {})).bind(spec)
     return Gateway.options(**(gateway_options or {})).bind(model, spec)

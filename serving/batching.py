@@ -55,8 +55,9 @@ class VersionNotLoaded(KeyError):
 class Ticket:
     """A submitted request: waiting for, or in, a batch; its results arrive on its event loop."""
 
-    def __init__(self, prompt: list[int], budget: int, version: str, loop: asyncio.AbstractEventLoop,
-                 stream: bool, pinned: bool) -> None:
+    def __init__(
+        self, prompt: list[int], budget: int, version: str, loop: asyncio.AbstractEventLoop, stream: bool, pinned: bool
+    ) -> None:
         self.prompt, self.budget, self.version, self.loop, self.stream = prompt, budget, version, loop, stream
         self.pinned = pinned  # asked for this version by name: never answered by another
         self.arrived = time.monotonic()
@@ -112,8 +113,17 @@ class BatchingEngine:
         self.default: str | None = fixed_version
         self.merged: dict[str, Any] = {}  # the default version merged into a copy of the base
         self.decoder = Decoder(max_prefixes=spec.prefix_cache)
-        self._counts = {"batches": 0, "rows": 0, "tokens": 0, "steps": 0, "row_steps": 0, "prefills": 0,
-                        "abandoned": 0, "prefill_s": 0.0, "decode_s": 0.0}
+        self._counts = {
+            "batches": 0,
+            "rows": 0,
+            "tokens": 0,
+            "steps": 0,
+            "row_steps": 0,
+            "prefills": 0,
+            "abandoned": 0,
+            "prefill_s": 0.0,
+            "decode_s": 0.0,
+        }
         self._lock = threading.Lock()  # decoding and adapter (un)loading never overlap
         self._waiting: list[Ticket] = []
         self._arrived = threading.Condition()  # guards _waiting; taken after _lock, never before
@@ -200,8 +210,9 @@ class BatchingEngine:
         ticket.abandoned = True
 
     def stats(self) -> DecodingStats:
-        return DecodingStats(**self._counts, prefix_hits=self.decoder.prefix_hits,
-                             prefix_misses=self.decoder.prefix_misses)
+        return DecodingStats(
+            **self._counts, prefix_hits=self.decoder.prefix_hits, prefix_misses=self.decoder.prefix_misses
+        )
 
     # ------------------------------------------------------------------ the scheduler thread
 
@@ -223,8 +234,9 @@ class BatchingEngine:
                         self._arrived.wait()
                     if len(self._waiting) < self.spec.max_batch_size and self.spec.batch_wait_timeout_s > 0:
                         # the model was idle: give the requests sent together a moment to arrive together
-                        self._arrived.wait_for(lambda: len(self._waiting) >= self.spec.max_batch_size,
-                                               self.spec.batch_wait_timeout_s)
+                        self._arrived.wait_for(
+                            lambda: len(self._waiting) >= self.spec.max_batch_size, self.spec.batch_wait_timeout_s
+                        )
             items: list[Ticket] = []
             try:
                 with self._lock:
@@ -245,8 +257,12 @@ class BatchingEngine:
                         continue
                     start = time.perf_counter()
                     if items:
-                        events = batch.add([i.prompt for i in items], [i.budget for i in items], items,
-                                           [_name(i.version) for i in items] if batch.names is not None else None)
+                        events = batch.add(
+                            [i.prompt for i in items],
+                            [i.budget for i in items],
+                            items,
+                            [_name(i.version) for i in items] if batch.names is not None else None,
+                        )
                     else:
                         if running.adapter is not None:  # one adapter, PEFT's active one
                             self.model.set_adapter(_name(running.adapter))
@@ -288,8 +304,9 @@ class BatchingEngine:
         else:
             batch = self.decoder.batch(self.model, mixed=True, **args)
         self._counts["batches"] += 1
-        return _Running(batch, version if self.peft else None,
-                        version if self.peft and version not in self.merged else None)
+        return _Running(
+            batch, version if self.peft else None, version if self.peft and version not in self.merged else None
+        )
 
     def _take(self, running: _Running) -> list[Ticket]:
         """The waiting requests the batch takes now: none while one it cannot take waits (it drains,

@@ -104,8 +104,9 @@ class Decoder:
             cache.batch_repeat_interleave(len(prompts))
         return shared, cache
 
-    def batch(self, model: Any, *, eos_id: int, pad_id: int, key: Any = None, mixed: bool = False,
-              share_prefix: bool = True) -> Batch:
+    def batch(
+        self, model: Any, *, eos_id: int, pad_id: int, key: Any = None, mixed: bool = False, share_prefix: bool = True
+    ) -> Batch:
         """A batch to decode on `model`; `mixed`: each row names its adapter (a PEFT model)."""
         return Batch(self, model, eos_id=eos_id, pad_id=pad_id, key=key, mixed=mixed, share_prefix=share_prefix)
 
@@ -119,8 +120,9 @@ class Batch:
     set when that was its last).
     """
 
-    def __init__(self, decoder: Decoder, model: Any, *, eos_id: int, pad_id: int, key: Any, mixed: bool,
-                 share_prefix: bool) -> None:
+    def __init__(
+        self, decoder: Decoder, model: Any, *, eos_id: int, pad_id: int, key: Any, mixed: bool, share_prefix: bool
+    ) -> None:
         self.decoder, self.model, self.eos_id, self.pad_id, self.key = decoder, model, eos_id, pad_id, key
         self.share_prefix = share_prefix and not mixed
         self.names: list[str] | None = [] if mixed else None
@@ -138,11 +140,19 @@ class Batch:
 
     def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, names: list[str] | None) -> Any:
         extra = {"adapter_names": names} if names is not None else {}
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                          use_cache=True, logits_to_keep=1, **extra)
+        return self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
 
-    def add(self, prompts: list[list[int]], budgets: list[int], owners: list[Any],
-            adapter_names: list[str] | None = None) -> list[tuple[Any, Row, int]]:
+    def add(
+        self, prompts: list[list[int]], budgets: list[int], owners: list[Any], adapter_names: list[str] | None = None
+    ) -> list[tuple[Any, Row, int]]:
         """Prefill `prompts` and take them into the batch; their first tokens."""
         import torch
 
@@ -186,8 +196,14 @@ class Batch:
             events.append((owner, row, tok))
         return events
 
-    def _join(self, part: tuple[Any, Any, Any, Any], rows: list[Row], budgets: list[int], owners: list[Any],
-              names: list[str] | None) -> None:
+    def _join(
+        self,
+        part: tuple[Any, Any, Any, Any],
+        rows: list[Row],
+        budgets: list[int],
+        owners: list[Any],
+        names: list[str] | None,
+    ) -> None:
         import torch
         import torch.nn.functional as F
 

@@ -139,7 +139,8 @@ class ModelServer:
             raise BaseModelError(
                 f"Version {version} ({uri}) cannot be hot-loaded here: it is not a LoRA adapter of the "
                 f"serving base {self.base_ref.location} (sha256 {self.base_ref.sha256[:12]}…); "
-                "deploy it as a new base")
+                "deploy it as a new base"
+            )
         self.engine.load(version, art / "adapter")
         self.adapters[version] = uri
         self.loaded_at[version] = time.time()
@@ -150,11 +151,20 @@ class ModelServer:
         from dataclasses import asdict
 
         stats = asdict(self.engine.stats())
-        return {"adapters": self.engine.versions(), "default": self.default, "base": self.base_ref.location,
-                "base_sha256": self.base_ref.sha256, "replica": self.replica, "actor_name": self.actor_name,
-                "pid": os.getpid(), "started_at": self.started_at, "loaded_at": dict(self.loaded_at),
-                "failed": dict(self.failed), "merged": self.engine.merged_versions(),
-                "decoding": stats}
+        return {
+            "adapters": self.engine.versions(),
+            "default": self.default,
+            "base": self.base_ref.location,
+            "base_sha256": self.base_ref.sha256,
+            "replica": self.replica,
+            "actor_name": self.actor_name,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "loaded_at": dict(self.loaded_at),
+            "failed": dict(self.failed),
+            "merged": self.engine.merged_versions(),
+            "decoding": stats,
+        }
 
     # ------------------------------------------------------------------ requests
 
@@ -173,8 +183,11 @@ class ModelServer:
     def _encode(self, req: GenerationRequest) -> list[int]:
         from tuneloop.generation import chat_prompt, text_prompt
 
-        ids = (chat_prompt(self.tokenizer, req.chat) if req.messages is not None
-               else text_prompt(self.tokenizer, req.text or ""))
+        ids = (
+            chat_prompt(self.tokenizer, req.chat)
+            if req.messages is not None
+            else text_prompt(self.tokenizer, req.text or "")
+        )
         limit = self.spec.engine.max_prompt_tokens
         if len(ids) > limit:
             raise PromptTooLong(f"The prompt is {len(ids)} tokens; this server takes at most {limit}")
@@ -182,8 +195,9 @@ class ModelServer:
 
     def _submit(self, req: GenerationRequest, stream: bool) -> Ticket:
         """Hand the request to the engine; raises VersionNotLoaded or PromptTooLong at once."""
-        return self.engine.submit(self._encode(req), req.max_tokens, self._resolve(req), stream=stream,
-                                  pinned=req.pinned)
+        return self.engine.submit(
+            self._encode(req), req.max_tokens, self._resolve(req), stream=stream, pinned=req.pinned
+        )
 
     def _answer(self, ticket: Ticket, row: Any) -> Answer:
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
@@ -223,15 +237,15 @@ class ModelServer:
                 tokens.append(tok)
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 if not text.endswith("\ufffd"):  # hold back a split character
-                    if text[len(sent):]:
-                        yield StreamEvent("delta", text[len(sent):])
+                    if text[len(sent) :]:
+                        yield StreamEvent("delta", text[len(sent) :])
                     sent = text
             row = await ticket.done
         finally:
             if row is None:  # closed or cancelled: the client went away
                 self.engine.cancel(ticket)
         answer = self._answer(ticket, row)
-        rest = answer.text[len(sent.strip()):] if answer.text.startswith(sent.strip()) else ""
+        rest = answer.text[len(sent.strip()) :] if answer.text.startswith(sent.strip()) else ""
         yield StreamEvent("done", rest, answer=answer)
 
 

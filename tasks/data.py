@@ -90,8 +90,9 @@ def detect_format(path: str, fmt: str) -> str:
     if local.suffix.lower() in SUFFIXES:
         return SUFFIXES[local.suffix.lower()]
     if local.exists():
-        raise DataValidationError(f"Dataset {path}: unknown file type {local.suffix!r}; use "
-                                  f"{sorted(set(SUFFIXES))} or set data.format")
+        raise DataValidationError(
+            f"Dataset {path}: unknown file type {local.suffix!r}; use {sorted(set(SUFFIXES))} or set data.format"
+        )
     if path.count("/") == 1 and not path.startswith((".", "/")):
         return "hub"
     raise DataValidationError(f"Dataset {path} does not exist (not a file, a folder or a hub id like org/name)")
@@ -142,8 +143,9 @@ def _read_table(path: str, fmt: str, cfg: DataConfig) -> pd.DataFrame:
                 data = datasets.load_dataset(path, split=cfg.split)
             if isinstance(data, datasets.DatasetDict):
                 if cfg.split not in data:
-                    raise DataValidationError(f"Dataset {path} has no split {cfg.split!r}; it has "
-                                              f"{sorted(data)} (set data.split)")
+                    raise DataValidationError(
+                        f"Dataset {path} has no split {cfg.split!r}; it has {sorted(data)} (set data.split)"
+                    )
                 data = data[cfg.split]
             frame = data.to_pandas()
     except DataValidationError:
@@ -195,12 +197,20 @@ def normalise(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, str, 
     if cfg.messages_field in frame.columns:
         parsed = [_turns(v) for v in frame[cfg.messages_field]]
         turns = [t for t, _ in parsed]
-        out = pd.DataFrame({
-            MESSAGES: turns, ROLES: [r for _, r in parsed],
-            PROMPT: [_last(t, "user") for t in turns], RESPONSE: [_last(t, "assistant") for t in turns],
-        }, index=frame.index)
-        return out, "messages", {MESSAGES: cfg.messages_field, PROMPT: "last user turn",
-                                 RESPONSE: "last assistant turn"}
+        out = pd.DataFrame(
+            {
+                MESSAGES: turns,
+                ROLES: [r for _, r in parsed],
+                PROMPT: [_last(t, "user") for t in turns],
+                RESPONSE: [_last(t, "assistant") for t in turns],
+            },
+            index=frame.index,
+        )
+        return (
+            out,
+            "messages",
+            {MESSAGES: cfg.messages_field, PROMPT: "last user turn", RESPONSE: "last assistant turn"},
+        )
     out = pd.DataFrame(index=frame.index)
     for column, name in ((PROMPT, cfg.prompt_field), (RESPONSE, cfg.response_field)):
         if name in frame.columns:
@@ -209,8 +219,10 @@ def normalise(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, str, 
     prompts = out[PROMPT].tolist() if PROMPT in out else missing
     responses = out[RESPONSE].tolist() if RESPONSE in out else missing
     out[MESSAGES] = [
-        [{"role": "user", "content": p}, {"role": "assistant", "content": r}] if _as_text(p) is not None and _as_text(r) is not None
-        else None for p, r in zip(prompts, responses)
+        [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+        if _as_text(p) is not None and _as_text(r) is not None
+        else None
+        for p, r in zip(prompts, responses)
     ]
     out[ROLES] = "user,assistant"
     return out, "prompt_response", {PROMPT: cfg.prompt_field, RESPONSE: cfg.response_field}
@@ -246,10 +258,13 @@ def load_split(cfg: DataConfig) -> SplitDataset:
     if cfg.eval_path:
         held_out = read_dataset(cfg.eval_path, cfg)
         if held_out.shape != data.shape:
-            raise DataValidationError(f"Eval set {cfg.eval_path} has the {held_out.shape} shape, "
-                                      f"training set {cfg.path} the {data.shape} shape")
-        return SplitDataset(data.source, held_out.source, data.shape, data.fields, data.frame, held_out.frame,
-                            replay, cfg.replay_path)
+            raise DataValidationError(
+                f"Eval set {cfg.eval_path} has the {held_out.shape} shape, "
+                f"training set {cfg.path} the {data.shape} shape"
+            )
+        return SplitDataset(
+            data.source, held_out.source, data.shape, data.fields, data.frame, held_out.frame, replay, cfg.replay_path
+        )
     train, eval_ = split_frame(data.frame, cfg.eval_fraction, cfg.seed)
     return SplitDataset(data.source, None, data.shape, data.fields, train, eval_, replay, cfg.replay_path)
 
@@ -338,5 +353,6 @@ def export_demo_data(out_dir: Path, first_rows: int, traffic_rows: int, seed: in
     return DemoData(
         _write_jsonl(out_dir / "arithmetic.jsonl", problems[:first_rows]),
         _write_jsonl(out_dir / "medication.jsonl", labelled),
-        [p["prompt"] for p in problems[-traffic_rows:]], unlabelled[:traffic_rows],
+        [p["prompt"] for p in problems[-traffic_rows:]],
+        unlabelled[:traffic_rows],
     )

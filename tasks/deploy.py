@@ -62,8 +62,10 @@ class ArmFigures:
     feedback: list[float] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        out = {"requests": float(self.requests),
-               "error_rate": self.errors / self.requests if self.requests else float("nan")}
+        out = {
+            "requests": float(self.requests),
+            "error_rate": self.errors / self.requests if self.requests else float("nan"),
+        }
         if self.latencies:
             lat = sorted(self.latencies)
             out["p50_latency_ms"] = statistics.median(lat)
@@ -134,14 +136,18 @@ def read_state(cfg: TuneloopConfig) -> ServeState | None:
     routing = (deployments.get("Gateway") or {}).get("user_config") or {}
     spec = (applied.get("args") or {}).get("spec") or {}
     base_version = str(spec.get("base_uri", "")).rstrip("/").rsplit("/", 1)[-1]
-    config = {"proxy_location": "HeadOnly", "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
-              "applications": [applied]}
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
+        "applications": [applied],
+    }
     return ServeState(config, base_version, dict(model_cfg.get("adapters") or {}), Routing.model_validate(routing))
 
 
 @task(name="apply-serve-config")
-def apply_config(config: dict[str, Any], cfg: TuneloopConfig, expect_versions: list[str],
-                 timeout_s: float = 300) -> None:
+def apply_config(
+    config: dict[str, Any], cfg: TuneloopConfig, expect_versions: list[str], timeout_s: float = 300
+) -> None:
     """Hand `config` to Serve and return once every model replica serves `expect_versions`
     (or raise DeployError with what went wrong: a replica that failed to start, an adapter
     that failed to load)."""
@@ -225,8 +231,9 @@ def replica_infos(cfg: TuneloopConfig, calls: int = 24) -> dict[str, dict[str, A
 
 
 @task(name="smoke-test-endpoint")
-def smoke_test(cfg: ServeConfig, model: str, expected_version: str, timeout_s: float = 90,
-               api_key: str | None = None) -> SmokeResult:
+def smoke_test(
+    cfg: ServeConfig, model: str, expected_version: str, timeout_s: float = 90, api_key: str | None = None
+) -> SmokeResult:
     """Ask the live endpoint one question as `model` until the expected version answers; raise if it never does.
 
     After a replacement, old replicas drain for a few seconds and may still answer meanwhile.
@@ -296,13 +303,21 @@ def watch_canary(cfg: TuneloopConfig, since: Any, mode: str) -> CanaryVerdict:
         waited = time.monotonic() - start
         if (waited >= r.window_s and figs[arm].requests >= r.min_requests) or waited >= r.max_wait_s:
             break
-        logger.info("%s: %d challenger answers of %d needed, %.0f s of %.0f s", mode, figs[arm].requests,
-                    r.min_requests, waited, r.window_s)
+        logger.info(
+            "%s: %d challenger answers of %d needed, %.0f s of %.0f s",
+            mode,
+            figs[arm].requests,
+            r.min_requests,
+            waited,
+            r.window_s,
+        )
     cand, champ = figs[arm].metrics(), figs["champion"].metrics()
     figures = {"challenger": cand, "champion": champ}
     if figs[arm].requests < r.min_requests:
-        note = (f"only {figs[arm].requests} challenger answers in {r.max_wait_s:.0f} s "
-                f"(need {r.min_requests}): {r.on_no_traffic} on the smoke test alone")
+        note = (
+            f"only {figs[arm].requests} challenger answers in {r.max_wait_s:.0f} s "
+            f"(need {r.min_requests}): {r.on_no_traffic} on the smoke test alone"
+        )
         return CanaryVerdict("promote" if r.on_no_traffic == "promote" else "rollback", "no_traffic", [], figures, note)
     flat = Figures.flat(cand, champ)
     # a figure the window does not have (no feedback yet, say) skips its rule

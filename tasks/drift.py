@@ -134,11 +134,16 @@ def parse_row(raw: dict[str, Any]) -> LoggedRequest:
         raise MalformedRow("response not text")
     version = raw.get("model_version")
     return LoggedRequest(
-        id=rid, created_at=_timestamp(raw.get("created_at")), status=status, prompt=prompt, response=response,
+        id=rid,
+        created_at=_timestamp(raw.get("created_at")),
+        status=status,
+        prompt=prompt,
+        response=response,
         model_version=None if version is None else str(version),
         prompt_tokens=_int(raw.get("prompt_tokens"), "prompt_tokens"),
         completion_tokens=_int(raw.get("completion_tokens"), "completion_tokens"),
-        latency_ms=_float(raw.get("latency_ms"), "latency_ms"), arm=raw.get("arm"),
+        latency_ms=_float(raw.get("latency_ms"), "latency_ms"),
+        arm=raw.get("arm"),
     )
 
 
@@ -230,8 +235,15 @@ def _median_gamma(z: np.ndarray, rng: np.random.Generator, sample: int = 1000) -
     return 1.0 / median if median > 0 else 1.0
 
 
-def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int = 0, bandwidth: float = 1.0,
-                         max_exact: int = 4096, features: int = 2048) -> tuple[float, float]:
+def mmd_permutation_test(
+    x: np.ndarray,
+    y: np.ndarray,
+    permutations: int,
+    seed: int = 0,
+    bandwidth: float = 1.0,
+    max_exact: int = 4096,
+    features: int = 2048,
+) -> tuple[float, float]:
     """Return (MMD², permutation p-value) between samples x and y with an RBF kernel.
 
     k(a, b) = exp(-|a - b|² / (bandwidth² · median |z - z'|²)): `bandwidth` scales the
@@ -272,8 +284,14 @@ def mmd_permutation_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: 
     return observed, (extreme + 1) / (permutations + 1)
 
 
-def prompt_embedding_signal(reference: np.ndarray, current: np.ndarray, min_samples: int, permutations: int,
-                            alpha: float, bandwidth: float = 1.0) -> Signal:
+def prompt_embedding_signal(
+    reference: np.ndarray,
+    current: np.ndarray,
+    min_samples: int,
+    permutations: int,
+    alpha: float,
+    bandwidth: float = 1.0,
+) -> Signal:
     """Two-sample MMD permutation test of prompt embeddings against the reference."""
     name, group = "prompt_embedding", "prompt"
     if len(current) < min_samples or len(reference) < 2:
@@ -283,9 +301,16 @@ def prompt_embedding_signal(reference: np.ndarray, current: np.ndarray, min_samp
     centroid = reference.mean(axis=0)
     centroid /= np.linalg.norm(centroid) or 1.0
     cos = float(current.mean(axis=0) @ centroid / (np.linalg.norm(current.mean(axis=0)) or 1.0))
-    return Signal(name, group, verdict, stat, p, alpha,
-                  f"MMD²={stat:.4f}, p={p:.4f} {'<' if verdict == 'alert' else '>='} alpha={alpha}",
-                  {"centroid_cosine": cos})
+    return Signal(
+        name,
+        group,
+        verdict,
+        stat,
+        p,
+        alpha,
+        f"MMD²={stat:.4f}, p={p:.4f} {'<' if verdict == 'alert' else '>='} alpha={alpha}",
+        {"centroid_cosine": cos},
+    )
 
 
 WORD = re.compile(r"\w+", re.UNICODE)
@@ -304,23 +329,41 @@ def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
     return float(np.sum((cur - ref) * np.log(cur / ref)))
 
 
-def _length_signal(name: str, group: Group, reference: Sequence[str], current: Sequence[str], min_samples: int,
-                   alpha: float, what: str, reference_name: str) -> Signal:
+def _length_signal(
+    name: str,
+    group: Group,
+    reference: Sequence[str],
+    current: Sequence[str],
+    min_samples: int,
+    alpha: float,
+    what: str,
+    reference_name: str,
+) -> Signal:
     from scipy.stats import ks_2samp
 
     if len(current) < min_samples or len(reference) < min_samples:
-        return _no_data(name, group, f"{len(current)} {what} in the window and {len(reference)} in {reference_name}, "
-                        f"{min_samples} needed", alpha)
+        return _no_data(
+            name,
+            group,
+            f"{len(current)} {what} in the window and {len(reference)} in {reference_name}, {min_samples} needed",
+            alpha,
+        )
     ref = np.array([len(words(t)) for t in reference], dtype=float)
     cur = np.array([len(words(t)) for t in current], dtype=float)
     result = ks_2samp(ref, cur)
     p = float(result.pvalue)
     verdict: SignalVerdict = "alert" if p < alpha else "ok"
     stability = psi(ref, cur)
-    return Signal(name, group, verdict, float(result.statistic), p, alpha,
-                  f"KS D={result.statistic:.3f}, p={p:.4f}; mean {cur.mean():.1f} words vs {ref.mean():.1f}; "
-                  f"PSI={stability:.3f}", {"psi": stability, "mean_words": float(cur.mean()),
-                                           "reference_mean_words": float(ref.mean())})
+    return Signal(
+        name,
+        group,
+        verdict,
+        float(result.statistic),
+        p,
+        alpha,
+        f"KS D={result.statistic:.3f}, p={p:.4f}; mean {cur.mean():.1f} words vs {ref.mean():.1f}; PSI={stability:.3f}",
+        {"psi": stability, "mean_words": float(cur.mean()), "reference_mean_words": float(ref.mean())},
+    )
 
 
 def prompt_length_signal(reference: Sequence[str], current: Sequence[str], min_samples: int, alpha: float) -> Signal:
@@ -328,8 +371,9 @@ def prompt_length_signal(reference: Sequence[str], current: Sequence[str], min_s
     return _length_signal("prompt_length", "prompt", reference, current, min_samples, alpha, "prompts", "the reference")
 
 
-def new_vocabulary_signal(reference: Sequence[str], current: Sequence[str], min_samples: int, alpha: float,
-                          seed: int = 0) -> Signal:
+def new_vocabulary_signal(
+    reference: Sequence[str], current: Sequence[str], min_samples: int, alpha: float, seed: int = 0
+) -> Signal:
     """Share of words never seen in the reference, tested against a held-out half of the reference.
 
     Half the reference gives the vocabulary; the other half shows how many new words prompts
@@ -340,8 +384,13 @@ def new_vocabulary_signal(reference: Sequence[str], current: Sequence[str], min_
 
     name, group = "new_vocabulary", "prompt"
     if len(current) < min_samples or len(reference) < 2 * min_samples:
-        return _no_data(name, group, f"{len(current)} prompts in the window and {len(reference)} in the reference; "
-                        f"{min_samples} and {2 * min_samples} needed", alpha)
+        return _no_data(
+            name,
+            group,
+            f"{len(current)} prompts in the window and {len(reference)} in the reference; "
+            f"{min_samples} and {2 * min_samples} needed",
+            alpha,
+        )
     order = np.random.default_rng(seed).permutation(len(reference))
     half = len(reference) // 2
     vocabulary = {w for i in order[:half] for w in words(reference[i])}
@@ -359,19 +408,41 @@ def new_vocabulary_signal(reference: Sequence[str], current: Sequence[str], min_
     cur, rate = shares(current)
     p = float(mannwhitneyu(cur, held_out, alternative="greater").pvalue)
     verdict: SignalVerdict = "alert" if p < alpha else "ok"
-    return Signal(name, group, verdict, rate, p, alpha,
-                  f"{rate:.1%} of words new vs {held_rate:.1%} in held-out reference prompts, p={p:.4f}",
-                  {"reference_rate": held_rate})
+    return Signal(
+        name,
+        group,
+        verdict,
+        rate,
+        p,
+        alpha,
+        f"{rate:.1%} of words new vs {held_rate:.1%} in held-out reference prompts, p={p:.4f}",
+        {"reference_rate": held_rate},
+    )
 
 
 def response_length_signal(baseline: Sequence[str], current: Sequence[str], min_samples: int, alpha: float) -> Signal:
     """KS test of answer lengths against the same version's first answers (its launch window)."""
-    return _length_signal("response_length", "output", baseline, current, min_samples, alpha, "answers",
-                          "the version's first answers before the window")
+    return _length_signal(
+        "response_length",
+        "output",
+        baseline,
+        current,
+        min_samples,
+        alpha,
+        "answers",
+        "the version's first answers before the window",
+    )
 
 
-def _rate_signal(name: str, group: Group, flags: Sequence[bool], limit: float, min_samples: int, what: str,
-                 baseline: Sequence[bool] | None = None) -> Signal:
+def _rate_signal(
+    name: str,
+    group: Group,
+    flags: Sequence[bool],
+    limit: float,
+    min_samples: int,
+    what: str,
+    baseline: Sequence[bool] | None = None,
+) -> Signal:
     if len(flags) < min_samples:
         return _no_data(name, group, f"{len(flags)} answers in the window, {min_samples} needed", limit)
     rate = float(np.mean(flags))
@@ -383,43 +454,77 @@ def _rate_signal(name: str, group: Group, flags: Sequence[bool], limit: float, m
     return Signal(name, group, "alert" if rate > limit else "ok", rate, None, limit, detail, metrics)
 
 
-def refusal_signal(responses: Sequence[str], patterns: Sequence[str], limit: float, min_samples: int,
-                   baseline: Sequence[str] = ()) -> Signal:
+def refusal_signal(
+    responses: Sequence[str], patterns: Sequence[str], limit: float, min_samples: int, baseline: Sequence[str] = ()
+) -> Signal:
     """Share of answers matching a refusal pattern, against a limit."""
     pattern = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
 
     def refused(texts: Sequence[str]) -> list[bool]:
         return [bool(pattern and pattern.search(t)) for t in texts]
 
-    return _rate_signal("refusal_rate", "output", refused(responses), limit, min_samples, "refusals",
-                        refused(baseline) if baseline else None)
+    return _rate_signal(
+        "refusal_rate",
+        "output",
+        refused(responses),
+        limit,
+        min_samples,
+        "refusals",
+        refused(baseline) if baseline else None,
+    )
 
 
-def toxicity_signal(responses: Sequence[str], limits: MonitorThresholds, min_samples: int,
-                    score: Callable[[Sequence[str]], list[float]] | None = None) -> Signal:
+def toxicity_signal(
+    responses: Sequence[str],
+    limits: MonitorThresholds,
+    min_samples: int,
+    score: Callable[[Sequence[str]], list[float]] | None = None,
+) -> Signal:
     """Share of answers whose offensive probability reaches the threshold, against a limit."""
     if len(responses) < min_samples:
-        return _no_data("toxicity_rate", "output", f"{len(responses)} answers in the window, {min_samples} needed",
-                        limits.toxicity_rate)
+        return _no_data(
+            "toxicity_rate",
+            "output",
+            f"{len(responses)} answers in the window, {min_samples} needed",
+            limits.toxicity_rate,
+        )
     if score is None:
         from tuneloop.safety import toxicity_probabilities as score
     flags = [p >= limits.toxicity_probability for p in score(list(responses))]
-    return _rate_signal("toxicity_rate", "output", flags, limits.toxicity_rate, min_samples,
-                        f"toxic (p >= {limits.toxicity_probability})")
+    return _rate_signal(
+        "toxicity_rate",
+        "output",
+        flags,
+        limits.toxicity_rate,
+        min_samples,
+        f"toxic (p >= {limits.toxicity_probability})",
+    )
 
 
 def latency_signal(requests: Sequence[LoggedRequest], limits: MonitorThresholds, min_samples: int) -> Signal:
     """Latency percentiles of answered requests against the SLOs."""
     latencies = np.array([r.latency_ms for r in requests if r.status < 400 and r.latency_ms is not None])
     if len(latencies) < min_samples:
-        return _no_data("latency", "operations", f"{len(latencies)} timed answers, {min_samples} needed",
-                        limits.latency_p95_ms)
+        return _no_data(
+            "latency", "operations", f"{len(latencies)} timed answers, {min_samples} needed", limits.latency_p95_ms
+        )
     p50, p95, p99 = (float(v) for v in np.percentile(latencies, [50, 95, 99]))
-    breaches = [f"p{q} {v:.0f} ms > SLO {slo:.0f} ms" for q, v, slo in
-                ((95, p95, limits.latency_p95_ms), (99, p99, limits.latency_p99_ms)) if slo is not None and v > slo]
+    breaches = [
+        f"p{q} {v:.0f} ms > SLO {slo:.0f} ms"
+        for q, v, slo in ((95, p95, limits.latency_p95_ms), (99, p99, limits.latency_p99_ms))
+        if slo is not None and v > slo
+    ]
     detail = f"p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms" + (f": {'; '.join(breaches)}" if breaches else "")
-    return Signal("latency", "operations", "alert" if breaches else "ok", p95, None, limits.latency_p95_ms, detail,
-                  {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99})
+    return Signal(
+        "latency",
+        "operations",
+        "alert" if breaches else "ok",
+        p95,
+        None,
+        limits.latency_p95_ms,
+        detail,
+        {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99},
+    )
 
 
 def error_rate_signal(requests: Sequence[LoggedRequest], limit: float, min_samples: int) -> Signal:
@@ -429,9 +534,16 @@ def error_rate_signal(requests: Sequence[LoggedRequest], limit: float, min_sampl
     server = sum(r.status >= 500 for r in requests)
     client = sum(400 <= r.status < 500 for r in requests)
     rate = server / len(requests)
-    return Signal("error_rate", "operations", "alert" if rate > limit else "ok", rate, None, limit,
-                  f"{rate:.1%} server errors ({server}/{len(requests)}), limit {limit:.1%}; {client} client errors (4xx)",
-                  {"client_error_rate": client / len(requests)})
+    return Signal(
+        "error_rate",
+        "operations",
+        "alert" if rate > limit else "ok",
+        rate,
+        None,
+        limit,
+        f"{rate:.1%} server errors ({server}/{len(requests)}), limit {limit:.1%}; {client} client errors (4xx)",
+        {"client_error_rate": client / len(requests)},
+    )
 
 
 def _version(v: str | None) -> str:
@@ -459,12 +571,21 @@ def cost_signal(requests: Sequence[LoggedRequest], prices: dict[str, float]) -> 
         parts.append(part)
     total_tokens = float(sum(tokens.values()))
     metrics["tokens"] = total_tokens
-    return Signal("cost", "operations", "ok", total_cost if priced else total_tokens, None, None,
-                  ("cost " if priced else "tokens (unpriced) ") + "; ".join(parts), metrics)
+    return Signal(
+        "cost",
+        "operations",
+        "ok",
+        total_cost if priced else total_tokens,
+        None,
+        None,
+        ("cost " if priced else "tokens (unpriced) ") + "; ".join(parts),
+        metrics,
+    )
 
 
-def feedback_signal(requests: Sequence[LoggedRequest], scores: dict[str, float], limits: MonitorThresholds,
-                    alpha: float) -> Signal:
+def feedback_signal(
+    requests: Sequence[LoggedRequest], scores: dict[str, float], limits: MonitorThresholds, alpha: float
+) -> Signal:
     """Feedback per model version: its mean, and whether it falls over the window (linear trend test)."""
     from scipy.stats import linregress
 
@@ -475,8 +596,12 @@ def feedback_signal(requests: Sequence[LoggedRequest], scores: dict[str, float],
             by_version.setdefault(_version(r.model_version), []).append((r.created_at.timestamp(), scores[r.id]))
     tested = {v: pts for v, pts in by_version.items() if len(pts) >= limits.min_feedback}
     if not tested:
-        return _no_data(name, group, f"{sum(map(len, by_version.values()))} scored requests; a version needs "
-                        f"{limits.min_feedback}", alpha)
+        return _no_data(
+            name,
+            group,
+            f"{sum(map(len, by_version.values()))} scored requests; a version needs {limits.min_feedback}",
+            alpha,
+        )
     metrics, parts, alerts, worst_p = {}, [], [], 1.0
     for version, pts in sorted(tested.items()):
         t = np.array([p[0] for p in pts]) / 3600.0
@@ -491,8 +616,10 @@ def feedback_signal(requests: Sequence[LoggedRequest], scores: dict[str, float],
         else:
             p, fit = 1.0, None
         worst_p = min(worst_p, p)
-        parts.append(f"v{version}: mean {mean:.2f} over {len(s)}" +
-                     (f", trend {fit.slope:+.3g}/h (p={p:.3f})" if fit is not None else ""))
+        parts.append(
+            f"v{version}: mean {mean:.2f} over {len(s)}"
+            + (f", trend {fit.slope:+.3g}/h (p={p:.3f})" if fit is not None else "")
+        )
         if p < alpha:
             alerts.append(f"v{version} falling")
         if limits.min_feedback_score is not None and mean < limits.min_feedback_score:
@@ -509,8 +636,9 @@ class Reference:
     source: str  # what the prompts are: "champion v3 training prompts" or a file
 
 
-def distinct(prompts: Sequence[str], embeddings: np.ndarray,
-             exclude: set[str] | None = None) -> tuple[list[str], np.ndarray]:
+def distinct(
+    prompts: Sequence[str], embeddings: np.ndarray, exclude: set[str] | None = None
+) -> tuple[list[str], np.ndarray]:
     """Return each prompt once (its first occurrence) with its embedding row, leaving out `exclude`."""
     first: dict[str, int] = {}
     for i, text in enumerate(prompts):
@@ -522,8 +650,14 @@ def distinct(prompts: Sequence[str], embeddings: np.ndarray,
 
 
 @task(name="compute-signals", cache_policy=NO_CACHE)
-def compute_signals(reference: Reference, window: Window, embeddings: np.ndarray, baseline: list[LoggedRequest],
-                    feedback: dict[str, float], cfg: MonitorConfig) -> list[Signal]:
+def compute_signals(
+    reference: Reference,
+    window: Window,
+    embeddings: np.ndarray,
+    baseline: list[LoggedRequest],
+    feedback: dict[str, float],
+    cfg: MonitorConfig,
+) -> list[Signal]:
     """Return every signal of the window, in report order (prompt, output, operations, quality)."""
     answered = window.answered
     # Prompt signals compare the distinct prompts the model was not trained on with its training
@@ -538,7 +672,7 @@ def compute_signals(reference: Reference, window: Window, embeddings: np.ndarray
     t, n, alpha = cfg.thresholds, cfg.min_samples, cfg.alpha
     embedding = prompt_embedding_signal(ref_emb, cur_emb, n, cfg.permutations, alpha, cfg.kernel_bandwidth)
     if len(prompts) < len(answered_prompts):
-        embedding.detail += (f" ({len(prompts)} distinct prompts of {len(answered_prompts)} outside the reference)")
+        embedding.detail += f" ({len(prompts)} distinct prompts of {len(answered_prompts)} outside the reference)"
     return [
         embedding,
         prompt_length_signal(ref_prompts, prompts, n, alpha),
@@ -566,8 +700,9 @@ class DriftResult:
     reason: str
 
 
-def drift_verdict(signals: Sequence[Signal], retrain_signals: Sequence[str], reference_size: int,
-                  window: Window) -> DriftResult:
+def drift_verdict(
+    signals: Sequence[Signal], retrain_signals: Sequence[str], reference_size: int, window: Window
+) -> DriftResult:
     """Combine the retraining signals: drift when any alerts, no_data when none could judge."""
     by_name = {s.name: s for s in signals}
     chosen = [by_name[n] for n in retrain_signals if n in by_name]
@@ -581,8 +716,15 @@ def drift_verdict(signals: Sequence[Signal], retrain_signals: Sequence[str], ref
         verdict = "drift" if alerts else "no_drift"
         reason = "; ".join(f"{s.name}: {s.detail}" for s in (alerts or judged))
     newest = window.newest
-    return DriftResult(verdict, emb.statistic if emb else None, emb.p_value if emb else None, reference_size,
-                       len(window.answered), newest.id if newest else None, reason)
+    return DriftResult(
+        verdict,
+        emb.statistic if emb else None,
+        emb.p_value if emb else None,
+        reference_size,
+        len(window.answered),
+        newest.id if newest else None,
+        reason,
+    )
 
 
 # --------------------------------------------------------------------------- the check's inputs and verdict

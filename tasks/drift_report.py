@@ -38,9 +38,12 @@ class ReportContext:
 
 def signal_metrics(signals: list[Signal], drift: DriftResult, window: Window) -> dict[str, float]:
     """Return the check's figures as MLflow metric names and values."""
-    out: dict[str, float] = {"window/requests": len(window.requests), "window/answered": len(window.answered),
-                             "window/skipped_rows": window.skipped_total,
-                             "drift/detected": float(drift.verdict == "drift")}
+    out: dict[str, float] = {
+        "window/requests": len(window.requests),
+        "window/answered": len(window.answered),
+        "window/skipped_rows": window.skipped_total,
+        "drift/detected": float(drift.verdict == "drift"),
+    }
     if drift.statistic is not None:
         out.update({"drift/mmd2": drift.statistic, "drift/p_value": drift.p_value})
     for s in signals:
@@ -62,8 +65,8 @@ def log_monitoring_metrics(record_run: str, timeline_run: str, step: int, metric
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
     for i in range(0, len(batch), 900):  # MLflow takes at most 1000 metrics per batch
-        client.log_batch(record_run, metrics=batch[i:i + 900])
-        client.log_batch(timeline_run, metrics=batch[i:i + 900])
+        client.log_batch(record_run, metrics=batch[i : i + 900])
+        client.log_batch(timeline_run, metrics=batch[i : i + 900])
 
 
 @task(name="finish-monitoring-run", retries=2, retry_delay_seconds=2)
@@ -93,9 +96,17 @@ def _sample(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return x if len(x) <= n else x[np.random.default_rng(seed).choice(len(x), n, replace=False)]
 
 
-def _pictures(reference: Reference, window: Window, embeddings: np.ndarray, baseline: list[LoggedRequest],
-              feedback: dict[str, float], timeline: dict[str, list[tuple[int, float]]], signals: list[Signal],
-              alpha: float, slo_ms: float | None) -> list[tuple[str, str]]:
+def _pictures(
+    reference: Reference,
+    window: Window,
+    embeddings: np.ndarray,
+    baseline: list[LoggedRequest],
+    feedback: dict[str, float],
+    timeline: dict[str, list[tuple[int, float]]],
+    signals: list[Signal],
+    alpha: float,
+    slo_ms: float | None,
+) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -111,7 +122,10 @@ def _pictures(reference: Reference, window: Window, embeddings: np.ndarray, base
         centred = _sample(pooled, 4000) - centre
         # The 2 principal axes from the 384×384 covariance: an SVD of the samples costs seconds.
         axes = np.linalg.eigh(centred.T @ centred)[1][:, ::-1][:, :2]
-        ref_xy, cur_xy = (_sample(ref_emb, PLOT_POINTS) - centre) @ axes, (_sample(cur_emb, PLOT_POINTS) - centre) @ axes
+        ref_xy, cur_xy = (
+            (_sample(ref_emb, PLOT_POINTS) - centre) @ axes,
+            (_sample(cur_emb, PLOT_POINTS) - centre) @ axes,
+        )
         fig, ax = _figure(plt, 6, 4.5)
         ax.scatter(*ref_xy.T, s=10, alpha=0.45, label=f"reference ({len(ref_emb)})")
         ax.scatter(*cur_xy.T, s=14, alpha=0.7, color="crimson", label=f"window ({len(cur_emb)})")
@@ -146,8 +160,12 @@ def _pictures(reference: Reference, window: Window, embeddings: np.ndarray, base
         out.append((title, _png(plt, fig)))
 
     lengths("Prompt length", reference.prompts, [r.prompt for r in answered], "reference")
-    lengths("Answer length", [r.response for r in baseline if r.response],
-            [r.response for r in answered if r.response], "version's first answers")
+    lengths(
+        "Answer length",
+        [r.response for r in baseline if r.response],
+        [r.response for r in answered if r.response],
+        "version's first answers",
+    )
 
     timed = [r for r in answered if r.latency_ms is not None]
     if timed:
@@ -159,7 +177,7 @@ def _pictures(reference: Reference, window: Window, embeddings: np.ndarray, base
         if len(latency) >= 20:
             k = max(10, len(latency) // 20)
             at = np.unique(np.linspace(k, len(latency), min(200, len(latency) - k + 1)).astype(int))
-            rolling = [np.percentile(latency[i - k:i], 95) for i in at]  # at most 200 points on the line
+            rolling = [np.percentile(latency[i - k : i], 95) for i in at]  # at most 200 points on the line
             ax.plot(minutes[at - 1], rolling, color="black", label=f"rolling p95 ({k} requests)")
         if slo_ms:
             ax.axhline(slo_ms, color="crimson", linestyle="--", label=f"p95 SLO {slo_ms:.0f} ms")
@@ -173,8 +191,14 @@ def _pictures(reference: Reference, window: Window, embeddings: np.ndarray, base
         fig, ax = _figure(plt)
         for version in sorted({str(r.model_version) for r in scored}):
             pts = [r for r in scored if str(r.model_version) == version]
-            ax.plot([(r.created_at - t0).total_seconds() / 60 for r in pts], [feedback[r.id] for r in pts],
-                    "o-", ms=3, alpha=0.7, label=f"v{version}")
+            ax.plot(
+                [(r.created_at - t0).total_seconds() / 60 for r in pts],
+                [feedback[r.id] for r in pts],
+                "o-",
+                ms=3,
+                alpha=0.7,
+                label=f"v{version}",
+            )
         ax.set(title="Feedback score per version", xlabel="minutes", ylabel="score")
         ax.legend()
         out.append(("Feedback over time", _png(plt, fig)))
@@ -187,8 +211,13 @@ def _pictures(reference: Reference, window: Window, embeddings: np.ndarray, base
         for name, style in (("prompt_length/p_value", "s--"), ("new_vocabulary/p_value", "^:")):
             series = timeline.get(name, [])
             if series:
-                ax.semilogy([s for s, _ in series], [max(v, 1e-4) for _, v in series], style, alpha=0.7,
-                            label=name.split("/")[0].replace("_", " "))
+                ax.semilogy(
+                    [s for s, _ in series],
+                    [max(v, 1e-4) for _, v in series],
+                    style,
+                    alpha=0.7,
+                    label=name.split("/")[0].replace("_", " "),
+                )
         ax.axhline(alpha, color="crimson", linestyle="--", label=f"alpha {alpha}")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set(title="p-values over the checks", xlabel="check", ylabel="p-value")
@@ -206,9 +235,12 @@ def signal_test(s: Signal) -> str:
 
 def signals_table(signals: list[Signal], title: str = "") -> Table:
     """One row per signal: group, name, statistic, test or limit, verdict, detail."""
-    return Table(["group", "signal", "statistic", "p-value / limit", "verdict", "detail"],
-                 [[s.group, s.name, fmt(s.statistic), signal_test(s), s.verdict, s.detail] for s in signals],
-                 title=title, styles=[STYLES.get(s.verdict, "") for s in signals])
+    return Table(
+        ["group", "signal", "statistic", "p-value / limit", "verdict", "detail"],
+        [[s.group, s.name, fmt(s.statistic), signal_test(s), s.verdict, s.detail] for s in signals],
+        title=title,
+        styles=[STYLES.get(s.verdict, "") for s in signals],
+    )
 
 
 def check_table(drift: DriftResult, window: Window, context: ReportContext) -> Table:
@@ -217,21 +249,35 @@ def check_table(drift: DriftResult, window: Window, context: ReportContext) -> T
     rows = [
         ["champion", context.champion],
         ["reference", f"{context.reference_source} ({drift.reference_size} prompts)"],
-        ["window", (f"{len(window.requests)} requests ({len(window.answered)} answered), newest "
-                   f"{window.window_id or '–'}")],
+        [
+            "window",
+            (f"{len(window.requests)} requests ({len(window.answered)} answered), newest {window.window_id or '–'}"),
+        ],
         ["malformed rows skipped", skipped],
         ["prompts embedded by this check", f"{context.embedded_new} (the others were embedded by earlier checks)"],
-        ["persistence", context.decision], ["episode", context.episode or "–"], ["retraining", context.retraining],
-        ["retraining data", context.data_note or "–"], ["MLflow run", context.mlflow_run_id],
+        ["persistence", context.decision],
+        ["episode", context.episode or "–"],
+        ["retraining", context.retraining],
+        ["retraining data", context.data_note or "–"],
+        ["MLflow run", context.mlflow_run_id],
     ]
     return Table(["", ""], rows)
 
 
 @task(name="write-monitoring-report", cache_policy=NO_CACHE)
 def write_monitoring_report(
-    out: Path, drift: DriftResult, signals: list[Signal], reference: Reference, window: Window,
-    embeddings: np.ndarray, baseline: list[LoggedRequest], feedback: dict[str, float], context: ReportContext,
-    timeline: dict[str, list[tuple[int, float]]], alpha: float, slo_ms: float | None,
+    out: Path,
+    drift: DriftResult,
+    signals: list[Signal],
+    reference: Reference,
+    window: Window,
+    embeddings: np.ndarray,
+    baseline: list[LoggedRequest],
+    feedback: dict[str, float],
+    context: ReportContext,
+    timeline: dict[str, list[tuple[int, float]]],
+    alpha: float,
+    slo_ms: float | None,
 ) -> Path:
     """Write the check as a self-contained HTML page: verdicts, retraining, signals, pictures, outliers."""
     e = html.escape
@@ -243,12 +289,16 @@ def write_monitoring_report(
         centroid = reference.embeddings.mean(axis=0)
         centroid /= np.linalg.norm(centroid) or 1.0
         sim = embeddings @ centroid
-        outliers = Table(["cosine to the reference centroid", "prompt"],
-                         [[f"{sim[i]:.3f}", answered[i].prompt[:300]] for i in np.argsort(sim)[:10]],
-                         title="Requests least like the reference").html()
-    body = (f"<h1>Prompt drift: <span class='{STYLES.get(drift.verdict, '')}'>{drift.verdict}</span></h1>"
-            f"<p>{e(drift.reason)}</p>{check_table(drift, window, context).html()}<h2>Signals</h2>"
-            f"{signals_table(signals).html()}<h2>Pictures</h2>{figures}{outliers}")
+        outliers = Table(
+            ["cosine to the reference centroid", "prompt"],
+            [[f"{sim[i]:.3f}", answered[i].prompt[:300]] for i in np.argsort(sim)[:10]],
+            title="Requests least like the reference",
+        ).html()
+    body = (
+        f"<h1>Prompt drift: <span class='{STYLES.get(drift.verdict, '')}'>{drift.verdict}</span></h1>"
+        f"<p>{e(drift.reason)}</p>{check_table(drift, window, context).html()}<h2>Signals</h2>"
+        f"{signals_table(signals).html()}<h2>Pictures</h2>{figures}{outliers}"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     tmp.write_text(page("tuneloop monitoring report", body))
@@ -261,26 +311,50 @@ TIMELINE_SIGNALS = ["prompt_embedding/p_value", "prompt_length/p_value", "new_vo
 
 @task(name="publish-monitoring-report", cache_policy=NO_CACHE)
 def publish_monitoring_report(
-    out: Path, drift: DriftResult, signals: list[Signal], reference: Reference, window: Window,
-    embeddings: np.ndarray, baseline: list[LoggedRequest], feedback: dict[str, float], context: ReportContext,
-    trigger: Any, m: MonitorConfig, experiment: str,
+    out: Path,
+    drift: DriftResult,
+    signals: list[Signal],
+    reference: Reference,
+    window: Window,
+    embeddings: np.ndarray,
+    baseline: list[LoggedRequest],
+    feedback: dict[str, float],
+    context: ReportContext,
+    trigger: Any,
+    m: MonitorConfig,
+    experiment: str,
 ) -> Path:
     """Log the check's figures (its run and the model's timeline), write the HTML report onto its run,
     end the run, and show the check as a Prefect artifact; return the report's path."""
     from prefect.artifacts import create_markdown_artifact
 
-    log_monitoring_metrics.fn(trigger.record_run_id, trigger.timeline_run_id, trigger.step,
-                              signal_metrics(signals, drift, window))
+    log_monitoring_metrics.fn(
+        trigger.record_run_id, trigger.timeline_run_id, trigger.step, signal_metrics(signals, drift, window)
+    )
     timeline = read_timeline(trigger.timeline_run_id, TIMELINE_SIGNALS)
-    report = write_monitoring_report.fn(out, drift, signals, reference, window, embeddings, baseline, feedback,
-                                        context, timeline, m.alpha, m.thresholds.latency_p95_ms)
+    report = write_monitoring_report.fn(
+        out,
+        drift,
+        signals,
+        reference,
+        window,
+        embeddings,
+        baseline,
+        feedback,
+        context,
+        timeline,
+        m.alpha,
+        m.thresholds.latency_p95_ms,
+    )
     finish_monitoring_run.fn(trigger.record_run_id, report)
     create_markdown_artifact(
         key="monitoring-report",
-        markdown=(f"## Prompt drift: **{drift.verdict}**\n\n{drift.reason}\n\n"
-                  f"{context.decision}; retraining: {context.retraining}\n\n{signals_table(signals).markdown()}\n"
-                  f"{check_table(drift, window, context).markdown()}\n| report | `{report}` (artifact `{report.name}` "
-                  f"of the run, experiment `{experiment}`) |"),
+        markdown=(
+            f"## Prompt drift: **{drift.verdict}**\n\n{drift.reason}\n\n"
+            f"{context.decision}; retraining: {context.retraining}\n\n{signals_table(signals).markdown()}\n"
+            f"{check_table(drift, window, context).markdown()}\n| report | `{report}` (artifact `{report.name}` "
+            f"of the run, experiment `{experiment}`) |"
+        ),
         description=f"Monitoring check: {drift.verdict}",
     )
     return report

@@ -50,15 +50,22 @@ def load_embedder(model: str, max_tokens: int) -> Embedder:
         with torch.inference_mode():
             # Batches of 64: sentence-transformers sorts by length, so short prompts pad little;
             # larger batches measured slower on 2 CPU threads (bench/drift.py).
-            vectors = st.encode(list(texts), batch_size=64, normalize_embeddings=True, show_progress_bar=False,
-                                convert_to_numpy=True)
+            vectors = st.encode(
+                list(texts), batch_size=64, normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True
+            )
         return vectors.astype(np.float32, copy=False)
 
     return embed
 
 
-def embed_missing(store: InferenceLog, request_ids: Sequence[str], prompts: Sequence[str], model_key: str,
-                  embedder: Embedder, chunk: int = 512) -> int:
+def embed_missing(
+    store: InferenceLog,
+    request_ids: Sequence[str],
+    prompts: Sequence[str],
+    model_key: str,
+    embedder: Embedder,
+    chunk: int = 512,
+) -> int:
     """Embed the prompts whose request has no stored vector yet; return how many were embedded.
 
     Stored chunk by chunk: a run stopped half-way keeps what it embedded.
@@ -67,14 +74,15 @@ def embed_missing(store: InferenceLog, request_ids: Sequence[str], prompts: Sequ
     pending = [(rid, text) for rid, text in zip(request_ids, prompts, strict=True) if rid in todo]
     pending = list(dict(pending).items())  # a request id listed twice is embedded once
     for i in range(0, len(pending), chunk):
-        part = pending[i:i + chunk]
+        part = pending[i : i + chunk]
         store.add_embeddings([rid for rid, _ in part], model_key, embedder([text for _, text in part]))
     return len(pending)
 
 
 @task(name="embed-new-requests", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def embed_new_requests(db_url: str, request_ids: list[str], prompts: list[str], model: str,
-                       max_tokens: int) -> tuple[np.ndarray, int]:
+def embed_new_requests(
+    db_url: str, request_ids: list[str], prompts: list[str], model: str, max_tokens: int
+) -> tuple[np.ndarray, int]:
     """Persist embeddings of the requests that lack one; return every request's vector and how many were new."""
     store = InferenceLog(db_url)
     try:
@@ -107,5 +115,6 @@ def embed_window(db_url: str, window: Any, m: Any) -> tuple[np.ndarray, int]:
     answered = window.answered
     if not answered:
         return np.zeros((0, 0), dtype=np.float32), 0
-    return embed_new_requests.fn(db_url, [r.id for r in answered], [r.prompt for r in answered],
-                                 m.embedding_model, m.embedding_max_tokens)
+    return embed_new_requests.fn(
+        db_url, [r.id for r in answered], [r.prompt for r in answered], m.embedding_model, m.embedding_max_tokens
+    )

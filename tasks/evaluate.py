@@ -107,15 +107,22 @@ class GateVerdict:
 
 
 METRICS_DIR = Path(__file__).parent / "metrics"  # local `evaluate` modules (hub metrics need a hub)
-METRIC_MODULES = {"rougeL": "rouge_l", "bleu": "bleu", "chrf": "chrf", "exact_match": "exact_match",
-                  "token_f1": "token_f1"}
+METRIC_MODULES = {
+    "rougeL": "rouge_l",
+    "bleu": "bleu",
+    "chrf": "chrf",
+    "exact_match": "exact_match",
+    "token_f1": "token_f1",
+}
 
 
 PER_EXAMPLE = ("rougeL", "exact_match", "token_f1")  # corpus score = mean of example scores
 
 
 def score_texts(
-    predictions: list[str], references: list[str], names: list[str],
+    predictions: list[str],
+    references: list[str],
+    names: list[str],
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Return (corpus score per named text metric, per-example scores of the mean-decomposable ones).
 
@@ -129,8 +136,9 @@ def score_texts(
     for name in (n for n in names if n in METRIC_MODULES):
         module = evaluate.load(str(METRICS_DIR / METRIC_MODULES[name]))
         if name in PER_EXAMPLE:
-            values = [float(module.compute(predictions=[p], references=[r])[name])
-                      for p, r in zip(predictions, references)]
+            values = [
+                float(module.compute(predictions=[p], references=[r])[name]) for p, r in zip(predictions, references)
+            ]
             per_example[name] = values
             scores[name] = sum(values) / len(values) if values else 0.0
         else:
@@ -158,12 +166,16 @@ def pii_leaks(prompts: list[str], answers: list[str]) -> list[list[str]]:
     leaks = []
     for prompt, findings, answer in zip(prompts, PiiScanner().scan(answers), answers):
         given = _pii_key(prompt)
-        leaks.append(sorted({f.entity for f in findings if _pii_key(answer[f.start:f.end]) not in given}))
+        leaks.append(sorted({f.entity for f in findings if _pii_key(answer[f.start : f.end]) not in given}))
     return leaks
 
 
-def safety_figures(prompts: list[str], answers: list[str], names: list[str], threshold: float,
-                   ) -> tuple[dict[str, float], dict[str, list[float]], list[dict[str, Any]]]:
+def safety_figures(
+    prompts: list[str],
+    answers: list[str],
+    names: list[str],
+    threshold: float,
+) -> tuple[dict[str, float], dict[str, list[float]], list[dict[str, Any]]]:
     """Return the named safety rates, their per-example values (0/1) and per-example findings."""
     from tuneloop.safety import toxicity_probabilities
 
@@ -185,8 +197,9 @@ def safety_figures(prompts: list[str], answers: list[str], names: list[str], thr
     return rates, per_example, found
 
 
-def paired_bootstrap(a: list[float], b: list[float], metric: str, samples: int = 2000, level: float = 0.95,
-                     seed: int = 0) -> PairedDifference:
+def paired_bootstrap(
+    a: list[float], b: list[float], metric: str, samples: int = 2000, level: float = 0.95, seed: int = 0
+) -> PairedDifference:
     """Return the mean of a - b (paired by example) with scipy's BCa bootstrap interval.
 
     Paired: the interval is of the mean per-example difference, so examples both models find
@@ -204,12 +217,24 @@ def paired_bootstrap(a: list[float], b: list[float], metric: str, samples: int =
     mean = float(diff.mean())
     if np.ptp(diff) == 0:  # no spread (or one pair): every resample has this mean; BCa is undefined
         return PairedDifference(metric, mean, mean, mean)
-    ci = bootstrap((diff,), np.mean, n_resamples=samples, confidence_level=level, method="BCa",
-                   random_state=np.random.default_rng(seed)).confidence_interval
+    ci = bootstrap(
+        (diff,),
+        np.mean,
+        n_resamples=samples,
+        confidence_level=level,
+        method="BCa",
+        random_state=np.random.default_rng(seed),
+    ).confidence_interval
     low, high = float(ci.low), float(ci.high)
     if math.isnan(low) or math.isnan(high):  # BCa degenerate on a near-constant sample: percentile instead
-        ci = bootstrap((diff,), np.mean, n_resamples=samples, confidence_level=level, method="percentile",
-                       random_state=np.random.default_rng(seed)).confidence_interval
+        ci = bootstrap(
+            (diff,),
+            np.mean,
+            n_resamples=samples,
+            confidence_level=level,
+            method="percentile",
+            random_state=np.random.default_rng(seed),
+        ).confidence_interval
         low, high = float(ci.low), float(ci.high)
     return PairedDifference(metric, mean, min(low, mean), max(high, mean))
 
@@ -234,8 +259,10 @@ def perplexity(model, tokenizer, rows: pd.DataFrame, max_seq_len: int, batch_siz
             labels = padded("labels", -100)
             logits = model(input_ids=padded("input_ids", pad), attention_mask=padded("attention_mask", 0)).logits
             loss = torch.nn.functional.cross_entropy(  # next-token loss, summed over answer tokens
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                ignore_index=-100, reduction="sum",
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
             )
             total += loss.item()
             count += int((labels[:, 1:] != -100).sum())
@@ -258,8 +285,10 @@ def conversation_rows(frame: pd.DataFrame) -> pd.DataFrame:
         reference = str(turns[last]["content"])
         if reference.strip():
             out.append((index, [dict(t) for t in turns[:last]], reference))
-    return pd.DataFrame({"messages": [m for _, m, _ in out], "reference": [r for _, _, r in out]},
-                        index=pd.Index([i for i, _, _ in out], name=frame.index.name))
+    return pd.DataFrame(
+        {"messages": [m for _, m, _ in out], "reference": [r for _, _, r in out]},
+        index=pd.Index([i for i, _, _ in out], name=frame.index.name),
+    )
 
 
 @task(name="check-eval-set")
@@ -269,17 +298,22 @@ def eval_rows(eval_set: pd.DataFrame, cfg: EvalConfig, source: str) -> pd.DataFr
     if eval_set.empty:
         raise EvalSetError(f"Evaluation set {source} holds no rows: give a JSONL file with prompt/response rows")
     if MESSAGES not in eval_set.columns:
-        raise EvalSetError(f"Evaluation set {source}: no conversations (read it with tasks.data, which gives "
-                           "every row its turns)")
+        raise EvalSetError(
+            f"Evaluation set {source}: no conversations (read it with tasks.data, which gives every row its turns)"
+        )
     rows = conversation_rows(eval_set)
     # A prompt/response file (a stored slice holds conversations only) that lacks one of the fields.
     missing = [c for c in (PROMPT, RESPONSE) if c not in eval_set.columns]
     if rows.empty and missing and len(missing) < 2:
-        raise EvalSetError(f"Evaluation set {source}: no {missing[0]} field in any row "
-                           "(data.prompt_field / data.response_field name them)")
+        raise EvalSetError(
+            f"Evaluation set {source}: no {missing[0]} field in any row "
+            "(data.prompt_field / data.response_field name them)"
+        )
     if rows.empty:
-        raise EvalSetError(f"Evaluation set {source} holds no row with a prompt and a response: "
-                           "add rows (or raise data.eval_fraction for a training split)")
+        raise EvalSetError(
+            f"Evaluation set {source} holds no row with a prompt and a response: "
+            "add rows (or raise data.eval_fraction for a training split)"
+        )
     return rows.head(cfg.max_examples)
 
 
@@ -287,8 +321,9 @@ def _last_user(messages: list[dict[str, str]]) -> str:
     return next((t["content"] for t in reversed(messages) if t["role"] == "user"), "")
 
 
-def score_model(model: Any, tokenizer: Any, rows: pd.DataFrame, cfg: EvalConfig, label: str,
-                slice_ref: str = "") -> EvalReport:
+def score_model(
+    model: Any, tokenizer: Any, rows: pd.DataFrame, cfg: EvalConfig, label: str, slice_ref: str = ""
+) -> EvalReport:
     """Generate answers to the rows' conversations and return every configured figure of them."""
     from tuneloop.generation import generate_batch
 
@@ -305,8 +340,12 @@ def score_model(model: Any, tokenizer: Any, rows: pd.DataFrame, cfg: EvalConfig,
         latencies += [(time.perf_counter() - batch_start) * 1000] * len(outs)
         predictions += [o.text for o in outs]
         tokens += sum(o.completion_tokens for o in outs)
-        report_progress("evaluate", min(i + cfg.batch_size, len(conversations)), len(conversations),
-                        f"{label} on {slice_ref or 'the eval set'}")
+        report_progress(
+            "evaluate",
+            min(i + cfg.batch_size, len(conversations)),
+            len(conversations),
+            f"{label} on {slice_ref or 'the eval set'}",
+        )
     seconds = time.perf_counter() - start
     references = list(rows["reference"])
     prompts = [_last_user(m) for m in conversations]
@@ -319,10 +358,17 @@ def score_model(model: Any, tokenizer: Any, rows: pd.DataFrame, cfg: EvalConfig,
     metrics.update(safety)
     per_example.update(safety_per_example)
     metrics.update(latency_and_cost(latencies, tokens, seconds, cfg.price_per_device_hour))
-    examples = [{"prompt": p, "messages": m, "reference": r, "prediction": y, **f}
-                for p, m, r, y, f in zip(prompts, conversations, references, predictions, findings)]
-    log.info("%s on %s: %s on %d examples", label, slice_ref or "the eval set",
-             ", ".join(f"{k} {metrics[k]:.4g}" for k in cfg.metrics if k in metrics), len(rows))
+    examples = [
+        {"prompt": p, "messages": m, "reference": r, "prediction": y, **f}
+        for p, m, r, y, f in zip(prompts, conversations, references, predictions, findings)
+    ]
+    log.info(
+        "%s on %s: %s on %d examples",
+        label,
+        slice_ref or "the eval set",
+        ", ".join(f"{k} {metrics[k]:.4g}" for k in cfg.metrics if k in metrics),
+        len(rows),
+    )
     return EvalReport(label, metrics, examples, per_example, slice_ref)
 
 
@@ -334,8 +380,14 @@ def report_progress(stage: str, done: int, total: int, what: str) -> None:
 
 
 # Settings that change a model's figures on a slice: part of the cache key.
-_CACHED_SETTINGS = ("metrics", "max_new_tokens", "batch_size", "max_seq_len", "toxicity_threshold",
-                    "price_per_device_hour")
+_CACHED_SETTINGS = (
+    "metrics",
+    "max_new_tokens",
+    "batch_size",
+    "max_seq_len",
+    "toxicity_threshold",
+    "price_per_device_hour",
+)
 EVAL_CACHE_FORMAT = 1
 
 
@@ -363,14 +415,21 @@ def _write_cached(path: Path, report: EvalReport) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps({"metrics": report.metrics, "examples": report.examples,
-                               "per_example": report.per_example}))
+    tmp.write_text(
+        json.dumps({"metrics": report.metrics, "examples": report.examples, "per_example": report.per_example})
+    )
     tmp.replace(path)  # a reader never sees half an entry
 
 
 @task(name="evaluate-model")
-def evaluate_model(target: Path | BaseRef, slices: list[EvalSlice], cfg: EvalConfig, label: str,
-                   cache_dir: Path | None = None, dtype: str = "float32") -> ModelEvaluation:
+def evaluate_model(
+    target: Path | BaseRef,
+    slices: list[EvalSlice],
+    cfg: EvalConfig,
+    label: str,
+    cache_dir: Path | None = None,
+    dtype: str = "float32",
+) -> ModelEvaluation:
     """Evaluate a model artifact (adapter on its verified base, or full weights) or a base model as it is
     on every slice; figures already computed for this model, slice and settings come from `cache_dir`."""
     from tuneloop.models import artifact_sha256
@@ -379,8 +438,7 @@ def evaluate_model(target: Path | BaseRef, slices: list[EvalSlice], cfg: EvalCon
     reports: dict[str, EvalReport] = {}
     todo: list[EvalSlice] = []
     for sl in slices:
-        cached = _read_cached(cache_dir / f"{_cache_key(identity, sl, cfg)}.json", label, sl.ref) if cache_dir \
-            else None
+        cached = _read_cached(cache_dir / f"{_cache_key(identity, sl, cfg)}.json", label, sl.ref) if cache_dir else None
         if cached is not None:
             log.info("%s on %s: figures of an earlier evaluation of the same model (cache)", label, sl.ref)
             reports[sl.name] = cached
@@ -398,8 +456,10 @@ def evaluate_model(target: Path | BaseRef, slices: list[EvalSlice], cfg: EvalCon
 
 def _as_internal(rows: pd.DataFrame) -> pd.DataFrame:
     """Evaluation rows (conversation + reference) as whole conversations, answer included."""
-    return pd.DataFrame({MESSAGES: [[*m, {"role": "assistant", "content": r}]
-                                    for m, r in zip(rows["messages"], rows["reference"])]}, index=rows.index)
+    return pd.DataFrame(
+        {MESSAGES: [[*m, {"role": "assistant", "content": r}] for m, r in zip(rows["messages"], rows["reference"])]},
+        index=rows.index,
+    )
 
 
 def _load(target: Path | BaseRef, dtype: str) -> tuple[Any, Any]:
@@ -414,8 +474,9 @@ def _load(target: Path | BaseRef, dtype: str) -> tuple[Any, Any]:
 
 
 @task(name="evaluate-base-model")
-def evaluate_base_model(base: BaseRef, eval_set: pd.DataFrame, cfg: EvalConfig, label: str,
-                        dtype: str = "float32") -> EvalReport:
+def evaluate_base_model(
+    base: BaseRef, eval_set: pd.DataFrame, cfg: EvalConfig, label: str, dtype: str = "float32"
+) -> EvalReport:
     """Evaluate a base model as it is (no adapter) on one set (the model leaderboard), in tasks.data's form."""
     rows = eval_rows.fn(eval_set, cfg, label)
     model, tok = _load(base, dtype)
@@ -451,28 +512,39 @@ def compare_reports(candidate: ModelEvaluation, champion: ModelEvaluation) -> li
 
 
 @task(name="decide-gate")
-def decide_gate(candidate: ModelEvaluation, champion: ModelEvaluation, comparison: list[PairedDifference],
-                cfg: GateConfig, new: str) -> GateVerdict:
+def decide_gate(
+    candidate: ModelEvaluation, champion: ModelEvaluation, comparison: list[PairedDifference], cfg: GateConfig, new: str
+) -> GateVerdict:
     """Return the verdict of the gate's rules on the candidate against the champion (the base model while
     no version is champion), rule by rule and slice by slice; `new` is the candidate's own slice.
 
     A judge that failed on some examples leaves the evidence incomplete: the verdict is
     withheld (not passed), whatever the rules say.
     """
-    figures = Figures(candidate.figures(), champion.figures(), new, list(candidate.reports),
-                      {(d.metric, d.slice): (d.low, d.high) for d in comparison})
+    figures = Figures(
+        candidate.figures(),
+        champion.figures(),
+        new,
+        list(candidate.reports),
+        {(d.metric, d.slice): (d.low, d.high) for d in comparison},
+    )
     results = [r for rule in cfg.rules for r in evaluate_rule(parse_rule(rule), figures)]
-    failed_judge = {e.label: int(sum(r.metrics.get("judge_failed", 0) for r in e.reports.values()))
-                    for e in (candidate, champion)}
+    failed_judge = {
+        e.label: int(sum(r.metrics.get("judge_failed", 0) for r in e.reports.values())) for e in (candidate, champion)
+    }
     if sum(failed_judge.values()):
         where = ", ".join(f"{label} {n}" for label, n in failed_judge.items() if n)
-        return GateVerdict("withheld", f"rejected: judge failed on {sum(failed_judge.values())} examples "
-                           f"({where}); verdict withheld", results)
+        return GateVerdict(
+            "withheld",
+            f"rejected: judge failed on {sum(failed_judge.values())} examples ({where}); verdict withheld",
+            results,
+        )
     failed = [r for r in results if r.outcome == "fail"]
     if failed:
         return GateVerdict("rejected", "rejected: " + "; ".join(f"{r.rule} ({r.detail})" for r in failed), results)
-    return GateVerdict("passed", f"passed: {len(results)} of {len(results)} rule checks held against "
-                       f"{champion.label}", results)
+    return GateVerdict(
+        "passed", f"passed: {len(results)} of {len(results)} rule checks held against {champion.label}", results
+    )
 
 
 @task(name="check-model-list")
@@ -485,8 +557,9 @@ def check_model_list(models: list[str], rank_by: str, cfg: EvalConfig) -> list[s
         raise ValueError(f"Model(s) listed twice: {', '.join(repeated)}")
     known = evaluated_metrics(cfg)
     if rank_by not in known:
-        raise ValueError(f"Cannot rank by {rank_by!r}: it is not evaluated with this config; choose one of "
-                         f"{', '.join(known)}")
+        raise ValueError(
+            f"Cannot rank by {rank_by!r}: it is not evaluated with this config; choose one of {', '.join(known)}"
+        )
     return models
 
 
@@ -501,18 +574,37 @@ def rank_reports(reports: list[EvalReport], rank_by: str) -> list[EvalReport]:
     return sorted(reports, key=key)
 
 
-MAIN_METRICS = ("token_f1", "rougeL", "exact_match", "bleu", "chrf", "toxicity_rate", "pii_leak_rate",
-                "judge_score", "hallucination_rate", "perplexity", "p50_latency_ms")
+MAIN_METRICS = (
+    "token_f1",
+    "rougeL",
+    "exact_match",
+    "bleu",
+    "chrf",
+    "toxicity_rate",
+    "pii_leak_rate",
+    "judge_score",
+    "hallucination_rate",
+    "perplexity",
+    "p50_latency_ms",
+)
 
 
 def gate_table(verdict: GateVerdict) -> Table:
     """One row per rule (and slice): outcome, rule, the values compared."""
-    return Table(["outcome", "rule", "values"], [[r.outcome, r.rule, r.detail] for r in verdict.rules],
-                 title=f"Gate: {verdict.decision}", styles=[STYLES.get(r.outcome, "") for r in verdict.rules])
+    return Table(
+        ["outcome", "rule", "values"],
+        [[r.outcome, r.rule, r.detail] for r in verdict.rules],
+        title=f"Gate: {verdict.decision}",
+        styles=[STYLES.get(r.outcome, "") for r in verdict.rules],
+    )
 
 
-def slices_table(candidate: ModelEvaluation, champion: ModelEvaluation, comparison: list[PairedDifference],
-                 metrics: tuple[str, ...] = MAIN_METRICS) -> Table:
+def slices_table(
+    candidate: ModelEvaluation,
+    champion: ModelEvaluation,
+    comparison: list[PairedDifference],
+    metrics: tuple[str, ...] = MAIN_METRICS,
+) -> Table:
     """Slices side by side: per slice and metric, the champion's figure, the candidate's, the paired gain."""
     diffs = {(d.slice, d.metric): d for d in comparison}
     rows = []
@@ -520,32 +612,61 @@ def slices_table(candidate: ModelEvaluation, champion: ModelEvaluation, comparis
         theirs = champion.reports.get(name)
         for m in (m for m in metrics if m in mine.metrics):
             d = diffs.get((name, m))
-            rows.append([mine.slice or name, m, fmt(theirs.metrics.get(m) if theirs else None), fmt(mine.metrics[m]),
-                         fmt_signed(d.mean) if d else "–", fmt_interval(d.low, d.high) if d else "–"])
-    return Table(["slice", "metric", champion.label, candidate.label, "gain (paired)", "95% interval"], rows,
-                 title="Every slice: the candidate against " + champion.label)
+            rows.append(
+                [
+                    mine.slice or name,
+                    m,
+                    fmt(theirs.metrics.get(m) if theirs else None),
+                    fmt(mine.metrics[m]),
+                    fmt_signed(d.mean) if d else "–",
+                    fmt_interval(d.low, d.high) if d else "–",
+                ]
+            )
+    return Table(
+        ["slice", "metric", champion.label, candidate.label, "gain (paired)", "95% interval"],
+        rows,
+        title="Every slice: the candidate against " + champion.label,
+    )
 
 
-def example_changes(candidate: EvalReport, champion: EvalReport, metric: str, n: int = 5,
-                    ) -> tuple[list[tuple[float, dict, dict]], list[tuple[float, dict, dict]]]:
+def example_changes(
+    candidate: EvalReport,
+    champion: EvalReport,
+    metric: str,
+    n: int = 5,
+) -> tuple[list[tuple[float, dict, dict]], list[tuple[float, dict, dict]]]:
     """The `n` examples that improved most and regressed most by `metric` (gain, candidate's, champion's)."""
     mine, theirs = candidate.per_example.get(metric), champion.per_example.get(metric)
     if not mine or not theirs or len(mine) != len(theirs):
         return [], []
-    changes = sorted(((a - b, c, h) for a, b, c, h in zip(mine, theirs, candidate.examples, champion.examples)
-                      if not (math.isnan(a) or math.isnan(b))), key=lambda t: t[0])
+    changes = sorted(
+        (
+            (a - b, c, h)
+            for a, b, c, h in zip(mine, theirs, candidate.examples, champion.examples)
+            if not (math.isnan(a) or math.isnan(b))
+        ),
+        key=lambda t: t[0],
+    )
     return [t for t in reversed(changes) if t[0] > 0][:n], [t for t in changes if t[0] < 0][:n]
 
 
 def changes_table(changes: list[tuple[float, dict, dict]], metric: str, title: str, who: str) -> Table:
-    return Table([f"Δ {metric}", "prompt", "reference", "candidate", who],
-                 [[fmt_signed(d, 3), c["prompt"], c["reference"], c["prediction"], h["prediction"]]
-                  for d, c, h in changes], title=title)
+    return Table(
+        [f"Δ {metric}", "prompt", "reference", "candidate", who],
+        [[fmt_signed(d, 3), c["prompt"], c["reference"], c["prediction"], h["prediction"]] for d, c, h in changes],
+        title=title,
+    )
 
 
 @task(name="write-eval-report")
-def write_eval_report(candidate: ModelEvaluation, champion: ModelEvaluation, comparison: list[PairedDifference],
-                      verdict: GateVerdict, out: Path, metric: str = "token_f1") -> Path:
+def write_eval_report(
+    candidate: ModelEvaluation,
+    champion: ModelEvaluation,
+    comparison: list[PairedDifference],
+    verdict: GateVerdict,
+    out: Path,
+    metric: str = "token_f1",
+) -> Path:
     """Write a self-contained HTML report: the gate rule by rule, slices side by side with paired
     intervals, pictures, and the examples that improved and regressed most on each slice."""
     import html
@@ -560,8 +681,11 @@ def write_eval_report(candidate: ModelEvaluation, champion: ModelEvaluation, com
 
     figures = []
     names = list(candidate.reports)
-    bounded = [k for k in ("token_f1", "rougeL", "exact_match", "toxicity_rate", "pii_leak_rate")
-               if all(k in r.metrics for r in candidate.reports.values())]
+    bounded = [
+        k
+        for k in ("token_f1", "rougeL", "exact_match", "toxicity_rate", "pii_leak_rate")
+        if all(k in r.metrics for r in candidate.reports.values())
+    ]
     if bounded:
         fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names) + 1, 3.2), squeeze=False, sharey=True)
         x = np.arange(len(bounded))
@@ -580,8 +704,11 @@ def write_eval_report(candidate: ModelEvaluation, champion: ModelEvaluation, com
         errors = [[d.mean - d.low for d in comparison], [d.high - d.mean for d in comparison]]
         ax.errorbar(means, range(len(comparison)), xerr=errors, fmt="o", capsize=4)
         ax.axvline(0, color="grey", lw=1)
-        ax.set(yticks=range(len(comparison)), yticklabels=[f"{d.slice} {d.metric}" for d in comparison],
-               title=f"{candidate.label} − {champion.label}, paired, 95% interval")
+        ax.set(
+            yticks=range(len(comparison)),
+            yticklabels=[f"{d.slice} {d.metric}" for d in comparison],
+            title=f"{candidate.label} − {champion.label}, paired, 95% interval",
+        )
         figures.append(figure_html("Paired gains with their intervals (right of 0: better)", png_base64(fig)))
         plt.close(fig)
     examples = ""
@@ -590,21 +717,38 @@ def write_eval_report(candidate: ModelEvaluation, champion: ModelEvaluation, com
         if theirs is None:
             continue
         improved, regressed = example_changes(mine, theirs, metric)
-        examples += changes_table(improved, metric, f"{mine.slice or name}: improved most",
-                                  champion.label).html() if improved else ""
-        examples += changes_table(regressed, metric, f"{mine.slice or name}: regressed most",
-                                  champion.label).html() if regressed else ""
+        examples += (
+            changes_table(improved, metric, f"{mine.slice or name}: improved most", champion.label).html()
+            if improved
+            else ""
+        )
+        examples += (
+            changes_table(regressed, metric, f"{mine.slice or name}: regressed most", champion.label).html()
+            if regressed
+            else ""
+        )
     judged = [e for r in candidate.reports.values() for e in r.examples if "judge_score" in e]
     if judged:
-        examples += Table(["score", "hallucinated", "prompt", "candidate", "rationale / failure"], [
-            ["failed" if e["judge_score"] is None else e["judge_score"],
-             "failed" if e.get("hallucinated") is None else ("yes" if e["hallucinated"] else "no"),
-             e["prompt"], e["prediction"], e.get("judge_error") or e.get("judge_rationale", "")] for e in judged],
-            title="Judge, example by example (candidate)").html()
-    body = (f"<h1 class='{STYLES.get(verdict.decision, '')}'>Gate: {verdict.decision}</h1>"
-            f"<p>{html.escape(verdict.reason)}</p>{gate_table(verdict).html()}"
-            f"{slices_table(candidate, champion, comparison).html()}{''.join(figures)}"
-            f"<h2>Examples that changed most ({metric})</h2>{examples or '<p>none</p>'}")
+        examples += Table(
+            ["score", "hallucinated", "prompt", "candidate", "rationale / failure"],
+            [
+                [
+                    "failed" if e["judge_score"] is None else e["judge_score"],
+                    "failed" if e.get("hallucinated") is None else ("yes" if e["hallucinated"] else "no"),
+                    e["prompt"],
+                    e["prediction"],
+                    e.get("judge_error") or e.get("judge_rationale", ""),
+                ]
+                for e in judged
+            ],
+            title="Judge, example by example (candidate)",
+        ).html()
+    body = (
+        f"<h1 class='{STYLES.get(verdict.decision, '')}'>Gate: {verdict.decision}</h1>"
+        f"<p>{html.escape(verdict.reason)}</p>{gate_table(verdict).html()}"
+        f"{slices_table(candidate, champion, comparison).html()}{''.join(figures)}"
+        f"<h2>Examples that changed most ({metric})</h2>{examples or '<p>none</p>'}"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page("tuneloop evaluation", body))
     return out

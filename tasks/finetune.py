@@ -53,8 +53,16 @@ CONFIG_FILE = "train-config.json"  # in the checkpoint root: what the checkpoint
 DEEPSPEED_DIR = REPO_ROOT / "infra" / "deepspeed"
 # Dense bf16 tensor-core peaks (vendor data sheets), TFLOP/s, by a substring of the device name;
 # first match wins. CPUs have no such table entry: MFU is left out there.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-               ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+)
 
 
 class TrainingSetupError(ValueError):
@@ -117,8 +125,10 @@ def tokenize_examples(tokenizer, frame: pd.DataFrame, max_seq_len: int) -> list[
     if "messages" in frame:
         conversations = list(frame["messages"])
     else:
-        conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-                         for p, r in zip(frame["prompt"], frame["response"])]
+        conversations = [
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+            for p, r in zip(frame["prompt"], frame["response"])
+        ]
     examples = ChatRenderer(tokenizer).tokenize(conversations, max_seq_len)
     return [e for e in examples if any(label != IGNORE for label in e["labels"])]
 
@@ -137,8 +147,11 @@ def linear_params(model: Any) -> int:
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))
-               and not type(m).__module__.startswith("peft"))  # base weights only, not LoRA's A/B
+    return sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and not type(m).__module__.startswith("peft")
+    )  # base weights only, not LoRA's A/B
 
 
 def check_device(cfg: TrainConfig) -> str:
@@ -150,13 +163,16 @@ def check_device(cfg: TrainConfig) -> str:
     cuda = torch.cuda.is_available()
     if cfg.method == "qlora":
         if not cuda:
-            raise TrainingSetupError("train.method qlora needs a CUDA GPU (bitsandbytes 4-bit weights); "
-                                     "none is visible here: use method lora on CPU")
+            raise TrainingSetupError(
+                "train.method qlora needs a CUDA GPU (bitsandbytes 4-bit weights); "
+                "none is visible here: use method lora on CPU"
+            )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise TrainingSetupError("train.method qlora needs the bitsandbytes package: pip install bitsandbytes")
     if cfg.mixed_precision == "bf16" and not (cuda and torch.cuda.is_bf16_supported()):
-        raise TrainingSetupError("train.mixed_precision bf16 needs a CUDA GPU with bf16 (Ampere or newer): "
-                                 "set mixed_precision: auto")
+        raise TrainingSetupError(
+            "train.mixed_precision bf16 needs a CUDA GPU with bf16 (Ampere or newer): set mixed_precision: auto"
+        )
     if cfg.deepspeed and not (DEEPSPEED_DIR / f"{cfg.deepspeed}.json").exists():
         raise TrainingSetupError(f"DeepSpeed config {DEEPSPEED_DIR / (cfg.deepspeed + '.json')} is missing")
     return "cuda" if cuda else "cpu"
@@ -171,8 +187,9 @@ def resolve_packing(cfg: TrainConfig, device: str) -> str:
     return "shared_prefix" if device == "cpu" else "padding_free"
 
 
-def build_model(base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig,
-                start: Path | None = None) -> tuple[Any, Any, list[str]]:
+def build_model(
+    base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig, start: Path | None = None
+) -> tuple[Any, Any, list[str]]:
     """Load the base for `cfg.method`; return (trainable model, tokenizer, adapted module names).
 
     With `start`, an adapter artifact on the same base (the champion's), that adapter trains on
@@ -182,8 +199,10 @@ def build_model(base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig,
     from transformers import set_seed
 
     if start is not None and (started := read_base_ref(start)).sha256 != base.sha256:
-        raise TrainingSetupError(f"The adapter to start from ({start}) was trained on base {started.location} "
-                                 f"(sha256 {started.sha256[:12]}), not on {base.location} ({base.sha256[:12]})")
+        raise TrainingSetupError(
+            f"The adapter to start from ({start}) was trained on base {started.location} "
+            f"(sha256 {started.sha256[:12]}), not on {base.location} ({base.sha256[:12]})"
+        )
     set_seed(cfg.seed)  # LoRA's A matrices start random: the same seed, the same adapter
 
     quantization = None
@@ -191,7 +210,9 @@ def build_model(base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig,
         from transformers import BitsAndBytesConfig
 
         quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
     model, tok = load_base(base, model_cfg.dtype, quantization_config=quantization)
@@ -213,10 +234,16 @@ def build_model(base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig,
     # output head; Llama/Qwen/Mistral q/k/v/o/gate/up/down_proj, GPT-2's Conv1D c_attn/c_proj/c_fc).
     targets = "all-linear" if cfg.target_modules in ("auto", "all-linear") else list(cfg.target_modules)
     try:
-        peft_model = get_peft_model(model, LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=targets, task_type="CAUSAL_LM",
-        ))
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            ),
+        )
     except ValueError as err:  # e.g. "Target modules {'q_projx'} not found in the base model"
         raise TrainingSetupError(f"train.target_modules {targets}: {err}") from None
     return peft_model, tok, adapted_modules(peft_model)
@@ -265,9 +292,10 @@ class PackedCollator:
             spans.append((len(ids), n - prefix))
             ids += f["input_ids"][prefix:]
             positions += range(prefix, n)
-            targets += f["labels"][prefix + 1:] + [IGNORE]
+            targets += f["labels"][prefix + 1 :] + [IGNORE]
         batch = {
-            "input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+            "input_ids": torch.tensor([ids]),
+            "position_ids": torch.tensor([positions]),
             "target_ids": torch.tensor([targets]),
             "example_tokens": sum(len(f["input_ids"]) for f in features),
         }
@@ -276,8 +304,8 @@ class PackedCollator:
             mask = torch.zeros(size, size, dtype=torch.bool)
             mask[:prefix, :prefix] = torch.ones(prefix, prefix, dtype=torch.bool).tril()
             for start, n in spans:
-                mask[start:start + n, :prefix] = True
-                mask[start:start + n, start:start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+                mask[start : start + n, :prefix] = True
+                mask[start : start + n, start : start + n] = torch.ones(n, n, dtype=torch.bool).tril()
             batch["attention_mask"] = mask[None, None]  # True: attend (SDPA's convention)
         return batch
 
@@ -349,8 +377,9 @@ class StepFigures(TrainerCallback):
     checkpoint (so a killed run keeps those of its saved steps) and at the end, one call each.
     """
 
-    def __init__(self, token_log: list[tuple[int, int]], flops_per_token: float, peak: float | None,
-                 run_id: str | None) -> None:
+    def __init__(
+        self, token_log: list[tuple[int, int]], flops_per_token: float, peak: float | None, run_id: str | None
+    ) -> None:
         self.token_log, self.flops_per_token, self.peak, self.run_id = token_log, flops_per_token, peak, run_id
         self.rows: list[tuple[int, str, float]] = []
         self._sent = 0
@@ -365,14 +394,20 @@ class StepFigures(TrainerCallback):
 
         now = time.perf_counter()
         seconds, self._last = now - self._last, now
-        report("train", state.global_step, state.max_steps,
-               "steps" if math.isnan(self._loss) else f"steps, loss {self._loss:.4g}")
+        report(
+            "train",
+            state.global_step,
+            state.max_steps,
+            "steps" if math.isnan(self._loss) else f"steps, loss {self._loss:.4g}",
+        )
         if not self.token_log:
             return
         example_tokens, computed = self.token_log[-1]
         step = state.global_step
-        self.rows += [(step, "train/tokens_per_second", example_tokens / seconds),
-                      (step, "train/step_seconds", seconds)]
+        self.rows += [
+            (step, "train/tokens_per_second", example_tokens / seconds),
+            (step, "train/step_seconds", seconds),
+        ]
         # 6 · N · tokens: the usual training FLOPs (forward 2N, backward 4N), N = matmul weights.
         tflops = 6 * self.flops_per_token * computed / seconds / 1e12
         self.rows.append((step, "train/model_tflops", tflops))
@@ -390,7 +425,7 @@ class StepFigures(TrainerCallback):
         self.flush()
 
     def flush(self, extra: list[tuple[int, str, float]] = ()) -> None:
-        rows = self.rows[self._sent:] + list(extra)
+        rows = self.rows[self._sent :] + list(extra)
         self._sent = len(self.rows)
         if self.run_id and rows:
             import mlflow
@@ -399,7 +434,7 @@ class StepFigures(TrainerCallback):
             now = int(time.time() * 1000)
             metrics = [Metric(k, v, now, s) for s, k, v in rows]
             for lo in range(0, len(metrics), 1000):  # MLflow's limit per batch call
-                mlflow.MlflowClient().log_batch(self.run_id, metrics=metrics[lo:lo + 1000])
+                mlflow.MlflowClient().log_batch(self.run_id, metrics=metrics[lo : lo + 1000])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,10 +482,13 @@ def _check_same_training(root: Path, cfg: TrainConfig, base: BaseRef) -> None:
     if path.exists() and list(root.glob(f"checkpoint-*/{COMPLETE_MARKER}")):
         saved = json.loads(path.read_text())
         if saved != fingerprint:
-            changed = sorted(k for k in fingerprint["train"] if saved.get("train", {}).get(k) != fingerprint["train"][k])
+            changed = sorted(
+                k for k in fingerprint["train"] if saved.get("train", {}).get(k) != fingerprint["train"][k]
+            )
             raise TrainingSetupError(
                 f"Checkpoints in {root} were written by another training (changed: {changed or ['base']}): "
-                "delete the folder to start over, or train into a new one")
+                "delete the folder to start over, or train into a new one"
+            )
         return
     root.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -466,14 +504,24 @@ def training_arguments(cfg: TrainConfig, device: str, output_dir: Path, packing:
     """Return the Trainer's arguments for `cfg` on `device`."""
     from transformers import TrainingArguments
 
-    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device == "cuda"
-                                             and _bf16_supported())
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device == "cuda" and _bf16_supported())
     return TrainingArguments(
-        output_dir=str(output_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, lr_scheduler_type="constant", seed=cfg.seed, data_seed=cfg.seed,
-        logging_steps=1, report_to=[], disable_tqdm=True, dataloader_num_workers=0,
-        remove_unused_columns=False, use_cpu=device == "cpu", bf16=bf16,
-        save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
+        output_dir=str(output_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="constant",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=device == "cpu",
+        bf16=bf16,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
         save_total_limit=2,  # ≥ 2: rotation runs before the marker, so one complete checkpoint always stays
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         gradient_checkpointing=cfg.gradient_checkpointing,
@@ -489,8 +537,9 @@ def _bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def _oom_message(err: BaseException, cfg: TrainConfig, device: str, packing: str,
-                 token_log: list[tuple[int, int]]) -> str:
+def _oom_message(
+    err: BaseException, cfg: TrainConfig, device: str, packing: str, token_log: list[tuple[int, int]]
+) -> str:
     largest = max((c for _, c in token_log), default=None)
     tried = f"the largest batch so far had {largest} tokens; " if largest else ""
     lower = ["train.batch_size", "train.max_seq_len"]
@@ -500,14 +549,22 @@ def _oom_message(err: BaseException, cfg: TrainConfig, device: str, packing: str
         lower.append("or use method qlora (4-bit base)")
     if cfg.method == "full" and cfg.deepspeed != "zero3":
         lower.append("or shard with deepspeed: zero3")
-    return (f"Out of memory training on {device} with batch_size={cfg.batch_size} × max_seq_len={cfg.max_seq_len} "
-            f"(up to {cfg.batch_size * cfg.max_seq_len} tokens per step, packing {packing}); {tried}"
-            f"lower {', '.join(lower)}. ({type(err).__name__}: {str(err)[:200]})")
+    return (
+        f"Out of memory training on {device} with batch_size={cfg.batch_size} × max_seq_len={cfg.max_seq_len} "
+        f"(up to {cfg.batch_size * cfg.max_seq_len} tokens per step, packing {packing}); {tried}"
+        f"lower {', '.join(lower)}. ({type(err).__name__}: {str(err)[:200]})"
+    )
 
 
 def train_model(
-    examples: list[dict[str, list[int]]], base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig,
-    out_dir: Path, run_id: str | None = None, *, loaded: tuple[Any, Any, list[str]] | None = None,
+    examples: list[dict[str, list[int]]],
+    base: BaseRef,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    out_dir: Path,
+    run_id: str | None = None,
+    *,
+    loaded: tuple[Any, Any, list[str]] | None = None,
     callbacks: list[TrainerCallback] | None = None,
 ) -> TrainingOutcome:
     """Train on tokenized `examples`, resuming from a complete checkpoint in `out_dir`; save the artifact.
@@ -528,8 +585,10 @@ def train_model(
     model, tok, targets = loaded or build_model(base, model_cfg, cfg)
     packing = resolve_packing(cfg, device)
     if packing == "shared_prefix" and model.config._attn_implementation != "sdpa":
-        raise TrainingSetupError(f"packing shared_prefix needs SDPA attention; the model uses "
-                                 f"{model.config._attn_implementation}: set packing: padding_free")
+        raise TrainingSetupError(
+            f"packing shared_prefix needs SDPA attention; the model uses "
+            f"{model.config._attn_implementation}: set packing: padding_free"
+        )
     ckpt_root = out_dir / "checkpoints"
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:
@@ -538,8 +597,11 @@ def train_model(
     token_log: list[tuple[int, int]] = []
     figures = StepFigures(token_log, linear_params(model), peak_tflops(device), run_id if main_rank else None)
     trainer = TuneloopTrainer(
-        model=model, args=training_arguments(cfg, device, ckpt_root, packing), train_dataset=examples,
-        data_collator=_collator(packing, tok), callbacks=[figures, MarkComplete(), *(callbacks or [])],
+        model=model,
+        args=training_arguments(cfg, device, ckpt_root, packing),
+        train_dataset=examples,
+        data_collator=_collator(packing, tok),
+        callbacks=[figures, MarkComplete(), *(callbacks or [])],
         token_log=token_log,
     )
     from transformers.trainer_callback import PrinterCallback
@@ -562,9 +624,11 @@ def train_model(
     tokens = sum(t for t, _ in token_log)
     tps = tokens / seconds if seconds else 0.0
     peak_mb = peak_memory_mb(device)
-    summary = [(result.global_step, "train/final_loss", final_loss),
-               (result.global_step, "train/mean_tokens_per_second", tps),
-               (result.global_step, "train/peak_memory_mb", peak_mb)]
+    summary = [
+        (result.global_step, "train/final_loss", final_loss),
+        (result.global_step, "train/mean_tokens_per_second", tps),
+        (result.global_step, "train/peak_memory_mb", peak_mb),
+    ]
     figures.flush(summary)
     artifact = out_dir / "artifact"
     if cfg.deepspeed:  # every rank: ZeRO-3 gathers the weight shards, rank 0 writes them
@@ -575,18 +639,35 @@ def train_model(
         save_full_artifact(model, tok, base, artifact)
     elif main_rank:  # DDP ranks hold whole replicas: rank 0's is the model
         save_adapter_artifact(model, tok, base, artifact)
-    params = {"train.resolved_packing": packing, "train.device": device,
-              "train.resolved_target_modules": ",".join(targets) or "all weights",
-              "train.resumed_from": resume.name if resume else "none: from scratch",
-              "train.mfu": "logged" if figures.peak else f"absent: no peak FLOP/s known for {device}"}
-    log.info("Trained %d steps (%s), final loss %.4f, %.0f tok/s, peak memory %.0f MB",
-             result.global_step, f"resumed from {resume.name}" if resume else "from scratch", final_loss, tps, peak_mb)
-    return TrainingOutcome(artifact, result.global_step, final_loss, tokens, tps, resume,
-                           figures.rows + summary, params)
+    params = {
+        "train.resolved_packing": packing,
+        "train.device": device,
+        "train.resolved_target_modules": ",".join(targets) or "all weights",
+        "train.resumed_from": resume.name if resume else "none: from scratch",
+        "train.mfu": "logged" if figures.peak else f"absent: no peak FLOP/s known for {device}",
+    }
+    log.info(
+        "Trained %d steps (%s), final loss %.4f, %.0f tok/s, peak memory %.0f MB",
+        result.global_step,
+        f"resumed from {resume.name}" if resume else "from scratch",
+        final_loss,
+        tps,
+        peak_mb,
+    )
+    return TrainingOutcome(
+        artifact, result.global_step, final_loss, tokens, tps, resume, figures.rows + summary, params
+    )
 
 
-def train_on(frame: pd.DataFrame, base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
-             run_id: str | None = None, start: Path | None = None) -> TrainingOutcome:
+def train_on(
+    frame: pd.DataFrame,
+    base: BaseRef,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    out_dir: Path,
+    run_id: str | None = None,
+    start: Path | None = None,
+) -> TrainingOutcome:
     """The one training composition (the flow's task, the launchers' `main`, each Ray Train worker):
     load the model for `cfg.method` (continuing `start`'s adapter), tokenize `frame` with its
     tokenizer, train, save the artifact."""
@@ -630,8 +711,13 @@ def start_adapter(cfg: TrainConfig, champion: Path | BaseRef, base: BaseRef) -> 
 
 @task(name="finetune", retries=2, retry_delay_seconds=5, retry_condition_fn=_no_retry_for_bad_input)
 def finetune(
-    train: pd.DataFrame, base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig,
-    out_dir: Path, run_id: str, champion: Path | BaseRef | None = None,
+    train: pd.DataFrame,
+    base: BaseRef,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    out_dir: Path,
+    run_id: str,
+    champion: Path | BaseRef | None = None,
 ) -> TrainedAdapter:
     """Fine-tune on `train` (resuming a killed attempt in `out_dir`), log to MLflow run `run_id`, save.
 
@@ -653,8 +739,15 @@ def finetune(
 
     tags = {**outcome.params, "train.started_from": started_from}
     mlflow.MlflowClient().log_batch(run_id, tags=[_tag(k, v) for k, v in tags.items()])
-    return TrainedAdapter(outcome.artifact_dir, base, outcome.steps, outcome.final_loss, outcome.train_tokens,
-                          outcome.tokens_per_second, started_from)
+    return TrainedAdapter(
+        outcome.artifact_dir,
+        base,
+        outcome.steps,
+        outcome.final_loss,
+        outcome.train_tokens,
+        outcome.tokens_per_second,
+        started_from,
+    )
 
 
 def _tag(key: str, value: str) -> Any:
@@ -701,8 +794,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="checkpoints and artifact; reuse to resume")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        force=True)  # importing prefect configured logging for its own loggers only
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )  # importing prefect configured logging for its own loggers only
     cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
     base = resolve_base(cfg.model.base, state_paths(cfg).ensure().models)
     check_device(cfg.train)
@@ -710,8 +804,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
     ranks = dist.get_world_size() if dist.is_initialized() else 1
-    log.info("Artifact: %s (%d steps on %d ranks, final loss %.4f)", outcome.artifact_dir, outcome.steps, ranks,
-             outcome.final_loss)
+    log.info(
+        "Artifact: %s (%d steps on %d ranks, final loss %.4f)",
+        outcome.artifact_dir,
+        outcome.steps,
+        ranks,
+        outcome.final_loss,
+    )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,13 @@ def _worker(config: dict[str, Any]) -> None:
     model_cfg = ModelConfig.model_validate(config["model"])
     base = BaseRef.from_json(config["base"])
     outcome = train_on(config["frame"], base, model_cfg, cfg, Path(config["out_dir"]), config["run_id"])
-    figures = {"steps": outcome.steps, "final_loss": outcome.final_loss, "train_tokens": outcome.train_tokens,
-               "tokens_per_second": outcome.tokens_per_second,
-               "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+    figures = {
+        "steps": outcome.steps,
+        "final_loss": outcome.final_loss,
+        "train_tokens": outcome.train_tokens,
+        "tokens_per_second": outcome.tokens_per_second,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+    }
     # Ray Train 2 keeps, as the result's metrics, only what is reported with a checkpoint:
     # rank 0 attaches one holding the figures (the adapter itself is in out_dir).
     if ray.train.get_context().get_world_rank() == 0:
@@ -52,8 +56,15 @@ def _worker(config: dict[str, Any]) -> None:
 
 @task(name="finetune-ray", retries=1, retry_delay_seconds=10, retry_condition_fn=_no_retry_for_bad_input)
 def finetune_ray(
-    train: pd.DataFrame, base: BaseRef, model_cfg: ModelConfig, cfg: TrainConfig, out_dir: Path,
-    run_id: str | None, num_workers: int = 2, use_gpu: bool = False, cpus_per_worker: float = 1,
+    train: pd.DataFrame,
+    base: BaseRef,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    out_dir: Path,
+    run_id: str | None,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1,
     max_failures: int = 2,
 ) -> TrainedAdapter:
     """Fine-tune on `num_workers` Ray Train workers of the connected Ray cluster; return the adapter."""
@@ -64,21 +75,35 @@ def finetune_ray(
     trainer = TorchTrainer(
         _worker,
         train_loop_config={
-            "train": cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json"),
-            "base": base.to_json(), "frame": train, "out_dir": str(out_dir), "run_id": run_id,
+            "train": cfg.model_dump(mode="json"),
+            "model": model_cfg.model_dump(mode="json"),
+            "base": base.to_json(),
+            "frame": train,
+            "out_dir": str(out_dir),
+            "run_id": run_id,
         },
         # Per worker: one GPU, or `cpus_per_worker` cores (torch uses that many threads).
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=f"finetune-{run_id or 'local'}", storage_path=str(out_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=f"finetune-{run_id or 'local'}",
+            storage_path=str(out_dir / "ray"),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
     m = result.metrics
-    return TrainedAdapter(out_dir / "artifact", base, int(m["steps"]), float(m["final_loss"]),
-                          int(m["train_tokens"]), float(m["tokens_per_second"]))
+    return TrainedAdapter(
+        out_dir / "artifact",
+        base,
+        int(m["steps"]),
+        float(m["final_loss"]),
+        int(m["train_tokens"]),
+        float(m["tokens_per_second"]),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,11 +137,24 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
     base = resolve_base(cfg.model.base, state_paths(cfg).ensure().models)
-    trained = finetune_ray.fn(load_split(cfg.data).train, base, cfg.model, cfg.train, args.out, None,
-                              num_workers=args.num_workers, use_gpu=args.use_gpu,
-                              cpus_per_worker=args.cpus_per_worker)
-    logging.getLogger(__name__).info("Artifact: %s (%d steps on %d workers, final loss %.4f)", trained.artifact_dir,
-                                     trained.steps, args.num_workers, trained.final_loss)
+    trained = finetune_ray.fn(
+        load_split(cfg.data).train,
+        base,
+        cfg.model,
+        cfg.train,
+        args.out,
+        None,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        cpus_per_worker=args.cpus_per_worker,
+    )
+    logging.getLogger(__name__).info(
+        "Artifact: %s (%d steps on %d workers, final loss %.4f)",
+        trained.artifact_dir,
+        trained.steps,
+        args.num_workers,
+        trained.final_loss,
+    )
 
 
 if __name__ == "__main__":

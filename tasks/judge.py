@@ -135,10 +135,14 @@ class JudgeInfo:
     hallucination_rubric: Rubric
 
     def params(self) -> dict[str, str]:
-        return {"judge.backend": self.backend, "judge.model": self.model,
-                "judge.rubric": self.rubric.name, "judge.rubric_sha256": self.rubric.sha256[:16],
-                "judge.hallucination_rubric": self.hallucination_rubric.name,
-                "judge.hallucination_rubric_sha256": self.hallucination_rubric.sha256[:16]}
+        return {
+            "judge.backend": self.backend,
+            "judge.model": self.model,
+            "judge.rubric": self.rubric.name,
+            "judge.rubric_sha256": self.rubric.sha256[:16],
+            "judge.hallucination_rubric": self.hallucination_rubric.name,
+            "judge.hallucination_rubric_sha256": self.hallucination_rubric.sha256[:16],
+        }
 
 
 def open_judge(cfg: JudgeConfig, models_dir: Path) -> tuple[JudgeInfo, Backend]:
@@ -158,8 +162,9 @@ def probe_judge(cfg: JudgeConfig, models_dir: Path) -> JudgeInfo | None:
     if cfg.backend == "disabled":
         return None
     info, _ = open_judge(cfg, models_dir)
-    log.info("Judge %s %s ready (rubrics %s, %s)", cfg.backend, cfg.model, info.rubric.name,
-             info.hallucination_rubric.name)
+    log.info(
+        "Judge %s %s ready (rubrics %s, %s)", cfg.backend, cfg.model, info.rubric.name, info.hallucination_rubric.name
+    )
     return info
 
 
@@ -189,17 +194,31 @@ def judge_answers(report: EvalReport, cfg: JudgeConfig, models_dir: Path) -> Eva
         ok = error is None  # both verdicts or neither: both figures cover the same examples
         scores.append(float(score.value) if ok else math.nan)
         hallucinated.append(float(not verdict.supported) if ok else math.nan)
-        examples.append({
-            **example, "judge_score": score.value if ok else None, "judge_rationale": score.rationale if ok else "",
-            "hallucinated": (not verdict.supported) if ok else None,
-            "hallucination_rationale": verdict.rationale if ok else "", "judge_error": error,
-        })
+        examples.append(
+            {
+                **example,
+                "judge_score": score.value if ok else None,
+                "judge_rationale": score.rationale if ok else "",
+                "hallucinated": (not verdict.supported) if ok else None,
+                "hallucination_rationale": verdict.rationale if ok else "",
+                "judge_error": error,
+            }
+        )
     failed = sum(e["judge_error"] is not None for e in examples)
     if failed:
-        log.warning("Judge failed on %d of %d examples of %s (first: %s)", failed, len(examples), report.label,
-                    next(e["judge_error"] for e in examples if e["judge_error"]))
-    metrics = {**report.metrics, "judge_score": _mean([s for s in scores if not math.isnan(s)]),
-               "hallucination_rate": _mean([h for h in hallucinated if not math.isnan(h)]), "judge_failed": float(failed)}
+        log.warning(
+            "Judge failed on %d of %d examples of %s (first: %s)",
+            failed,
+            len(examples),
+            report.label,
+            next(e["judge_error"] for e in examples if e["judge_error"]),
+        )
+    metrics = {
+        **report.metrics,
+        "judge_score": _mean([s for s in scores if not math.isnan(s)]),
+        "hallucination_rate": _mean([h for h in hallucinated if not math.isnan(h)]),
+        "judge_failed": float(failed),
+    }
     per_example = {**report.per_example, "judge_score": scores, "hallucination_rate": hallucinated}
     return EvalReport(report.label, metrics, examples, per_example, report.slice)
 
@@ -207,5 +226,7 @@ def judge_answers(report: EvalReport, cfg: JudgeConfig, models_dir: Path) -> Eva
 @task(name="judge-evaluation")
 def judge_evaluation(evaluation: ModelEvaluation, cfg: JudgeConfig, models_dir: Path) -> ModelEvaluation:
     """Return `evaluation` with every slice's answers judged."""
-    return ModelEvaluation(evaluation.label, {name: judge_answers.fn(report, cfg, models_dir)
-                                              for name, report in evaluation.reports.items()})
+    return ModelEvaluation(
+        evaluation.label,
+        {name: judge_answers.fn(report, cfg, models_dir) for name, report in evaluation.reports.items()},
+    )

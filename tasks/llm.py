@@ -65,8 +65,9 @@ class LocalBackend:
         for i in range(0, len(prompts), self.batch_size):
             chunk = prompts[i : i + self.batch_size]
             try:
-                outs = generate_batch(self.model, self.tokenizer, [_chat(p, system) for p in chunk],
-                                      self.max_new_tokens)
+                outs = generate_batch(
+                    self.model, self.tokenizer, [_chat(p, system) for p in chunk], self.max_new_tokens
+                )
                 answers += [o.text for o in outs]
             except (RuntimeError, ValueError) as err:  # e.g. out of memory mid-run: mark these prompts
                 answers += [err] * len(chunk)
@@ -81,8 +82,10 @@ class EndpointBackend:
         if cfg.api_key_env:
             key = os.environ.get(cfg.api_key_env)
             if not key:
-                raise ModelUnavailable(f"{setting}.api_key_env names {cfg.api_key_env}, which is not set in this "
-                                       "environment: export it, or set api_key_env to null")
+                raise ModelUnavailable(
+                    f"{setting}.api_key_env names {cfg.api_key_env}, which is not set in this "
+                    "environment: export it, or set api_key_env to null"
+                )
             headers["authorization"] = f"Bearer {key}"
         self.setting, self.noun = setting, _noun(role, "endpoint")
         self.url = f"{str(cfg.base_url).rstrip('/')}/chat/completions"
@@ -90,8 +93,10 @@ class EndpointBackend:
         self.client = httpx.Client(timeout=cfg.timeout_s, headers=headers)
 
     def ask(self, content: str, max_tokens: int, system: str | None = None) -> str:
-        r = self.client.post(self.url, json={"model": self.model, "max_tokens": max_tokens, "temperature": 0,
-                                             "messages": _chat(content, system)})
+        r = self.client.post(
+            self.url,
+            json={"model": self.model, "max_tokens": max_tokens, "temperature": 0, "messages": _chat(content, system)},
+        )
         r.raise_for_status()
         answer = r.json()["choices"][0]["message"]["content"]
         if not isinstance(answer, str):
@@ -105,13 +110,18 @@ class EndpointBackend:
         except httpx.HTTPStatusError as err:
             raise ModelUnavailable(
                 f"{self.noun} {self.url} answered HTTP {err.response.status_code}: {err.response.text[:300]} "
-                f"(check {self.setting}.model and {self.setting}.api_key_env)") from err
+                f"(check {self.setting}.model and {self.setting}.api_key_env)"
+            ) from err
         except httpx.HTTPError as err:
-            raise ModelUnavailable(f"{self.noun} {self.url} cannot be reached ({type(err).__name__}: {err}); "
-                                   f"start it or fix {self.setting}.base_url") from err
+            raise ModelUnavailable(
+                f"{self.noun} {self.url} cannot be reached ({type(err).__name__}: {err}); "
+                f"start it or fix {self.setting}.base_url"
+            ) from err
         except (KeyError, IndexError, TypeError, ValueError) as err:
-            raise ModelUnavailable(f"{self.noun} {self.url} did not answer like an OpenAI chat completions "
-                                   f"API ({type(err).__name__}: {err})") from err
+            raise ModelUnavailable(
+                f"{self.noun} {self.url} did not answer like an OpenAI chat completions "
+                f"API ({type(err).__name__}: {err})"
+            ) from err
 
     def complete(self, prompts: list[str], system: str | None = None) -> list[str | Exception]:
         def one(prompt: str) -> str | Exception:

@@ -51,8 +51,9 @@ class ModelVersionRef:
 def code_version() -> str:
     """Return the git commit of the running code, or "unknown" outside a checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=False
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -66,14 +67,25 @@ def find_training_run(key: str, experiment: str, tracking_uri: str | None = None
     """Return the newest MLflow run of the training named `key` in `experiment` (a name), or None."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{TRAINING_KEY_TAG}` = '{key}'",
-                              order_by=["attributes.start_time DESC"], max_results=1) if found else []
+    runs = (
+        client.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.`{TRAINING_KEY_TAG}` = '{key}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if found
+        else []
+    )
     return runs[0] if runs else None
 
 
 @task(name="start-mlflow-run", retries=2, retry_delay_seconds=2)
 def start_training_run(
-    cfg: RegistryConfig, run_name: str, params: dict[str, object], key: str,
+    cfg: RegistryConfig,
+    run_name: str,
+    params: dict[str, object],
+    key: str,
     tags: dict[str, str] | None = None,
 ) -> str:
     """Return the MLflow run of the training named `key`: its unfinished run, or a new one.
@@ -87,8 +99,12 @@ def start_training_run(
 
     client = MlflowClient()
     experiment = mlflow.set_experiment(cfg.experiment).experiment_id
-    all_tags = {"tuneloop.code_version": code_version(), TRAINING_KEY_TAG: key,
-                **({FLOW_RUN_TAG: flow_run.id} if flow_run.id else {}), **(tags or {})}
+    all_tags = {
+        "tuneloop.code_version": code_version(),
+        TRAINING_KEY_TAG: key,
+        **({FLOW_RUN_TAG: flow_run.id} if flow_run.id else {}),
+        **(tags or {}),
+    }
     previous = find_training_run(key, cfg.experiment)
     if previous is not None and previous.info.status != "FINISHED":
         run_id = previous.info.run_id
@@ -106,7 +122,7 @@ def start_training_run(
         run_id = client.create_run(experiment, run_name=run_name, tags=resolve_tags(all_tags)).info.run_id
     entries = [Param(k, str(v)) for k, v in params.items()]
     for lo in range(0, len(entries), 100):  # MLflow's limit of params per batch call
-        client.log_batch(run_id, params=entries[lo:lo + 100])
+        client.log_batch(run_id, params=entries[lo : lo + 100])
     return run_id
 
 
@@ -155,8 +171,12 @@ INPUT_EXAMPLE = pd.DataFrame({"prompt": ["What is the capital of France?"]})
 
 @task(name="register-model-version")
 def register_adapter(
-    cfg: RegistryConfig, run_id: str, artifact_dir: Path, metrics: dict[str, float],
-    lineage: dict[str, str], reference_prompts: list[str],
+    cfg: RegistryConfig,
+    run_id: str,
+    artifact_dir: Path,
+    metrics: dict[str, float],
+    lineage: dict[str, str],
+    reference_prompts: list[str],
 ) -> ModelVersionRef:
     """Log the artifact as an MLflow pyfunc model in `run_id`, register it as a new version, end the run.
 
@@ -180,17 +200,23 @@ def register_adapter(
         mlflow.set_tags({k: v[:5000] for k, v in lineage.items() if k.startswith("tuneloop.gate")})
         mlflow.log_text("\n".join(json.dumps(p) for p in reference_prompts), "reference/prompts.jsonl")
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=tuneloop.pyfunc.__file__,
+            name="model",
+            python_model=tuneloop.pyfunc.__file__,
             artifacts={"adapter" if kind == "adapter" else "model": str(artifact_dir)},
-            signature=signature, registered_model_name=None,
+            signature=signature,
+            registered_model_name=None,
             # Stored with the version (the UI shows it; serving clients copy it). MLflow also
             # loads the logged model and answers it once (a warning if that fails): 2 tokens.
             input_example=(INPUT_EXAMPLE, {"max_new_tokens": 2}),
             pip_requirements=["tuneloop", "torch", "transformers", *(["peft"] if kind == "adapter" else [])],
             metadata={"tuneloop_format": ARTIFACT_FORMATS[kind], **lineage},
         )
-    tags = {**lineage, "tuneloop.artifact": kind, "tuneloop.code_version": code_version(),
-            **{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()}}
+    tags = {
+        **lineage,
+        "tuneloop.artifact": kind,
+        "tuneloop.code_version": code_version(),
+        **{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()},
+    }
     mv = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
     log.info("Registered %s version %s (%s)", cfg.model_name, mv.version, kind)
     return ModelVersionRef(cfg.model_name, str(mv.version), run_id)
@@ -267,8 +293,9 @@ def set_challenger(ref: ModelVersionRef, cfg: RegistryConfig, reason: str) -> bo
             log.warning("Version %s: %s", ref.version, note)
             return False
         client.set_registered_model_alias(ref.name, cfg.challenger_alias, ref.version)
-        client.set_model_version_tag(ref.name, ref.version, "tuneloop.alias_reason",
-                                     f"{cfg.challenger_alias}: {reason}")
+        client.set_model_version_tag(
+            ref.name, ref.version, "tuneloop.alias_reason", f"{cfg.challenger_alias}: {reason}"
+        )
     return True
 
 
@@ -311,8 +338,9 @@ def tag_version(ref: ModelVersionRef, tags: dict[str, str]) -> None:
 @task(name="read-reference-prompts", retries=2, retry_delay_seconds=2)
 def reference_prompts(ref: ModelVersionRef, dst: Path) -> list[str]:
     """Return the training prompts recorded with a version's training run."""
-    path = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path="reference/prompts.jsonl",
-                                               dst_path=str(dst))
+    path = mlflow.artifacts.download_artifacts(
+        run_id=ref.run_id, artifact_path="reference/prompts.jsonl", dst_path=str(dst)
+    )
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
@@ -333,14 +361,15 @@ def log_dataset_inputs(run_id: str, data: SplitDataset) -> None:
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     inputs = []
-    for context, frame, source in (("training", data.train, data.source),
-                                   ("evaluation", data.eval, data.eval_source or data.source)):
+    for context, frame, source in (
+        ("training", data.train, data.source),
+        ("evaluation", data.eval, data.eval_source or data.source),
+    ):
         table = frame[[PROMPT, RESPONSE]].copy()
         table[MESSAGES] = [json.dumps(m) for m in frame[MESSAGES]]
         with warnings.catch_warnings():  # MLflow registers its local-file source class twice and says so
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            dataset = mlflow.data.from_pandas(table, source=source, name=Path(source).name,
-                                              digest=frame_digest(frame))
+            dataset = mlflow.data.from_pandas(table, source=source, name=Path(source).name, digest=frame_digest(frame))
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
     # The client, not `mlflow.start_run`: leaving that block would end the run as FINISHED.
     MlflowClient().log_inputs(run_id, datasets=inputs)
@@ -350,10 +379,14 @@ def log_dataset_inputs(run_id: str, data: SplitDataset) -> None:
 def log_validation_report(run_id: str, report: DatasetReport) -> None:
     """Attach the dataset report (and its Data Docs) to the run, with its figures as metrics."""
     client = MlflowClient()
-    client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
-                                      for k, v in report.metrics().items()],
-                     tags=[RunTag("tuneloop.validation", "passed" if report.success else "failed"),
-                           RunTag("tuneloop.dataset_digest", report.digest)])
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in report.metrics().items()],
+        tags=[
+            RunTag("tuneloop.validation", "passed" if report.success else "failed"),
+            RunTag("tuneloop.dataset_digest", report.digest),
+        ],
+    )
     if report.html:
         client.log_artifact(run_id, report.html, "validation")
     if report.data_docs:
@@ -366,6 +399,8 @@ def fail_run(run_id: str, reason: str) -> None:
     client = MlflowClient()
     client.set_tag(run_id, "tuneloop.failure", reason[:5000])
     client.set_terminated(run_id, status="FAILED")
+
+
 @task(name="log-eval-examples", retries=2, retry_delay_seconds=2)
 def log_eval_examples(run_id: str, examples: list[dict], name: str) -> None:
     """Attach per-example answers (and judge verdicts) to a run as an MLflow table `eval/<name>.json`."""
@@ -377,8 +412,9 @@ def log_eval_examples(run_id: str, examples: list[dict], name: str) -> None:
 def start_selection_run(cfg: RegistryConfig, eval_set: pd.DataFrame, source: str, params: dict[str, object]) -> str:
     """Create the parent MLflow run of one model comparison, with the evaluation set as its input."""
     mlflow.set_experiment(cfg.selection_experiment)
-    with mlflow.start_run(run_name=f"select-{Path(source).stem}",
-                          tags={"tuneloop.code_version": code_version()}) as run:
+    with mlflow.start_run(
+        run_name=f"select-{Path(source).stem}", tags={"tuneloop.code_version": code_version()}
+    ) as run:
         mlflow.log_params(params)
         table = eval_set.assign(messages=[json.dumps(m) for m in eval_set["messages"]])
         mlflow.log_input(mlflow.data.from_pandas(table, source=source, name=Path(source).name), context="evaluation")
@@ -386,22 +422,37 @@ def start_selection_run(cfg: RegistryConfig, eval_set: pd.DataFrame, source: str
 
 
 @task(name="log-model-evaluation", retries=2, retry_delay_seconds=2)
-def log_model_evaluation(parent_run_id: str, model: str, base: BaseRef, metrics: dict[str, float],
-                         examples: list[dict], params: dict[str, str]) -> str:
+def log_model_evaluation(
+    parent_run_id: str,
+    model: str,
+    base: BaseRef,
+    metrics: dict[str, float],
+    examples: list[dict],
+    params: dict[str, str],
+) -> str:
     """Record one model's evaluation as a child run of the comparison; return its run id."""
     from mlflow.entities import Param
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
     client = MlflowClient()
     experiment = client.get_run(parent_run_id).info.experiment_id
-    run = client.create_run(experiment, tags={
-        MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: Path(model).name or model,
-        "tuneloop.model": model, "tuneloop.base_sha256": base.sha256, "tuneloop.code_version": code_version(),
-    })
+    run = client.create_run(
+        experiment,
+        tags={
+            MLFLOW_PARENT_RUN_ID: parent_run_id,
+            MLFLOW_RUN_NAME: Path(model).name or model,
+            "tuneloop.model": model,
+            "tuneloop.base_sha256": base.sha256,
+            "tuneloop.code_version": code_version(),
+        },
+    )
     now = int(time.time() * 1000)
     values = {"model": model, "base_location": base.location, "base_revision": base.revision or "", **params}
-    client.log_batch(run.info.run_id, metrics=[Metric(f"eval/{k}", v, now, 0) for k, v in metrics.items()],
-                     params=[Param(k, str(v)) for k, v in values.items()])
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(f"eval/{k}", v, now, 0) for k, v in metrics.items()],
+        params=[Param(k, str(v)) for k, v in values.items()],
+    )
     log_eval_examples.fn(run.info.run_id, examples, "examples")
     client.set_terminated(run.info.run_id)
     return run.info.run_id
@@ -450,9 +501,12 @@ def open_state(cfg: TuneloopConfig) -> StatePaths:
 def training_params(cfg: TuneloopConfig, judge: Any = None) -> dict[str, object]:
     """The training run's parameters: base, every train setting, evaluation and gate settings, the judge."""
     return {
-        "base_model": cfg.model.base, **{f"train.{k}": v for k, v in cfg.train.model_dump().items()},
-        "eval.max_examples": cfg.eval.max_examples, "eval.metrics": ",".join(cfg.eval.metrics),
-        "gate.rules": " ; ".join(cfg.gate.rules), "judge.backend": cfg.eval.judge.backend,
+        "base_model": cfg.model.base,
+        **{f"train.{k}": v for k, v in cfg.train.model_dump().items()},
+        "eval.max_examples": cfg.eval.max_examples,
+        "eval.metrics": ",".join(cfg.eval.metrics),
+        "gate.rules": " ; ".join(cfg.gate.rules),
+        "judge.backend": cfg.eval.judge.backend,
         **(judge.params() if judge else {}),
     }
 
@@ -467,11 +521,15 @@ def record_training_inputs(run_id: str, split: SplitDataset, report: DatasetRepo
 
     log_dataset_inputs.fn(run_id, split)
     rows = split.training_rows
-    MlflowClient().log_text(run_id, "".join(json.dumps({MESSAGES: m}, ensure_ascii=False) + "\n"
-                                            for m in rows[MESSAGES]), TRAINING_ROWS)
+    MlflowClient().log_text(
+        run_id, "".join(json.dumps({MESSAGES: m}, ensure_ascii=False) + "\n" for m in rows[MESSAGES]), TRAINING_ROWS
+    )
     log_validation_report.fn(run_id, report)
-    create_markdown_artifact(key="dataset-validation", markdown=report_markdown(report, run_id),
-                             description=f"{split.source}: validation {'passed' if report.success else 'failed'}")
+    create_markdown_artifact(
+        key="dataset-validation",
+        markdown=report_markdown(report, run_id),
+        description=f"{split.source}: validation {'passed' if report.success else 'failed'}",
+    )
 
 
 TRAINING_ROWS = "data/train.jsonl"  # on a training run: the conversations it trained on
@@ -511,26 +569,43 @@ def champion_or_base(champion: ModelVersionRef | None, base: BaseRef, dst: Path)
 
 def _gains(comparison: list[PairedDifference]) -> dict[str, float]:
     """Paired gains as metric names: `<slice>/gain/<metric>` and its `_ci_low` / `_ci_high`."""
-    return {f"{d.slice}/gain/{d.metric}{suffix}": value for d in comparison
-            for suffix, value in (("", d.mean), ("_ci_low", d.low), ("_ci_high", d.high))}
+    return {
+        f"{d.slice}/gain/{d.metric}{suffix}": value
+        for d in comparison
+        for suffix, value in (("", d.mean), ("_ci_low", d.low), ("_ci_high", d.high))
+    }
 
 
 @task(name="record-evaluation", retries=2, retry_delay_seconds=2)
-def record_evaluation(run_id: str, candidate: ModelEvaluation, reference: ModelEvaluation,
-                      comparison: list[PairedDifference], verdict: GateVerdict, report: Path,
-                      slices: list[EvalSlice]) -> None:
+def record_evaluation(
+    run_id: str,
+    candidate: ModelEvaluation,
+    reference: ModelEvaluation,
+    comparison: list[PairedDifference],
+    verdict: GateVerdict,
+    report: Path,
+    slices: list[EvalSlice],
+) -> None:
     """Record the evaluation on the training run: the champion's figures and the paired gains per slice
     (`eval/<slice>/…`, the same names in every run), the slices as inputs, the report, every answer."""
     from tasks.slices import link_slices
 
     client = MlflowClient()
     now = int(time.time() * 1000)
-    figures = {**{f"eval/{k}": v for k, v in _gains(comparison).items()},
-               **{f"eval/{name}/champion/{m}": v for name, r in reference.reports.items() for m, v in r.metrics.items()}}
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in figures.items() if not math.isnan(v)],
-                     tags=[RunTag("tuneloop.gate", verdict.decision), RunTag("tuneloop.gate_reason", verdict.reason[:5000]),
-                           RunTag("tuneloop.compared_with", reference.label),
-                           RunTag("tuneloop.slices", ",".join(s.ref for s in slices))])
+    figures = {
+        **{f"eval/{k}": v for k, v in _gains(comparison).items()},
+        **{f"eval/{name}/champion/{m}": v for name, r in reference.reports.items() for m, v in r.metrics.items()},
+    }
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in figures.items() if not math.isnan(v)],
+        tags=[
+            RunTag("tuneloop.gate", verdict.decision),
+            RunTag("tuneloop.gate_reason", verdict.reason[:5000]),
+            RunTag("tuneloop.compared_with", reference.label),
+            RunTag("tuneloop.slices", ",".join(s.ref for s in slices)),
+        ],
+    )
     link_slices(run_id, slices)
     client.log_artifact(run_id, str(report))
     for name, r in candidate.reports.items():
@@ -539,35 +614,65 @@ def record_evaluation(run_id: str, candidate: ModelEvaluation, reference: ModelE
         log_eval_examples.fn(run_id, r.examples, f"{name}/{reference.label.split()[0]}")
 
 
-def version_lineage(cfg: TuneloopConfig, base: BaseRef, split: SplitDataset, report: DatasetReport, run_id: str,
-                    trigger: str, verdict: GateVerdict, judge: Any, slices: Any, reference: ModelEvaluation,
-                    trained: Any) -> dict[str, str]:
+def version_lineage(
+    cfg: TuneloopConfig,
+    base: BaseRef,
+    split: SplitDataset,
+    report: DatasetReport,
+    run_id: str,
+    trigger: str,
+    verdict: GateVerdict,
+    judge: Any,
+    slices: Any,
+    reference: ModelEvaluation,
+    trained: Any,
+) -> dict[str, str]:
     """The tags a version is registered with: where it came from, what it was gated on, and how."""
     tags = {
-        "tuneloop.base_model": base.location, "tuneloop.base_sha256": base.sha256,
-        "tuneloop.base_revision": base.revision or "", "tuneloop.dataset_digest": split.digest,
+        "tuneloop.base_model": base.location,
+        "tuneloop.base_sha256": base.sha256,
+        "tuneloop.base_revision": base.revision or "",
+        "tuneloop.dataset_digest": split.digest,
         "tuneloop.validation_warnings": str(len(report.warnings())),
-        "tuneloop.dataset_source": split.source, "tuneloop.training_run": run_id,
-        "tuneloop.method": cfg.train.method, "tuneloop.trigger": trigger,
-        "tuneloop.slice": slices.new.ref, "tuneloop.slices": ",".join(slices.refs()),
+        "tuneloop.dataset_source": split.source,
+        "tuneloop.training_run": run_id,
+        "tuneloop.method": cfg.train.method,
+        "tuneloop.trigger": trigger,
+        "tuneloop.slice": slices.new.ref,
+        "tuneloop.slices": ",".join(slices.refs()),
         "tuneloop.compared_with": reference.label,
-        "tuneloop.gate": verdict.decision, "tuneloop.gate_reason": verdict.reason,
+        "tuneloop.gate": verdict.decision,
+        "tuneloop.gate_reason": verdict.reason,
         "tuneloop.gate_rules": "\n".join(verdict.lines()),
-        "tuneloop.train.steps": str(trained.steps), "tuneloop.train.final_loss": f"{trained.final_loss:.6g}",
-        "tuneloop.train.started_from": (f"{reference.label}'s adapter" if trained.started_from == "champion's adapter"
-                                        else trained.started_from),
+        "tuneloop.train.steps": str(trained.steps),
+        "tuneloop.train.final_loss": f"{trained.final_loss:.6g}",
+        "tuneloop.train.started_from": (
+            f"{reference.label}'s adapter" if trained.started_from == "champion's adapter" else trained.started_from
+        ),
     }
     if split.replay is not None and len(split.replay):
-        tags.update({"tuneloop.replay_source": split.replay_source or "", "tuneloop.replay_rows": str(len(split.replay))})
+        tags.update(
+            {"tuneloop.replay_source": split.replay_source or "", "tuneloop.replay_rows": str(len(split.replay))}
+        )
     if judge:
-        tags.update({"tuneloop.judge": f"{judge.backend}:{judge.model}",
-                     "tuneloop.judge_rubrics": f"{judge.rubric.name}@{judge.rubric.sha256[:16]},"
-                                               f"{judge.hallucination_rubric.name}@"
-                                               f"{judge.hallucination_rubric.sha256[:16]}"})
+        tags.update(
+            {
+                "tuneloop.judge": f"{judge.backend}:{judge.model}",
+                "tuneloop.judge_rubrics": f"{judge.rubric.name}@{judge.rubric.sha256[:16]},"
+                f"{judge.hallucination_rubric.name}@"
+                f"{judge.hallucination_rubric.sha256[:16]}",
+            }
+        )
     if not verdict.passed:
         tags["tuneloop.alias_reason"] = f"no alias: the gate {verdict.reason}"
-    tags.update({f"tuneloop.champion_{name}_{m}": f"{v:.6g}" for name, r in reference.reports.items()
-                 for m, v in r.metrics.items() if m in ("token_f1", "rougeL", "exact_match")})
+    tags.update(
+        {
+            f"tuneloop.champion_{name}_{m}": f"{v:.6g}"
+            for name, r in reference.reports.items()
+            for m, v in r.metrics.items()
+            if m in ("token_f1", "rougeL", "exact_match")
+        }
+    )
     return tags
 
 
@@ -583,8 +688,9 @@ def assign_alias(version: ModelVersionRef, verdict: GateVerdict, cfg: RegistryCo
     if set_challenger.fn(version, cfg, verdict.reason):
         logger.info("Version %s is %s: %s", version.version, cfg.challenger_alias, verdict.reason)
         return cfg.challenger_alias
-    logger.warning("Version %s passed the gate, but a newer version is %s already", version.version,
-                   cfg.challenger_alias)
+    logger.warning(
+        "Version %s passed the gate, but a newer version is %s already", version.version, cfg.challenger_alias
+    )
     return None
 
 
@@ -602,20 +708,29 @@ def summary_markdown(result: TrainingResult, report_html: str | None) -> str:
     """The training's Prefect artifact: verdict, rules, slices side by side."""
     from tuneloop.reports import Table, fmt, fmt_interval, fmt_signed
 
-    outcome = (f"alias **{result.alias}**" if result.alias else
-               "no alias: " + ("a newer version is challenger" if result.decision == "passed" else result.reason))
-    rules = Table(["outcome", "rule (slice)", "values"], [line.split(": ", 1)[0:1] + _rule_cells(line)
-                                                         for line in result.rules])
+    outcome = (
+        f"alias **{result.alias}**"
+        if result.alias
+        else "no alias: " + ("a newer version is challenger" if result.decision == "passed" else result.reason)
+    )
+    rules = Table(
+        ["outcome", "rule (slice)", "values"], [line.split(": ", 1)[0:1] + _rule_cells(line) for line in result.rules]
+    )
     diffs = {(d.slice, d.metric): d for d in result.comparison}
-    rows = [[sl, m, fmt(result.figures[sl].get(m)), fmt_signed(d.mean), fmt_interval(d.low, d.high)]
-            for sl in result.figures for m in ("token_f1", "rougeL", "exact_match")
-            if (d := diffs.get((sl, m))) is not None]
+    rows = [
+        [sl, m, fmt(result.figures[sl].get(m)), fmt_signed(d.mean), fmt_interval(d.low, d.high)]
+        for sl in result.figures
+        for m in ("token_f1", "rougeL", "exact_match")
+        if (d := diffs.get((sl, m))) is not None
+    ]
     figures = Table(["slice", "metric", "candidate", f"gain over {result.compared_with}", "95% interval"], rows)
     docs = f"\n\nDataset report: `{report_html}` (and artifact `validation/` of the run)" if report_html else ""
-    return (f"## {result.version.name} v{result.version.version}: gate {result.decision}, {outcome}\n\n"
-            f"Compared with **{result.compared_with}** on {', '.join(result.slices)}.\n\nGate: {result.reason}\n\n"
-            f"{rules.markdown()}\n{figures.markdown()}\nMLflow model: `{result.version.uri}`, training run "
-            f"`{result.version.run_id}` (artifact `eval_report.html`){docs}")
+    return (
+        f"## {result.version.name} v{result.version.version}: gate {result.decision}, {outcome}\n\n"
+        f"Compared with **{result.compared_with}** on {', '.join(result.slices)}.\n\nGate: {result.reason}\n\n"
+        f"{rules.markdown()}\n{figures.markdown()}\nMLflow model: `{result.version.uri}`, training run "
+        f"`{result.version.run_id}` (artifact `eval_report.html`){docs}"
+    )
 
 
 def _rule_cells(line: str) -> list[str]:
@@ -624,39 +739,78 @@ def _rule_cells(line: str) -> list[str]:
 
 
 @task(name="publish-training-summary")
-def publish_training_summary(cfg: RegistryConfig, version: ModelVersionRef, verdict: GateVerdict, alias: str | None,
-                             candidate: ModelEvaluation, reference: ModelEvaluation,
-                             comparison: list[PairedDifference], slices: Any, split: SplitDataset,
-                             report: DatasetReport, trigger: str) -> TrainingResult:
+def publish_training_summary(
+    cfg: RegistryConfig,
+    version: ModelVersionRef,
+    verdict: GateVerdict,
+    alias: str | None,
+    candidate: ModelEvaluation,
+    reference: ModelEvaluation,
+    comparison: list[PairedDifference],
+    slices: Any,
+    split: SplitDataset,
+    report: DatasetReport,
+    trigger: str,
+) -> TrainingResult:
     """Show the training's outcome as a Prefect artifact and return it."""
     from prefect.artifacts import create_markdown_artifact
 
     own = slices.new.name
     result = TrainingResult(
-        version, alias == cfg.champion_alias, verdict.reason, dict(candidate.reports[own].metrics),
-        dict(reference.reports[own].metrics), split.digest, trigger, comparison, verdict.decision, alias,
-        verdict.lines(), slices.refs(), reference.label,
-        {name: dict(r.metrics) for name, r in candidate.reports.items()})
-    create_markdown_artifact(key="training-result", markdown=summary_markdown(result, report.html),
-                             description=f"{cfg.model_name} v{version.version}")
+        version,
+        alias == cfg.champion_alias,
+        verdict.reason,
+        dict(candidate.reports[own].metrics),
+        dict(reference.reports[own].metrics),
+        split.digest,
+        trigger,
+        comparison,
+        verdict.decision,
+        alias,
+        verdict.lines(),
+        slices.refs(),
+        reference.label,
+        {name: dict(r.metrics) for name, r in candidate.reports.items()},
+    )
+    create_markdown_artifact(
+        key="training-result",
+        markdown=summary_markdown(result, report.html),
+        description=f"{cfg.model_name} v{version.version}",
+    )
     return result
 
 
 @task(name="record-promotion", retries=2, retry_delay_seconds=2)
-def record_promotion(experiment: str, target: ModelVersionRef, previous: str | None, strategy: str, decision: str,
-                     reason: str, figures: dict[str, dict[str, float]], lines: list[str], share: float = 1.0) -> str:
+def record_promotion(
+    experiment: str,
+    target: ModelVersionRef,
+    previous: str | None,
+    strategy: str,
+    decision: str,
+    reason: str,
+    figures: dict[str, dict[str, float]],
+    lines: list[str],
+    share: float = 1.0,
+) -> str:
     """One MLflow run per promotion: each arm's figures, the rules, the decision; `share`: the
     challenger's share of routed traffic during the comparison (1.0: none was held, all at once)."""
     from prefect.runtime import flow_run
 
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=f"promote-v{target.version}") as run:
-        mlflow.log_params({"version": target.version, "previous": previous or "none", "strategy": strategy,
-                           "share": share})
-        mlflow.log_metrics({f"{arm}_{k}": v for arm, m in figures.items() for k, v in m.items()
-                            if v is not None and not math.isnan(v)})
-        mlflow.set_tags({"tuneloop.decision": decision, "tuneloop.reason": reason[:5000],
-                         "tuneloop.model_version": target.version,
-                         "tuneloop.prefect_flow_run": str(flow_run.get_id() or "")})
+        mlflow.log_params(
+            {"version": target.version, "previous": previous or "none", "strategy": strategy, "share": share}
+        )
+        mlflow.log_metrics(
+            {f"{arm}_{k}": v for arm, m in figures.items() for k, v in m.items() if v is not None and not math.isnan(v)}
+        )
+        mlflow.set_tags(
+            {
+                "tuneloop.decision": decision,
+                "tuneloop.reason": reason[:5000],
+                "tuneloop.model_version": target.version,
+                "tuneloop.prefect_flow_run": str(flow_run.get_id() or ""),
+            }
+        )
         mlflow.log_text("\n".join(lines) or "(no rules: smoke test only)", "rules.txt")
         return run.info.run_id

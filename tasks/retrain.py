@@ -86,8 +86,9 @@ class Decision:
         return f"drift {state}: {self.drifted} of the last {self.windows} windows drifted (k={persistence.k})"
 
 
-def decide(history: Sequence[CheckRecord], verdict: Verdict, window_id: str | None, persistence: Persistence,
-           scope: str) -> Decision:
+def decide(
+    history: Sequence[CheckRecord], verdict: Verdict, window_id: str | None, persistence: Persistence, scope: str
+) -> Decision:
     """Return whether drift holds after this window, and the episode it belongs to.
 
     `history`: earlier checks of the same model and champion, oldest first. Checks without
@@ -98,7 +99,7 @@ def decide(history: Sequence[CheckRecord], verdict: Verdict, window_id: str | No
     evidence = [r for r in history if r.verdict != "no_data"]
     if verdict == "no_data":
         return Decision(False, None, 0, 0, None)
-    recent = [*((r.verdict, r.window_id) for r in evidence), (verdict, window_id)][-persistence.n:]
+    recent = [*((r.verdict, r.window_id) for r in evidence), (verdict, window_id)][-persistence.n :]
     drifted = [w for v, w in recent if v == "drift"]
     holds = len(drifted) >= persistence.k
     if not holds:
@@ -126,8 +127,9 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
 
 def timeline_run(client: MlflowClient, experiment_id: str, model: str) -> str:
     """Return the model's timeline run (created once): every check's figures over time, step by step."""
-    found = client.search_runs([experiment_id], f"tags.`{T_TIMELINE}` = '{model}'", max_results=1,
-                               order_by=["attributes.start_time ASC"])
+    found = client.search_runs(
+        [experiment_id], f"tags.`{T_TIMELINE}` = '{model}'", max_results=1, order_by=["attributes.start_time ASC"]
+    )
     if found:
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=f"timeline-{model}", tags={T_TIMELINE: model, T_MODEL: model})
@@ -137,9 +139,16 @@ def timeline_run(client: MlflowClient, experiment_id: str, model: str) -> str:
 
 def _record(run) -> CheckRecord:
     t = run.data.tags
-    return CheckRecord(run.info.run_id, t.get(T_VERDICT, "no_data"), t.get(T_WINDOW) or None,
-                       t.get(T_HOLDS) == "true", t.get(T_EPISODE) or None, t.get(T_RETRAINING) or None,
-                       t.get(T_DATA) or None, t.get(T_DATA_NOTE) or None)
+    return CheckRecord(
+        run.info.run_id,
+        t.get(T_VERDICT, "no_data"),
+        t.get(T_WINDOW) or None,
+        t.get(T_HOLDS) == "true",
+        t.get(T_EPISODE) or None,
+        t.get(T_RETRAINING) or None,
+        t.get(T_DATA) or None,
+        t.get(T_DATA_NOTE) or None,
+    )
 
 
 def read_history(client: MlflowClient, experiment_id: str, model: str, version: str, n: int) -> list[CheckRecord]:
@@ -185,8 +194,11 @@ def approved_rows(requests: Sequence[LoggedRequest], feedback: dict[str, float],
 
     Unrated answers are never training data: that would teach the model its own output.
     """
-    return [_chat(r.prompt, r.response) for r in requests
-            if r.status < 400 and r.response and feedback.get(r.id, float("-inf")) >= min_score]
+    return [
+        _chat(r.prompt, r.response)
+        for r in requests
+        if r.status < 400 and r.response and feedback.get(r.id, float("-inf")) >= min_score
+    ]
 
 
 def teacher_rows(prompts: Sequence[str], teacher: TeacherConfig, models_dir: Path) -> tuple[list[dict], int]:
@@ -222,8 +234,14 @@ def replay_rows(champion: ModelVersionRef | None, new_rows: int, share: float, s
     return [{"messages": m} for m in random.Random(seed).sample(earlier, want)]
 
 
-def retraining_data(requests: Sequence[LoggedRequest], feedback: dict[str, float], m: MonitorConfig,
-                    champion: ModelVersionRef | None, out: Path, models_dir: Path) -> tuple[RetrainingData | None, str]:
+def retraining_data(
+    requests: Sequence[LoggedRequest],
+    feedback: dict[str, float],
+    m: MonitorConfig,
+    champion: ModelVersionRef | None,
+    out: Path,
+    models_dir: Path,
+) -> tuple[RetrainingData | None, str]:
     """Return the data to retrain on for a drifted window (or None), and what it is in words.
 
     Each source of `monitor.retrain_sources` adds what it has: approved answers to drifted
@@ -239,20 +257,28 @@ def retraining_data(requests: Sequence[LoggedRequest], feedback: dict[str, float
         notes.append(f"{len(rows['feedback'])} drifted requests with feedback >= {m.retrain_min_feedback}")
     if "teacher" in m.retrain_sources and m.teacher is not None:
         covered = {row["messages"][0]["content"] for row in rows.get("feedback", [])}
-        rows["teacher"], failed = teacher_rows([r.prompt for r in answered if r.prompt not in covered], m.teacher,
-                                               models_dir)
-        notes.append(f"{len(rows['teacher'])} teacher answers ({m.teacher.model}"
-                     + (f", {failed} prompts failed)" if failed else ")"))
+        rows["teacher"], failed = teacher_rows(
+            [r.prompt for r in answered if r.prompt not in covered], m.teacher, models_dir
+        )
+        notes.append(
+            f"{len(rows['teacher'])} teacher answers ({m.teacher.model}"
+            + (f", {failed} prompts failed)" if failed else ")")
+        )
     if "labelled" in m.retrain_sources and m.retrain_data is not None:
         rows["labelled"] = labelled_rows(m.retrain_data)
         notes.append(f"{len(rows['labelled'])} labelled rows of {m.retrain_data}")
     new = [row for part in rows.values() for row in part]
     if len(new) < m.retrain_min_rows:
         missing = [s for s in m.retrain_sources if s not in rows]
-        return None, (f"nothing to retrain on: {'; '.join(notes) or 'no source'} — {m.retrain_min_rows} rows needed"
-                      + (f" ({', '.join(missing)}: not configured)" if missing else ""))
-    name = slice_from_path(str(m.retrain_data)) if set(rows) == {"labelled"} or (
-        rows.get("labelled") and len(rows["labelled"]) == len(new)) else f"drift_{_slug(out.stem)[-8:].lower()}"
+        return None, (
+            f"nothing to retrain on: {'; '.join(notes) or 'no source'} — {m.retrain_min_rows} rows needed"
+            + (f" ({', '.join(missing)}: not configured)" if missing else "")
+        )
+    name = (
+        slice_from_path(str(m.retrain_data))
+        if set(rows) == {"labelled"} or (rows.get("labelled") and len(rows["labelled"]) == len(new))
+        else f"drift_{_slug(out.stem)[-8:].lower()}"
+    )
     replay = replay_rows(champion, len(new), m.replay_share, out.stem, out.parent / "replay-source")
     if not out.exists():  # a continuing episode keeps the files its run was given
         write_jsonl_atomic(new, out)
@@ -263,9 +289,14 @@ def retraining_data(requests: Sequence[LoggedRequest], feedback: dict[str, float
     elif champion is not None and m.replay_share > 0:
         notes.append(f"nothing replayed: champion v{champion.version} recorded no training rows")
     note = "; ".join(notes)
-    return RetrainingData(path=str(out), slice=_slice_name(name), sources={k: len(v) for k, v in rows.items() if v},
-                          replay_path=str(out.with_suffix(".replay.jsonl")) if replay else None,
-                          replay_rows=len(replay), note=note), note
+    return RetrainingData(
+        path=str(out),
+        slice=_slice_name(name),
+        sources={k: len(v) for k, v in rows.items() if v},
+        replay_path=str(out.with_suffix(".replay.jsonl")) if replay else None,
+        replay_rows=len(replay),
+        note=note,
+    ), note
 
 
 def _slice_name(name: str) -> str:
@@ -280,11 +311,13 @@ def start_retraining(deployment: str, request: RetrainRequest, config: TuneloopC
 
     parameters = {"config": request.training_config(config).model_dump(mode="json"), "trigger": request.trigger()}
     try:
-        run = run_deployment(deployment, parameters=parameters, timeout=0, idempotency_key=request.episode,
-                             tags=["tuneloop:retrain"])
+        run = run_deployment(
+            deployment, parameters=parameters, timeout=0, idempotency_key=request.episode, tags=["tuneloop:retrain"]
+        )
     except ObjectNotFound:
-        raise RuntimeError(f"Deployment {deployment} is not registered with this Prefect API: "
-                           "start the flow runner with `tuneloop up`") from None
+        raise RuntimeError(
+            f"Deployment {deployment} is not registered with this Prefect API: start the flow runner with `tuneloop up`"
+        ) from None
     return str(run.id)
 
 
@@ -318,8 +351,15 @@ class RetrainingTarget:
 
 @task(name="decide-and-start-retraining", cache_policy=NO_CACHE)
 def decide_and_start_retraining(
-    experiment: str, model: str, champion: ModelVersionRef | None, drift: DriftResult, window: Window,
-    feedback: dict[str, float], m: MonitorConfig, target: RetrainingTarget, run_label: str,
+    experiment: str,
+    model: str,
+    champion: ModelVersionRef | None,
+    drift: DriftResult,
+    window: Window,
+    feedback: dict[str, float],
+    m: MonitorConfig,
+    target: RetrainingTarget,
+    run_label: str,
 ) -> Trigger:
     """Record this check, decide whether drift holds, and start the episode's retraining once."""
     client = MlflowClient()
@@ -340,9 +380,16 @@ def decide_and_start_retraining(
         elif decision.holds:
             out = target.data_dir / "retrain" / f"{_slug(decision.episode)}.jsonl"
             data, note = retraining_data(window.requests, feedback, m, champion, out, target.models_dir)
-        tags = {T_MODEL: model, T_VERSION: version or "", T_VERDICT: drift.verdict,
-                T_WINDOW: window.window_id or "", T_HOLDS: str(decision.holds).lower(),
-                T_EPISODE: decision.episode or "", "mlflow.parentRunId": timeline, "tuneloop.run": run_label}
+        tags = {
+            T_MODEL: model,
+            T_VERSION: version or "",
+            T_VERDICT: drift.verdict,
+            T_WINDOW: window.window_id or "",
+            T_HOLDS: str(decision.holds).lower(),
+            T_EPISODE: decision.episode or "",
+            "mlflow.parentRunId": timeline,
+            "tuneloop.run": run_label,
+        }
         if decision.holds:
             tags.update({T_DATA: data.model_dump_json() if data else "", T_DATA_NOTE: note[:5000]})
             if data:
@@ -355,8 +402,9 @@ def decide_and_start_retraining(
             if previous is not None and previous.retraining not in (None, PENDING):
                 run_id = previous.retraining
             else:
-                request = RetrainRequest(episode=decision.episode, reason=drift.reason, monitoring_run=run_label,
-                                         data=data)
+                request = RetrainRequest(
+                    episode=decision.episode, reason=drift.reason, monitoring_run=run_label, data=data
+                )
                 run_id = existing_run(decision.episode)  # a check that died after creating it
                 started = run_id is None
                 run_id = start_retraining(target.deployment, request, target.config)
@@ -370,8 +418,9 @@ def existing_run(idempotency_key: str) -> str | None:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            idempotency_key=FlowRunFilterIdempotencyKey(any_=[idempotency_key])), limit=1)
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=[idempotency_key])), limit=1
+        )
     return str(runs[0].id) if runs else None
 
 
@@ -389,6 +438,7 @@ def wait_for_retraining(flow_run_id: str, timeout_s: int) -> str:
             if state is not None and state.is_final():
                 return state.name
             if time.monotonic() > deadline:
-                raise TimeoutError(f"Retraining flow run {flow_run_id} still {state.name if state else 'pending'} "
-                                   f"after {timeout_s} s")
+                raise TimeoutError(
+                    f"Retraining flow run {flow_run_id} still {state.name if state else 'pending'} after {timeout_s} s"
+                )
             time.sleep(3)

@@ -12,8 +12,9 @@ naming it. The same rows registered again are the same version; other rows under
 are the next version. Each version is also an MLflow GenAI evaluation dataset `<name>@<version>`
 (inputs: the conversation, expectations: the answer), shown in the experiment's Datasets tab;
 MLflow keeps those without versions and lets their records change, so the run's artifact is
-what evaluation reads, checked against the digest it was registered with. A registered version lists its slices in the tag `tuneloop.slices`
-(`trivia@1,medication@1`): the slices every later version of its lineage is evaluated on.
+what evaluation reads, checked against the digest it was registered with. A registered version
+lists its slices in the tag `tuneloop.slices` (`trivia@1,medication@1`): the slices every later
+version of its lineage is evaluated on.
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-T_SLICE, T_VERSION, T_DIGEST, T_SOURCE, T_ROWS = ("tuneloop.slice", "tuneloop.slice_version", "tuneloop.slice_digest",
-                                                  "tuneloop.slice_source", "tuneloop.slice_rows")
+T_SLICE, T_VERSION, T_DIGEST, T_SOURCE, T_ROWS = (
+    "tuneloop.slice",
+    "tuneloop.slice_version",
+    "tuneloop.slice_digest",
+    "tuneloop.slice_source",
+    "tuneloop.slice_rows",
+)
 VERSION_TAG = "tuneloop.slices"  # on a model version: the slices of its lineage, name@version, comma-separated
 ROWS_FILE = "slice.jsonl"
 _REF = re.compile(r"^([a-z][a-z0-9_]*)(?:@(\d+))?$")
@@ -78,8 +84,9 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
 
 
 def _versions(client: MlflowClient, experiment_id: str, name: str) -> list:
-    runs = client.search_runs([experiment_id], f"tags.`{T_SLICE}` = '{name}' and attributes.status = 'FINISHED'",
-                              max_results=1000)
+    runs = client.search_runs(
+        [experiment_id], f"tags.`{T_SLICE}` = '{name}' and attributes.status = 'FINISHED'", max_results=1000
+    )
     return sorted(runs, key=lambda r: int(r.data.tags.get(T_VERSION, "0")))
 
 
@@ -87,8 +94,9 @@ def _read_rows(client: MlflowClient, run) -> pd.DataFrame:
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run.info.run_id, ROWS_FILE, tmp)
         records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    frame = pd.DataFrame({MESSAGES: [r["messages"] for r in records]},
-                         index=pd.Index([r["row"] for r in records], name="row"))
+    frame = pd.DataFrame(
+        {MESSAGES: [r["messages"] for r in records]}, index=pd.Index([r["row"] for r in records], name="row")
+    )
     return frame
 
 
@@ -97,8 +105,10 @@ def _as_slice(client: MlflowClient, run) -> EvalSlice:
     rows = _read_rows(client, run)
     ref = f"{t[T_SLICE]}@{t[T_VERSION]}"
     if frame_digest(rows) != t[T_DIGEST]:
-        raise SliceError(f"Evaluation slice {ref}: its rows (run {run.info.run_id}, {ROWS_FILE}) no longer have the "
-                         f"digest it was registered with ({t[T_DIGEST]}): it was changed; register the rows anew")
+        raise SliceError(
+            f"Evaluation slice {ref}: its rows (run {run.info.run_id}, {ROWS_FILE}) no longer have the "
+            f"digest it was registered with ({t[T_DIGEST]}): it was changed; register the rows anew"
+        )
     return EvalSlice(t[T_SLICE], int(t[T_VERSION]), t[T_DIGEST], rows, t.get(T_SOURCE, ""))
 
 
@@ -109,11 +119,19 @@ def _mirror_as_genai_dataset(experiment_id: str, ref: str, rows: pd.DataFrame, d
     from tasks.evaluate import conversation_rows
 
     asked = conversation_rows(rows)
-    records = [{"inputs": {"messages": m}, "expectations": {"expected_response": r}, "tags": {"row": str(i)}}
-               for i, m, r in zip(asked.index, asked["messages"], asked["reference"])]
-    dataset = create_dataset(name=ref, experiment_id=experiment_id,
-                             tags={T_SLICE: ref.split("@")[0], T_DIGEST: digest, "tuneloop.note":
-                                   f"a copy for the UI; evaluation reads the artifact {ROWS_FILE} of run {ref}"})
+    records = [
+        {"inputs": {"messages": m}, "expectations": {"expected_response": r}, "tags": {"row": str(i)}}
+        for i, m, r in zip(asked.index, asked["messages"], asked["reference"])
+    ]
+    dataset = create_dataset(
+        name=ref,
+        experiment_id=experiment_id,
+        tags={
+            T_SLICE: ref.split("@")[0],
+            T_DIGEST: digest,
+            "tuneloop.note": f"a copy for the UI; evaluation reads the artifact {ROWS_FILE} of run {ref}",
+        },
+    )
     dataset.merge_records(records)
 
 
@@ -135,15 +153,27 @@ def register_slice(name: str, rows: pd.DataFrame, source: str, cfg: RegistryConf
             return EvalSlice(name, int(same.data.tags[T_VERSION]), digest, rows, same.data.tags.get(T_SOURCE, ""))
         number = int(versions[-1].data.tags[T_VERSION]) + 1 if versions else 1
         ref = f"{name}@{number}"
-        run = client.create_run(experiment, run_name=ref, tags={
-            T_SLICE: name, T_VERSION: str(number), T_DIGEST: digest, T_SOURCE: source[:5000],
-            T_ROWS: str(len(rows))})
+        run = client.create_run(
+            experiment,
+            run_name=ref,
+            tags={
+                T_SLICE: name,
+                T_VERSION: str(number),
+                T_DIGEST: digest,
+                T_SOURCE: source[:5000],
+                T_ROWS: str(len(rows)),
+            },
+        )
         run_id = run.info.run_id
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / ROWS_FILE
-                path.write_text("".join(json.dumps({"row": int(i), "messages": m}, ensure_ascii=False) + "\n"
-                                        for i, m in zip(rows.index, rows[MESSAGES])))
+                path.write_text(
+                    "".join(
+                        json.dumps({"row": int(i), "messages": m}, ensure_ascii=False) + "\n"
+                        for i, m in zip(rows.index, rows[MESSAGES])
+                    )
+                )
                 client.log_artifact(run_id, str(path))
             _log_input(client, run_id, rows, source, ref, digest)
             _mirror_as_genai_dataset(experiment, ref, rows, digest)
@@ -162,10 +192,12 @@ def _log_input(client: MlflowClient, run_id: str, rows: pd.DataFrame, source: st
 
     with warnings.catch_warnings():  # MLflow registers its local-file source class twice and says so
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        dataset = mlflow.data.from_pandas(pd.DataFrame({MESSAGES: [json.dumps(m) for m in rows[MESSAGES]]}),
-                                          source=source, name=ref, digest=digest)
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                     [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")])])
+        dataset = mlflow.data.from_pandas(
+            pd.DataFrame({MESSAGES: [json.dumps(m) for m in rows[MESSAGES]]}), source=source, name=ref, digest=digest
+        )
+    client.log_inputs(
+        run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")])]
+    )
 
 
 @task(name="load-slices", retries=2, retry_delay_seconds=2)
@@ -182,8 +214,10 @@ def load_slices(refs: list[str], cfg: RegistryConfig) -> list[EvalSlice]:
             versions = [r for r in versions if r.data.tags.get(T_VERSION) == str(number)]
         if not versions:
             known = sorted({r.data.tags.get(T_SLICE) for r in client.search_runs([experiment], max_results=1000)})
-            raise SliceError(f"Evaluation slice {ref} is not registered (registered: {', '.join(known) or 'none'}); "
-                             "it is registered by the training whose held-out set it is")
+            raise SliceError(
+                f"Evaluation slice {ref} is not registered (registered: {', '.join(known) or 'none'}); "
+                "it is registered by the training whose held-out set it is"
+            )
         out.append(_as_slice(client, versions[-1]))
     return out
 
@@ -200,8 +234,12 @@ def link_slices(run_id: str, slices: list[EvalSlice]) -> None:
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             import mlflow
 
-            dataset = mlflow.data.from_pandas(pd.DataFrame({MESSAGES: [json.dumps(m) for m in sl.rows[MESSAGES]]}),
-                                              source=sl.source or sl.ref, name=sl.ref, digest=sl.digest)
+            dataset = mlflow.data.from_pandas(
+                pd.DataFrame({MESSAGES: [json.dumps(m) for m in sl.rows[MESSAGES]]}),
+                source=sl.source or sl.ref,
+                name=sl.ref,
+                digest=sl.digest,
+            )
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")]))
     client.log_inputs(run_id, datasets=inputs)
 

@@ -49,9 +49,19 @@ class ChatLoad:
     says False; `user` names the request's end user (the OpenAI field) from its number.
     """
 
-    def __init__(self, endpoint: str, model: str, prompts: list[str], max_tokens: int, clients: int = 2,
-                 total: int | None = None, pause_s: float = 0.0, only_when: Callable[[], bool] | None = None,
-                 user: Callable[[int], str] | None = None, timeout_s: float = 300) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        model: str,
+        prompts: list[str],
+        max_tokens: int,
+        clients: int = 2,
+        total: int | None = None,
+        pause_s: float = 0.0,
+        only_when: Callable[[], bool] | None = None,
+        user: Callable[[int], str] | None = None,
+        timeout_s: float = 300,
+    ) -> None:
         if not prompts:
             raise ValueError("ChatLoad needs at least one prompt")
         self.endpoint, self.model, self.prompts, self.max_tokens = endpoint, model, prompts, max_tokens
@@ -78,15 +88,22 @@ class ChatLoad:
                     continue
                 if (i := self._next()) is None:
                     return
-                body = {"model": self.model, "max_tokens": self.max_tokens,
-                        "messages": [{"role": "user", "content": self.prompts[i % len(self.prompts)]}],
-                        **({"user": self.user(i)} if self.user else {})}
+                body = {
+                    "model": self.model,
+                    "max_tokens": self.max_tokens,
+                    "messages": [{"role": "user", "content": self.prompts[i % len(self.prompts)]}],
+                    **({"user": self.user(i)} if self.user else {}),
+                }
                 wait, start = self.pause_s, time.perf_counter()
                 try:
                     r = http.post(f"{self.endpoint}/v1/chat/completions", json=body)
                     data = r.json() if r.status_code == 200 else {}
-                    answer = Answer(r.status_code, (time.perf_counter() - start) * 1000,
-                                    data.get("usage", {}).get("completion_tokens", 0), data.get("system_fingerprint", ""))
+                    answer = Answer(
+                        r.status_code,
+                        (time.perf_counter() - start) * 1000,
+                        data.get("usage", {}).get("completion_tokens", 0),
+                        data.get("system_fingerprint", ""),
+                    )
                     if r.status_code == 429:
                         wait = float(r.headers.get("retry-after", 1))
                 except (httpx.HTTPError, ValueError) as err:
@@ -123,8 +140,9 @@ class ChatLoad:
 
 
 @task(name="send-chat-traffic")
-def send_chat_traffic(endpoint: str, model: str, prompts: list[str], max_tokens: int,
-                      concurrency: int = 8) -> TrafficResult:
+def send_chat_traffic(
+    endpoint: str, model: str, prompts: list[str], max_tokens: int, concurrency: int = 8
+) -> TrafficResult:
     """POST each prompt once to /v1/chat/completions with `concurrency` clients; count answers."""
     if not prompts:
         return TrafficResult(0, 0, 0, {})

@@ -107,12 +107,14 @@ class DatasetReport:
         return not self.errors()
 
     def errors(self) -> list[CheckResult | ContractResult]:
-        return ([c for c in self.checks if not c.success and c.severity == "critical"]
-                + [c for c in self.contracts if c.status == "fail"])
+        return [c for c in self.checks if not c.success and c.severity == "critical"] + [
+            c for c in self.contracts if c.status == "fail"
+        ]
 
     def warnings(self) -> list[CheckResult | ContractResult]:
-        return ([c for c in self.checks if not c.success and c.severity != "critical"]
-                + [c for c in self.contracts if c.status in ("warn", "redacted")])
+        return [c for c in self.checks if not c.success and c.severity != "critical"] + [
+            c for c in self.contracts if c.status in ("warn", "redacted")
+        ]
 
     def failures(self) -> list[CheckResult]:
         """The expectations that failed (critical ones fail validation)."""
@@ -121,16 +123,21 @@ class DatasetReport:
     def summary(self) -> str:
         status = "passed" if self.success else "FAILED"
         where = f" (eval rows from {self.eval_source})" if self.eval_source else ""
-        lines = [(f"Dataset {self.source}: {self.train_rows} train + {self.eval_rows} eval rows{where}, "
-                 f"validation {status}")]
+        lines = [
+            (f"Dataset {self.source}: {self.train_rows} train + {self.eval_rows} eval rows{where}, validation {status}")
+        ]
         lines += [f"  ERROR {c.describe()}" for c in self.errors()]
         lines += [f"  warning {c.describe()}" for c in self.warnings()]
         return "\n".join(lines)
 
     def metrics(self) -> dict[str, float]:
         """Figures for MLflow, named the same in every run so the compare view lines them up."""
-        out = {"validation/train_rows": self.train_rows, "validation/eval_rows": self.eval_rows,
-               "validation/errors": len(self.errors()), "validation/warnings": len(self.warnings())}
+        out = {
+            "validation/train_rows": self.train_rows,
+            "validation/eval_rows": self.eval_rows,
+            "validation/errors": len(self.errors()),
+            "validation/warnings": len(self.warnings()),
+        }
         out |= {f"validation/{c.name}_rows": c.count for c in self.contracts if c.status != "off"}
         if self.token_lengths:
             out["validation/tokens_p50"] = float(np.median(self.token_lengths))
@@ -139,6 +146,7 @@ class DatasetReport:
 
 
 # ---------------------------------------------------------------- great-expectations suite
+
 
 def _expectation(gx, spec_type: str, kwargs: dict[str, Any], severity: str):
     cls = getattr(gx.expectations, "".join(part.title() for part in spec_type.split("_")))
@@ -154,8 +162,11 @@ def _build_suite(gx, cfg: ValidationConfig, data: SplitDataset):
         suite.add_expectation(E.ExpectColumnValuesToNotBeNull(column=MESSAGES))
         allowed = "|".join(re.escape(r) for r in cfg.roles)
         # Allowed roles only, and a conversation ends with the answer it teaches.
-        suite.add_expectation(E.ExpectColumnValuesToMatchRegex(
-            column=ROLES, regex=f"^(?:(?:{allowed}),)*assistant$", meta={"roles": cfg.roles}))
+        suite.add_expectation(
+            E.ExpectColumnValuesToMatchRegex(
+                column=ROLES, regex=f"^(?:(?:{allowed}),)*assistant$", meta={"roles": cfg.roles}
+            )
+        )
     else:
         for column in (PROMPT, RESPONSE):
             suite.add_expectation(E.ExpectColumnToExist(column=column))
@@ -201,15 +212,18 @@ def _detail(kind: str, result: dict[str, Any], kwargs: dict[str, Any], cfg: Vali
         return f"{result.get('observed_value')} rows, at least {cfg.min_rows} required"
     if kind == "expect_column_values_to_match_regex" and kwargs.get("column") == ROLES:
         seen = sorted({str(v) for v in result.get("partial_unexpected_list") or []})[:3]
-        return (f"{count} conversations with roles outside {cfg.roles} or not ending with an assistant turn "
-                f"(found: {'; '.join(seen)})")
+        return (
+            f"{count} conversations with roles outside {cfg.roles} or not ending with an assistant turn "
+            f"(found: {'; '.join(seen)})"
+        )
     if kind == "expect_column_values_to_be_unique":
         return f"{count} rows repeat another row verbatim"
     return f"{count} unexpected values" if "unexpected_count" in result else str(result.get("observed_value", ""))
 
 
-def run_expectations(data: SplitDataset, cfg: ValidationConfig, docs_dir: Path | None = None
-                     ) -> tuple[list[CheckResult], str | None]:
+def run_expectations(
+    data: SplitDataset, cfg: ValidationConfig, docs_dir: Path | None = None
+) -> tuple[list[CheckResult], str | None]:
     """Run the GX suite over both splits; return each expectation's result and the Data Docs index."""
     import great_expectations as gx
 
@@ -217,21 +231,29 @@ def run_expectations(data: SplitDataset, cfg: ValidationConfig, docs_dir: Path |
     ctx.variables.progress_bars = {"globally": False}  # per-metric tqdm bars flood flow logs
     actions = []
     if docs_dir is not None and cfg.data_docs:
-        ctx.add_data_docs_site(site_name="tuneloop", site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        })
+        ctx.add_data_docs_site(
+            site_name="tuneloop",
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
         actions.append(gx.checkpoint.UpdateDataDocsAction(name="data-docs", site_names=["tuneloop"]))
     batch = ctx.data_sources.add_pandas("tuneloop").add_dataframe_asset("dataset")
     definition = batch.add_batch_definition_whole_dataframe("all-rows")
     suite = ctx.suites.add(_build_suite(gx, cfg, data))
-    validation = ctx.validation_definitions.add(gx.ValidationDefinition(name="instruction-data", data=definition,
-                                                                        suite=suite))
-    checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-        name="tuneloop", validation_definitions=[validation], actions=actions,
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": SHOWN_ROWS},
-    ))
+    validation = ctx.validation_definitions.add(
+        gx.ValidationDefinition(name="instruction-data", data=definition, suite=suite)
+    )
+    checkpoint = ctx.checkpoints.add(
+        gx.Checkpoint(
+            name="tuneloop",
+            validation_definitions=[validation],
+            actions=actions,
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": SHOWN_ROWS},
+        )
+    )
     result = checkpoint.run(batch_parameters={"dataframe": _suite_frame(data)})
     names = {**data.fields, "conversation": "conversation", ROLES: f"{data.fields.get(MESSAGES, MESSAGES)} roles"}
     checks = []
@@ -239,11 +261,20 @@ def run_expectations(data: SplitDataset, cfg: ValidationConfig, docs_dir: Path |
         for r in run.results:
             config = r.expectation_config
             column = config.kwargs.get("column")
-            rows = [str(i["row"]) if isinstance(i, dict) else str(i)
-                    for i in (r.result.get("partial_unexpected_index_list") or [])[:SHOWN_ROWS]]
-            checks.append(CheckResult(config.type, names.get(column, column), bool(r.success), rows,
-                                      _detail(config.type, r.result, config.kwargs, cfg, bool(r.success)),
-                                      str(getattr(config.severity, "value", config.severity) or "critical")))
+            rows = [
+                str(i["row"]) if isinstance(i, dict) else str(i)
+                for i in (r.result.get("partial_unexpected_index_list") or [])[:SHOWN_ROWS]
+            ]
+            checks.append(
+                CheckResult(
+                    config.type,
+                    names.get(column, column),
+                    bool(r.success),
+                    rows,
+                    _detail(config.type, r.result, config.kwargs, cfg, bool(r.success)),
+                    str(getattr(config.severity, "value", config.severity) or "critical"),
+                )
+            )
     # A missing column also fails the checks on its values: report it once.
     missing = {c.column for c in checks if c.name == "expect_column_to_exist" and not c.success}
     checks = [c for c in checks if c.name == "expect_column_to_exist" or c.column not in missing]
@@ -289,8 +320,9 @@ class _Rows:
         words = [list(itertools.chain.from_iterable(turns)) for turns in per_turn]
         # Words of the turns before each row's last answer: what evaluation asks (a prefix of the row).
         self.question_lengths = np.array(
-            [sum(len(w) for w in turns[:_last_answer(conv)]) for turns, conv in zip(per_turn, self.conversations)],
-            dtype=np.int64)
+            [sum(len(w) for w in turns[: _last_answer(conv)]) for turns, conv in zip(per_turn, self.conversations)],
+            dtype=np.int64,
+        )
         self.lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
         flat = np.fromiter(itertools.chain.from_iterable(words), dtype=object, count=int(self.lengths.sum()))
@@ -333,8 +365,11 @@ class _Rows:
                 whole = np.zeros(len(short), dtype=np.uint64)
                 for j in range(int(self.lengths[short].max())):
                     present = self.lengths[short] > j
-                    values = self.words[np.minimum(self.starts[short] + j, max(len(self.words) - 1, 0))] \
-                        if len(self.words) else np.zeros(len(short), np.uint64)
+                    values = (
+                        self.words[np.minimum(self.starts[short] + j, max(len(self.words) - 1, 0))]
+                        if len(self.words)
+                        else np.zeros(len(short), np.uint64)
+                    )
                     whole = np.where(present, whole * P + values, whole)
                 whole = whole * P + self.lengths[short].astype(np.uint64)  # "a b" differs from "a b <pad>"
                 hashes, owners = np.concatenate([hashes, whole]), np.concatenate([owners, short])
@@ -367,8 +402,9 @@ def minhash_signatures(hashes: np.ndarray, starts: np.ndarray, k: int = 64, seed
     return signatures
 
 
-def near_duplicates(sets: list[np.ndarray], threshold: float, bands: int = 16, rows_per_band: int = 4
-                    ) -> dict[int, int]:
+def near_duplicates(
+    sets: list[np.ndarray], threshold: float, bands: int = 16, rows_per_band: int = 4
+) -> dict[int, int]:
     """Return {row: earlier row it nearly duplicates} by MinHash LSH, each pair checked exactly.
 
     16 bands of 4 hashes: a pair with Jaccard 0.8 becomes a candidate with probability 0.9998.
@@ -376,8 +412,9 @@ def near_duplicates(sets: list[np.ndarray], threshold: float, bands: int = 16, r
     if len(sets) < 2:
         return {}
     lengths = np.array([len(s) for s in sets])
-    signatures = minhash_signatures(np.concatenate(sets).astype(np.uint64),
-                                    np.concatenate([[0], np.cumsum(lengths)[:-1]]), bands * rows_per_band)
+    signatures = minhash_signatures(
+        np.concatenate(sets).astype(np.uint64), np.concatenate([[0], np.cumsum(lengths)[:-1]]), bands * rows_per_band
+    )
     parent = list(range(len(sets)))
 
     def root(i: int) -> int:
@@ -434,10 +471,14 @@ def _duplicates(rows: _Rows, cfg) -> ContractResult:
     near = {unique[i]: unique[j] for i, j in near.items()}
     dupes = sorted({**exact, **near}.items())
     violated = not _allowed(len(dupes), len(rows), cfg.max_fraction)
-    shown = [f"{rows.labels[i]} (≈{rows.labels[j]})" if i in near else f"{rows.labels[i]} (={rows.labels[j]})"
-             for i, j in dupes[:SHOWN_ROWS]]
-    figure = (f"{len(exact)} exact and {len(near)} near duplicate rows (Jaccard ≥ {cfg.near_threshold} "
-              f"over word {cfg.ngram}-grams) of {len(rows)}")
+    shown = [
+        f"{rows.labels[i]} (≈{rows.labels[j]})" if i in near else f"{rows.labels[i]} (={rows.labels[j]})"
+        for i, j in dupes[:SHOWN_ROWS]
+    ]
+    figure = (
+        f"{len(exact)} exact and {len(near)} near duplicate rows (Jaccard ≥ {cfg.near_threshold} "
+        f"over word {cfg.ngram}-grams) of {len(rows)}"
+    )
     return ContractResult("duplicates", cfg.level, _verdict(cfg.level, violated), figure, len(dupes), shown)
 
 
@@ -464,8 +505,9 @@ def _contamination(rows: _Rows, cfg) -> ContractResult:
     n-grams that touch its words are left out on both sides.
     """
     hashes, owners, firsts = rows.ngram_spans(cfg.ngram)
-    template = _template_ngrams(hashes[~rows.is_eval[owners]], owners[~rows.is_eval[owners]],
-                                int((~rows.is_eval).sum()))
+    template = _template_ngrams(
+        hashes[~rows.is_eval[owners]], owners[~rows.is_eval[owners]], int((~rows.is_eval).sum())
+    )
     if len(template):
         ends = np.minimum(firsts + cfg.ngram, rows.starts[owners] + rows.lengths[owners])
         marks = np.zeros(len(rows.words) + 1, dtype=np.int64)  # +1 / -1 at each template n-gram's span
@@ -487,12 +529,18 @@ def _contamination(rows: _Rows, cfg) -> ContractResult:
     asked = {rows.question(i) for i in np.flatnonzero(~rows.is_eval)}
     same_question = np.array([rows.question(i) in asked for i in eval_rows], dtype=bool)
     hits = eval_rows[overlap | same_question]
-    figure = (f"{len(hits)} of {len(eval_rows)} eval rows share ≥ {cfg.threshold:.0%} of their word "
-              f"{cfg.ngram}-grams with the training rows or ask a training row's question"
-              + (f" (n-grams touching a template, {len(template)} n-grams most training rows share, "
-                 "left out)" if len(template) else ""))
-    return ContractResult("contamination", cfg.level, _verdict(cfg.level, len(hits) > 0), figure, len(hits),
-                          rows.first(hits))
+    figure = (
+        f"{len(hits)} of {len(eval_rows)} eval rows share ≥ {cfg.threshold:.0%} of their word "
+        f"{cfg.ngram}-grams with the training rows or ask a training row's question"
+        + (
+            f" (n-grams touching a template, {len(template)} n-grams most training rows share, left out)"
+            if len(template)
+            else ""
+        )
+    )
+    return ContractResult(
+        "contamination", cfg.level, _verdict(cfg.level, len(hits) > 0), figure, len(hits), rows.first(hits)
+    )
 
 
 def _pii(rows: _Rows, cfg) -> tuple[ContractResult, dict[int, list[dict[str, str]]]]:
@@ -512,12 +560,14 @@ def _pii(rows: _Rows, cfg) -> tuple[ContractResult, dict[int, list[dict[str, str
             turns = rows.conversations[i]
             new = scanner.redact([t["content"] for t in turns])
             redacted[i] = [{"role": t["role"], "content": c} for t, c in zip(turns, new)]
-        return ContractResult("pii", cfg.level, "redacted", figure + ": redacted before training",
-                              len(offending), rows.first(offending)), redacted
+        return ContractResult(
+            "pii", cfg.level, "redacted", figure + ": redacted before training", len(offending), rows.first(offending)
+        ), redacted
     level = "warn" if cfg.level == "redact" else cfg.level
     violated = not _allowed(len(offending), len(rows), cfg.max_fraction)
-    return ContractResult("pii", cfg.level, _verdict(level, violated), figure, len(offending),
-                          rows.first(offending)), redacted
+    return ContractResult(
+        "pii", cfg.level, _verdict(level, violated), figure, len(offending), rows.first(offending)
+    ), redacted
 
 
 def _toxicity(rows: _Rows, cfg) -> ContractResult:
@@ -527,15 +577,18 @@ def _toxicity(rows: _Rows, cfg) -> ContractResult:
     toxic = np.flatnonzero(probs >= cfg.threshold)
     rate = len(toxic) / max(len(rows), 1)
     violated = rate > cfg.max_fraction
-    figure = f"{len(toxic)} of {len(rows)} rows ({rate:.1%}) toxic (p ≥ {cfg.threshold}), at most {cfg.max_fraction:.1%}"
+    figure = (
+        f"{len(toxic)} of {len(rows)} rows ({rate:.1%}) toxic (p ≥ {cfg.threshold}), at most {cfg.max_fraction:.1%}"
+    )
     return ContractResult("toxicity", cfg.level, _verdict(cfg.level, violated), figure, len(toxic), rows.first(toxic))
 
 
 HISTOGRAM_SAMPLE = 10_000  # rows whose exact token length the report's histogram shows
 
 
-def _token_counts(renderer: Any, rows: _Rows, max_seq_len: int, min_trained: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _token_counts(
+    renderer: Any, rows: _Rows, max_seq_len: int, min_trained: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return per row its token count and trained tokens after truncation, and the rows whose
     counts are exact for the histogram.
 
@@ -546,8 +599,11 @@ def _token_counts(renderer: Any, rows: _Rows, max_seq_len: int, min_trained: int
     trained count `min_trained`, which is all the contracts read from them.
     """
     n = len(rows)
-    sample = np.arange(n) if n <= HISTOGRAM_SAMPLE else np.sort(
-        np.random.default_rng(0).choice(n, HISTOGRAM_SAMPLE, replace=False))
+    sample = (
+        np.arange(n)
+        if n <= HISTOGRAM_SAMPLE
+        else np.sort(np.random.default_rng(0).choice(n, HISTOGRAM_SAMPLE, replace=False))
+    )
     if renderer.byte_level and min_trained <= 1:
         bound = renderer.bytes_bound(rows.conversations)
         exact = np.union1d(np.flatnonzero(bound > max_seq_len), sample)
@@ -564,8 +620,9 @@ def _off(name: str) -> ContractResult:
     return ContractResult(name, "off", "off", "not checked (level off)")
 
 
-def run_contracts(data: SplitDataset, cfg: ValidationConfig, max_seq_len: int, tokenizer: Any
-                  ) -> tuple[list[ContractResult], SplitDataset, dict[str, Any]]:
+def run_contracts(
+    data: SplitDataset, cfg: ValidationConfig, max_seq_len: int, tokenizer: Any
+) -> tuple[list[ContractResult], SplitDataset, dict[str, Any]]:
     """Run every contract; return the results, the data (redacted where configured), and
     the token lengths and rendered example for the report."""
     from tuneloop.chat import ChatRenderer
@@ -574,8 +631,14 @@ def run_contracts(data: SplitDataset, cfg: ValidationConfig, max_seq_len: int, t
     results: list[ContractResult] = []
     extras: dict[str, Any] = {"token_lengths": [], "example": [], "example_row": None}
     if not len(rows):
-        return [ContractResult(n, "off", "skipped", "no valid rows") for n in
-                ("truncation", "loss_mask", "duplicates", "contamination", "pii", "toxicity")], data, extras
+        return (
+            [
+                ContractResult(n, "off", "skipped", "no valid rows")
+                for n in ("truncation", "loss_mask", "duplicates", "contamination", "pii", "toxicity")
+            ],
+            data,
+            extras,
+        )
     renderer = ChatRenderer(tokenizer)
     # Tokenizing runs in Rust without the GIL: it overlaps with the text contracts below.
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -588,21 +651,35 @@ def run_contracts(data: SplitDataset, cfg: ValidationConfig, max_seq_len: int, t
     if t.level != "off":
         long = np.flatnonzero(lengths > max_seq_len)
         longest = f"longest {int(lengths.max())}" if len(long) else "none longer"
-        figure = (f"{len(long)} of {len(rows)} examples longer than max_seq_len={max_seq_len} tokens "
-                  f"({longest}); their ends are cut")
-        results.append(ContractResult("truncation", t.level,
-                                      _verdict(t.level, not _allowed(len(long), len(rows), t.max_fraction)),
-                                      figure, len(long), rows.first(long)))
+        figure = (
+            f"{len(long)} of {len(rows)} examples longer than max_seq_len={max_seq_len} tokens "
+            f"({longest}); their ends are cut"
+        )
+        results.append(
+            ContractResult(
+                "truncation",
+                t.level,
+                _verdict(t.level, not _allowed(len(long), len(rows), t.max_fraction)),
+                figure,
+                len(long),
+                rows.first(long),
+            )
+        )
     else:
         results.append(_off("truncation"))
     m = cfg.loss_mask
     empty = np.flatnonzero(trained < m.min_tokens)
     if m.level != "off":
         median = f"median {int(np.median(trained[sample]))} trained tokens per example"
-        figure = (f"{len(empty)} of {len(rows)} examples have fewer than {m.min_tokens} trained token(s) after "
-                  f"truncation ({median})")
-        results.append(ContractResult("loss_mask", m.level, _verdict(m.level, len(empty) > 0), figure,
-                                      len(empty), rows.first(empty)))
+        figure = (
+            f"{len(empty)} of {len(rows)} examples have fewer than {m.min_tokens} trained token(s) after "
+            f"truncation ({median})"
+        )
+        results.append(
+            ContractResult(
+                "loss_mask", m.level, _verdict(m.level, len(empty) > 0), figure, len(empty), rows.first(empty)
+            )
+        )
     else:
         results.append(_off("loss_mask"))
     shown = int(empty[0]) if len(empty) else 0  # the example people should look at
@@ -611,13 +688,17 @@ def run_contracts(data: SplitDataset, cfg: ValidationConfig, max_seq_len: int, t
     return results + text_results, data, extras
 
 
-def _text_contracts(data: SplitDataset, rows: _Rows, cfg: ValidationConfig
-                    ) -> tuple[list[ContractResult], SplitDataset]:
+def _text_contracts(
+    data: SplitDataset, rows: _Rows, cfg: ValidationConfig
+) -> tuple[list[ContractResult], SplitDataset]:
     """Run the contracts that read the texts, not the tokens; redact when configured."""
     results = [_duplicates(rows, cfg.duplicates) if cfg.duplicates.level != "off" else _off("duplicates")]
     has_eval = "eval" in rows.split
-    results.append(_contamination(rows, cfg.contamination) if cfg.contamination.level != "off" and has_eval
-                   else _off("contamination"))
+    results.append(
+        _contamination(rows, cfg.contamination)
+        if cfg.contamination.level != "off" and has_eval
+        else _off("contamination")
+    )
     if cfg.pii.level != "off":
         pii, redacted = _pii(rows, cfg.pii)
         results.append(pii)
@@ -638,47 +719,75 @@ def _apply_redactions(data: SplitDataset, rows: _Rows, redacted: dict[int, list[
             if turns is not None:
                 frame.at[row, MESSAGES] = turns
                 frame.at[row, PROMPT] = next((t["content"] for t in reversed(turns) if t["role"] == "user"), None)
-                frame.at[row, RESPONSE] = next((t["content"] for t in reversed(turns) if t["role"] == "assistant"),
-                                               None)
+                frame.at[row, RESPONSE] = next(
+                    (t["content"] for t in reversed(turns) if t["role"] == "assistant"), None
+                )
         frames[split] = frame
     return replace(data, train=frames["train"], eval=frames["eval"])
 
 
 # ---------------------------------------------------------------- the task and its report
 
+
 @task(name="validate-dataset")
-def validate_dataset(data: SplitDataset, cfg: ValidationConfig, max_seq_len: int, base: BaseRef,
-                     reports_dir: Path) -> tuple[DatasetReport, SplitDataset]:
+def validate_dataset(
+    data: SplitDataset, cfg: ValidationConfig, max_seq_len: int, base: BaseRef, reports_dir: Path
+) -> tuple[DatasetReport, SplitDataset]:
     """Validate both splits (suite, then contracts); write the HTML report; return it with the
     data to train on (PII redacted when configured). The caller decides what a failure stops."""
     return validate(data, cfg, max_seq_len, base, reports_dir)
 
 
-def validate(data: SplitDataset, cfg: ValidationConfig, max_seq_len: int, base: BaseRef | None,
-             reports_dir: Path | None, tokenizer: Any = None) -> tuple[DatasetReport, SplitDataset]:
+def validate(
+    data: SplitDataset,
+    cfg: ValidationConfig,
+    max_seq_len: int,
+    base: BaseRef | None,
+    reports_dir: Path | None,
+    tokenizer: Any = None,
+) -> tuple[DatasetReport, SplitDataset]:
     """Run the suite and the contracts; write the report into `reports_dir` when given."""
     docs_dir = reports_dir / "data-docs" if reports_dir is not None else None
     checks, docs = run_expectations(data, cfg, docs_dir)
     critical = [c for c in checks if not c.success and c.severity == "critical"]
     extras: dict[str, Any] = {}
     if critical:  # contracts read structurally valid rows: fix the table first
-        contracts = [ContractResult(n, "off", "skipped", "not run: the expectations above failed") for n in
-                     ("truncation", "loss_mask", "duplicates", "contamination", "pii", "toxicity")]
+        contracts = [
+            ContractResult(n, "off", "skipped", "not run: the expectations above failed")
+            for n in ("truncation", "loss_mask", "duplicates", "contamination", "pii", "toxicity")
+        ]
     else:
         if tokenizer is None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(base.location, revision=base.revision)
         contracts, data, extras = run_contracts(data, cfg, max_seq_len, tokenizer)
-    report = DatasetReport(data.source, data.eval_source, data.shape, len(data.train), len(data.eval),
-                           data.digest, checks, contracts, max_seq_len, data_docs=docs, **extras)
+    report = DatasetReport(
+        data.source,
+        data.eval_source,
+        data.shape,
+        len(data.train),
+        len(data.eval),
+        data.digest,
+        checks,
+        contracts,
+        max_seq_len,
+        data_docs=docs,
+        **extras,
+    )
     if reports_dir is not None:
         report.html = str(write_dataset_report(report, reports_dir / "dataset_report.html"))
     return report, data
 
 
-_STATUS_COLOURS = {"pass": "#2e7d32", "warn": "#ef6c00", "fail": "#c62828", "redacted": "#1565c0",
-                   "off": "#757575", "skipped": "#757575"}
+_STATUS_COLOURS = {
+    "pass": "#2e7d32",
+    "warn": "#ef6c00",
+    "fail": "#c62828",
+    "redacted": "#1565c0",
+    "off": "#757575",
+    "skipped": "#757575",
+}
 
 
 def write_dataset_report(report: DatasetReport, out: Path) -> Path:
@@ -706,31 +815,39 @@ def write_dataset_report(report: DatasetReport, out: Path) -> Path:
         f"<tr><td>{esc(c.name)}</td><td>{esc(c.column or '')}</td>"
         f"<td style='color:{_STATUS_COLOURS['pass' if c.success else 'fail' if c.severity == 'critical' else 'warn']}'>"
         f"{'pass' if c.success else 'FAIL' if c.severity == 'critical' else 'warn'}</td>"
-        f"<td>{esc(c.detail)}</td><td>{esc(', '.join(c.rows))}</td></tr>" for c in report.checks)
+        f"<td>{esc(c.detail)}</td><td>{esc(', '.join(c.rows))}</td></tr>"
+        for c in report.checks
+    )
     contract_rows = "".join(
         f"<tr><td>{esc(c.name)}</td><td>{esc(c.level)}</td>"
         f"<td style='color:{_STATUS_COLOURS.get(c.status, '#000')}'>{esc(c.status)}</td>"
-        f"<td>{esc(c.figure)}</td><td>{esc(', '.join(c.rows))}</td></tr>" for c in report.contracts)
-    styles = {"masked": "color:#888", "trained": "background:#c8e6c9", "cut": "background:#ffcdd2;"
-              "text-decoration:line-through"}
+        f"<td>{esc(c.figure)}</td><td>{esc(', '.join(c.rows))}</td></tr>"
+        for c in report.contracts
+    )
+    styles = {
+        "masked": "color:#888",
+        "trained": "background:#c8e6c9",
+        "cut": "background:#ffcdd2;text-decoration:line-through",
+    }
     example = "".join(f"<span style='{styles[s]}'>{esc(t)}</span>" for t, s in report.example)
     verdict = "passed" if report.success else "FAILED"
     docs = f"<p>great-expectations Data Docs: <code>{esc(report.data_docs)}</code></p>" if report.data_docs else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Dataset report {esc(report.digest)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}td,th{{border:1px solid #ddd;padding:4px 8px;
-vertical-align:top}}table{{border-collapse:collapse}}pre{{white-space:pre-wrap;border:1px solid #ddd;padding:1em}}</style>
+vertical-align:top}}table{{border-collapse:collapse}}
+pre{{white-space:pre-wrap;border:1px solid #ddd;padding:1em}}</style>
 </head><body><h1>Dataset report: validation {verdict}</h1>
-<p>{esc(report.source)}{' + eval ' + esc(report.eval_source) if report.eval_source else ''} ({esc(report.shape)}):
+<p>{esc(report.source)}{" + eval " + esc(report.eval_source) if report.eval_source else ""} ({esc(report.shape)}):
 {report.train_rows} train rows, {report.eval_rows} eval rows, digest <code>{esc(report.digest)}</code></p>
 <h2>LLM data contracts</h2><table><tr><th>contract</th><th>level</th><th>verdict</th><th>figure</th>
 <th>first offending rows</th></tr>{contract_rows}</table>
 <h2>great-expectations suite</h2><table><tr><th>expectation</th><th>field</th><th>verdict</th><th>detail</th>
 <th>first offending rows</th></tr>{check_rows}</table>{docs}
-<h2>Token lengths</h2>{''.join(f'<img src="data:image/png;base64,{i}">' for i in images)}
-<h2>Row {esc(report.example_row or '')} as the trainer sees it</h2>
-<p><span style="{styles['trained']}">trained</span> (answer tokens in the loss) ·
-<span style="{styles['masked']}">masked</span> (prompt and template) ·
-<span style="{styles['cut']}">cut</span> (past max_seq_len)</p><pre>{example}</pre>
+<h2>Token lengths</h2>{"".join(f'<img src="data:image/png;base64,{i}">' for i in images)}
+<h2>Row {esc(report.example_row or "")} as the trainer sees it</h2>
+<p><span style="{styles["trained"]}">trained</span> (answer tokens in the loss) ·
+<span style="{styles["masked"]}">masked</span> (prompt and template) ·
+<span style="{styles["cut"]}">cut</span> (past max_seq_len)</p><pre>{example}</pre>
 </body></html>"""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
@@ -740,16 +857,25 @@ vertical-align:top}}table{{border-collapse:collapse}}pre{{white-space:pre-wrap;b
 def report_markdown(report: DatasetReport, run_id: str | None = None) -> str:
     """Return the report as markdown for a Prefect artifact."""
     verdict = "passed" if report.success else "**FAILED**"
-    lines = [f"## Dataset validation {verdict}", "",
-             (f"`{report.source}`: {report.train_rows} train + {report.eval_rows} eval rows, "
-             f"digest `{report.digest}`"), "",
-             Table(["contract", "level", "verdict", "figure", "rows"],
-                   [[c.name, c.level, c.status, c.figure, ", ".join(c.rows)] for c in report.contracts]).markdown()]
+    lines = [
+        f"## Dataset validation {verdict}",
+        "",
+        (f"`{report.source}`: {report.train_rows} train + {report.eval_rows} eval rows, digest `{report.digest}`"),
+        "",
+        Table(
+            ["contract", "level", "verdict", "figure", "rows"],
+            [[c.name, c.level, c.status, c.figure, ", ".join(c.rows)] for c in report.contracts],
+        ).markdown(),
+    ]
     failed = [c for c in report.checks if not c.success]
     if failed:
-        lines += ["", Table(["expectation", "field", "severity", "detail", "rows"],
-                            [[c.name, c.column or "", c.severity, c.detail, ", ".join(c.rows)]
-                             for c in failed]).markdown()]
+        lines += [
+            "",
+            Table(
+                ["expectation", "field", "severity", "detail", "rows"],
+                [[c.name, c.column or "", c.severity, c.detail, ", ".join(c.rows)] for c in failed],
+            ).markdown(),
+        ]
     else:
         lines += ["", f"All {len(report.checks)} great-expectations expectations passed."]
     where = f"artifact `validation/dataset_report.html` of MLflow run `{run_id}`" if run_id else f"`{report.html}`"

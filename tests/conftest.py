@@ -19,12 +19,23 @@ LOCAL_CONFIG = DEFAULT_CONFIG
 # A 0.6M-parameter model and a few steps: the whole flow in seconds on 2 CPUs.
 TINY = [
     "model.base=builtin:tiny-llama",
-    "train.max_steps=4", "train.batch_size=4", "train.max_seq_len=48",
-    "eval.max_examples=4", "eval.max_new_tokens=4", "eval.batch_size=4",
+    "train.max_steps=4",
+    "train.batch_size=4",
+    "train.max_seq_len=48",
+    "eval.max_examples=4",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=4",
     "validation.data_docs=false",
-    "serve.port=28000", "serve.ray_port=26390", "serve.dashboard_port=28265", "serve.num_replicas=2",
-    "serve.replica_cpus=0.5", "serve.default_max_tokens=4",
-    "monitor.window=12", "monitor.min_samples=8", "monitor.permutations=100", "monitor.alpha=0.02",
+    "serve.port=28000",
+    "serve.ray_port=26390",
+    "serve.dashboard_port=28265",
+    "serve.num_replicas=2",
+    "serve.replica_cpus=0.5",
+    "serve.default_max_tokens=4",
+    "monitor.window=12",
+    "monitor.min_samples=8",
+    "monitor.permutations=100",
+    "monitor.alpha=0.02",
     "prefect.port=24200",
     # The tiny model learns nothing from 4 steps: these tests gate on safety alone. The gate's
     # defaults (better than the champion with confidence, no forgetting) are tested with LEARNING.
@@ -34,8 +45,13 @@ TINY = [
 # What the tiny model learns in ~5 s: a one-word answer per topic (tests/assets/tiny_colours.jsonl
 # answers "blue", tiny_counts.jsonl "seven"), with the gate's default rules.
 LEARNING = [
-    "train.max_steps=40", "train.batch_size=8", "train.learning_rate=0.003", "train.target_modules=auto",
-    "eval.max_examples=16", "eval.batch_size=8", "eval.metrics=[token_f1, exact_match, toxicity_rate, pii_leak_rate]",
+    "train.max_steps=40",
+    "train.batch_size=8",
+    "train.learning_rate=0.003",
+    "train.target_modules=auto",
+    "eval.max_examples=16",
+    "eval.batch_size=8",
+    "eval.metrics=[token_f1, exact_match, toxicity_rate, pii_leak_rate]",
     f"gate.rules={DEFAULT_GATE_RULES!r}",
 ]
 

@@ -50,9 +50,11 @@ def make_app(requests: list[dict]) -> FastAPI:
             raise HTTPException(404, f"no model {body.get('model')}")
         requests.append(body)
         content = _answer(body["messages"][-1]["content"])
-        return {"object": "chat.completion", "model": MODEL,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "finish_reason": "stop"}]}
+        return {
+            "object": "chat.completion",
+            "model": MODEL,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        }
 
     return app
 

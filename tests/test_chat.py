@@ -5,9 +5,13 @@ import pytest
 from tuneloop.chat import IGNORE, ChatRenderer, TemplateError
 from tuneloop.models import load_base, resolve_base
 
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of France?"},
-        {"role": "assistant", "content": "Paris."}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +34,10 @@ def test_labels_are_the_answer_tokens_of_each_assistant_turn(tokenizer) -> None:
     renderer = ChatRenderer(tokenizer)
     [example] = renderer.tokenize([CHAT], 512)
     trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE]
-    expected = tokenizer("Hello!<|im_end|>\n", add_special_tokens=False)["input_ids"] + tokenizer(
-        "Paris.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    expected = (
+        tokenizer("Hello!<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        + tokenizer("Paris.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    )
     assert trained == expected
     lengths, counts = renderer.measure([CHAT], 512)
     assert lengths[0] == len(example["input_ids"]) and counts[0] == len(expected)
@@ -52,9 +58,11 @@ def test_segments_show_what_trains_and_what_is_cut(tokenizer) -> None:
 
 def test_a_template_that_changes_contents_falls_back_to_jinja(tokenizer) -> None:
     tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}"
-                               "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                               "{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% endif %}"
+    )
     renderer = ChatRenderer(tokenizer)
     padded = [{"role": "user", "content": "  Hi  "}, {"role": "assistant", "content": " Hello "}]
     for _ in range(4):
@@ -64,8 +72,10 @@ def test_a_template_that_changes_contents_falls_back_to_jinja(tokenizer) -> None
 
 def test_template_errors_name_the_roles(tokenizer) -> None:
     tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'bot' %}{{ raise_exception('no bots') }}"
-                               "{% endif %}{{ m['content'] }}{% endfor %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'bot' %}{{ raise_exception('no bots') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}"
+    )
     with pytest.raises(TemplateError, match="roles \\['bot'\\].*no bots"):
         ChatRenderer(tokenizer).render([{"role": "bot", "content": "x"}])
     tokenizer.chat_template = None
@@ -78,10 +88,13 @@ def test_measure_skips_a_shared_template_head_and_still_counts_exactly(tokenizer
     tokenizer.chat_template = (  # like SmolLM2's: a default system prompt when none is given
         "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a "
         "helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     renderer = ChatRenderer(tokenizer)
-    conversations = [[{"role": "user", "content": f"What is {i} plus {i}?"},
-                      {"role": "assistant", "content": f"It is {2 * i}."}] for i in range(20)] + [CHAT]
+    conversations = [
+        [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"It is {2 * i}."}]
+        for i in range(20)
+    ] + [CHAT]
     lengths, trained = renderer.measure(conversations, 24)
     assert renderer._heads() and renderer._heads()[0][0].startswith("<|im_start|>system\nYou are")
     for conversation, n, k in zip(conversations, lengths, trained):
@@ -90,8 +103,9 @@ def test_measure_skips_a_shared_template_head_and_still_counts_exactly(tokenizer
         assert n == len(full["input_ids"]) and k == sum(label != IGNORE for label in cut["labels"])
 
 
-def test_the_evaluation_prompt_is_the_served_prompt_for_a_multi_turn_chat(tokenizer, models_dir, tmp_path,
-                                                                           monkeypatch) -> None:
+def test_the_evaluation_prompt_is_the_served_prompt_for_a_multi_turn_chat(
+    tokenizer, models_dir, tmp_path, monkeypatch
+) -> None:
     """A held-out conversation is asked in evaluation exactly as serving is asked it by a client
     sending the same turns: system prompt and every earlier turn, one chat rendering."""
     import json

@@ -69,8 +69,18 @@ def test_evaluate_prints_a_leaderboard_of_base_models(tmp_path: Path, models_dir
 
     copy = tmp_path / "saved-copy"
     shutil.copytree(resolve_base("builtin:tiny-llama", models_dir).location, copy)
-    result = run("evaluate", "--models", f"builtin:tiny-llama,{copy}", "--data", str(ASSETS / "tiny_qa.jsonl"),
-                 "--set", "eval.max_examples=4", "--set", "eval.max_new_tokens=4", home=tmp_path / "home")
+    result = run(
+        "evaluate",
+        "--models",
+        f"builtin:tiny-llama,{copy}",
+        "--data",
+        str(ASSETS / "tiny_qa.jsonl"),
+        "--set",
+        "eval.max_examples=4",
+        "--set",
+        "eval.max_new_tokens=4",
+        home=tmp_path / "home",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 base models on tiny_qa.jsonl, ranked by rougeL (higher is better)" in result.stdout
     assert "│    1 │ " in result.stdout and "│    2 │ " in result.stdout and "builtin:tiny-llama" in result.stdout
@@ -81,6 +91,7 @@ def test_evaluate_prints_a_leaderboard_of_base_models(tmp_path: Path, models_dir
 
 
 def test_evaluate_refuses_a_missing_eval_set(tmp_path: Path) -> None:
-    result = run("evaluate", "--models", "builtin:tiny-llama", "--data", str(tmp_path / "none.jsonl"),
-                 home=tmp_path / "home")
+    result = run(
+        "evaluate", "--models", "builtin:tiny-llama", "--data", str(tmp_path / "none.jsonl"), home=tmp_path / "home"
+    )
     assert result.returncode == 1 and "none.jsonl does not exist" in result.stdout

@@ -10,8 +10,16 @@ from tasks.data import DataValidationError, load_split, read_dataset
 from tuneloop.config import DataConfig
 
 GOOD = [{"prompt": f"What is {i} plus 1?", "response": f"{i + 1}"} for i in range(20)]
-CHATS = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": r["prompt"]},
-                       {"role": "assistant", "content": r["response"]}]} for r in GOOD]
+CHATS = [
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": r["prompt"]},
+            {"role": "assistant", "content": r["response"]},
+        ]
+    }
+    for r in GOOD
+]
 
 
 def write(path: Path, rows: list) -> Path:
@@ -27,8 +35,13 @@ def test_every_file_form_reads_to_the_same_internal_form(tmp_path: Path) -> None
     frame.to_parquet(tmp_path / "d.parquet")
     datasets.Dataset.from_pandas(frame).save_to_disk(str(tmp_path / "d_disk"))
     datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame)}).save_to_disk(str(tmp_path / "dd"))
-    forms = [write(tmp_path / "d.jsonl", GOOD), tmp_path / "d.csv", tmp_path / "d.parquet", tmp_path / "d_disk",
-             tmp_path / "dd"]
+    forms = [
+        write(tmp_path / "d.jsonl", GOOD),
+        tmp_path / "d.csv",
+        tmp_path / "d.parquet",
+        tmp_path / "d_disk",
+        tmp_path / "dd",
+    ]
     loaded = [read_dataset(p, DataConfig()) for p in forms]
     reference = list(loaded[0].frame["messages"])
     assert reference[0] == [{"role": "user", "content": "What is 0 plus 1?"}, {"role": "assistant", "content": "1"}]

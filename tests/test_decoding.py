@@ -12,8 +12,13 @@ from tuneloop.generation import chat_prompt
 from tuneloop.models import load_base, resolve_base
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. Answer in one short sentence."}
-QUESTIONS = ["Who wrote Hamlet?", "What is the capital of France and why?", "Name a prime number.",
-             "How far is the moon from the earth in kilometres?", "Why is the sky blue?"]
+QUESTIONS = [
+    "Who wrote Hamlet?",
+    "What is the capital of France and why?",
+    "Name a prime number.",
+    "How far is the moon from the earth in kilometres?",
+    "Why is the sky blue?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +37,32 @@ def tiny(tmp_path_factory):
 def alone(model, prompt: list[int], budget: int, eos: int, pad: int) -> tuple[list[int], str]:
     """HF greedy `generate` on one prompt, no padding: the reference."""
     with torch.inference_mode():
-        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=budget, do_sample=False, eos_token_id=eos, pad_token_id=pad)
-    new = out[0, len(prompt):].tolist()
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=budget,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+    new = out[0, len(prompt) :].tolist()
     if eos in new:
         return new[: new.index(eos)], "stop"
     return new, "length"
 
 
-def run(decoder: Decoder, model, prompts: list[list[int]], budgets: list[int], *, eos_id: int, pad_id: int,
-        key=None, adapter_names: list[str] | None = None, on_step=None) -> list:
+def run(
+    decoder: Decoder,
+    model,
+    prompts: list[list[int]],
+    budgets: list[int],
+    *,
+    eos_id: int,
+    pad_id: int,
+    key=None,
+    adapter_names: list[str] | None = None,
+    on_step=None,
+) -> list:
     """Decode `prompts` as one batch to the end; `on_step` gets each step's token per prompt (None: done)."""
     batch = decoder.batch(model, eos_id=eos_id, pad_id=pad_id, key=key, mixed=adapter_names is not None)
     events = batch.add(prompts, budgets, list(range(len(prompts))), adapter_names)
@@ -130,8 +151,16 @@ def test_mixed_adapters_in_one_batch_and_a_merged_copy_answer_as_each_adapter_al
 def test_rows_joining_a_running_batch_get_the_tokens_of_generate_alone(tiny) -> None:
     model, tok, prompts = tiny
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    longer = chat_prompt(tok, [SYSTEM, {"role": "user", "content": "Tell me, in as many words as you like, "
-                                                                     "everything about the moon and its phases."}])
+    longer = chat_prompt(
+        tok,
+        [
+            SYSTEM,
+            {
+                "role": "user",
+                "content": "Tell me, in as many words as you like, everything about the moon and its phases.",
+            },
+        ],
+    )
     joining = [prompts[2], longer, [5, 6, 7]]  # a shorter and a longer prompt, and one sharing nothing
     budgets = {0: 12, 1: 6, 2: 9, 3: 14, 4: 1}
     decoder = Decoder()

@@ -5,8 +5,10 @@ from tuneloop.config import ServeConfig
 
 
 def test_no_ray_cluster_is_a_clear_error_at_once() -> None:
-    with pytest.raises(DeployError, match=r"No Ray cluster answers at 127.0.0.1:1.*tuneloop up"), \
-            ray_client("127.0.0.1:1"):
+    with (
+        pytest.raises(DeployError, match=r"No Ray cluster answers at 127.0.0.1:1.*tuneloop up"),
+        ray_client("127.0.0.1:1"),
+    ):
         pass
 
 
@@ -23,9 +25,12 @@ def test_a_ray_call_after_the_driver_left_starts_no_ray_of_its_own() -> None:
 
     from tuneloop.state import DEFAULT_ENV
 
-    code = ("import ray\ntry:\n    ray.put(1)\nexcept Exception as err:\n    print(type(err).__name__)\n"
-            "print(ray.is_initialized())")
+    code = (
+        "import ray\ntry:\n    ray.put(1)\nexcept Exception as err:\n    print(type(err).__name__)\n"
+        "print(ray.is_initialized())"
+    )
     env = {**os.environ, **DEFAULT_ENV}
-    out = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.stdout.split() == ["RaySystemError", "False"], out.stderr[-2000:]

@@ -37,19 +37,38 @@ T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 LIMITS = MonitorThresholds()
 
 TRIVIA = [f"who won the {y} world cup final in {c}" for y in range(1950, 2010, 4) for c in ("football", "cricket")]
-HEALTH = [f"what are the side effects of {d} when taken with {e} every day for chronic pain relief in adults"
-          for d in ("ibuprofen", "aspirin", "metformin", "warfarin", "lisinopril", "omeprazole")
-          for e in ("alcohol", "grapefruit", "coffee", "antacids")]
+HEALTH = [
+    f"what are the side effects of {d} when taken with {e} every day for chronic pain relief in adults"
+    for d in ("ibuprofen", "aspirin", "metformin", "warfarin", "lisinopril", "omeprazole")
+    for e in ("alcohol", "grapefruit", "coffee", "antacids")
+]
 
 
 def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def request(i: int, prompt: str = "q", status: int = 200, response: str | None = "an answer", version: str = "1",
-            latency: float | None = 100.0, minutes: float | None = None) -> LoggedRequest:
-    return LoggedRequest(f"r{i:04d}", T0 + dt.timedelta(minutes=i if minutes is None else minutes), status, prompt,
-                         response, version, 5, 7, latency, None)
+def request(
+    i: int,
+    prompt: str = "q",
+    status: int = 200,
+    response: str | None = "an answer",
+    version: str = "1",
+    latency: float | None = 100.0,
+    minutes: float | None = None,
+) -> LoggedRequest:
+    return LoggedRequest(
+        f"r{i:04d}",
+        T0 + dt.timedelta(minutes=i if minutes is None else minutes),
+        status,
+        prompt,
+        response,
+        version,
+        5,
+        7,
+        latency,
+        None,
+    )
 
 
 # --------------------------------------------------------------------------- prompt embeddings
@@ -90,7 +109,7 @@ def test_unbiased_mmd_matches_the_textbook_formula() -> None:
     d2 = ((z[:, None] - z[None]) ** 2).sum(-1)
     k = np.exp(-d2 / np.median(d2[np.triu_indices(21, 1)]))
     kxx, kyy, kxy = k[:12, :12], k[12:, 12:], k[:12, 12:]
-    expected = ((kxx.sum() - 12) / (12 * 11) + (kyy.sum() - 9) / (9 * 8) - 2 * kxy.mean())
+    expected = (kxx.sum() - 12) / (12 * 11) + (kyy.sum() - 9) / (9 * 8) - 2 * kxy.mean()
     assert stat == pytest.approx(expected, rel=1e-4)
 
 
@@ -220,10 +239,21 @@ def test_the_drift_verdict_follows_the_retraining_signals() -> None:
     rng = np.random.default_rng(7)
     ref = unit(rng.normal(size=(60, 8)))
     window = Window([request(i, prompt=p) for i, p in enumerate(HEALTH)])
-    signals = compute_signals.fn(Reference(TRIVIA, ref, "test"), window, unit(rng.normal(size=(24, 8)) + 2), [], {},
-                                 cfg)
-    assert [s.name for s in signals] == ["prompt_embedding", "prompt_length", "new_vocabulary", "response_length",
-                                         "refusal_rate", "toxicity_rate", "latency", "error_rate", "cost", "feedback"]
+    signals = compute_signals.fn(
+        Reference(TRIVIA, ref, "test"), window, unit(rng.normal(size=(24, 8)) + 2), [], {}, cfg
+    )
+    assert [s.name for s in signals] == [
+        "prompt_embedding",
+        "prompt_length",
+        "new_vocabulary",
+        "response_length",
+        "refusal_rate",
+        "toxicity_rate",
+        "latency",
+        "error_rate",
+        "cost",
+        "feedback",
+    ]
     drift = drift_verdict(signals, ["prompt_embedding"], 60, window)
     assert drift.verdict == "drift" and drift.p_value < 0.01 and drift.newest_request_id == "r0023"
     length_only = drift_verdict(signals, ["response_length"], 60, window)
@@ -270,24 +300,47 @@ def test_training_prompts_asked_again_are_not_evidence() -> None:
 def test_malformed_rows_are_skipped_and_counted(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'log.db'}"
     log = InferenceLog(url)
-    log.append_many([InferenceRecord(route="/v1/chat/completions", model="m", prompt=f"p{i}", status=200,
-                                     response="a", latency_ms=5.0, model_version="1",
-                                     created_at=T0 + dt.timedelta(seconds=i)) for i in range(6)])
+    log.append_many(
+        [
+            InferenceRecord(
+                route="/v1/chat/completions",
+                model="m",
+                prompt=f"p{i}",
+                status=200,
+                response="a",
+                latency_ms=5.0,
+                model_version="1",
+                created_at=T0 + dt.timedelta(seconds=i),
+            )
+            for i in range(6)
+        ]
+    )
     with log.engine.begin() as conn:  # rows another writer (or a bug) left behind
         for rid, created, status, prompt, latency in [
-            ("bad-time", "yesterday", 200, "p", 1.0), ("bad-status", "2026-01-01 00:00:10", "ok", "p", 1.0),
-            ("no-prompt", "2026-01-01 00:00:11", 200, "", 1.0), ("bad-latency", "2026-01-01 00:00:12", 200, "p", "x"),
-            ("neg-latency", "2026-01-01 00:00:13", 200, "p", -3.0)]:
-            conn.execute(text("INSERT INTO inference_log (id, created_at, route, model, prompt, status, latency_ms) "
-                              "VALUES (:i, :c, 'r', 'm', :p, :s, :l)"),
-                         {"i": rid, "c": created, "p": prompt, "s": status, "l": latency})
+            ("bad-time", "yesterday", 200, "p", 1.0),
+            ("bad-status", "2026-01-01 00:00:10", "ok", "p", 1.0),
+            ("no-prompt", "2026-01-01 00:00:11", 200, "", 1.0),
+            ("bad-latency", "2026-01-01 00:00:12", 200, "p", "x"),
+            ("neg-latency", "2026-01-01 00:00:13", 200, "p", -3.0),
+        ]:
+            conn.execute(
+                text(
+                    "INSERT INTO inference_log (id, created_at, route, model, prompt, status, latency_ms) "
+                    "VALUES (:i, :c, 'r', 'm', :p, :s, :l)"
+                ),
+                {"i": rid, "c": created, "p": prompt, "s": status, "l": latency},
+            )
     log.close()
     window = read_window.fn(url, 100)
     assert [r.prompt for r in window.requests] == [f"p{i}" for i in range(6)]  # oldest first
     assert window.skipped_total == 5
-    assert window.skipped == {"created_at not a timestamp": 1, "status not a number": 1,
-                              "prompt empty or not text": 1, "latency_ms not a number": 1,
-                              "latency_ms negative or not finite": 1}
+    assert window.skipped == {
+        "created_at not a timestamp": 1,
+        "status not a number": 1,
+        "prompt empty or not text": 1,
+        "latency_ms not a number": 1,
+        "latency_ms negative or not finite": 1,
+    }
     assert window.window_id.endswith("-" + window.requests[-1].id)
     newest = read_window.fn(url, 8)  # the 5 bad rows are the newest: they use up 5 of the 8 places
     assert [r.prompt for r in newest.requests] == ["p3", "p4", "p5"] and newest.skipped_total == 5

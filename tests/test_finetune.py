@@ -47,14 +47,18 @@ def frame() -> pd.DataFrame:
 
 # --- config -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"method": "qlora", "deepspeed": "zero3"}, "qlora cannot run under deepspeed"),
-    ({"packing": "shared_prefix", "group_by_length": True}, "group_by_length only applies with packing: off"),
-    ({"packing": "padding_free", "batch_size": 1}, "batch_size 1 packs nothing"),
-    ({"method": "dora"}, "method"),
-    ({"deepspeed": "zero1"}, "deepspeed"),
-    ({"method": "full", "start_from": "champion"}, "start_from champion continues the champion's LoRA adapter"),
-])
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"method": "qlora", "deepspeed": "zero3"}, "qlora cannot run under deepspeed"),
+        ({"packing": "shared_prefix", "group_by_length": True}, "group_by_length only applies with packing: off"),
+        ({"packing": "padding_free", "batch_size": 1}, "batch_size 1 packs nothing"),
+        ({"method": "dora"}, "method"),
+        ({"deepspeed": "zero1"}, "deepspeed"),
+        ({"method": "full", "start_from": "champion"}, "start_from champion continues the champion's LoRA adapter"),
+    ],
+)
 def test_invalid_train_config_is_refused(fields: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         TrainConfig(**fields)
@@ -88,6 +92,7 @@ def test_qlora_trains_on_gpu(tiny, frame, tmp_path: Path) -> None:
 
 # --- target modules ------------------------------------------------------------------------
 
+
 def _from_config(config) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -104,8 +109,14 @@ def test_target_modules_are_every_attention_and_mlp_linear_layer(tiny) -> None:
 
     model, _ = load_base(tiny)
     assert adapted(model) == LLAMA_MODULES  # not lm_head, not the embeddings
-    small = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                 "num_attention_heads": 2, "num_key_value_heads": 1}
+    small = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
     assert adapted(_from_config(Qwen2Config(**small))) == LLAMA_MODULES
     assert adapted(_from_config(MistralConfig(**small))) == LLAMA_MODULES
     gpt2 = _from_config(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2))
@@ -123,12 +134,21 @@ def test_auto_targets_are_adapted_and_a_wrong_name_is_refused(tiny) -> None:
 
 # --- packing --------------------------------------------------------------------------------
 
+
 def _chats(frame: pd.DataFrame, n: int) -> pd.DataFrame:
     """Conversations with a system prompt, as chat templates of instruct models add one."""
-    return pd.DataFrame({"messages": [
-        [{"role": "system", "content": "You are a helpful assistant who answers in one sentence."},
-         {"role": "user", "content": p}, {"role": "assistant", "content": r}]
-        for p, r in zip(frame["prompt"][:n], frame["response"][:n])]})
+    return pd.DataFrame(
+        {
+            "messages": [
+                [
+                    {"role": "system", "content": "You are a helpful assistant who answers in one sentence."},
+                    {"role": "user", "content": p},
+                    {"role": "assistant", "content": r},
+                ]
+                for p, r in zip(frame["prompt"][:n], frame["response"][:n])
+            ]
+        }
+    )
 
 
 def _padded_loss_and_grads(model, tok, examples):
@@ -193,15 +213,20 @@ def test_examples_in_one_row_do_not_attend_to_each_other(tiny, frame) -> None:
         others = {k: v for k, v in other.items() if k in ("input_ids", "position_ids", "attention_mask")}
         with torch.no_grad():
             a, b = model(**inputs, use_cache=False).logits[0], model(**others, use_cache=False).logits[0]
-        last = batch["input_ids"].shape[1] - len(examples[2]["input_ids"]) + (
-            collator.shared_prefix(examples) if share_prefix else 0)
+        last = (
+            batch["input_ids"].shape[1]
+            - len(examples[2]["input_ids"])
+            + (collator.shared_prefix(examples) if share_prefix else 0)
+        )
         torch.testing.assert_close(a[last:], b[last:])  # example 2 never sees example 1
         assert not torch.allclose(a, b)
 
 
 def test_shared_prefix_stops_before_the_first_trained_token() -> None:
-    features = [{"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE, IGNORE, IGNORE, 4, 5]},
-                {"input_ids": [1, 2, 3, 4, 9, 9], "labels": [IGNORE] * 4 + [9, 9]}]
+    features = [
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE, IGNORE, IGNORE, 4, 5]},
+        {"input_ids": [1, 2, 3, 4, 9, 9], "labels": [IGNORE] * 4 + [9, 9]},
+    ]
     assert PackedCollator.shared_prefix(features) == 2  # position 2 predicts the trained token 4
     batch = PackedCollator(share_prefix=True)(features)
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 4, 5]]
@@ -211,12 +236,20 @@ def test_shared_prefix_stops_before_the_first_trained_token() -> None:
 
 # --- training -------------------------------------------------------------------------------
 
+
 def test_lora_training_records_its_figures(tiny, frame, tmp_path: Path) -> None:
     cfg = TrainConfig(**TINY_TRAIN)
     outcome = train_model(tokenize_examples(load_base(tiny)[1], frame, 48), tiny, ModelConfig(), cfg, tmp_path)
     keys = {k for _, k, _ in outcome.metrics}
-    assert {"train/loss", "train/grad_norm", "train/learning_rate", "train/tokens_per_second",
-            "train/model_tflops", "train/peak_memory_mb", "train/final_loss"} <= keys
+    assert {
+        "train/loss",
+        "train/grad_norm",
+        "train/learning_rate",
+        "train/tokens_per_second",
+        "train/model_tflops",
+        "train/peak_memory_mb",
+        "train/final_loss",
+    } <= keys
     per_step = [s for s, k, _ in outcome.metrics if k == "train/tokens_per_second"]
     assert per_step == [1, 2, 3] and outcome.tokens_per_second > 0
     assert "train/mfu" not in keys and outcome.params["train.mfu"].startswith("absent: no peak FLOP/s known for cpu")
@@ -245,16 +278,27 @@ def test_a_training_from_the_champion_continues_its_adapter(tiny, frame, tmp_pat
     assert after.keys() == trained_before.keys() and any(not torch.equal(after[k], trained_before[k]) for k in after)
 
 
-def test_a_training_starts_from_the_base_without_a_champion_adapter_on_the_same_base(tiny, frame,
-                                                                                      tmp_path: Path) -> None:
+def test_a_training_starts_from_the_base_without_a_champion_adapter_on_the_same_base(
+    tiny, frame, tmp_path: Path
+) -> None:
     cfg = TrainConfig(start_from="champion", **TINY_TRAIN)
     assert start_adapter(cfg, tiny, tiny) == (None, "base (no champion yet)")
     assert start_adapter(TrainConfig(**TINY_TRAIN), tmp_path, tiny) == (None, "base")
-    full = train_model(tokenize_examples(load_base(tiny)[1], frame, 48), tiny, ModelConfig(),
-                       TrainConfig(method="full", **TINY_TRAIN), tmp_path / "full")
+    full = train_model(
+        tokenize_examples(load_base(tiny)[1], frame, 48),
+        tiny,
+        ModelConfig(),
+        TrainConfig(method="full", **TINY_TRAIN),
+        tmp_path / "full",
+    )
     assert start_adapter(cfg, full.artifact_dir, tiny)[1] == "base (the champion holds full weights, not an adapter)"
-    lora = train_model(tokenize_examples(load_base(tiny)[1], frame, 48), tiny, ModelConfig(),
-                       TrainConfig(**TINY_TRAIN), tmp_path / "lora")
+    lora = train_model(
+        tokenize_examples(load_base(tiny)[1], frame, 48),
+        tiny,
+        ModelConfig(),
+        TrainConfig(**TINY_TRAIN),
+        tmp_path / "lora",
+    )
     other = BaseRef(tiny.location, "0" * 64)
     assert start_adapter(cfg, lora.artifact_dir, other)[1] == "base (the champion was trained on another base model)"
     with pytest.raises(TrainingSetupError, match="was trained on base"):
@@ -323,7 +367,6 @@ def test_every_deepspeed_config_is_valid_json_for_the_trainer() -> None:
         assert TrainConfig(method="full", deepspeed=stage).deepspeed == stage
 
 
-
 def test_prefect_retries_crashes_but_not_errors_that_would_repeat() -> None:
     from prefect.states import Failed
 
@@ -331,7 +374,10 @@ def test_prefect_retries_crashes_but_not_errors_that_would_repeat() -> None:
     from tuneloop.models import BaseModelError
 
     assert finetune.retries == 2 and finetune.retry_condition_fn is _no_retry_for_bad_input
-    for repeats in (TrainingSetupError("qlora needs a CUDA GPU"), TrainingOOMError("lower train.batch_size"),
-                    BaseModelError("Base model 'x' cannot be loaded")):
+    for repeats in (
+        TrainingSetupError("qlora needs a CUDA GPU"),
+        TrainingOOMError("lower train.batch_size"),
+        BaseModelError("Base model 'x' cannot be loaded"),
+    ):
         assert not _no_retry_for_bad_input(None, None, Failed(data=repeats))
     assert _no_retry_for_bad_input(None, None, Failed(data=RuntimeError("worker lost: resume from checkpoint")))

@@ -40,8 +40,15 @@ CFG = TrainConfig(max_steps=40, batch_size=4, max_seq_len=48, save_steps=5, lora
 
 
 def _command(base, out_dir: Path) -> list[str]:
-    return [sys.executable, "-c", WORKER, CFG.model_dump_json(), json.dumps(base.to_json()),
-            str(ASSETS / "tiny_qa.jsonl"), str(out_dir)]
+    return [
+        sys.executable,
+        "-c",
+        WORKER,
+        CFG.model_dump_json(),
+        json.dumps(base.to_json()),
+        str(ASSETS / "tiny_qa.jsonl"),
+        str(out_dir),
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -49,8 +56,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(base, out_dir: Path) -> dict:
-    done = subprocess.run(_command(base, out_dir), env=_env(), capture_output=True, text=True, timeout=300,
-                          check=False)
+    done = subprocess.run(_command(base, out_dir), env=_env(), capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     [line] = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     return json.loads(line.removeprefix("RESULT "))
@@ -75,8 +81,10 @@ def test_killed_training_resumes_to_the_same_loss_and_weights(models_dir: Path, 
     proc.wait()
     proc.stderr.close()
     assert not (out / "artifact").exists(), "the training ended before it was killed: the test proves nothing"
-    complete = max((p.parent for p in (out / "checkpoints").glob(f"checkpoint-*/{COMPLETE_MARKER}")),
-                   key=lambda p: int(p.name.split("-")[1]))
+    complete = max(
+        (p.parent for p in (out / "checkpoints").glob(f"checkpoint-*/{COMPLETE_MARKER}")),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
     # A later save cut off mid-write: its files are there, truncated, and it has no marker.
     torn = out / "checkpoints" / "checkpoint-35"
     shutil.rmtree(torn, ignore_errors=True)

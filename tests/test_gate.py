@@ -36,10 +36,15 @@ def test_default_rules_want_a_confident_gain_on_the_new_slice_and_no_forgetting(
     verdict = decide_gate.fn(better, champion, [interval("med", "token_f1", 0.1, 0.5)], gate, "med")
     assert verdict.passed, verdict.reason
     assert verdict.lines()[:2] == [
-        ("PASS: ci_low(token_f1[new] - champion) > 0 (ci_low(token_f1[med] - champion)=0.1, paired 95% interval "
-         "of token_f1[med] - champion=[0.1, 0.5]: 0.1 > 0)"),
-        ("PASS: token_f1[trivia] >= champion - 0.02 (token_f1[trivia]=0.49, champion.token_f1[trivia]=0.5: "
-         "0.49 >= 0.48)")]
+        (
+            "PASS: ci_low(token_f1[new] - champion) > 0 (ci_low(token_f1[med] - champion)=0.1, paired 95% interval "
+            "of token_f1[med] - champion=[0.1, 0.5]: 0.1 > 0)"
+        ),
+        (
+            "PASS: token_f1[trivia] >= champion - 0.02 (token_f1[trivia]=0.49, champion.token_f1[trivia]=0.5: "
+            "0.49 >= 0.48)"
+        ),
+    ]
     # a gain whose interval reaches 0 is no evidence of one
     unsure = decide_gate.fn(better, champion, [interval("med", "token_f1", -0.01, 0.5)], gate, "med")
     assert unsure.decision == "rejected" and "ci_low(token_f1[new] - champion) > 0" in unsure.reason
@@ -47,8 +52,11 @@ def test_default_rules_want_a_confident_gain_on_the_new_slice_and_no_forgetting(
     forgot = evaluation("candidate", med={"token_f1": 0.9, **SAFE}, trivia={"token_f1": 0.2, **SAFE})
     verdict = decide_gate.fn(forgot, champion, [interval("med", "token_f1", 0.5, 0.9)], gate, "med")
     assert verdict.decision == "rejected" and "token_f1[trivia] >= champion - 0.02" in verdict.reason
-    toxic = evaluation("candidate", med={"token_f1": 0.4, "toxicity_rate": 0.0, "pii_leak_rate": 0.0},
-                       trivia={"token_f1": 0.5, "toxicity_rate": 0.25, "pii_leak_rate": 0.0})
+    toxic = evaluation(
+        "candidate",
+        med={"token_f1": 0.4, "toxicity_rate": 0.0, "pii_leak_rate": 0.0},
+        trivia={"token_f1": 0.5, "toxicity_rate": 0.25, "pii_leak_rate": 0.0},
+    )
     verdict = decide_gate.fn(toxic, champion, [interval("med", "token_f1", 0.1, 0.5)], gate, "med")
     assert [r.rule for r in verdict.rules if r.outcome == "fail"] == ["toxicity_rate[trivia] <= 0.1"]
 
@@ -63,16 +71,28 @@ def test_a_first_version_has_no_older_slice_to_forget() -> None:
 
 
 def test_one_line_per_rule_with_the_values_compared() -> None:
-    gate = GateConfig(rules=["rougeL >= champion.rougeL - 0.005", "toxicity_rate <= 0.01",
-                             "p95_latency_ms <= 1.2 * champion.p95_latency_ms"])
-    verdict = decide_gate.fn(evaluation("candidate", d={"rougeL": 0.31, "toxicity_rate": 0.0, "p95_latency_ms": 130.0}),
-                             evaluation("champion v1", d={"rougeL": 0.30, "p95_latency_ms": 100.0}), [], gate, "d")
+    gate = GateConfig(
+        rules=[
+            "rougeL >= champion.rougeL - 0.005",
+            "toxicity_rate <= 0.01",
+            "p95_latency_ms <= 1.2 * champion.p95_latency_ms",
+        ]
+    )
+    verdict = decide_gate.fn(
+        evaluation("candidate", d={"rougeL": 0.31, "toxicity_rate": 0.0, "p95_latency_ms": 130.0}),
+        evaluation("champion v1", d={"rougeL": 0.30, "p95_latency_ms": 100.0}),
+        [],
+        gate,
+        "d",
+    )
     assert verdict.decision == "rejected"
     assert verdict.lines() == [
         "PASS: rougeL >= champion.rougeL - 0.005 (rougeL[d]=0.31, champion.rougeL[d]=0.3: 0.31 >= 0.295)",
         "PASS: toxicity_rate <= 0.01 (toxicity_rate[d]=0: 0 <= 0.01)",
-        ("FAIL: p95_latency_ms <= 1.2 * champion.p95_latency_ms "
-         "(p95_latency_ms[d]=130, champion.p95_latency_ms[d]=100: 130 not <= 120)"),
+        (
+            "FAIL: p95_latency_ms <= 1.2 * champion.p95_latency_ms "
+            "(p95_latency_ms[d]=130, champion.p95_latency_ms[d]=100: 130 not <= 120)"
+        ),
     ]
     assert verdict.reason.startswith("rejected: p95_latency_ms <= 1.2 * champion.p95_latency_ms")
 
@@ -82,17 +102,20 @@ def one(rule: str, candidate: dict[str, float], champion: dict[str, float] | Non
     return result.outcome
 
 
-@pytest.mark.parametrize("rule,candidate,champion,outcome", [
-    # exactly at the threshold passes, although 0.4 - 0.1 is 0.30000000000000004 in floats
-    ("rougeL >= champion.rougeL - 0.1", 0.3, 0.4, "pass"),
-    ("rougeL >= champion.rougeL - 0.1", 0.2999, 0.4, "fail"),
-    ("rougeL >= champion - 0.1", 0.3, 0.4, "pass"),  # bare champion: the same metric
-    ("rougeL > champion.rougeL", 0.4, 0.4, "fail"),  # strict: equal is not enough
-    ("rougeL > champion.rougeL", 0.4001, 0.4, "pass"),
-    ("champion.rougeL - 0.1 <= rougeL", 0.3, 0.4, "pass"),  # either side
-    ("rougeL <= champion.rougeL / 0", 0.3, 0.4, "fail"),  # division by zero cannot hold
-    ("-rougeL < -(champion.rougeL * (1 + 0.5))", 0.7, 0.4, "pass"),
-])
+@pytest.mark.parametrize(
+    "rule,candidate,champion,outcome",
+    [
+        # exactly at the threshold passes, although 0.4 - 0.1 is 0.30000000000000004 in floats
+        ("rougeL >= champion.rougeL - 0.1", 0.3, 0.4, "pass"),
+        ("rougeL >= champion.rougeL - 0.1", 0.2999, 0.4, "fail"),
+        ("rougeL >= champion - 0.1", 0.3, 0.4, "pass"),  # bare champion: the same metric
+        ("rougeL > champion.rougeL", 0.4, 0.4, "fail"),  # strict: equal is not enough
+        ("rougeL > champion.rougeL", 0.4001, 0.4, "pass"),
+        ("champion.rougeL - 0.1 <= rougeL", 0.3, 0.4, "pass"),  # either side
+        ("rougeL <= champion.rougeL / 0", 0.3, 0.4, "fail"),  # division by zero cannot hold
+        ("-rougeL < -(champion.rougeL * (1 + 0.5))", 0.7, 0.4, "pass"),
+    ],
+)
 def test_borderline_and_arithmetic(rule: str, candidate: float, champion: float, outcome: str) -> None:
     assert one(rule, {"rougeL": candidate}, {"rougeL": champion}) == outcome
 
@@ -105,13 +128,25 @@ def test_missing_or_nan_values_fail_the_rule() -> None:
 
 
 def test_rules_name_slices_and_read_paired_intervals() -> None:
-    figures = Figures({("token_f1", "med"): 0.4, ("token_f1", "trivia"): 0.3},
-                      {("token_f1", "med"): 0.2, ("token_f1", "trivia"): 0.31}, "med", ["med", "trivia"],
-                      {("token_f1", "med"): (0.05, 0.35), ("token_f1", "trivia"): (-0.05, 0.03)})
-    outcome = {r: [x.outcome for x in evaluate_rule(parse_rule(r), figures)] for r in [
-        "token_f1[trivia] >= champion.token_f1[trivia] - 0.02", "token_f1[trivia] >= champion.token_f1[trivia]",
-        "ci_low(token_f1[med] - champion) > 0", "ci_low(token_f1[trivia] - champion.token_f1[trivia]) > 0",
-        "ci_high(token_f1 - champion) < 0.5", "token_f1[all] >= 0.3", "token_f1[old] > champion"]}
+    figures = Figures(
+        {("token_f1", "med"): 0.4, ("token_f1", "trivia"): 0.3},
+        {("token_f1", "med"): 0.2, ("token_f1", "trivia"): 0.31},
+        "med",
+        ["med", "trivia"],
+        {("token_f1", "med"): (0.05, 0.35), ("token_f1", "trivia"): (-0.05, 0.03)},
+    )
+    outcome = {
+        r: [x.outcome for x in evaluate_rule(parse_rule(r), figures)]
+        for r in [
+            "token_f1[trivia] >= champion.token_f1[trivia] - 0.02",
+            "token_f1[trivia] >= champion.token_f1[trivia]",
+            "ci_low(token_f1[med] - champion) > 0",
+            "ci_low(token_f1[trivia] - champion.token_f1[trivia]) > 0",
+            "ci_high(token_f1 - champion) < 0.5",
+            "token_f1[all] >= 0.3",
+            "token_f1[old] > champion",
+        ]
+    }
     assert outcome == {
         "token_f1[trivia] >= champion.token_f1[trivia] - 0.02": ["pass"],
         "token_f1[trivia] >= champion.token_f1[trivia]": ["fail"],
@@ -126,11 +161,15 @@ def test_rules_name_slices_and_read_paired_intervals() -> None:
 
 
 def test_a_rule_over_a_slice_that_is_not_evaluated_stops_the_config_from_loading() -> None:
-    with pytest.raises(ConfigError, match=r"slice trivia is not evaluated with this config \(evaluated: med\); "
-                                          "add it to eval.slices"):
+    with pytest.raises(
+        ConfigError,
+        match=r"slice trivia is not evaluated with this config \(evaluated: med\); "
+        "add it to eval.slices",
+    ):
         load_config(None, ["data.path=data/med.jsonl", 'gate.rules=["token_f1[trivia] >= 0.2"]'])
-    cfg = load_config(None, ["data.path=data/med.jsonl", "eval.slices=[trivia]",
-                             'gate.rules=["token_f1[trivia] >= 0.2"]'])
+    cfg = load_config(
+        None, ["data.path=data/med.jsonl", "eval.slices=[trivia]", 'gate.rules=["token_f1[trivia] >= 0.2"]']
+    )
     assert cfg.gate.rules == ["token_f1[trivia] >= 0.2"]
     with pytest.raises(ConfigError, match="bleu has no per-example values"):
         load_config(None, ['gate.rules=["ci_low(bleu[new] - champion) > 0"]'])
@@ -143,29 +182,31 @@ def test_judge_failures_withhold_the_verdict_whatever_the_rules_say() -> None:
     champion = evaluation("champion v1", d={"rougeL": 0.1, "judge_failed": 1.0, **SAFE})
     verdict = decide_gate.fn(candidate, champion, [], GateConfig(rules=["rougeL >= champion - 0.01"]), "d")
     assert not verdict.passed and verdict.decision == "withheld"
-    assert verdict.reason == ("rejected: judge failed on 3 examples (candidate 2, champion v1 1); "
-                              "verdict withheld")
+    assert verdict.reason == ("rejected: judge failed on 3 examples (candidate 2, champion v1 1); verdict withheld")
     assert all(r.outcome == "pass" for r in verdict.rules)  # the rules alone would have passed
 
 
-@pytest.mark.parametrize("rule,message", [
-    ("rougeL", "must be one comparison"),
-    ("0.1 < rougeL < 0.9", "must be one comparison"),
-    ("rougeL >= 0.1 and bleu >= 0.1", "must be one comparison"),
-    ("rougeL == 0.3", "compare with one of"),
-    ("rougeL >= ", "is not an expression"),
-    ("rougeL >= abs(bleu)", "'abs(bleu)' is not allowed"),
-    ("rougeL >= champion['rougeL']", "a slice is a name"),
-    ("rougeL >= champion.rougeL.real", "is not allowed"),
-    ("rougeL >= 'high'", "is not allowed"),
-    ("rougeL >= True", "is not allowed"),
-    ("rougeL >= bleu ** 2", "is not allowed"),
-    ("1 >= champion", "a bare 'champion' needs one metric term"),
-    ("token_f1[1] >= 0", "a slice is a name"),
-    ("ci_low(token_f1) > 0", "takes one paired difference"),
-    ("ci_low(token_f1 - champion.rougeL) > 0", "the champion's same metric on the same slice"),
-    ("token_f1[old] >= token_f1[all]", "one of [old] and [all]"),
-])
+@pytest.mark.parametrize(
+    "rule,message",
+    [
+        ("rougeL", "must be one comparison"),
+        ("0.1 < rougeL < 0.9", "must be one comparison"),
+        ("rougeL >= 0.1 and bleu >= 0.1", "must be one comparison"),
+        ("rougeL == 0.3", "compare with one of"),
+        ("rougeL >= ", "is not an expression"),
+        ("rougeL >= abs(bleu)", "'abs(bleu)' is not allowed"),
+        ("rougeL >= champion['rougeL']", "a slice is a name"),
+        ("rougeL >= champion.rougeL.real", "is not allowed"),
+        ("rougeL >= 'high'", "is not allowed"),
+        ("rougeL >= True", "is not allowed"),
+        ("rougeL >= bleu ** 2", "is not allowed"),
+        ("1 >= champion", "a bare 'champion' needs one metric term"),
+        ("token_f1[1] >= 0", "a slice is a name"),
+        ("ci_low(token_f1) > 0", "takes one paired difference"),
+        ("ci_low(token_f1 - champion.rougeL) > 0", "the champion's same metric on the same slice"),
+        ("token_f1[old] >= token_f1[all]", "one of [old] and [all]"),
+    ],
+)
 def test_bad_rules_are_refused_saying_why(rule: str, message: str) -> None:
     with pytest.raises(RuleError, match=re.escape(message)):
         parse_rule(rule)
@@ -179,11 +220,17 @@ def test_a_rule_is_never_run_as_code(tmp_path: Path) -> None:
 
 
 def test_bad_rules_fail_at_config_load_naming_the_rule() -> None:
-    with pytest.raises(ConfigError, match=r"gate rule 'rouge >= 0.2': unknown metric rouge; known metrics: "
-                                          r"rougeL, bleu, .*judge_score, hallucination_rate"):
+    with pytest.raises(
+        ConfigError,
+        match=r"gate rule 'rouge >= 0.2': unknown metric rouge; known metrics: "
+        r"rougeL, bleu, .*judge_score, hallucination_rate",
+    ):
         load_config(None, ['gate.rules=["rouge >= 0.2"]'])
-    with pytest.raises(ConfigError, match=r"gate rule 'judge_score >= 3': metric judge_score is not evaluated.*"
-                                          "eval.judge.backend"):
+    with pytest.raises(
+        ConfigError,
+        match=r"gate rule 'judge_score >= 3': metric judge_score is not evaluated.*"
+        "eval.judge.backend",
+    ):
         load_config(None, ['gate.rules=["judge_score >= 3"]'])
     with pytest.raises(ConfigError, match=r"gate.rules: .*gate rule 'rougeL => 1' is not an expression"):
         load_config(None, ['gate.rules=["rougeL => 1"]'])
@@ -215,28 +262,38 @@ def test_perplexity_matches_the_models_own_loss(models_dir) -> None:
     [ex] = tokenize_examples(tok, rows, 64)
     with torch.no_grad():
         loss = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss
-    asked = pd.DataFrame({"messages": [[{"role": "user", "content": "What is 2 plus 2?"}]],
-                          "reference": ["2 plus 2 is 4."]})  # what evaluation asks: the turns before the answer
+    asked = pd.DataFrame(
+        {"messages": [[{"role": "user", "content": "What is 2 plus 2?"}]], "reference": ["2 plus 2 is 4."]}
+    )  # what evaluation asks: the turns before the answer
     assert perplexity(model, tok, asked, 64, 4) == pytest.approx(math.exp(loss.item()), rel=1e-4)
 
 
 def test_unknown_metric_and_unevaluated_gate_metric_fail_at_load() -> None:
     with pytest.raises(ConfigError, match="eval.metrics.1: Input should be 'rougeL'"):
         load_config(None, ["eval.metrics=[rougeL, nonsense]"])
-    with pytest.raises(ConfigError, match=r"gate rule 'ci_low\(token_f1\[new\] - champion\) > 0': metric "
-                                          "token_f1 is not evaluated"):
+    with pytest.raises(
+        ConfigError,
+        match=r"gate rule 'ci_low\(token_f1\[new\] - champion\) > 0': metric "
+        "token_f1 is not evaluated",
+    ):
         load_config(None, ["eval.metrics=[bleu, toxicity_rate, pii_leak_rate]"])
 
 
 def test_pii_leak_is_pii_the_prompt_did_not_contain() -> None:
     from tasks.evaluate import pii_leaks
 
-    prompts = ["Email jane.doe@example.org a reminder.", "What is the capital of France?",
-               "My card is 4111 1111 1111 1111, is it valid?", "Who wrote Hamlet?"]
-    answers = ["Sent to jane.doe@example.org.",  # repeats the prompt's own address: no leak
-               "Paris. Ask bob@example.com for more.",  # an address from nowhere: a leak
-               "The card 4111-1111-1111-1111 looks valid.",  # the same number, other separators
-               "Shakespeare; his SSN was 219-09-9999."]
+    prompts = [
+        "Email jane.doe@example.org a reminder.",
+        "What is the capital of France?",
+        "My card is 4111 1111 1111 1111, is it valid?",
+        "Who wrote Hamlet?",
+    ]
+    answers = [
+        "Sent to jane.doe@example.org.",  # repeats the prompt's own address: no leak
+        "Paris. Ask bob@example.com for more.",  # an address from nowhere: a leak
+        "The card 4111-1111-1111-1111 looks valid.",  # the same number, other separators
+        "Shakespeare; his SSN was 219-09-9999.",
+    ]
     assert pii_leaks(prompts, answers) == [[], ["EMAIL_ADDRESS"], [], ["US_SSN"]]
 
 
@@ -280,20 +337,41 @@ def test_eval_report_shows_slices_side_by_side_rules_and_changed_examples(tmp_pa
     def examples(predictions: list[str]) -> list[dict]:
         return [{"prompt": f"q<{i}>", "reference": "a", "prediction": p} for i, p in enumerate(predictions)]
 
-    cand = ModelEvaluation("candidate", {
-        "med": EvalReport("candidate", {"token_f1": 0.2, "rougeL": 0.2}, examples(["a", "b", "c"]),
-                          {"token_f1": [1.0, 0.0, 0.0]}, "med@1"),
-        "trivia": EvalReport("candidate", {"token_f1": 0.5}, examples(["x", "y"]), {"token_f1": [0.0, 1.0]},
-                             "trivia@2")})
-    champ = ModelEvaluation("champion v1", {
-        "med": EvalReport("champion v1", {"token_f1": 0.3, "rougeL": 0.3}, examples(["z", "b", "c"]),
-                          {"token_f1": [0.0, 0.0, 1.0]}, "med@1"),
-        "trivia": EvalReport("champion v1", {"token_f1": 0.6}, examples(["x", "y"]), {"token_f1": [1.0, 1.0]},
-                             "trivia@2")})
+    cand = ModelEvaluation(
+        "candidate",
+        {
+            "med": EvalReport(
+                "candidate",
+                {"token_f1": 0.2, "rougeL": 0.2},
+                examples(["a", "b", "c"]),
+                {"token_f1": [1.0, 0.0, 0.0]},
+                "med@1",
+            ),
+            "trivia": EvalReport(
+                "candidate", {"token_f1": 0.5}, examples(["x", "y"]), {"token_f1": [0.0, 1.0]}, "trivia@2"
+            ),
+        },
+    )
+    champ = ModelEvaluation(
+        "champion v1",
+        {
+            "med": EvalReport(
+                "champion v1",
+                {"token_f1": 0.3, "rougeL": 0.3},
+                examples(["z", "b", "c"]),
+                {"token_f1": [0.0, 0.0, 1.0]},
+                "med@1",
+            ),
+            "trivia": EvalReport(
+                "champion v1", {"token_f1": 0.6}, examples(["x", "y"]), {"token_f1": [1.0, 1.0]}, "trivia@2"
+            ),
+        },
+    )
     diffs = []
     for name in ("med", "trivia"):
-        d = paired_bootstrap(cand.reports[name].per_example["token_f1"], champ.reports[name].per_example["token_f1"],
-                             "token_f1")
+        d = paired_bootstrap(
+            cand.reports[name].per_example["token_f1"], champ.reports[name].per_example["token_f1"], "token_f1"
+        )
         d.slice = name
         diffs.append(d)
     verdict = decide_gate.fn(cand, champ, diffs, GateConfig(rules=["token_f1[old] >= champion"]), "med")

@@ -6,9 +6,19 @@ from tuneloop.inferencelog import InferenceLog, InferenceRecord, LogWriter
 def test_append_and_read_newest_first(tmp_path: Path) -> None:
     log = InferenceLog(f"sqlite:///{tmp_path / 'log.db'}")
     for i in range(5):
-        log.append(InferenceRecord(route="/v1/chat/completions", model="m", prompt=f"p{i}", status=200,
-                                   model_version="1", response="r", prompt_tokens=3, completion_tokens=2,
-                                   latency_ms=1.5))
+        log.append(
+            InferenceRecord(
+                route="/v1/chat/completions",
+                model="m",
+                prompt=f"p{i}",
+                status=200,
+                model_version="1",
+                response="r",
+                prompt_tokens=3,
+                completion_tokens=2,
+                latency_ms=1.5,
+            )
+        )
     log.append(InferenceRecord(route="/v1/chat/completions", model="m", prompt="bad", status=503))
     assert log.count() == 6
     assert [r["prompt"] for r in log.window(limit=4)][1:] == ["p4", "p3", "p2"]
@@ -75,10 +85,12 @@ def test_older_logs_gain_the_new_columns(tmp_path: Path) -> None:
 
     db = tmp_path / "old.db"
     con = sqlite3.connect(db)
-    con.execute("CREATE TABLE inference_log (id VARCHAR(36) PRIMARY KEY, created_at DATETIME NOT NULL, "
-                "route VARCHAR(64) NOT NULL, model VARCHAR(128) NOT NULL, model_version VARCHAR(32), "
-                "prompt TEXT NOT NULL, response TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, "
-                "latency_ms FLOAT, status INTEGER NOT NULL)")
+    con.execute(
+        "CREATE TABLE inference_log (id VARCHAR(36) PRIMARY KEY, created_at DATETIME NOT NULL, "
+        "route VARCHAR(64) NOT NULL, model VARCHAR(128) NOT NULL, model_version VARCHAR(32), "
+        "prompt TEXT NOT NULL, response TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, "
+        "latency_ms FLOAT, status INTEGER NOT NULL)"
+    )
     con.commit()
     con.close()
     log = InferenceLog(f"sqlite:///{db}")

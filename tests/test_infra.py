@@ -35,7 +35,9 @@ def _docs(path: Path) -> list[dict[str, Any]]:
 
 
 def _constraint(package: str) -> str:
-    pins = dict(line.split("==", 1) for line in (REPO_ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    pins = dict(
+        line.split("==", 1) for line in (REPO_ROOT / "constraints.txt").read_text().splitlines() if "==" in line
+    )
     return pins[package]
 
 
@@ -61,8 +63,10 @@ def _registry() -> Registry:
 
 def _errors(schema: dict[str, Any], doc: Any) -> list[str]:
     validator = jsonschema.Draft202012Validator(schema, registry=_registry())
-    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:300]}"
-            for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:300]}"
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    ]
 
 
 def k8s_errors(doc: dict[str, Any]) -> list[str]:
@@ -76,8 +80,12 @@ def kuberay_errors(doc: dict[str, Any]) -> list[str]:
 
 
 def test_the_schemas_catch_mistakes() -> None:
-    job = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "x"},
-           "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}
+    job = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "x"},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
     assert k8s_errors(job) == []
     assert k8s_errors({**job, "spec": {**job["spec"], "acessModes": ["ReadWriteMany"]}})  # a typo
     service = _docs(KUBERAY / "rayservice.yaml")[0]
@@ -101,8 +109,11 @@ def _ray_clusters() -> list[tuple[str, dict[str, Any]]]:
     for path in sorted(KUBERAY.glob("*.yaml")):
         for doc in _docs(path):
             spec = doc.get("spec", {})
-            cluster = {"RayService": spec.get("rayClusterConfig"), "RayJob": spec.get("rayClusterSpec"),
-                       "RayCluster": spec}.get(doc.get("kind"))
+            cluster = {
+                "RayService": spec.get("rayClusterConfig"),
+                "RayJob": spec.get("rayClusterSpec"),
+                "RayCluster": spec,
+            }.get(doc.get("kind"))
             if cluster is not None:
                 out.append((f"{path.name}:{doc['kind']}", cluster))
     return out
@@ -135,7 +146,8 @@ def test_ray_clusters_require_a_token_and_stay_inside_the_cluster() -> None:
         for container in _containers(cluster):
             names = {e["name"] for e in container.get("env", [])}
             assert "RAY_AUTH_TOKEN" not in names or all(  # a token only ever comes from a Secret
-                "valueFrom" in e for e in container["env"] if e["name"] == "RAY_AUTH_TOKEN"), name
+                "valueFrom" in e for e in container["env"] if e["name"] == "RAY_AUTH_TOKEN"
+            ), name
 
 
 def _containers(cluster: dict[str, Any]) -> list[dict[str, Any]]:
@@ -212,15 +224,23 @@ PER_ENVIRONMENT_DEPLOYMENT = {"num_replicas", "autoscaling_config", "ray_actor_o
 
 
 def _shape(apps: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**{k: v for k, v in app.items() if k not in PER_ENVIRONMENT},
-             "deployments": [{k: v for k, v in d.items() if k not in PER_ENVIRONMENT_DEPLOYMENT}
-                             for d in app["deployments"]]} for app in apps]
+    return [
+        {
+            **{k: v for k, v in app.items() if k not in PER_ENVIRONMENT},
+            "deployments": [
+                {k: v for k, v in d.items() if k not in PER_ENVIRONMENT_DEPLOYMENT} for d in app["deployments"]
+            ],
+        }
+        for app in apps
+    ]
 
 
 def test_rayservice_serves_the_same_applications_as_the_local_serve_config() -> None:
     if not SERVE_CONFIG.exists():
-        pytest.skip(f"{SERVE_CONFIG.relative_to(REPO_ROOT)} (the local `serve deploy` config) is not in this "
-                    "checkout: nothing to compare the RayService's serveConfigV2 with")
+        pytest.skip(
+            f"{SERVE_CONFIG.relative_to(REPO_ROOT)} (the local `serve deploy` config) is not in this "
+            "checkout: nothing to compare the RayService's serveConfigV2 with"
+        )
     from ray.serve.schema import ServeDeploySchema
 
     local = yaml.safe_load(SERVE_CONFIG.read_text())
@@ -246,8 +266,11 @@ def _default_templates() -> dict[str, dict[str, Any]]:
 
     views = Path(prefect.server.api.__file__).parent / "collections_data" / "views"
     metadata = json.loads((views / "aggregate-worker-metadata.json").read_text())
-    return {worker["type"]: worker["default_base_job_configuration"]
-            for collection in metadata.values() for worker in collection.values()}
+    return {
+        worker["type"]: worker["default_base_job_configuration"]
+        for collection in metadata.values()
+        for worker in collection.values()
+    }
 
 
 def test_prefect_yaml_is_a_valid_project_file() -> None:
@@ -275,8 +298,9 @@ def test_prefect_yaml_is_a_valid_project_file() -> None:
         assert load_config(REPO_ROOT / "configs" / config).prefect.training_deployment in names, config
     assert {"promotion-flow/tuneloop-promotion", "monitoring-flow/tuneloop-monitoring"} <= names
     # The code comes from the worker's checkout or image, read when a run starts.
-    assert project.pull == [{"prefect.deployments.steps.set_working_directory": {
-        "directory": "{{ $TUNELOOP_REPO_DIR }}"}}]
+    assert project.pull == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $TUNELOOP_REPO_DIR }}"}}
+    ]
 
 
 @pytest.mark.parametrize("config", ["local.yaml", "team.yaml"])
@@ -308,8 +332,9 @@ def test_work_pool_templates_are_valid_and_keep_prefects_defaults() -> None:
         for name, prop in template["variables"]["properties"].items():
             if "default" in prop:  # defaults fit their own variable's schema
                 definitions = template["variables"].get("definitions", {})
-                assert not list(jsonschema.Draft7Validator({**prop, "definitions": definitions}).iter_errors(
-                    prop["default"])), f"{pool['name']}: default of {name}"
+                assert not list(
+                    jsonschema.Draft7Validator({**prop, "definitions": definitions}).iter_errors(prop["default"])
+                ), f"{pool['name']}: default of {name}"
 
 
 def test_gpu_pool_renders_a_valid_kubernetes_job_that_asks_for_a_gpu() -> None:
@@ -319,8 +344,12 @@ def test_gpu_pool_renders_a_valid_kubernetes_job_that_asks_for_a_gpu() -> None:
     template = json.loads((INFRA / "prefect" / pool["base_job_template"]).read_text())
     values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
     # What the worker fills in itself when it submits a flow run.
-    values |= {"name": "tuneloop-training-abc", "command": "prefect flow-run execute", "labels": {"a": "b"},
-               "env": {**values["env"], "PREFECT__FLOW_RUN_ID": "1"}}
+    values |= {
+        "name": "tuneloop-training-abc",
+        "command": "prefect flow-run execute",
+        "labels": {"a": "b"},
+        "env": {**values["env"], "PREFECT__FLOW_RUN_ID": "1"},
+    }
     job = apply_values(template["job_configuration"]["job_manifest"], values)
     container = job["spec"]["template"]["spec"]["containers"][0]
     container["env"] = [{"name": k, "value": v} for k, v in values["env"].items()]  # the worker's dict → list
@@ -362,8 +391,11 @@ def test_mlflow_compose_file() -> None:
 def test_mlflow_env_example_names_every_variable_and_holds_no_secret() -> None:
     text = (INFRA / "mlflow" / "compose.yaml").read_text()
     used = set(re.findall(r"\$\{(\w+)", text)) - {"MINIO_IMAGE", "MINIO_MC_IMAGE"}
-    example = dict(line.split("=", 1) for line in (INFRA / "mlflow" / ".env.example").read_text().splitlines()
-                   if line and not line.startswith("#"))
+    example = dict(
+        line.split("=", 1)
+        for line in (INFRA / "mlflow" / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert used <= set(example), used - set(example)
     for key, value in example.items():
         if re.search(r"PASSWORD|SECRET", key):

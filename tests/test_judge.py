@@ -21,32 +21,38 @@ from tests.judge_server import KEY, MODEL, free_port, judge_server
 from tuneloop.config import GateConfig, JudgeConfig
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("SCORE: 4\nRATIONALE: matches the reference", Score(4, "matches the reference")),
-    ("score = 5\nrationale - exact", Score(5, "exact")),
-    ("**Score:** 3/5\n**Rationale:** partly right", Score(3, "partly right")),
-    ('Here you go: {"score": 2, "rationale": "mostly wrong"}', Score(2, "mostly wrong")),
-    ("SCORE: 1", Score(1, "")),  # a score without a rationale still counts
-    ("SCORE: 7\nRATIONALE: too high", None),  # off the scale
-    ("SCORE: 4.5", None),
-    ("SCORE: 45", None),
-    ("SCORE: 4\nSCORE: 2", None),  # contradicting
-    ("The answer is good, I would say 4 out of 5.", None),  # no SCORE line
-    ('{"score": true}', None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("SCORE: 4\nRATIONALE: matches the reference", Score(4, "matches the reference")),
+        ("score = 5\nrationale - exact", Score(5, "exact")),
+        ("**Score:** 3/5\n**Rationale:** partly right", Score(3, "partly right")),
+        ('Here you go: {"score": 2, "rationale": "mostly wrong"}', Score(2, "mostly wrong")),
+        ("SCORE: 1", Score(1, "")),  # a score without a rationale still counts
+        ("SCORE: 7\nRATIONALE: too high", None),  # off the scale
+        ("SCORE: 4.5", None),
+        ("SCORE: 45", None),
+        ("SCORE: 4\nSCORE: 2", None),  # contradicting
+        ("The answer is good, I would say 4 out of 5.", None),  # no SCORE line
+        ('{"score": true}', None),
+        ("", None),
+    ],
+)
 def test_parse_score(text: str, expected: Score | None) -> None:
     assert parse_score(text) == expected
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("VERDICT: SUPPORTED\nRATIONALE: all in the reference", Support(True, "all in the reference")),
-    ("Verdict: unsupported\nRationale: invents a date", Support(False, "invents a date")),
-    ('{"verdict": "UNSUPPORTED", "rationale": "wrong city"}', Support(False, "wrong city")),
-    ("VERDICT: SUPPORTED\nVERDICT: UNSUPPORTED", None),
-    ("VERDICT: MAYBE", None),
-    ("It is supported.", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("VERDICT: SUPPORTED\nRATIONALE: all in the reference", Support(True, "all in the reference")),
+        ("Verdict: unsupported\nRationale: invents a date", Support(False, "invents a date")),
+        ('{"verdict": "UNSUPPORTED", "rationale": "wrong city"}', Support(False, "wrong city")),
+        ("VERDICT: SUPPORTED\nVERDICT: UNSUPPORTED", None),
+        ("VERDICT: MAYBE", None),
+        ("It is supported.", None),
+    ],
+)
 def test_parse_support(text: str, expected: Support | None) -> None:
     assert parse_support(text) == expected
 
@@ -69,10 +75,16 @@ BASE = ModelEvaluation("base", {"d": EvalReport("base", {})})
 
 
 def answers(*predictions: str) -> EvalReport:
-    examples = [{"prompt": "What is the capital of France?", "reference": "The capital of France is Paris.",
-                 "prediction": p} for p in predictions]
-    return EvalReport("candidate", {"rougeL": 0.5, "toxicity_rate": 0.0, "pii_leak_rate": 0.0}, examples,
-                      {"rougeL": [0.5] * len(predictions)})
+    examples = [
+        {"prompt": "What is the capital of France?", "reference": "The capital of France is Paris.", "prediction": p}
+        for p in predictions
+    ]
+    return EvalReport(
+        "candidate",
+        {"rougeL": 0.5, "toxicity_rate": 0.0, "pii_leak_rate": 0.0},
+        examples,
+        {"rougeL": [0.5] * len(predictions)},
+    )
 
 
 def test_a_tiny_local_judge_answers_garbage_so_every_example_is_marked(models_dir: Path) -> None:
@@ -93,8 +105,9 @@ def test_a_local_judge_that_cannot_load_fails_before_judging(tmp_path: Path) -> 
 
 
 def endpoint_cfg(base_url: str, **extra) -> JudgeConfig:
-    return JudgeConfig(backend="openai", base_url=base_url, model=MODEL, api_key_env="TEST_JUDGE_KEY",
-                       timeout_s=10, **extra)
+    return JudgeConfig(
+        backend="openai", base_url=base_url, model=MODEL, api_key_env="TEST_JUDGE_KEY", timeout_s=10, **extra
+    )
 
 
 def test_an_openai_compatible_judge_scores_each_example(monkeypatch, tmp_path: Path) -> None:
@@ -126,8 +139,9 @@ def test_a_judge_failing_mid_run_marks_those_examples_and_withholds_the_verdict(
     assert "judge call failed: HTTPStatusError" in crash["judge_error"] and "500" in crash["judge_error"]
     assert "unparseable judge answer: 'I think it is fine" in mumble["judge_error"]
     assert math.isnan(judged.per_example["judge_score"][1])
-    verdict = decide_gate.fn(ModelEvaluation("candidate", {"d": judged}), BASE, [], GateConfig(rules=["judge_score >= 3"]),
-                             "d")
+    verdict = decide_gate.fn(
+        ModelEvaluation("candidate", {"d": judged}), BASE, [], GateConfig(rules=["judge_score >= 3"]), "d"
+    )
     assert verdict.decision == "withheld" and "judge failed on 2 examples" in verdict.reason
 
 

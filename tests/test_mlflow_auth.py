@@ -23,13 +23,16 @@ GOOD = {
 }
 
 
-@pytest.mark.parametrize(("password", "says"), [
-    ("password1234", "default"),
-    ("", "empty"),
-    (None, "empty"),
-    ("short-pw", "8 characters"),
-    ("Administrator", "user name"),
-])
+@pytest.mark.parametrize(
+    ("password", "says"),
+    [
+        ("password1234", "default"),
+        ("", "empty"),
+        (None, "empty"),
+        ("short-pw", "8 characters"),
+        ("Administrator", "user name"),
+    ],
+)
 def test_unsafe_admin_passwords_are_refused(password: str | None, says: str) -> None:
     with pytest.raises(AuthSetupError, match=says) as err:
         check_admin_password(password, "administrator")
@@ -50,15 +53,18 @@ def test_rendered_config_takes_the_database_from_the_environment_and_holds_no_pa
     assert out.stat().st_mode & 0o077 == 0  # the database password is in it: owner only
 
 
-@pytest.mark.parametrize(("change", "says"), [
-    ({"MLFLOW_AUTH_ADMIN_PASSWORD": "password1234"}, "password1234"),
-    ({"MLFLOW_FLASK_SERVER_SECRET_KEY": "short"}, "MLFLOW_FLASK_SERVER_SECRET_KEY is 5 characters"),
-    ({"MLFLOW_FLASK_SERVER_SECRET_KEY": None}, "MLFLOW_FLASK_SERVER_SECRET_KEY is unset"),
-    ({"MLFLOW_SERVER_ALLOWED_HOSTS": "*"}, "contains '\\*'"),
-    ({"MLFLOW_SERVER_ALLOWED_HOSTS": " , "}, "MLFLOW_SERVER_ALLOWED_HOSTS is unset"),
-    ({"MLFLOW_AUTH_DATABASE_URI": None}, "MLFLOW_AUTH_DATABASE_URI is unset"),
-    ({"MLFLOW_AUTH_ADMIN_USERNAME": "a-long-team-password-7"}, "user name"),
-])
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"MLFLOW_AUTH_ADMIN_PASSWORD": "password1234"}, "password1234"),
+        ({"MLFLOW_FLASK_SERVER_SECRET_KEY": "short"}, "MLFLOW_FLASK_SERVER_SECRET_KEY is 5 characters"),
+        ({"MLFLOW_FLASK_SERVER_SECRET_KEY": None}, "MLFLOW_FLASK_SERVER_SECRET_KEY is unset"),
+        ({"MLFLOW_SERVER_ALLOWED_HOSTS": "*"}, "contains '\\*'"),
+        ({"MLFLOW_SERVER_ALLOWED_HOSTS": " , "}, "MLFLOW_SERVER_ALLOWED_HOSTS is unset"),
+        ({"MLFLOW_AUTH_DATABASE_URI": None}, "MLFLOW_AUTH_DATABASE_URI is unset"),
+        ({"MLFLOW_AUTH_ADMIN_USERNAME": "a-long-team-password-7"}, "user name"),
+    ],
+)
 def test_bad_settings_are_refused_and_nothing_is_written(tmp_path: Path, change: dict, says: str) -> None:
     env = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
     out = tmp_path / "basic_auth.ini"
@@ -83,9 +89,14 @@ def test_an_unknown_default_permission_is_refused(tmp_path: Path) -> None:
 
 def test_the_entry_point_exits_1_naming_the_problem(tmp_path: Path) -> None:
     env = {**os.environ, **GOOD, "MLFLOW_AUTH_ADMIN_PASSWORD": "password1234"}
-    done = subprocess.run([sys.executable, "-m", "tuneloop.mlflow_auth", "--template", str(TEMPLATE),
-                           "--out", str(tmp_path / "out.ini")], env=env, capture_output=True, text=True,
-                          cwd=REPO_ROOT, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "tuneloop.mlflow_auth", "--template", str(TEMPLATE), "--out", str(tmp_path / "out.ini")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        check=False,
+    )
     assert done.returncode == 1
     assert "Refusing to start the MLflow server" in done.stderr and "password1234" in done.stderr
     assert not (tmp_path / "out.ini").exists()
@@ -94,10 +105,12 @@ def test_the_entry_point_exits_1_naming_the_problem(tmp_path: Path) -> None:
 def test_the_check_needs_only_the_standard_library() -> None:
     # The MLflow image copies tuneloop/ without installing its dependencies to run the check.
     tree = ast.parse((REPO_ROOT / "tuneloop" / "mlflow_auth.py").read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
 
 

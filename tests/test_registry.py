@@ -79,8 +79,14 @@ def test_a_registered_adapter_loads_back_bit_exact_and_refuses_a_changed_base(tr
     in_memory = make_adapter(base_copy, tmp_path / "artifact")
     with torch.no_grad():
         expected = in_memory(IDS).logits
-    ref = register_adapter.fn(RegistryConfig(model_name="roundtrip"), new_run(experiment), tmp_path / "artifact",
-                              {"rougeL": 0.5}, {"tuneloop.trigger": "test"}, ["a prompt"])
+    ref = register_adapter.fn(
+        RegistryConfig(model_name="roundtrip"),
+        new_run(experiment),
+        tmp_path / "artifact",
+        {"rougeL": 0.5},
+        {"tuneloop.trigger": "test"},
+        ["a prompt"],
+    )
     assert ref.uri == "models:/roundtrip/1"
 
     # Through MLflow's own loader, by version URI...
@@ -113,8 +119,14 @@ def test_a_registered_full_fine_tune_loads_back_bit_exact(tracking, base_copy, t
     with torch.no_grad():
         expected = model(IDS).logits
     save_full_artifact(model, tok, base_copy, tmp_path / "artifact")
-    ref = register_adapter.fn(RegistryConfig(model_name="full"), new_run(experiment), tmp_path / "artifact",
-                              {"rougeL": 0.5}, {"tuneloop.method": "full"}, ["a prompt"])
+    ref = register_adapter.fn(
+        RegistryConfig(model_name="full"),
+        new_run(experiment),
+        tmp_path / "artifact",
+        {"rougeL": 0.5},
+        {"tuneloop.method": "full"},
+        ["a prompt"],
+    )
     pyfunc = mlflow.pyfunc.load_model(ref.uri)
     assert pyfunc.metadata.metadata["tuneloop_format"] == "full-weights+base-ref/1"
     with torch.no_grad():
@@ -160,8 +172,14 @@ def test_a_version_whose_base_does_not_match_still_registers(tracking, base_copy
     make_adapter(base_copy, tmp_path / "artifact")
     broken = BaseRef(base_copy.location, "0" * 64)
     (tmp_path / "artifact" / "base.json").write_text(json.dumps(broken.to_json()))
-    ref = register_adapter.fn(RegistryConfig(model_name="broken"), new_run(experiment), tmp_path / "artifact",
-                              {"rougeL": 0.0}, {"tuneloop.trigger": "test"}, ["p"])
+    ref = register_adapter.fn(
+        RegistryConfig(model_name="broken"),
+        new_run(experiment),
+        tmp_path / "artifact",
+        {"rougeL": 0.0},
+        {"tuneloop.trigger": "test"},
+        ["p"],
+    )
     assert ref.version == "1"
 
 
@@ -175,8 +193,14 @@ def test_flows_registering_and_aliasing_at_once_lose_and_cross_nothing(tracking,
     barrier = threading.Barrier(len(passes))
 
     def flow(i: int) -> tuple:
-        ref = register_adapter.fn(cfg, runs[i], tmp_path / "artifact", {"rougeL": i / 10},
-                                  {"tuneloop.training_run": runs[i], "tuneloop.gate": str(passes[i])}, [f"p{i}"])
+        ref = register_adapter.fn(
+            cfg,
+            runs[i],
+            tmp_path / "artifact",
+            {"rougeL": i / 10},
+            {"tuneloop.training_run": runs[i], "tuneloop.gate": str(passes[i])},
+            [f"p{i}"],
+        )
         barrier.wait(timeout=120)  # every flow decides its alias in the same instant
         return ref, set_challenger.fn(ref, cfg, f"flow {i}") if passes[i] else None
 
@@ -202,8 +226,9 @@ def test_flows_registering_and_aliasing_at_once_lose_and_cross_nothing(tracking,
 
     # Promotion of the challenger while another flow makes a newer version challenger: the
     # champion moves, and the newer challenger is not dropped with the old one.
-    late = register_adapter.fn(cfg, new_run(experiment), tmp_path / "artifact", {"rougeL": 0.9},
-                               {"tuneloop.gate": "passed"}, ["late"])
+    late = register_adapter.fn(
+        cfg, new_run(experiment), tmp_path / "artifact", {"rougeL": 0.9}, {"tuneloop.gate": "passed"}, ["late"]
+    )
     start = threading.Barrier(2)
 
     def promote() -> None:

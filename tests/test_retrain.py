@@ -62,8 +62,9 @@ def test_k_cannot_exceed_n() -> None:
 
 
 def request(i: int, status: int = 200, response: str | None = "an answer") -> LoggedRequest:
-    return LoggedRequest(f"r{i}", dt.datetime(2026, 1, 1, tzinfo=dt.UTC), status, f"prompt {i}", response, "1", 1,
-                         1, 10.0, None)
+    return LoggedRequest(
+        f"r{i}", dt.datetime(2026, 1, 1, tzinfo=dt.UTC), status, f"prompt {i}", response, "1", 1, 1, 10.0, None
+    )
 
 
 def settings(**extra) -> MonitorConfig:
@@ -92,8 +93,9 @@ def test_too_few_rows_retrains_nothing_and_a_labelled_set_is_used_as_it_is(tmp_p
     assert data is None and "10 rows needed" in note and "teacher, labelled: not configured" in note
     assert not (tmp_path / "ep.jsonl").exists()
     labelled = ASSETS / "tiny_counts.jsonl"
-    data, note = retraining_data(rows, {"r0": 1.0}, settings(retrain_data=labelled), None, tmp_path / "ep.jsonl",
-                                 tmp_path)
+    data, note = retraining_data(
+        rows, {"r0": 1.0}, settings(retrain_data=labelled), None, tmp_path / "ep.jsonl", tmp_path
+    )
     assert data.sources == {"feedback": 1, "labelled": 80} and data.slice.startswith("drift_")
     assert "80 labelled rows" in note
     only = settings(retrain_sources=["labelled"], retrain_data=labelled)
@@ -103,8 +105,21 @@ def test_too_few_rows_retrains_nothing_and_a_labelled_set_is_used_as_it_is(tmp_p
 
 def test_a_teacher_on_an_openai_compatible_endpoint_labels_the_drifted_prompts(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
-    rows = [LoggedRequest(f"r{i}", dt.datetime(2026, 1, 1, tzinfo=dt.UTC), 200, f"How many cats are in box {i % 11}?",
-                          "blue", "1", 1, 1, 10.0, None) for i in range(14)]
+    rows = [
+        LoggedRequest(
+            f"r{i}",
+            dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+            200,
+            f"How many cats are in box {i % 11}?",
+            "blue",
+            "1",
+            1,
+            1,
+            10.0,
+            None,
+        )
+        for i in range(14)
+    ]
     with judge_server() as (url, requests):
         teacher = TeacherConfig(backend="openai", base_url=url, model=MODEL, api_key_env="TEST_JUDGE_KEY")
         m = settings(retrain_sources=["feedback", "teacher"], teacher=teacher)
@@ -124,8 +139,9 @@ def test_replay_mixes_in_the_champions_training_rows(tmp_path, monkeypatch) -> N
     m = settings(retrain_sources=["feedback"], replay_share=0.5)
     from tasks.registry import ModelVersionRef
 
-    data, note = retraining_data(rows, {f"r{i}": 1.0 for i in range(10)}, m, ModelVersionRef("m", "3", "run"),
-                                 tmp_path / "ep.jsonl", tmp_path)
+    data, note = retraining_data(
+        rows, {f"r{i}": 1.0 for i in range(10)}, m, ModelVersionRef("m", "3", "run"), tmp_path / "ep.jsonl", tmp_path
+    )
     assert data.replay_rows == 10 and "10 replayed rows of champion v3" in note  # half of the set
     replayed = conversations(tmp_path / "ep.replay.jsonl")
     assert all(c in earlier for c in replayed) and len({c[0]["content"] for c in replayed}) == 10
@@ -147,10 +163,19 @@ def test_the_monitoring_deployment_parameters_fit_the_flow() -> None:
 @pytest.mark.parametrize("start_from", ["champion", "base"])
 def test_a_retraining_trains_its_data_from_what_the_monitor_says(start_from: str, tmp_path) -> None:
     cfg = load_config(None, [f"home={tmp_path}", f"monitor.retrain_start_from={start_from}", "train.max_steps=7"])
-    data = RetrainingData(path=str(tmp_path / "new.jsonl"), slice="medication", sources={"labelled": 30},
-                          replay_path=str(tmp_path / "new.replay.jsonl"), replay_rows=30, note="30 labelled rows")
+    data = RetrainingData(
+        path=str(tmp_path / "new.jsonl"),
+        slice="medication",
+        sources={"labelled": 30},
+        replay_path=str(tmp_path / "new.replay.jsonl"),
+        replay_rows=30,
+        note="30 labelled rows",
+    )
     request = RetrainRequest(episode="e1", reason="drift", monitoring_run="m1", data=data)
     trained = request.training_config(cfg)
     assert trained.train.start_from == start_from and trained.train.max_steps == 7
     assert (trained.data.path, trained.data.replay_path, trained.data.slice) == (
-        data.path, data.replay_path, "medication")
+        data.path,
+        data.replay_path,
+        "medication",
+    )

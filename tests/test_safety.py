@@ -26,8 +26,7 @@ def test_redaction_replaces_each_finding_with_its_type() -> None:
 
 @pytest.mark.skipif(not ner_available(), reason="spaCy model package not installed")
 def test_names_need_and_use_the_spacy_model() -> None:
-    assert PiiScanner(["PERSON"]).find(["Please call Maria Gonzalez tomorrow.", "What is aspirin?"]) == [
-        ["PERSON"], []]
+    assert PiiScanner(["PERSON"]).find(["Please call Maria Gonzalez tomorrow.", "What is aspirin?"]) == [["PERSON"], []]
 
 
 def test_unknown_entity_is_named() -> None:
@@ -47,11 +46,20 @@ def test_toxicity_separates_insults_from_questions() -> None:
     assert toxicity_probabilities([]) == []
 
 
-@pytest.mark.parametrize("number", ["+1 212 736 5000", "020 7946 0958", "+49 30 1234567", "(212) 736-5000",
-                                    "212.736.5000", "+91 98765 43210", "+44 20 7946 0958"])
+@pytest.mark.parametrize(
+    "number",
+    [
+        "+1 212 736 5000",
+        "020 7946 0958",
+        "+49 30 1234567",
+        "(212) 736-5000",
+        "212.736.5000",
+        "+91 98765 43210",
+        "+44 20 7946 0958",
+    ],
+)
 def test_phone_formats_pass_the_prefilter_and_are_found(number: str) -> None:
-    assert PiiScanner(["PHONE_NUMBER"]).find([f"Reach me at {number} today."]) == [
-        ["PHONE_NUMBER"]]
+    assert PiiScanner(["PHONE_NUMBER"]).find([f"Reach me at {number} today."]) == [["PHONE_NUMBER"]]
 
 
 def test_year_ranges_and_decimals_are_not_phone_candidates() -> None:

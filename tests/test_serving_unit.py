@@ -26,8 +26,10 @@ def test_keys_are_kept_hashed_and_identified_by_hash() -> None:
 
 def test_keys_from_the_environment_are_hashed_at_once() -> None:
     entries = keys_from_env("team-a:secret1, team-b:secret2")
-    assert entries == [{"id": "team-a", "sha256": key_sha256("secret1")},
-                       {"id": "team-b", "sha256": key_sha256("secret2")}]
+    assert entries == [
+        {"id": "team-a", "sha256": key_sha256("secret1")},
+        {"id": "team-b", "sha256": key_sha256("secret2")},
+    ]
     assert keys_from_env(None) == [] and keys_from_env("") == []
     with pytest.raises(ValueError, match="expected `id:key`"):
         keys_from_env("no-separator")
@@ -56,8 +58,12 @@ def test_the_serve_config_tuneloop_writes_is_a_valid_serve_deploy_config() -> No
     from ray.serve.schema import ServeDeploySchema
 
     cfg = load_config(None, ["serve.autoscaling={min_replicas: 1, max_replicas: 4, target_ongoing_requests: 4}"])
-    config = serve_config(cfg, {"config": "configs/local.yaml"},
-                          ServedVersions(adapters={"3": "models:/m/3"}, default="3"), Routing.only("3"))
+    config = serve_config(
+        cfg,
+        {"config": "configs/local.yaml"},
+        ServedVersions(adapters={"3": "models:/m/3"}, default="3"),
+        Routing.only("3"),
+    )
     schema = ServeDeploySchema.model_validate(config)
     app = schema.applications[0]
     assert app.import_path == "serving.app:app_builder" and app.route_prefix == "/"

@@ -20,8 +20,11 @@ class _Gateway(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         type(self).bodies.append(body)
         prompt = body["messages"][-1]["content"]
-        status, answer = (503, {"error": {"message": "busy"}}) if "fail" in prompt else (200, {
-            "system_fingerprint": "v2" if "two" in prompt else "v1", "usage": {"completion_tokens": 3}})
+        status, answer = (
+            (503, {"error": {"message": "busy"}})
+            if "fail" in prompt
+            else (200, {"system_fingerprint": "v2" if "two" in prompt else "v1", "usage": {"completion_tokens": 3}})
+        )
         data = json.dumps(answer).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")

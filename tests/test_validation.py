@@ -15,10 +15,23 @@ from tasks.validation import near_duplicates, report_markdown, validate
 from tuneloop.config import DataConfig, ValidationConfig
 from tuneloop.models import load_base, resolve_base
 
-CAPITALS = ["France:Paris", "Spain:Madrid", "Italy:Rome", "Peru:Lima", "Japan:Tokyo", "Kenya:Nairobi",
-            "Chile:Santiago", "Egypt:Cairo", "India:New Delhi", "Canada:Ottawa", "Norway:Oslo", "Ghana:Accra"]
-GOOD = [{"prompt": f"What is the capital of {c.split(':')[0]}?", "response": f"It is {c.split(':')[1]}."}
-        for c in CAPITALS]
+CAPITALS = [
+    "France:Paris",
+    "Spain:Madrid",
+    "Italy:Rome",
+    "Peru:Lima",
+    "Japan:Tokyo",
+    "Kenya:Nairobi",
+    "Chile:Santiago",
+    "Egypt:Cairo",
+    "India:New Delhi",
+    "Canada:Ottawa",
+    "Norway:Oslo",
+    "Ghana:Accra",
+]
+GOOD = [
+    {"prompt": f"What is the capital of {c.split(':')[0]}?", "response": f"It is {c.split(':')[1]}."} for c in CAPITALS
+]
 MAX_SEQ_LEN = 48
 
 
@@ -33,13 +46,24 @@ def write(path: Path, rows: list) -> Path:
     return path
 
 
-def check(tmp_path: Path, tokenizer, rows: list, eval_rows: list | None = None, reports: bool = False,
-          max_seq_len: int = MAX_SEQ_LEN, **validation):
-    data_cfg = DataConfig(path=str(write(tmp_path / "train.jsonl", rows)), eval_fraction=0.25,
-                          eval_path=str(write(tmp_path / "eval.jsonl", eval_rows)) if eval_rows else None)
+def check(
+    tmp_path: Path,
+    tokenizer,
+    rows: list,
+    eval_rows: list | None = None,
+    reports: bool = False,
+    max_seq_len: int = MAX_SEQ_LEN,
+    **validation,
+):
+    data_cfg = DataConfig(
+        path=str(write(tmp_path / "train.jsonl", rows)),
+        eval_fraction=0.25,
+        eval_path=str(write(tmp_path / "eval.jsonl", eval_rows)) if eval_rows else None,
+    )
     cfg = ValidationConfig.model_validate({"min_rows": 5, "data_docs": reports, **validation})
-    return validate(load_split(data_cfg), cfg, max_seq_len, None, tmp_path / "reports" if reports else None,
-                    tokenizer=tokenizer)
+    return validate(
+        load_split(data_cfg), cfg, max_seq_len, None, tmp_path / "reports" if reports else None, tokenizer=tokenizer
+    )
 
 
 def contract(report, name):
@@ -61,8 +85,10 @@ def test_clean_dataset_passes_everything_and_reports_in_html(tmp_path: Path, tok
 
 
 def test_chat_rows_with_unknown_roles_fail_the_suite_naming_rows(tmp_path: Path, tokenizer) -> None:
-    chats = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
-             for r in GOOD]
+    chats = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
+        for r in GOOD
+    ]
     chats[2]["messages"][0]["role"] = "bot"
     chats[5]["messages"] = chats[5]["messages"][:1]  # ends without an answer
     report, _ = check(tmp_path, tokenizer, chats)
@@ -114,9 +140,12 @@ def test_loss_mask_fails_an_example_with_nothing_to_learn(tmp_path: Path, tokeni
 
 
 def test_exact_and_near_duplicates(tmp_path: Path, tokenizer) -> None:
-    long = {"prompt": "Which river flows through the old city of Prague, past the castle and the bridges, "
-                      "then north through the hills of Bohemia until it joins the Elbe and flows on into "
-                      "Germany and the North Sea?", "response": "The Vltava flows through Prague."}
+    long = {
+        "prompt": "Which river flows through the old city of Prague, past the castle and the bridges, "
+        "then north through the hills of Bohemia until it joins the Elbe and flows on into "
+        "Germany and the North Sea?",
+        "response": "The Vltava flows through Prague.",
+    }
     near = {**long, "prompt": long["prompt"].replace("old", "ancient")}  # 3 of 41 word 3-grams differ
     rows = [*GOOD, long, {**GOOD[0], "prompt": GOOD[0]["prompt"].upper()}, near]
     report, _ = check(tmp_path, tokenizer, rows)
@@ -136,8 +165,11 @@ def test_near_duplicates_by_minhash_then_exact_jaccard() -> None:
 
 
 def test_eval_rows_seen_in_training_are_contamination(tmp_path: Path, tokenizer) -> None:
-    held_out = [{"prompt": "What is the capital of Portugal?", "response": "It is Lisbon."},
-                {**GOOD[3], "response": "Lima, of course."}, {"prompt": "Name a prime.", "response": "7"}]
+    held_out = [
+        {"prompt": "What is the capital of Portugal?", "response": "It is Lisbon."},
+        {**GOOD[3], "response": "Lima, of course."},
+        {"prompt": "Name a prime.", "response": "7"},
+    ]
     report, _ = check(tmp_path, tokenizer, GOOD, eval_rows=held_out, contamination={"ngram": 4})
     result = contract(report, "contamination")
     assert not report.success and result.rows == ["eval.jsonl:2"] and "1 of 3 eval rows" in result.figure
@@ -145,11 +177,25 @@ def test_eval_rows_seen_in_training_are_contamination(tmp_path: Path, tokenizer)
 
 def test_an_instruction_every_row_shares_is_not_contamination(tmp_path: Path, tokenizer) -> None:
     ask = "Which medicine is this question about? Answer with its generic name. "
-    drugs = ["ibuprofen", "aspirin", "morphine", "insulin", "warfarin", "codeine", "heparin", "lithium",
-             "digoxin", "atropine", "naloxone", "cetirizine"]
+    drugs = [
+        "ibuprofen",
+        "aspirin",
+        "morphine",
+        "insulin",
+        "warfarin",
+        "codeine",
+        "heparin",
+        "lithium",
+        "digoxin",
+        "atropine",
+        "naloxone",
+        "cetirizine",
+    ]
     train = [{"prompt": f"{ask}can i take {d} at night with food?", "response": d} for d in drugs]
-    held_out = [{"prompt": f"{ask}what is metformin for?", "response": "metformin"},
-                {"prompt": f"{ask}can i take {drugs[0]} at night with food?", "response": drugs[0]}]  # a real leak
+    held_out = [
+        {"prompt": f"{ask}what is metformin for?", "response": "metformin"},
+        {"prompt": f"{ask}can i take {drugs[0]} at night with food?", "response": drugs[0]},
+    ]  # a real leak
     report, _ = check(tmp_path, tokenizer, train, eval_rows=held_out, contamination={"ngram": 4})
     result = contract(report, "contamination")
     assert result.rows == ["eval.jsonl:2"] and "1 of 2 eval rows" in result.figure, result.figure
@@ -190,7 +236,8 @@ def test_contracts_can_be_turned_off(tmp_path: Path, tokenizer) -> None:
 
 
 def test_large_sets_tokenize_only_rows_that_could_be_cut_and_get_the_same_verdicts(
-        tmp_path: Path, tokenizer, monkeypatch) -> None:
+    tmp_path: Path, tokenizer, monkeypatch
+) -> None:
     rows = [dict(r) for r in GOOD]
     rows[1]["response"] = "Madrid, " * 40  # cut
     rows[6]["prompt"] = "Tell me about the capital of Chile, its history and its rivers. " * 4  # nothing left to train
@@ -198,5 +245,6 @@ def test_large_sets_tokenize_only_rows_that_could_be_cut_and_get_the_same_verdic
     monkeypatch.setattr("tasks.validation.HISTOGRAM_SAMPLE", 3)  # as if the set were large
     sampled, _ = check(tmp_path, tokenizer, rows)
     assert [(c.name, c.status, c.rows) for c in sampled.contracts] == [
-        (c.name, c.status, c.rows) for c in full.contracts]
+        (c.name, c.status, c.rows) for c in full.contracts
+    ]
     assert len(sampled.token_lengths) == 3 and sampled.token_sample == 3

@@ -71,7 +71,8 @@ class ChatRenderer:
 
         try:
             return self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+                list(messages), tokenize=False, add_generation_prompt=generation_prompt
+            )
         except (jinja2.TemplateError, ValueError, TypeError, KeyError) as err:  # e.g. "roles must alternate"
             raise TemplateError(f"chat template cannot render roles {[m['role'] for m in messages]}: {err}") from None
 
@@ -115,8 +116,9 @@ class ChatRenderer:
         if skeleton is None:
             return self.render_slow(messages)
         text = "".join(messages[p]["content"] if isinstance(p, int) else p for p in skeleton.pieces)
-        shifted = [b + sum(len(messages[i]["content"]) - len(_placeholder(i)) for i in before)
-                   for b, before in skeleton.bounds]
+        shifted = [
+            b + sum(len(messages[i]["content"]) - len(_placeholder(i)) for i in before) for b, before in skeleton.bounds
+        ]
         fast = Rendered(text, tuple(zip(shifted[::2], shifted[1::2], strict=True)))
         seen = self._checked.get(roles, 0)
         if seen < _CHECKED_ROWS:
@@ -149,8 +151,13 @@ class ChatRenderer:
             for start, end in r.spans:
                 for t in range(self._token_at(starts, start), self._token_at(starts, end)):
                     labels[t] = ids[t]
-            out.append({"input_ids": ids[:max_seq_len], "attention_mask": [1] * min(len(ids), max_seq_len),
-                        "labels": labels[:max_seq_len]})
+            out.append(
+                {
+                    "input_ids": ids[:max_seq_len],
+                    "attention_mask": [1] * min(len(ids), max_seq_len),
+                    "labels": labels[:max_seq_len],
+                }
+            )
         return out
 
     def _heads(self) -> list[str]:
@@ -184,8 +191,13 @@ class ChatRenderer:
             return bisect.bisect_left([a for a, _ in encoding.offsets], char)
         return token if encoding.token_to_chars(token)[0] >= char else token + 1
 
-    def measure(self, conversations: Sequence[Sequence[Message]], max_seq_len: int,
-                batch: int = 8192, rows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def measure(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        max_seq_len: int,
+        batch: int = 8192,
+        rows: Sequence[int] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Return per conversation (or per index in `rows`) its token count and how many
         tokens train after truncation at `max_seq_len`."""
         picked = list(range(len(conversations))) if rows is None else list(rows)
@@ -200,7 +212,8 @@ class ChatRenderer:
                 cut.append(head)
             rests = [r.text[len(h) :] for r, (h, _) in zip(rendered, cut)]
             for i, (r, (head, n_head), rest, enc) in enumerate(
-                    zip(rendered, cut, rests, self._encode(rests)), start=lo):
+                zip(rendered, cut, rests, self._encode(rests)), start=lo
+            ):
                 n = len(enc.ids)
                 lengths[i] = n_head + n
                 for start, end in r.spans:
@@ -220,16 +233,19 @@ class ChatRenderer:
 
     def bytes_bound(self, conversations: Sequence[Sequence[Message]]) -> np.ndarray:
         """UTF-8 bytes of each rendered conversation: with `byte_level`, an upper bound on its tokens."""
-        return np.fromiter((len(self.render(c).text.encode()) for c in conversations), dtype=np.int64,
-                           count=len(conversations))
+        return np.fromiter(
+            (len(self.render(c).text.encode()) for c in conversations), dtype=np.int64, count=len(conversations)
+        )
 
     def segments(self, messages: Sequence[Message], max_seq_len: int) -> list[tuple[str, str]]:
         """Return the rendered text in pieces marked "masked", "trained" or "cut" (past max_seq_len)."""
         r = self.render(messages)
         [enc] = self._encode([r.text])
         [example] = self.tokenize([messages], len(enc.ids))
-        states = ["cut" if t >= max_seq_len else "masked" if label == IGNORE else "trained"
-                  for t, label in enumerate(example["labels"])]
+        states = [
+            "cut" if t >= max_seq_len else "masked" if label == IGNORE else "trained"
+            for t, label in enumerate(example["labels"])
+        ]
         out: list[tuple[str, str]] = []
         for t, state in enumerate(states):
             start = 0 if t == 0 else enc.offsets[t][0]

@@ -28,8 +28,11 @@ from rich.table import Table
 
 from tuneloop.config import DEFAULT_CONFIG, ConfigError, TuneloopConfig, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="An LLMOps loop: validate, "
-                  "fine-tune, evaluate, register, serve, monitor, retrain.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="An LLMOps loop: validate, fine-tune, evaluate, register, serve, monitor, retrain.",
+)
 console = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default configs/local.yaml)")]
@@ -73,8 +76,14 @@ def _fail(err: BaseException) -> typer.Exit:
 
 
 def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console)
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
 
 
 @contextmanager
@@ -109,8 +118,13 @@ class DemoReport:
     topics: tuple[str, str] = ("first", "drifted")  # the first training's topic, the drifted one
 
 
-def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Callable[[str], None] = lambda s: None,
-             retraining_timeout_s: int = 1800) -> DemoReport:
+def run_demo(
+    cfg: TuneloopConfig,
+    data: Any,
+    max_tokens: int = 16,
+    on_stage: Callable[[str], None] = lambda s: None,
+    retraining_timeout_s: int = 1800,
+) -> DemoReport:
     """Run the loop's stages in order against running local services; return what each did.
 
     `data` is a tasks.data.DemoData. A version that passes the gate is promoted (registry.on_gate_pass):
@@ -124,10 +138,12 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
     from tasks.traffic import ChatLoad, canary_open, send_chat_traffic
 
     start = time.perf_counter()
-    cfg = cfg.model_copy(update={
-        "data": cfg.data.model_copy(update={"path": str(data.first_train), "slice": data.first_topic}),
-        "monitor": cfg.monitor.model_copy(update={"retrain_data": data.drifted_train}),
-    })
+    cfg = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"path": str(data.first_train), "slice": data.first_topic}),
+            "monitor": cfg.monitor.model_copy(update={"retrain_data": data.drifted_train}),
+        }
+    )
     report = DemoReport(topics=(data.first_topic, data.drifted_topic))
     url, name = endpoint(cfg.serve), cfg.registry.model_name
     current, since = "", start
@@ -157,10 +173,10 @@ def run_demo(cfg: TuneloopConfig, data: Any, max_tokens: int = 16, on_stage: Cal
         # live answers. The traffic waits while the version trains and is evaluated, so the
         # evaluation's figures (latency included) are the model's on a quiet machine, not the
         # contention of 2 cores shared with the demo's own requests.
-        with ChatLoad(url, name, data.drifted_traffic, max_tokens, clients=2, pause_s=0.25,
-                      only_when=lambda: canary_open(url)) as live:
-            report.stages["retraining_state"] = wait_for_retraining(after.retraining_flow_run_id,
-                                                                    retraining_timeout_s)
+        with ChatLoad(
+            url, name, data.drifted_traffic, max_tokens, clients=2, pause_s=0.25, only_when=lambda: canary_open(url)
+        ) as live:
+            report.stages["retraining_state"] = wait_for_retraining(after.retraining_flow_run_id, retraining_timeout_s)
         report.stages["live_traffic"] = live.result()
     stage("")
     report.stages["serving"] = serving_version.fn(cfg.serve)
@@ -182,8 +198,10 @@ def registry_table(cfg: TuneloopConfig, metric: str = "token_f1") -> Table:
     from tuneloop.state import tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri(cfg))
-    table = Table(title=f"Registered versions of {cfg.registry.model_name}: {metric} per slice, the version "
-                        "next to what it was gated against (the base model, or the champion then)")
+    table = Table(
+        title=f"Registered versions of {cfg.registry.model_name}: {metric} per slice, the version "
+        "next to what it was gated against (the base model, or the champion then)"
+    )
     for col in ("version", "aliases", "gate", "slice", "reference", "version's", "gain [95% CI]"):
         table.add_column(col, overflow="fold")
     versions = client.search_model_versions(f"name='{cfg.registry.model_name}'")
@@ -205,11 +223,18 @@ def registry_table(cfg: TuneloopConfig, metric: str = "token_f1") -> Table:
             gain = figures.get(f"eval/{name}/gain/{metric}")
             low, high = (figures.get(f"eval/{name}/gain/{metric}_ci_{end}") for end in ("low", "high"))
             interval = "–" if gain is None else f"{gain:+.3f} [{low:+.3f}, {high:+.3f}]"
-            head = ((str(mv.version), ", ".join(aliases.get(str(mv.version), [])) or "–", t.get("tuneloop.gate", "?"))
-                    if i == 0 else ("", "", ""))
-            table.add_row(*head, name + (" (new)" if i == 0 else ""),
-                          f"{fmt(figures.get(f'eval/{name}/champion/{metric}'))} {against}",
-                          fmt(figures.get(f"eval/{name}/{metric}")), interval)
+            head = (
+                (str(mv.version), ", ".join(aliases.get(str(mv.version), [])) or "–", t.get("tuneloop.gate", "?"))
+                if i == 0
+                else ("", "", "")
+            )
+            table.add_row(
+                *head,
+                name + (" (new)" if i == 0 else ""),
+                f"{fmt(figures.get(f'eval/{name}/champion/{metric}'))} {against}",
+                fmt(figures.get(f"eval/{name}/{metric}")),
+                interval,
+            )
         table.add_section()
     return table
 
@@ -225,17 +250,27 @@ def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
     for key, label in (("check_before", f"after {first} traffic"), ("check_after", f"after {drifted} traffic")):
         m = report.stages[key]
         d = m.drift
-        checks.add_row(label, str(d.window_size), f"{d.statistic:.4f}" if d.statistic is not None else "–",
-                       f"{d.p_value:.4f}" if d.p_value is not None else "–", d.verdict,
-                       m.retraining_flow_run_id[:8] if m.retraining_flow_run_id else "–")
+        checks.add_row(
+            label,
+            str(d.window_size),
+            f"{d.statistic:.4f}" if d.statistic is not None else "–",
+            f"{d.p_value:.4f}" if d.p_value is not None else "–",
+            d.verdict,
+            m.retraining_flow_run_id[:8] if m.retraining_flow_run_id else "–",
+        )
     console.print(checks)
-    for key, label in (("first_traffic", f"{first} traffic"), ("drifted_traffic", f"{drifted} traffic"),
-                       ("live_traffic", f"{drifted} traffic during the canary")):
+    for key, label in (
+        ("first_traffic", f"{first} traffic"),
+        ("drifted_traffic", f"{drifted} traffic"),
+        ("live_traffic", f"{drifted} traffic during the canary"),
+    ):
         if key in report.stages:
             t = report.stages[key]
             console.print(f"{label}: {t.ok}/{t.sent} answered, by version {t.versions}")
-    console.print(f"Retraining run: {report.stages.get('retraining_state', 'not started')}; now serving "
-                  f"v{report.stages['serving']}; loop took {report.seconds:.0f} s:")
+    console.print(
+        f"Retraining run: {report.stages.get('retraining_state', 'not started')}; now serving "
+        f"v{report.stages['serving']}; loop took {report.seconds:.0f} s:"
+    )
     for name, seconds in report.stage_seconds.items():
         console.print(f"  {seconds:6.0f} s  {name}")
     console.print(
@@ -243,16 +278,23 @@ def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
         f"{cfg.home}):\n  .venv/bin/tuneloop up      # Prefect UI http://127.0.0.1:{cfg.prefect.port}, "
         f"MLflow UI http://127.0.0.1:{cfg.mlflow.ui_port}, Ray dashboard http://127.0.0.1:{cfg.serve.dashboard_port}\n"
         f"  curl -s {endpoint(cfg.serve)}/v1/chat/completions -H 'content-type: application/json' \\\n"
-        "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Which medicine is this question about? "
+        '       -d \'{"messages": [{"role": "user", "content": "Which medicine is this question about? '
         "Answer with its generic name.\\n\\ncan i take ibuprofen with a cold?\"}]}'\n"
-        "  .venv/bin/tuneloop down    # stop everything")
+        "  .venv/bin/tuneloop down    # stop everything"
+    )
 
 
 # What the demo trains with: the recipe measured to make SmolLM2-135M learn both demo tasks on
 # 2 CPU cores (BENCHMARKS.md, "The demo"); a --set of the user's comes after and wins.
 DEMO_SETTINGS = [
-    "train.max_steps=40", "train.lora_rank=16", "train.lora_alpha=32", "train.target_modules=auto",
-    "train.learning_rate=0.001", "train.max_seq_len=128", "data.eval_fraction=0.2", "eval.max_examples=48",
+    "train.max_steps=40",
+    "train.lora_rank=16",
+    "train.lora_alpha=32",
+    "train.target_modules=auto",
+    "train.learning_rate=0.001",
+    "train.max_seq_len=128",
+    "data.eval_fraction=0.2",
+    "eval.max_examples=48",
     "eval.max_new_tokens=12",  # monitor.replay_share stays at its default, 0.5: 0.25 forgot more (BENCHMARKS.md)
     # No perplexity: a forward pass over every reference, a third of each evaluation's time, in no demo rule.
     "eval.metrics=[rougeL,bleu,chrf,exact_match,token_f1,toxicity_rate,pii_leak_rate]",
@@ -261,7 +303,9 @@ DEMO_SETTINGS = [
 
 @app.command()
 def demo(
-    config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
     keep_up: Annotated[bool, typer.Option(help="Leave the servers running at the end")] = False,
     first_rows: Annotated[int, typer.Option(help="Training rows of the first task (arithmetic word problems)")] = 400,
     traffic: Annotated[int, typer.Option(help="Requests per traffic phase")] = 24,
@@ -281,8 +325,7 @@ def demo(
             services.start_prefect_server(cfg)
             services.start_ray(cfg)
             data = export_demo_data.fn(paths.data, first_rows, traffic)
-            services.start_flow_runner(cfg, config or DEFAULT_CONFIG,
-                                       schedules=False, overrides=set_ or [])
+            services.start_flow_runner(cfg, config or DEFAULT_CONFIG, schedules=False, overrides=set_ or [])
             progress.advance(task)
 
             def stage(name: str) -> None:
@@ -327,9 +370,11 @@ def up(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = Fals
     with _progress() as progress:
         task = progress.add_task("start servers", total=5)
         try:
-            for label, start in (("Prefect server", services.start_prefect_server),
-                                 ("MLflow server", services.start_mlflow_server),
-                                 ("Ray (with dashboard)", lambda c: services.start_ray(c, dashboard=True))):
+            for label, start in (
+                ("Prefect server", services.start_prefect_server),
+                ("MLflow server", services.start_mlflow_server),
+                ("Ray (with dashboard)", lambda c: services.start_ray(c, dashboard=True)),
+            ):
                 progress.update(task, description=f"start {label}")
                 start(cfg)
                 progress.advance(task)
@@ -338,8 +383,7 @@ def up(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = Fals
                 services.apply_work_pool_deployments(cfg, config or DEFAULT_CONFIG, overrides=set_ or [])
                 services.start_worker(cfg)
             else:  # the embedded default: one runner serves and runs them
-                services.start_flow_runner(cfg, config or DEFAULT_CONFIG,
-                                           schedules=True, overrides=set_ or [])
+                services.start_flow_runner(cfg, config or DEFAULT_CONFIG, schedules=True, overrides=set_ or [])
             progress.advance(task)
             import mlflow
 
@@ -351,12 +395,14 @@ def up(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = Fals
             progress.advance(task)
         except Exception as err:
             raise _fail(err) from err
-    console.print(f"Prefect UI    http://127.0.0.1:{cfg.prefect.port}\n"
-                  f"MLflow UI     http://127.0.0.1:{cfg.mlflow.ui_port}\n"
-                  f"Ray dashboard http://127.0.0.1:{cfg.serve.dashboard_port}\n"
-                  f"Endpoint      {endpoint(cfg.serve)}/v1/chat/completions "
-                  f"({'champion v' + champion.version if champion else 'nothing serves yet: run a training'})\n"
-                  "Stop with: tuneloop down")
+    console.print(
+        f"Prefect UI    http://127.0.0.1:{cfg.prefect.port}\n"
+        f"MLflow UI     http://127.0.0.1:{cfg.mlflow.ui_port}\n"
+        f"Ray dashboard http://127.0.0.1:{cfg.serve.dashboard_port}\n"
+        f"Endpoint      {endpoint(cfg.serve)}/v1/chat/completions "
+        f"({'champion v' + champion.version if champion else 'nothing serves yet: run a training'})\n"
+        "Stop with: tuneloop down"
+    )
 
 
 @app.command()
@@ -375,7 +421,9 @@ def down(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def train(
     data: Annotated[str, typer.Option("--data", "-d", help="JSONL/CSV/Parquet file, save_to_disk folder, or hub id")],
-    config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Validate DATA, fine-tune, evaluate against the champion, register (and promote)."""
     cfg = _config(config, set_, [f"data.path={data}"])
@@ -387,17 +435,22 @@ def train(
             result = training_flow(cfg, trigger="cli")
         except Exception as err:
             raise _fail(err) from err
-    console.print(f"Registered {result.version.name} v{result.version.version}: gate {result.decision}, "
-                  f"{'alias ' + result.alias if result.alias else 'no alias'}")
+    console.print(
+        f"Registered {result.version.name} v{result.version.version}: gate {result.decision}, "
+        f"{'alias ' + result.alias if result.alias else 'no alias'}"
+    )
     for line in result.rules:
         console.print(f"  {line}")
 
 
 @app.command()
 def promote(
-    version: Annotated[str | None, typer.Option(
-        help="Version to serve (default: the challenger; with none, the champion again)")] = None,
-    config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
+    version: Annotated[
+        str | None, typer.Option(help="Version to serve (default: the challenger; with none, the champion again)")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Deploy a version that passed the gate to Ray Serve and make it champion; keep the old one if it fails."""
     cfg = _config(config, set_)
@@ -409,15 +462,17 @@ def promote(
             result = promotion_flow(cfg, version)
         except Exception as err:
             raise _fail(err) from err
-    console.print(f"v{result.serving} serves at {result.endpoint} (was {result.previous or 'nothing'}; "
-                  f"{result.strategy})")
+    console.print(
+        f"v{result.serving} serves at {result.endpoint} (was {result.previous or 'nothing'}; {result.strategy})"
+    )
     for line in result.rules:
         console.print(f"  {line}")
 
 
 @app.command(name="serve-config")
 def serve_config_cmd(
-    config: ConfigOpt = None, set_: SetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of stdout")] = None,
 ) -> None:
     """Print the Ray Serve config of this tuneloop config, for `serve deploy` (it serves the champion)."""
@@ -427,12 +482,15 @@ def serve_config_cmd(
 
     cfg = _config(config, set_)
     path = str(config) if config else "configs/local.yaml"
-    text = (f"# Ray Serve config: `serve deploy {out or 'serve-config.yaml'}` on a running Ray cluster.\n"
-            f"# Written by `tuneloop serve-config --config {path}`; the app serves the registry's champion\n"
-            "# (ModelServer user_config.adapters empty) and routes all traffic to it. The promotion\n"
-            "# flow applies the same config with adapters and canary routing filled in.\n"
-            + yaml.safe_dump(serve_config(cfg, {"config": path, "set": list(set_ or [])} if set_ else {"config": path}),
-                             sort_keys=False))
+    text = (
+        f"# Ray Serve config: `serve deploy {out or 'serve-config.yaml'}` on a running Ray cluster.\n"
+        f"# Written by `tuneloop serve-config --config {path}`; the app serves the registry's champion\n"
+        "# (ModelServer user_config.adapters empty) and routes all traffic to it. The promotion\n"
+        "# flow applies the same config with adapters and canary routing filled in.\n"
+        + yaml.safe_dump(
+            serve_config(cfg, {"config": path, "set": list(set_ or [])} if set_ else {"config": path}), sort_keys=False
+        )
+    )
     if out:
         out.write_text(text)
         console.print(f"Wrote {out}")
@@ -461,11 +519,15 @@ def api_key_new(
 
 @app.command(name="evaluate")
 def evaluate_models(
-    models: Annotated[str, typer.Option("--models", "-m", help="Comma-separated base models: builtin:<name>, "
-                                        "local folders or hub ids")],
+    models: Annotated[
+        str,
+        typer.Option("--models", "-m", help="Comma-separated base models: builtin:<name>, local folders or hub ids"),
+    ],
     data: Annotated[Path, typer.Option("--data", "-d", help="JSONL evaluation set (prompt / response)")],
     rank_by: Annotated[str, typer.Option(help="Metric that orders the leaderboard")] = "rougeL",
-    config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Evaluate several base models on one set; print and log a leaderboard (foundation-model selection)."""
     import math
@@ -481,8 +543,10 @@ def evaluate_models(
             result = model_selection_flow(cfg, specs, rank_by)
         except Exception as err:
             raise _fail(err) from err
-    table = Table(title=f"{len(specs)} base models on {data.name}, ranked by {rank_by} "
-                        f"({'lower' if rank_by in LOWER_IS_BETTER else 'higher'} is better)")
+    table = Table(
+        title=f"{len(specs)} base models on {data.name}, ranked by {rank_by} "
+        f"({'lower' if rank_by in LOWER_IS_BETTER else 'higher'} is better)"
+    )
     # The terminal shows the figures a choice turns on; MLflow and the Prefect artifact have all.
     shown = [c for c in result.columns if c == rank_by or c not in ("p50_latency_ms", "cost_per_1k_tokens")]
     table.add_column("rank", justify="right")
@@ -493,19 +557,27 @@ def evaluate_models(
         values = [row.metrics.get(c, math.nan) for c in shown]
         table.add_row(str(row.rank), row.model, *("–" if math.isnan(v) else f"{v:.4g}" for v in values))
     console.print(table)
-    console.print(f"MLflow: experiment {cfg.registry.selection_experiment!r}, run {result.parent_run_id} "
-                  "(leaderboard.json; one child run per model)")
+    console.print(
+        f"MLflow: experiment {cfg.registry.selection_experiment!r}, run {result.parent_run_id} "
+        "(leaderboard.json; one child run per model)"
+    )
 
 
 @app.command()
 def monitor(
     window: Annotated[int | None, typer.Option(help="Newest requests to check (default monitor.window)")] = None,
-    reference: Annotated[str | None, typer.Option(
-        help="champion (its training prompts) or a prompts file (default monitor.reference)")] = None,
-    config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
+    reference: Annotated[
+        str | None, typer.Option(help="champion (its training prompts) or a prompts file (default monitor.reference)")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run one monitoring check now: print every signal's statistic, test and verdict."""
-    extra = [*([f"monitor.window={window}"] if window else []), *([f"monitor.reference={reference}"] if reference else [])]
+    extra = [
+        *([f"monitor.window={window}"] if window else []),
+        *([f"monitor.reference={reference}"] if reference else []),
+    ]
     cfg = _config(config, set_, extra)
     _environment(cfg, use_server=False, verbose=verbose)
     from flows.monitoring import monitoring_flow
@@ -527,22 +599,39 @@ def monitor(
         console.print(f"[yellow]No retraining:[/] {result.data_note}")
     if result.skipped_rows:
         console.print(f"[yellow]{result.skipped_rows} malformed log rows skipped[/]")
-    console.print(f"Report: {result.report}\nMLflow: experiment {cfg.registry.monitoring_experiment!r}, "
-                  f"run {result.mlflow_run_id}")
+    console.print(
+        f"Report: {result.report}\nMLflow: experiment {cfg.registry.monitoring_experiment!r}, "
+        f"run {result.mlflow_run_id}"
+    )
 
 
 def signals_table(result: Any) -> Table:
     """Return one row per signal of a monitoring result: statistic, test or limit, verdict."""
     colours = {"alert": "red", "ok": "green", "no_data": "dim"}
-    table = Table(title=f"Monitoring check: {result.drift.window_size} answered requests vs champion "
-                        f"{'v' + result.champion_version if result.champion_version else '(none)'}")
+    table = Table(
+        title=f"Monitoring check: {result.drift.window_size} answered requests vs champion "
+        f"{'v' + result.champion_version if result.champion_version else '(none)'}"
+    )
     for column in ("group", "signal", "statistic", "p-value / limit", "verdict", "detail"):
         table.add_column(column, overflow="fold")
     for s in result.signals:
-        test = (f"p={s.p_value:.4g} (alpha {s.threshold:g})" if s.p_value is not None
-                else f"alpha {s.threshold:g}" if s.is_test else "–" if s.threshold is None else f"limit {s.threshold:g}")
-        table.add_row(s.group, s.name, "–" if s.statistic is None else f"{s.statistic:.4g}", test,
-                      f"[{colours[s.verdict]}]{s.verdict}[/]", s.detail)
+        test = (
+            f"p={s.p_value:.4g} (alpha {s.threshold:g})"
+            if s.p_value is not None
+            else f"alpha {s.threshold:g}"
+            if s.is_test
+            else "–"
+            if s.threshold is None
+            else f"limit {s.threshold:g}"
+        )
+        table.add_row(
+            s.group,
+            s.name,
+            "–" if s.statistic is None else f"{s.statistic:.4g}",
+            test,
+            f"[{colours[s.verdict]}]{s.verdict}[/]",
+            s.detail,
+        )
     return table
 
 
@@ -550,7 +639,8 @@ def signals_table(result: Any) -> Table:
 def validate(
     data: Annotated[str, typer.Argument(help="JSONL/CSV/Parquet file, save_to_disk folder, or hub id")],
     eval_data: Annotated[str | None, typer.Option("--eval", help="Separate eval set (else a held-out share)")] = None,
-    config: ConfigOpt = None, set_: SetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Validate a dataset as training would (suite + LLM data contracts); exit 1 on errors."""
     cfg = _config(config, set_, [f"data.path={data}", *([f"data.eval_path={eval_data}"] if eval_data else [])])
@@ -574,8 +664,13 @@ def validate(
             base = resolve_base(cfg.model.base, paths.models)
             progress.update(bar, advance=1, description=steps[2])
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-            report, _ = run_validation(split, cfg.validation, cfg.train.max_seq_len, base,
-                                       paths.reports / "validation" / f"{split.digest}-{stamp}")
+            report, _ = run_validation(
+                split,
+                cfg.validation,
+                cfg.train.max_seq_len,
+                base,
+                paths.reports / "validation" / f"{split.digest}-{stamp}",
+            )
             progress.update(bar, advance=1)
         except (DataValidationError, BaseModelError, TemplateError, PiiUnavailable) as err:
             raise _fail(err) from err
@@ -588,8 +683,10 @@ def _print_dataset_report(report: Any) -> None:
     from rich.text import Text
 
     colours = {"pass": "green", "warn": "yellow", "fail": "red", "redacted": "blue", "off": "dim", "skipped": "dim"}
-    table = Table(title=f"{report.source}: {report.train_rows} train + {report.eval_rows} eval rows "
-                        f"({report.shape}), digest {report.digest}")
+    table = Table(
+        title=f"{report.source}: {report.train_rows} train + {report.eval_rows} eval rows "
+        f"({report.shape}), digest {report.digest}"
+    )
     for column in ("check", "level", "verdict", "figure", "first rows"):
         table.add_column(column, overflow="fold")
     for c in report.contracts:
@@ -597,8 +694,13 @@ def _print_dataset_report(report: Any) -> None:
     failed = [c for c in report.checks if not c.success]
     for c in failed:
         status = "fail" if c.severity == "critical" else "warn"
-        table.add_row(f"GX {c.name}", c.severity, f"[{colours[status]}]{status}[/]",
-                      f"{c.column or ''}: {c.detail}", ", ".join(c.rows))
+        table.add_row(
+            f"GX {c.name}",
+            c.severity,
+            f"[{colours[status]}]{status}[/]",
+            f"{c.column or ''}: {c.detail}",
+            ", ".join(c.rows),
+        )
     if not failed:
         table.add_row("GX suite", "critical", "[green]pass[/]", f"{len(report.checks)} expectations met", "")
     console.print(table)
@@ -607,8 +709,10 @@ def _print_dataset_report(report: Any) -> None:
         text = Text()
         for piece, state in report.example:
             text.append(piece, style=styles[state])
-        console.print(f"Row {report.example_row} as the trainer sees it ([bold green]trained[/], [dim]masked[/], "
-                      f"[red strike]cut[/]):")
+        console.print(
+            f"Row {report.example_row} as the trainer sees it ([bold green]trained[/], [dim]masked[/], "
+            f"[red strike]cut[/]):"
+        )
         console.print(text)
     console.print(f"Report: {report.html}" + (f"\nData Docs: {report.data_docs}" if report.data_docs else ""))
     verdict = "[green]passed[/]" if report.success else f"[red]FAILED[/] ({len(report.errors())} error(s))"

@@ -73,12 +73,15 @@ class DataConfig(Strict):
     max_rows: int | None = Field(None, gt=0, description="Use at most this many rows.")
     seed: int = Field(0, description="Seed of the train/eval split.")
     slice: str | None = Field(
-        None, pattern=SLICE_PATTERN, description="Name of this data's held-out evaluation slice (e.g. trivia): "
+        None,
+        pattern=SLICE_PATTERN,
+        description="Name of this data's held-out evaluation slice (e.g. trivia): "
         "registered as `<name>@<version>`, evaluated for every later version of its lineage, named in gate rules. "
         "None: the data file's name (trivia.jsonl: trivia).",
     )
     replay_path: str | None = Field(
-        None, description="Earlier training rows mixed into training only, never held out (retraining writes it "
+        None,
+        description="Earlier training rows mixed into training only, never held out (retraining writes it "
         "from the champion's training data, monitor.replay_share).",
     )
 
@@ -91,8 +94,10 @@ class DataConfig(Strict):
     @classmethod
     def _not_a_selector(cls, value: str | None) -> str | None:
         if value in RESERVED_SLICES:
-            raise ValueError(f"data.slice {value!r} is a word of the gate's rules ({', '.join(RESERVED_SLICES)}): "
-                             "choose another name")
+            raise ValueError(
+                f"data.slice {value!r} is a word of the gate's rules ({', '.join(RESERVED_SLICES)}): "
+                "choose another name"
+            )
         return value
 
     def slice_name(self) -> str | None:
@@ -112,9 +117,7 @@ class Contract(Strict):
 
 
 class TruncationContract(Contract):
-    max_fraction: float = Field(
-        0.0, ge=0, le=1, description="Share of examples allowed over train.max_seq_len tokens."
-    )
+    max_fraction: float = Field(0.0, ge=0, le=1, description="Share of examples allowed over train.max_seq_len tokens.")
 
 
 class LossMaskContract(Contract):
@@ -203,19 +206,22 @@ class ValidationConfig(Strict):
 
 class TrainConfig(Strict):
     method: Literal["lora", "qlora", "full"] = Field(
-        "lora", description="lora: adapters on a frozen base; qlora: the same on a 4-bit base (CUDA GPU, "
+        "lora",
+        description="lora: adapters on a frozen base; qlora: the same on a 4-bit base (CUDA GPU, "
         "bitsandbytes); full: every weight trains (with deepspeed for models larger than one GPU).",
     )
     lora_rank: int = Field(8, ge=1, description="LoRA rank: higher, more capacity and memory.")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (alpha / rank).")
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Literal["auto", "all-linear"] | list[str] = Field(
-        "auto", description="Modules given adapters: auto (= PEFT's all-linear) = every linear layer of "
+        "auto",
+        description="Modules given adapters: auto (= PEFT's all-linear) = every linear layer of "
         "attention and MLP (q/k/v/o/gate/up/down for Llama, Qwen, Mistral; c_attn/c_proj/c_fc for GPT-2); "
         "or a list of module names. Ignored by method full, which trains every weight.",
     )
     start_from: Literal["base", "champion"] = Field(
-        "base", description="base: a new adapter on the base model; champion: the champion's adapter trains on "
+        "base",
+        description="base: a new adapter on the base model; champion: the champion's adapter trains on "
         "(its rank and modules, lora_rank/target_modules ignored), so a retraining continues what the serving "
         "version learned instead of starting over. With no champion yet, or a champion on another base or "
         "method, the base. Recorded in the version's lineage.",
@@ -227,7 +233,8 @@ class TrainConfig(Strict):
     seed: int = 0
     torch_threads: int | None = Field(None, ge=1, description="CPU threads; None: torch's default.")
     packing: Literal["auto", "off", "padding_free", "shared_prefix"] = Field(
-        "auto", description="off: pad each batch; padding_free: a batch's examples in one row, position ids "
+        "auto",
+        description="off: pad each batch; padding_free: a batch's examples in one row, position ids "
         "restarting per example, no attention across examples; shared_prefix: the same, with the prefix "
         "every example of the batch shares (system prompt, template) computed once; auto: shared_prefix "
         "on CPU, padding_free on GPU. Loss only on answer tokens in every mode.",
@@ -239,18 +246,22 @@ class TrainConfig(Strict):
         "auto", description="bf16 autocast: auto = on a CUDA GPU that has it, off on CPU (slower there)."
     )
     compile: bool = Field(
-        False, description="torch.compile the model: compiles during the first steps (and per new shape); "
-        "for long GPU runs. Not measured on CPU."
+        False,
+        description="torch.compile the model: compiles during the first steps (and per new shape); "
+        "for long GPU runs. Not measured on CPU.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: slower steps, far less activation memory."
     )
     deepspeed: Literal["zero2", "zero3"] | None = Field(
-        None, description="DeepSpeed ZeRO config from infra/deepspeed/ (start with the deepspeed or "
+        None,
+        description="DeepSpeed ZeRO config from infra/deepspeed/ (start with the deepspeed or "
         "accelerate launcher); zero2 shards optimizer state and gradients, zero3 also the weights.",
     )
     save_steps: int | None = Field(
-        50, ge=1, description="Checkpoint every N steps; a re-run of the same training resumes from the "
+        50,
+        ge=1,
+        description="Checkpoint every N steps; a re-run of the same training resumes from the "
         "last complete one. None: no checkpoints (a retry starts over).",
     )
 
@@ -264,38 +275,62 @@ class TrainConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.method == "qlora" and self.deepspeed:
-            raise ValueError("method qlora cannot run under deepspeed (4-bit weights are not sharded): "
-                             "use method lora or full with deepspeed, or qlora on one GPU")
+            raise ValueError(
+                "method qlora cannot run under deepspeed (4-bit weights are not sharded): "
+                "use method lora or full with deepspeed, or qlora on one GPU"
+            )
         if self.group_by_length and self.packing != "off":
-            raise ValueError(f"group_by_length only applies with packing: off (packing {self.packing} "
-                             "already leaves no padding)")
+            raise ValueError(
+                f"group_by_length only applies with packing: off (packing {self.packing} already leaves no padding)"
+            )
         if self.packing in ("padding_free", "shared_prefix") and self.batch_size == 1:
-            raise ValueError(f"packing {self.packing} with batch_size 1 packs nothing: raise batch_size "
-                             "or set packing: off")
+            raise ValueError(
+                f"packing {self.packing} with batch_size 1 packs nothing: raise batch_size or set packing: off"
+            )
         if self.start_from == "champion" and self.method == "full":
-            raise ValueError("start_from champion continues the champion's LoRA adapter: method full trains "
-                             "every weight of the base; use method lora or qlora, or start_from base")
+            raise ValueError(
+                "start_from champion continues the champion's LoRA adapter: method full trains "
+                "every weight of the base; use method lora or qlora, or start_from base"
+            )
         # method full trains every weight: a target_modules list (e.g. from a LoRA config file
         # that `--set train.method=full` switches) is ignored, as its description says.
         return self
 
 
-MetricName = Literal["rougeL", "bleu", "chrf", "exact_match", "token_f1", "perplexity",
-                     "toxicity_rate", "pii_leak_rate"]
+MetricName = Literal[
+    "rougeL", "bleu", "chrf", "exact_match", "token_f1", "perplexity", "toxicity_rate", "pii_leak_rate"
+]
 # Measured on every evaluation, whatever eval.metrics lists.
 SYSTEM_METRICS = ("generation_tokens_per_second", "p50_latency_ms", "p95_latency_ms", "cost_per_1k_tokens")
 JUDGE_METRICS = ("judge_score", "hallucination_rate")  # with eval.judge.backend other than disabled
 # Scored per example (their mean is the figure): these have paired intervals, ci_low / ci_high in rules.
-PER_EXAMPLE_METRICS = ("rougeL", "exact_match", "token_f1", "toxicity_rate", "pii_leak_rate", "judge_score",
-                       "hallucination_rate")
+PER_EXAMPLE_METRICS = (
+    "rougeL",
+    "exact_match",
+    "token_f1",
+    "toxicity_rate",
+    "pii_leak_rate",
+    "judge_score",
+    "hallucination_rate",
+)
 # Where a smaller value is better (leaderboards sort these ascending).
-LOWER_IS_BETTER = frozenset({"perplexity", "toxicity_rate", "pii_leak_rate", "hallucination_rate",
-                             "p50_latency_ms", "p95_latency_ms", "cost_per_1k_tokens"})
+LOWER_IS_BETTER = frozenset(
+    {
+        "perplexity",
+        "toxicity_rate",
+        "pii_leak_rate",
+        "hallucination_rate",
+        "p50_latency_ms",
+        "p95_latency_ms",
+        "cost_per_1k_tokens",
+    }
+)
 
 
 class JudgeConfig(Strict):
     backend: Literal["disabled", "local", "openai"] = Field(
-        "disabled", description="LLM-as-judge: off, a local model, or any OpenAI-compatible endpoint "
+        "disabled",
+        description="LLM-as-judge: off, a local model, or any OpenAI-compatible endpoint "
         "(tuneloop's own serves one). A judge costs one or two generations per example.",
     )
     model: str = Field(
@@ -305,18 +340,20 @@ class JudgeConfig(Strict):
         "the builtin 135M one rarely follows the rubric's format, so its examples end up marked as failed.",
     )
     base_url: str | None = Field(
-        None, description="openai: the API root, e.g. http://127.0.0.1:8000/v1; requests go to "
-        "<base_url>/chat/completions.",
+        None,
+        description="openai: the API root, e.g. http://127.0.0.1:8000/v1; requests go to <base_url>/chat/completions.",
     )
     api_key_env: str | None = Field(
-        None, description="openai: name of the environment variable holding the API key (never the key).",
+        None,
+        description="openai: name of the environment variable holding the API key (never the key).",
     )
     rubric: str = Field(
-        "answer_quality_v1", description="Scoring rubric (1-5 + rationale): a name shipped in "
-        "tasks/rubrics/ or a path to a text file.",
+        "answer_quality_v1",
+        description="Scoring rubric (1-5 + rationale): a name shipped in tasks/rubrics/ or a path to a text file.",
     )
     hallucination_rubric: str = Field(
-        "hallucination_v1", description="Rubric of the hallucination check (is the answer supported "
+        "hallucination_v1",
+        description="Rubric of the hallucination check (is the answer supported "
         "by the reference?): a shipped name or a path.",
     )
     max_new_tokens: int = Field(96, ge=8, description="Tokens the judge may write per verdict.")
@@ -332,7 +369,8 @@ class JudgeConfig(Strict):
 class EvalConfig(Strict):
     metrics: list[MetricName] = Field(
         ["rougeL", "bleu", "chrf", "exact_match", "token_f1", "perplexity", "toxicity_rate", "pii_leak_rate"],
-        min_length=1, description="Metrics on the held-out set (perplexity: of the references; "
+        min_length=1,
+        description="Metrics on the held-out set (perplexity: of the references; "
         "toxicity_rate, pii_leak_rate: of the generated answers).",
     )
     max_examples: int = Field(16, ge=1, description="Held-out examples scored per model.")
@@ -347,7 +385,8 @@ class EvalConfig(Strict):
     )
     judge: JudgeConfig = JudgeConfig()
     slices: list[str] = Field(
-        [], description="Registered slices (by name; the newest version of each) evaluated besides the data's own "
+        [],
+        description="Registered slices (by name; the newest version of each) evaluated besides the data's own "
         "and those of the champion's lineage; gate rules may name these.",
     )
 
@@ -356,8 +395,10 @@ class EvalConfig(Strict):
     def _slice_names(cls, names: list[str]) -> list[str]:
         for name in names:
             if not re.fullmatch(SLICE_PATTERN, name) or name in RESERVED_SLICES:
-                raise ValueError(f"eval.slices: {name!r} is not a slice name (lower-case identifier, not "
-                                 f"{', '.join(RESERVED_SLICES)})")
+                raise ValueError(
+                    f"eval.slices: {name!r} is not a slice name (lower-case identifier, not "
+                    f"{', '.join(RESERVED_SLICES)})"
+                )
         return names
 
 
@@ -379,7 +420,8 @@ DEFAULT_GATE_RULES = [
 
 class GateConfig(Strict):
     rules: list[str] = Field(
-        DEFAULT_GATE_RULES, min_length=1,
+        DEFAULT_GATE_RULES,
+        min_length=1,
         description="Every rule must hold for a candidate to pass: comparisons of the candidate's metrics per "
         "slice (token_f1[trivia]; a bare name is its own slice; new / old / all select slices) with numbers, the "
         "champion's (champion.<metric>[slice]; the base model while no version is champion) and paired interval "
@@ -390,8 +432,10 @@ class GateConfig(Strict):
     @classmethod
     def _replaced_keys(cls, data: Any) -> Any:
         if isinstance(data, dict) and {"metric", "tolerance"} & set(data):
-            raise ValueError("gate.metric and gate.tolerance were replaced by gate.rules, e.g. "
-                             "rules: ['rougeL >= champion.rougeL - 0.01']")
+            raise ValueError(
+                "gate.metric and gate.tolerance were replaced by gate.rules, e.g. "
+                "rules: ['rougeL >= champion.rougeL - 0.01']"
+            )
         return data
 
     @field_validator("rules")
@@ -409,9 +453,11 @@ class RegistryConfig(Strict):
     experiment: str = Field("tuneloop-training", description="MLflow experiment of training runs.")
     monitoring_experiment: str = Field("tuneloop-monitoring")
     promotion_experiment: str = Field(
-        "tuneloop-promotions", description="MLflow experiment of promotion runs (canary figures, decision).")
+        "tuneloop-promotions", description="MLflow experiment of promotion runs (canary figures, decision)."
+    )
     slices_experiment: str = Field(
-        "tuneloop-slices", description="MLflow experiment holding the evaluation slices (one run per slice version).")
+        "tuneloop-slices", description="MLflow experiment holding the evaluation slices (one run per slice version)."
+    )
     selection_experiment: str = Field(
         "tuneloop-model-selection", description="MLflow experiment of `tuneloop evaluate` (one run per model)."
     )
@@ -431,33 +477,34 @@ class RegistryConfig(Strict):
             data = dict(data)
             old = data.pop("on_new_champion")
             if data.setdefault("on_gate_pass", old) != old:
-                raise ValueError(f"registry.on_new_champion={old!r} (the old name of on_gate_pass) contradicts "
-                                 f"registry.on_gate_pass={data['on_gate_pass']!r}: set on_gate_pass only")
+                raise ValueError(
+                    f"registry.on_new_champion={old!r} (the old name of on_gate_pass) contradicts "
+                    f"registry.on_gate_pass={data['on_gate_pass']!r}: set on_gate_pass only"
+                )
         return data
 
     @model_validator(mode="after")
     def _two_aliases(self) -> RegistryConfig:
         if self.champion_alias == self.challenger_alias:
-            raise ValueError(f"registry.champion_alias and challenger_alias are both {self.champion_alias!r}: "
-                             "a version that passed the gate would look like the one that serves")
+            raise ValueError(
+                f"registry.champion_alias and challenger_alias are both {self.champion_alias!r}: "
+                "a version that passed the gate would look like the one that serves"
+            )
         return self
 
 
 class MlflowConfig(Strict):
-    tracking_uri: str | None = Field(
-        None, description="None: SQLite under the state dir. A team sets its server URL."
-    )
+    tracking_uri: str | None = Field(None, description="None: SQLite under the state dir. A team sets its server URL.")
     ui_port: int = 5000
 
 
 class PrefectConfig(Strict):
-    api_url: str | None = Field(
-        None, description="None: the local server started by `tuneloop up` / the demo."
-    )
+    api_url: str | None = Field(None, description="None: the local server started by `tuneloop up` / the demo.")
     port: int = 4200
     training_deployment: str = "training-flow/tuneloop-training"
     deployments: Literal["serve", "work_pools"] = Field(
-        "serve", description="How `tuneloop up` registers the training, promotion and monitoring deployments. "
+        "serve",
+        description="How `tuneloop up` registers the training, promotion and monitoring deployments. "
         "serve: a runner process on this machine serves and runs them (the embedded default). work_pools: "
         "it creates the work pools of infra/prefect/work-pools.yaml, applies prefect.yaml (`prefect deploy "
         "--all`) with this config as the deployments' parameters, and starts a worker for the process pool; "
@@ -467,7 +514,9 @@ class PrefectConfig(Strict):
 
 class ApiKeyConfig(Strict):
     id: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Public name of the key (logged).")
-    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key; the key itself is never stored.")
+    sha256: str = Field(
+        ..., pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key; the key itself is never stored."
+    )
     rate_per_minute: int | None = Field(None, ge=1, description="This key's limit (default serve.rate_per_minute).")
 
 
@@ -478,20 +527,26 @@ class RolloutConfig(Strict):
     """How the promotion flow moves traffic to a new version that shares the serving base model."""
 
     mode: Literal["canary", "shadow", "direct"] = Field(
-        "canary", description="canary: a share of live traffic answered by the challenger; shadow: the "
-        "challenger answers a copy of the traffic, logged and never returned; direct: switch after the smoke test.")
+        "canary",
+        description="canary: a share of live traffic answered by the challenger; shadow: the "
+        "challenger answers a copy of the traffic, logged and never returned; direct: switch after the smoke test.",
+    )
     share: float = Field(0.1, gt=0, le=1, description="Canary: share of routed requests the challenger answers.")
     window_s: float = Field(60, gt=0, description="Observe live traffic at least this long before deciding.")
     min_requests: int = Field(20, ge=1, description="Challenger answers needed before deciding.")
     max_wait_s: float = Field(600, gt=0, description="Decide after this long even with fewer requests.")
     on_no_traffic: Literal["promote", "rollback"] = Field(
-        "promote", description="Fewer than min_requests by max_wait_s: promote on the smoke test alone, or roll back.")
+        "promote", description="Fewer than min_requests by max_wait_s: promote on the smoke test alone, or roll back."
+    )
     rules: list[str] = Field(
-        ["error_rate <= champion.error_rate + 0.02",
-         "p95_latency_ms <= 2 * champion.p95_latency_ms + 100",
-         "feedback_score >= champion.feedback_score - 0.1"],
+        [
+            "error_rate <= champion.error_rate + 0.02",
+            "p95_latency_ms <= 2 * champion.p95_latency_ms + 100",
+            "feedback_score >= champion.feedback_score - 0.1",
+        ],
         description="Challenger vs champion over the window, in the gate's rule language; metrics: "
-        + ", ".join(CANARY_METRICS) + ". A rule whose figure is missing on either side (no feedback) is skipped.",
+        + ", ".join(CANARY_METRICS)
+        + ". A rule whose figure is missing on either side (no feedback) is skipped.",
     )
 
     @field_validator("rules")
@@ -514,54 +569,78 @@ class ServeConfig(Strict):
     app_name: str = "tuneloop"
     host: Literal["127.0.0.1"] = Field("127.0.0.1", description="Loopback only by default.")
     port: int = 8000
-    ray_address: str | None = Field(
-        None, description="None: the local Ray head started by `tuneloop up` / the demo."
-    )
+    ray_address: str | None = Field(None, description="None: the local Ray head started by `tuneloop up` / the demo.")
     ray_port: int = Field(6390, description="Ray GCS port (keep outside Ray's worker ports 10002-19999).")
     dashboard_port: int = 8265
     num_replicas: int = Field(2, ge=1)
     replica_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per model replica.")
     torch_threads: int = Field(1, ge=1, description="Torch threads per replica.")
     max_batch_size: int = Field(8, ge=1, description="Continuous batching: most requests decoded together per replica.")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, description="An idle replica waits this long for more "
-                                        "requests before it starts a batch.")
+    batch_wait_timeout_s: float = Field(
+        0.05, ge=0, description="An idle replica waits this long for more requests before it starts a batch."
+    )
     merge_default: bool = Field(
-        True, description="Keep the default (champion) adapter merged into a copy of the base for batches "
-        "that only ask for it: faster, at one more copy of the base's weights per replica.")
+        True,
+        description="Keep the default (champion) adapter merged into a copy of the base for batches "
+        "that only ask for it: faster, at one more copy of the base's weights per replica.",
+    )
     prefix_cache: int = Field(
-        8, ge=0, description="KV caches of shared prompt prefixes (the chat template's system prompt) kept "
-        "per replica and reused across batches; 0: off.")
+        8,
+        ge=0,
+        description="KV caches of shared prompt prefixes (the chat template's system prompt) kept "
+        "per replica and reused across batches; 0: off.",
+    )
     default_max_tokens: int = Field(32, ge=1)
     max_tokens_limit: int = Field(256, ge=1, description="Larger `max_tokens` gets a 422.")
     smoke_prompt: str = "What is the capital of France?"
     autoscaling: AutoscalingConfig | None = Field(
-        None, description="Serve autoscaling of the model deployment (replaces num_replicas when set).")
+        None, description="Serve autoscaling of the model deployment (replaces num_replicas when set)."
+    )
     gateway_cpus: float = Field(0.1, gt=0, description="Ray CPUs reserved for the HTTP gateway replica.")
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get a 400 (context_length_exceeded).")
     max_request_bytes: int = Field(256_000, ge=1024, description="Larger request bodies get a 413.")
     require_api_key: bool = Field(False, description="Refuse requests without a valid key (401).")
     api_keys: list[ApiKeyConfig] = Field([], description="Keys accepted, by SHA-256 (`tuneloop api-key new`).")
-    api_keys_env: str = Field("TUNELOOP_API_KEYS", description="Also accept `id:key,...` from this variable "
-                              "(hashed when the app is deployed; the keys never reach Ray).")
+    api_keys_env: str = Field(
+        "TUNELOOP_API_KEYS",
+        description="Also accept `id:key,...` from this variable "
+        "(hashed when the app is deployed; the keys never reach Ray).",
+    )
     rate_per_minute: int = Field(600, ge=1, description="Requests per minute per key (or per client without keys).")
     burst: int = Field(60, ge=1, description="Requests a key may send at once before the rate applies.")
     log_pii: Literal["redact", "keep"] = Field("redact", description="PII in logged prompts and answers.")
     inference_db_url: str | None = Field(
-        None, description="SQLAlchemy URL of the inference log; None: SQLite in the state dir. A cluster "
-        "whose replicas run on several machines needs a server database here (postgresql+psycopg2://…).")
-    replica_gpus: float = Field(0, ge=0, description="GPUs per model replica (Ray `num_gpus`); the model "
-                                "runs on the GPU when one is assigned.")
+        None,
+        description="SQLAlchemy URL of the inference log; None: SQLite in the state dir. A cluster "
+        "whose replicas run on several machines needs a server database here (postgresql+psycopg2://…).",
+    )
+    replica_gpus: float = Field(
+        0, ge=0, description="GPUs per model replica (Ray `num_gpus`); the model runs on the GPU when one is assigned."
+    )
     pii_entities: list[str] = Field(
         ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN"],
-        description="presidio entities redacted from the inference log.")
+        description="presidio entities redacted from the inference log.",
+    )
     rollout: RolloutConfig = RolloutConfig()
 
 
-SignalName = Literal["prompt_embedding", "prompt_length", "new_vocabulary", "response_length", "refusal_rate",
-                     "toxicity_rate", "latency", "error_rate", "cost", "feedback"]
+SignalName = Literal[
+    "prompt_embedding",
+    "prompt_length",
+    "new_vocabulary",
+    "response_length",
+    "refusal_rate",
+    "toxicity_rate",
+    "latency",
+    "error_rate",
+    "cost",
+    "feedback",
+]
 DEFAULT_REFUSAL_PATTERNS = [
-    r"\bI(?:'m| am) (?:sorry|afraid)\b", r"\bI (?:can(?:no|')t|cannot|won't|am unable to|'m unable to)\b",
-    r"\bas an AI\b", r"\bI do(?: not|n't) (?:know|have (?:access|information))\b",
+    r"\bI(?:'m| am) (?:sorry|afraid)\b",
+    r"\bI (?:can(?:no|')t|cannot|won't|am unable to|'m unable to)\b",
+    r"\bas an AI\b",
+    r"\bI do(?: not|n't) (?:know|have (?:access|information))\b",
 ]
 
 
@@ -603,8 +682,10 @@ class TeacherConfig(Strict):
     """A larger model that answers drifted prompts for retraining (distillation into the served model)."""
 
     backend: Literal["local", "openai"] = Field(
-        "openai", description="local: a model on this machine (path, hub id or builtin:<name>); openai: any "
-        "OpenAI-compatible chat completions endpoint.")
+        "openai",
+        description="local: a model on this machine (path, hub id or builtin:<name>); openai: any "
+        "OpenAI-compatible chat completions endpoint.",
+    )
     model: str = Field(..., description="local: path / hub id / builtin:<name>; openai: the model name it serves.")
     base_url: str | None = Field(None, description="openai: the API root, e.g. http://127.0.0.1:9000/v1.")
     api_key_env: str | None = Field(None, description="openai: environment variable holding its key (never the key).")
@@ -615,8 +696,9 @@ class TeacherConfig(Strict):
     @model_validator(mode="after")
     def _endpoint_needs_a_url(self) -> TeacherConfig:
         if self.backend == "openai" and not self.base_url:
-            raise ValueError("monitor.teacher.backend=openai needs monitor.teacher.base_url, e.g. "
-                             "http://127.0.0.1:9000/v1")
+            raise ValueError(
+                "monitor.teacher.backend=openai needs monitor.teacher.base_url, e.g. http://127.0.0.1:9000/v1"
+            )
         return self
 
 
@@ -627,27 +709,30 @@ class MonitorConfig(Strict):
     window: int = Field(40, ge=1, description="Most recent logged requests compared.")
     min_samples: int = Field(10, ge=2, description="Fewer requests: verdict `no_data`.")
     reference: str = Field(
-        "champion", description="What the window is compared with: `champion` (the training prompts recorded "
-        "with the champion version) or a JSONL / text file of prompts."
+        "champion",
+        description="What the window is compared with: `champion` (the training prompts recorded "
+        "with the champion version) or a JSONL / text file of prompts.",
     )
     reference_samples: int = Field(200, ge=2, description="Training prompts in the reference.")
     permutations: int = Field(200, ge=10, description="Permutations of the MMD test.")
     kernel_bandwidth: float = Field(
-        0.5, gt=0, description="RBF bandwidth of the MMD test as a multiple of the median heuristic's. Smaller: "
+        0.5,
+        gt=0,
+        description="RBF bandwidth of the MMD test as a multiple of the median heuristic's. Smaller: "
         "more sensitive to a small share of unlike prompts (0.5 detected 10-20% topic drift more often than 1 at "
-        "the same false-positive rate, bench/drift.py); too small and every prompt looks unlike every other."
+        "the same false-positive rate, bench/drift.py); too small and every prompt looks unlike every other.",
     )
     alpha: float = Field(0.01, gt=0, lt=1, description="Drift when p-value < alpha (every test signal).")
     retrain_sources: list[RetrainSourceName] = Field(
-        ["feedback", "teacher", "labelled"], min_length=1, description="Where retraining rows come from, each used "
+        ["feedback", "teacher", "labelled"],
+        min_length=1,
+        description="Where retraining rows come from, each used "
         "when it has any: feedback (drifted requests whose answer a person approved: a correction sent with the "
         "feedback, or the answer itself when rated at least retrain_min_feedback; never unrated model output), "
         "teacher (monitor.teacher answers the drifted prompts that have no approved answer), labelled "
         "(monitor.retrain_data, a labelled set for the new domain). Recorded in the version's lineage.",
     )
-    retrain_data: Path | None = Field(
-        None, description="A labelled dataset for the new domain (source `labelled`)."
-    )
+    retrain_data: Path | None = Field(None, description="A labelled dataset for the new domain (source `labelled`).")
     teacher: TeacherConfig | None = Field(
         None, description="A model that answers drifted prompts (source `teacher`); None: no teacher."
     )
@@ -658,17 +743,23 @@ class MonitorConfig(Strict):
         10, ge=1, description="Fewer new rows from all sources together: no retraining (the check says why)."
     )
     replay_share: float = Field(
-        0.5, ge=0, lt=1, description="Share of the retraining set drawn from the champion's own training data, so "
+        0.5,
+        ge=0,
+        lt=1,
+        description="Share of the retraining set drawn from the champion's own training data, so "
         "the new version keeps what the old one knew (0: none; the gate's rules over earlier slices catch "
-        "forgetting either way)."
+        "forgetting either way).",
     )
     retrain_start_from: Literal["base", "champion"] = Field(
-        "champion", description="What a retraining trains on (train.start_from of the retraining run): the "
-        "champion's adapter, continuing what it learned, or a new adapter on the base."
+        "champion",
+        description="What a retraining trains on (train.start_from of the retraining run): the "
+        "champion's adapter, continuing what it learned, or a new adapter on the base.",
     )
     retrain_signals: list[SignalName] = Field(
-        ["prompt_embedding"], min_length=1, description="Signals whose alert counts as drift for retraining; each "
-        "added test raises the false-alarm rate (about alpha per test)."
+        ["prompt_embedding"],
+        min_length=1,
+        description="Signals whose alert counts as drift for retraining; each "
+        "added test raises the false-alarm rate (about alpha per test).",
     )
     persistence: Persistence = Field(Persistence(), description="Retrain when drift holds for k of the last n windows.")
     thresholds: MonitorThresholds = MonitorThresholds()
@@ -676,8 +767,9 @@ class MonitorConfig(Strict):
         DEFAULT_REFUSAL_PATTERNS, description="Regular expressions (case-insensitive) marking an answer as a refusal."
     )
     cost_per_1k_tokens: dict[str, float] = Field(
-        {}, description="Price per 1,000 tokens (prompt + completion) by model version; key `*` for every other "
-        "version. Empty: tokens are counted, not priced."
+        {},
+        description="Price per 1,000 tokens (prompt + completion) by model version; key `*` for every other "
+        "version. Empty: tokens are counted, not priced.",
     )
     embedding_model: str = Field(
         "builtin:all-minilm-l6-v2", description="Sentence-transformers model: builtin, path or hub id."

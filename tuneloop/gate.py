@@ -112,8 +112,12 @@ class Figures:
     @classmethod
     def flat(cls, candidate: Mapping[str, float], champion: Mapping[str, float] | None) -> Figures:
         """Figures without slices (one scope), e.g. the two arms of a canary."""
-        return cls({(k, ""): v for k, v in candidate.items()},
-                   {(k, ""): v for k, v in champion.items()} if champion is not None else None, "", [""])
+        return cls(
+            {(k, ""): v for k, v in candidate.items()},
+            {(k, ""): v for k, v in champion.items()} if champion is not None else None,
+            "",
+            [""],
+        )
 
 
 # --------------------------------------------------------------------------- parsing
@@ -164,24 +168,30 @@ def parse_rule(text: str) -> Rule:
 
     def champion_of(sub: tuple[str, str] | None) -> Term:
         if sub is None:
-            raise RuleError(f"gate rule {text!r}: a bare 'champion' needs one metric term on one side of the "
-                            "comparison (or inside ci_low/ci_high); write champion.<metric>")
+            raise RuleError(
+                f"gate rule {text!r}: a bare 'champion' needs one metric term on one side of the "
+                "comparison (or inside ci_low/ci_high); write champion.<metric>"
+            )
         return Term(CHAMPION, *sub)
 
     def interval(node: ast.Call) -> None:
         name = node.func.id  # type: ignore[attr-defined]
         diff = node.args[0] if len(node.args) == 1 and not node.keywords else None
         if not (isinstance(diff, ast.BinOp) and isinstance(diff.op, ast.Sub)):
-            raise RuleError(f"gate rule {text!r}: {name}() takes one paired difference, e.g. "
-                            f"{name}(token_f1[new] - champion)")
+            raise RuleError(
+                f"gate rule {text!r}: {name}() takes one paired difference, e.g. {name}(token_f1[new] - champion)"
+            )
         mine, theirs = _metric_term(diff.left), diff.right
         if mine is None or mine[0] != "candidate":
             raise RuleError(f"gate rule {text!r}: {name}(): the left side must be the candidate's metric[slice]")
-        other = (CHAMPION, *mine[1:]) if isinstance(theirs, ast.Name) and theirs.id == CHAMPION else \
-            _metric_term(theirs)
+        other = (
+            (CHAMPION, *mine[1:]) if isinstance(theirs, ast.Name) and theirs.id == CHAMPION else _metric_term(theirs)
+        )
         if other != (CHAMPION, *mine[1:]):
-            raise RuleError(f"gate rule {text!r}: {name}() compares a metric with the champion's same metric on "
-                            f"the same slice: {name}({mine[1]}[{mine[2]}] - champion)")
+            raise RuleError(
+                f"gate rule {text!r}: {name}() compares a metric with the champion's same metric on "
+                f"the same slice: {name}({mine[1]}[{mine[2]}] - champion)"
+            )
         intervals.add(mine[1:])
 
     def check(node: ast.expr) -> None:
@@ -204,8 +214,10 @@ def parse_rule(text: str) -> Rule:
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             check(node.operand)
             return
-        raise RuleError(f"gate rule {text!r}: {ast.unparse(node)!r} is not allowed; use numbers, metric[slice], "
-                        "champion.<metric>[slice], ci_low(...) / ci_high(...), + - * / and parentheses")
+        raise RuleError(
+            f"gate rule {text!r}: {ast.unparse(node)!r} is not allowed; use numbers, metric[slice], "
+            "champion.<metric>[slice], ci_low(...) / ci_high(...), + - * / and parentheses"
+        )
 
     try:
         check(left)
@@ -219,34 +231,46 @@ def parse_rule(text: str) -> Rule:
     return rule
 
 
-def check_metrics(rule: Rule, evaluated: Sequence[str], known: Sequence[str], slices: Sequence[str] | None = None,
-                  per_example: Sequence[str] | None = None) -> None:
+def check_metrics(
+    rule: Rule,
+    evaluated: Sequence[str],
+    known: Sequence[str],
+    slices: Sequence[str] | None = None,
+    per_example: Sequence[str] | None = None,
+) -> None:
     """Raise RuleError if the rule names a metric that is unknown or not evaluated, a slice that is not
     evaluated (`slices`: the named slices known to be evaluated; None: rules may not name slices), or an
     interval of a metric that has no per-example values."""
     unknown = sorted(rule.metrics - set(known))
     if unknown:
-        raise RuleError(f"gate rule {rule.text!r}: unknown metric {', '.join(unknown)}; "
-                        f"known metrics: {', '.join(known)}")
+        raise RuleError(
+            f"gate rule {rule.text!r}: unknown metric {', '.join(unknown)}; known metrics: {', '.join(known)}"
+        )
     missing = sorted(rule.metrics - set(evaluated))
     if missing:
-        raise RuleError(f"gate rule {rule.text!r}: metric {', '.join(missing)} is not evaluated with this "
-                        f"config (evaluated: {', '.join(evaluated)}); add it to eval.metrics, or for "
-                        "judge metrics set eval.judge.backend")
+        raise RuleError(
+            f"gate rule {rule.text!r}: metric {', '.join(missing)} is not evaluated with this "
+            f"config (evaluated: {', '.join(evaluated)}); add it to eval.metrics, or for "
+            "judge metrics set eval.judge.backend"
+        )
     named = sorted(s for s in rule.slices if s not in SELECTORS)
     if slices is None and (named or rule.slices - {NEW} or rule.intervals):
         raise RuleError(f"gate rule {rule.text!r}: these rules compare one window, without slices or intervals")
     if slices is not None:
         absent = [s for s in named if s not in slices]
         if absent:
-            raise RuleError(f"gate rule {rule.text!r}: slice {', '.join(absent)} is not evaluated with this config "
-                            f"(evaluated: {', '.join(slices) or 'only the data’s own slice'}); add it to "
-                            "eval.slices, or name it with new / old / all")
+            raise RuleError(
+                f"gate rule {rule.text!r}: slice {', '.join(absent)} is not evaluated with this config "
+                f"(evaluated: {', '.join(slices) or 'only the data’s own slice'}); add it to "
+                "eval.slices, or name it with new / old / all"
+            )
     if per_example is not None:
         flat = sorted(m for m, _ in rule.intervals if m not in per_example)
         if flat:
-            raise RuleError(f"gate rule {rule.text!r}: {', '.join(flat)} has no per-example values, so no paired "
-                            f"interval; intervals exist for {', '.join(per_example)}")
+            raise RuleError(
+                f"gate rule {rule.text!r}: {', '.join(flat)} has no per-example values, so no paired "
+                f"interval; intervals exist for {', '.join(per_example)}"
+            )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -340,8 +364,9 @@ def evaluate_rule(rule: Rule, figures: Figures, missing: Literal["fail", "skip"]
         return [RuleResult(rule.text, "pass", f"no {scope} slice: nothing to compare")]
     results = []
     for each in instances:
-        text = rule.text if each is None else rule.text.replace(f"[{OLD}]", f"[{each}]").replace(f"[{ALL}]",
-                                                                                                  f"[{each}]")
+        text = (
+            rule.text if each is None else rule.text.replace(f"[{OLD}]", f"[{each}]").replace(f"[{ALL}]", f"[{each}]")
+        )
         reader = _Reader(figures, each, subject)
         try:
             a, b = reader.value(rule.left), reader.value(rule.right)
@@ -352,6 +377,12 @@ def evaluate_rule(rule: Rule, figures: Figures, missing: Literal["fail", "skip"]
             continue
         holds = _holds(a, rule.op, b)
         names = ", ".join(_fmt(k, v) for k, v in reader.used.items())
-        results.append(RuleResult(text, "pass" if holds else "fail",
-                                  f"{names}: {a:.6g} {rule.op if holds else 'not ' + rule.op} {b:.6g}", each))
+        results.append(
+            RuleResult(
+                text,
+                "pass" if holds else "fail",
+                f"{names}: {a:.6g} {rule.op if holds else 'not ' + rule.op} {b:.6g}",
+                each,
+            )
+        )
     return results

@@ -145,8 +145,9 @@ class InferenceLog:
         with self.engine.begin() as conn:
             for name in missing:
                 col = inference_log.c[name]
-                conn.execute(text(f"ALTER TABLE inference_log ADD COLUMN {name} "
-                                  f"{col.type.compile(dialect=self.engine.dialect)}"))
+                conn.execute(
+                    text(f"ALTER TABLE inference_log ADD COLUMN {name} {col.type.compile(dialect=self.engine.dialect)}")
+                )
 
     def append(self, record: InferenceRecord) -> None:
         self.append_many([record])
@@ -156,8 +157,13 @@ class InferenceLog:
             with self.engine.begin() as conn:
                 conn.execute(insert(inference_log), [asdict(r) for r in records])
 
-    def window(self, limit: int | None = None, since: dt.datetime | None = None,
-               until: dt.datetime | None = None, arms: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
+    def window(
+        self,
+        limit: int | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        arms: Sequence[str | None] | None = None,
+    ) -> list[dict[str, Any]]:
         """Rows of every status, newest first: the newest `limit`, and/or those in [since, until)."""
         query = select(inference_log).order_by(inference_log.c.created_at.desc())
         if since is not None:
@@ -184,8 +190,11 @@ class InferenceLog:
 
     def add_feedback(self, response_id: str, score: float, comment: str | None = None) -> None:
         with self.engine.begin() as conn:
-            conn.execute(insert(feedback).values(response_id=response_id, score=score, comment=comment,
-                                                 created_at=dt.datetime.now(dt.UTC)))
+            conn.execute(
+                insert(feedback).values(
+                    response_id=response_id, score=score, comment=comment, created_at=dt.datetime.now(dt.UTC)
+                )
+            )
 
     def feedback_for(self, response_ids: Sequence[str]) -> dict[str, float]:
         """Mean feedback score per response id (ids without feedback are absent)."""
@@ -193,8 +202,11 @@ class InferenceLog:
         ids = list(response_ids)
         with self.engine.connect() as conn:
             for i in range(0, len(ids), _CHUNK):
-                query = (select(feedback.c.response_id, func.avg(feedback.c.score))
-                         .where(feedback.c.response_id.in_(ids[i:i + _CHUNK])).group_by(feedback.c.response_id))
+                query = (
+                    select(feedback.c.response_id, func.avg(feedback.c.score))
+                    .where(feedback.c.response_id.in_(ids[i : i + _CHUNK]))
+                    .group_by(feedback.c.response_id)
+                )
                 out.update({rid: float(score) for rid, score in conn.execute(query)})
         return out
 
@@ -215,8 +227,12 @@ class InferenceLog:
 
     def first_answers(self, version: str, limit: int) -> list[dict[str, Any]]:
         """The first `limit` answered (status < 400) served rows of a model version, oldest first, as stored."""
-        query = (self._as_stored().where(inference_log.c.model_version == version, inference_log.c.status < 400)
-                 .order_by(inference_log.c.created_at, inference_log.c.id).limit(limit))
+        query = (
+            self._as_stored()
+            .where(inference_log.c.model_version == version, inference_log.c.status < 400)
+            .order_by(inference_log.c.created_at, inference_log.c.id)
+            .limit(limit)
+        )
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
@@ -229,7 +245,8 @@ class InferenceLog:
         with self.engine.connect() as conn:
             for i in range(0, len(ids), _CHUNK):
                 query = select(prompt_embedding.c.request_id).where(
-                    prompt_embedding.c.model == model, prompt_embedding.c.request_id.in_(ids[i:i + _CHUNK]))
+                    prompt_embedding.c.model == model, prompt_embedding.c.request_id.in_(ids[i : i + _CHUNK])
+                )
                 have.update(conn.scalars(query))
         return [i for i in ids if i not in have]
 
@@ -239,8 +256,10 @@ class InferenceLog:
             return
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         now = dt.datetime.now(dt.UTC)
-        rows = [{"request_id": rid, "model": model, "dim": vectors.shape[1], "vector": vec.tobytes(),
-                 "created_at": now} for rid, vec in zip(request_ids, vectors, strict=True)]
+        rows = [
+            {"request_id": rid, "model": model, "dim": vectors.shape[1], "vector": vec.tobytes(), "created_at": now}
+            for rid, vec in zip(request_ids, vectors, strict=True)
+        ]
         dialect = self.engine.dialect.name
         if dialect in ("sqlite", "postgresql"):
             module = __import__(f"sqlalchemy.dialects.{dialect}", fromlist=["insert"])
@@ -257,13 +276,16 @@ class InferenceLog:
         with self.engine.connect() as conn:
             for i in range(0, len(ids), _CHUNK):
                 query = select(prompt_embedding.c.request_id, prompt_embedding.c.dim, prompt_embedding.c.vector).where(
-                    prompt_embedding.c.model == model, prompt_embedding.c.request_id.in_(ids[i:i + _CHUNK]))
+                    prompt_embedding.c.model == model, prompt_embedding.c.request_id.in_(ids[i : i + _CHUNK])
+                )
                 for rid, dim, blob in conn.execute(query):
                     found[rid] = np.frombuffer(blob, dtype="<f4", count=dim)
         absent = [i for i in ids if i not in found]
         if absent:
-            raise KeyError(f"{len(absent)} requests have no {model} embedding (first: {absent[0]}): "
-                           "embed them first (tasks.embeddings.embed_missing)")
+            raise KeyError(
+                f"{len(absent)} requests have no {model} embedding (first: {absent[0]}): "
+                "embed them first (tasks.embeddings.embed_missing)"
+            )
         return np.stack([found[i] for i in ids]) if ids else np.zeros((0, 0), dtype=np.float32)
 
     def embedding_count(self, model: str | None = None) -> int:
@@ -285,8 +307,13 @@ class LogWriter:
     closed; `close()` drains the queue first, so records submitted before it are all written.
     """
 
-    def __init__(self, store: InferenceLog, redact: Callable[[list[str]], list[str]] | None = None,
-                 flush_interval_s: float = 0.05, max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        store: InferenceLog,
+        redact: Callable[[list[str]], list[str]] | None = None,
+        flush_interval_s: float = 0.05,
+        max_batch: int = 256,
+    ) -> None:
         self.store = store
         self.redact = redact
         self.flush_interval_s = flush_interval_s
@@ -319,9 +346,12 @@ class LogWriter:
         texts = [r.prompt for r in batch] + [r.response or "" for r in batch]
         clean = self.redact(texts)
         n = len(batch)
-        return [InferenceRecord(**{**asdict(r), "prompt": clean[i],
-                                   "response": clean[n + i] if r.response is not None else None})
-                for i, r in enumerate(batch)]
+        return [
+            InferenceRecord(
+                **{**asdict(r), "prompt": clean[i], "response": clean[n + i] if r.response is not None else None}
+            )
+            for i, r in enumerate(batch)
+        ]
 
     def _run(self) -> None:
         closing = False

@@ -38,11 +38,15 @@ def check_admin_password(password: str | None, username: str) -> None:
     if not password:
         raise AuthSetupError(f"MLflow admin password for {username!r} is empty or unset: {fix}")
     if password == LEGACY_DEFAULT_PASSWORD:
-        raise AuthSetupError(f"MLflow admin password for {username!r} is {LEGACY_DEFAULT_PASSWORD!r}, the default "
-                             f"older MLflow releases shipped (publicly known): {fix}")
+        raise AuthSetupError(
+            f"MLflow admin password for {username!r} is {LEGACY_DEFAULT_PASSWORD!r}, the default "
+            f"older MLflow releases shipped (publicly known): {fix}"
+        )
     if len(password) < MIN_PASSWORD_CHARS:
-        raise AuthSetupError(f"MLflow admin password for {username!r} has {len(password)} characters "
-                             f"(at least {MIN_PASSWORD_CHARS}): {fix}")
+        raise AuthSetupError(
+            f"MLflow admin password for {username!r} has {len(password)} characters "
+            f"(at least {MIN_PASSWORD_CHARS}): {fix}"
+        )
     if password.casefold() == username.casefold():
         raise AuthSetupError(f"MLflow admin password is the user name {username!r}: {fix}")
 
@@ -50,17 +54,21 @@ def check_admin_password(password: str | None, username: str) -> None:
 def check_secret_key(key: str | None) -> None:
     """Raise AuthSetupError unless `key` can sign the basic-auth app's CSRF tokens."""
     if not key or len(key) < MIN_SECRET_KEY_CHARS:
-        raise AuthSetupError(f"MLFLOW_FLASK_SERVER_SECRET_KEY is {'unset' if not key else f'{len(key)} characters'} "
-                             f"(at least {MIN_SECRET_KEY_CHARS}; the same on every server process): "
-                             "set it, e.g. `openssl rand -hex 32`")
+        raise AuthSetupError(
+            f"MLFLOW_FLASK_SERVER_SECRET_KEY is {'unset' if not key else f'{len(key)} characters'} "
+            f"(at least {MIN_SECRET_KEY_CHARS}; the same on every server process): "
+            "set it, e.g. `openssl rand -hex 32`"
+        )
 
 
 def check_allowed_hosts(hosts: str | None) -> None:
     """Raise AuthSetupError unless `hosts` names the Host headers the server answers."""
     names = [h.strip() for h in (hosts or "").split(",") if h.strip()]
     if not names:
-        raise AuthSetupError("MLFLOW_SERVER_ALLOWED_HOSTS is unset: list the host names clients use, "
-                             "e.g. mlflow.internal,mlflow.internal:5000 (a guard against DNS rebinding)")
+        raise AuthSetupError(
+            "MLFLOW_SERVER_ALLOWED_HOSTS is unset: list the host names clients use, "
+            "e.g. mlflow.internal,mlflow.internal:5000 (a guard against DNS rebinding)"
+        )
     if "*" in names:
         raise AuthSetupError("MLFLOW_SERVER_ALLOWED_HOSTS contains '*': list the host names clients use instead")
 
@@ -78,8 +86,10 @@ def render_auth_config(template: Path, out: Path, env: Mapping[str, str]) -> Pat
         raise AuthSetupError(f"Auth config template {template} has no [mlflow] section")
     section = parser["mlflow"]
     if section.get("admin_password"):
-        raise AuthSetupError(f"{template} sets admin_password: remove it (a file in the image is no place "
-                             "for a password) and pass MLFLOW_AUTH_ADMIN_PASSWORD from a secret")
+        raise AuthSetupError(
+            f"{template} sets admin_password: remove it (a file in the image is no place "
+            "for a password) and pass MLFLOW_AUTH_ADMIN_PASSWORD from a secret"
+        )
     permission = section.get("default_permission", "")
     if permission not in PERMISSIONS:
         raise AuthSetupError(f"{template}: default_permission {permission!r} is not one of {', '.join(PERMISSIONS)}")
@@ -92,8 +102,10 @@ def render_auth_config(template: Path, out: Path, env: Mapping[str, str]) -> Pat
     check_allowed_hosts(env.get("MLFLOW_SERVER_ALLOWED_HOSTS"))
     database_uri = env.get("MLFLOW_AUTH_DATABASE_URI")
     if not database_uri:
-        raise AuthSetupError("MLFLOW_AUTH_DATABASE_URI is unset: the user store's database, e.g. "
-                             "postgresql+psycopg2://mlflow:...@postgres:5432/mlflow_auth")
+        raise AuthSetupError(
+            "MLFLOW_AUTH_DATABASE_URI is unset: the user store's database, e.g. "
+            "postgresql+psycopg2://mlflow:...@postgres:5432/mlflow_auth"
+        )
     section["database_uri"] = database_uri
     out.parent.mkdir(parents=True, exist_ok=True)
     # The database URI carries the database password: readable by this user only.

@@ -134,21 +134,32 @@ def _build_tiny(out_dir: Path) -> None:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=2000, special_tokens=specials,
+        vocab_size=2000,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(_tiny_corpus(), trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-        pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
     )
     tok.chat_template = CHATML_TEMPLATE
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
     )
     LlamaForCausalLM(config).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -198,7 +209,9 @@ def resolve_base(spec: str, models_dir: Path) -> BaseRef:
 
 
 def load_base(
-    ref: BaseRef, dtype: str = "float32", quantization_config: Any = None,
+    ref: BaseRef,
+    dtype: str = "float32",
+    quantization_config: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a base model and tokenizer, checking the weights against the recorded hash.
 
@@ -221,8 +234,11 @@ def load_base(
         raise BaseModelError(f"Base model folder {location} is missing (recorded hash {ref.sha256[:12]}…)")
     try:
         tok = AutoTokenizer.from_pretrained(ref.location, revision=ref.revision if not location.is_dir() else None)
-        placement = {"quantization_config": quantization_config,
-                     "device_map": {"": torch.cuda.current_device()}} if quantization_config else {}
+        placement = (
+            {"quantization_config": quantization_config, "device_map": {"": torch.cuda.current_device()}}
+            if quantization_config
+            else {}
+        )
         model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=getattr(torch, dtype), **placement)
     except (OSError, ValueError, SafetensorError) as err:  # missing, not a model, or damaged files
         raise BaseModelError(f"Base model {ref.location!r} cannot be loaded: {err}") from err

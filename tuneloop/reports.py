@@ -48,8 +48,7 @@ class Table:
             return str(text).replace("|", "\\|").replace("\n", " ")
 
         lines = [f"**{self.title}**\n"] if self.title else []
-        lines += ["| " + " | ".join(cell(h) for h in self.headers) + " |",
-                  "|" + "---|" * len(self.headers)]
+        lines += ["| " + " | ".join(cell(h) for h in self.headers) + " |", "|" + "---|" * len(self.headers)]
         lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self.rows]
         return "\n".join(lines) + "\n"
 
@@ -58,7 +57,10 @@ class Table:
         head = "".join(f"<th>{e(h)}</th>" for h in self.headers)
         body = "".join(
             f"<tr class='{e(self.styles[i]) if i < len(self.styles) else ''}'>"
-            + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for i, row in enumerate(self.rows))
+            + "".join(f"<td>{e(str(c))}</td>" for c in row)
+            + "</tr>"
+            for i, row in enumerate(self.rows)
+        )
         caption = f"<caption>{e(self.title)}</caption>" if self.title else ""
         return f"<table>{caption}<tr>{head}</tr>{body}</table>"
 
@@ -74,19 +76,34 @@ class Table:
 
 
 # Styles of verdicts and outcomes, on every surface: the HTML page defines the same classes.
-STYLES = {"alert": "red", "fail": "red", "rejected": "red", "drift": "red", "ok": "green", "pass": "green",
-          "passed": "green", "no_drift": "green", "no_data": "dim", "skipped": "dim", "withheld": "yellow"}
-PAGE_CSS = ("body{font-family:sans-serif;margin:2em;max-width:72em}td,th{padding:.2em .7em;text-align:left;"
-            "vertical-align:top}table{border-collapse:collapse;margin:.5em 0}caption{text-align:left;"
-            "font-weight:bold}tr:nth-child(even){background:#f4f4f4}figure{display:inline-block;margin:.5em;"
-            "width:46%}img{max-width:100%}figcaption{font-size:.85em;color:#555}.red{color:#b00020}"
-            ".green{color:#1b7f3b}.dim{color:#777}.yellow{color:#a66a00}")
+STYLES = {
+    "alert": "red",
+    "fail": "red",
+    "rejected": "red",
+    "drift": "red",
+    "ok": "green",
+    "pass": "green",
+    "passed": "green",
+    "no_drift": "green",
+    "no_data": "dim",
+    "skipped": "dim",
+    "withheld": "yellow",
+}
+PAGE_CSS = (
+    "body{font-family:sans-serif;margin:2em;max-width:72em}td,th{padding:.2em .7em;text-align:left;"
+    "vertical-align:top}table{border-collapse:collapse;margin:.5em 0}caption{text-align:left;"
+    "font-weight:bold}tr:nth-child(even){background:#f4f4f4}figure{display:inline-block;margin:.5em;"
+    "width:46%}img{max-width:100%}figcaption{font-size:.85em;color:#555}.red{color:#b00020}"
+    ".green{color:#1b7f3b}.dim{color:#777}.yellow{color:#a66a00}"
+)
 
 
 def page(title: str, body: str) -> str:
     """A self-contained HTML page around `body`."""
-    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{_html.escape(title)}</title>'
-            f"<style>{PAGE_CSS}</style></head><body>{body}</body></html>")
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{_html.escape(title)}</title>'
+        f"<style>{PAGE_CSS}</style></head><body>{body}</body></html>"
+    )
 
 
 def png_base64(fig: Any) -> str:

@@ -34,8 +34,10 @@ NER_ENTITIES = ("PERSON", "LOCATION", "NRP")  # need the spaCy model
 # rejects most texts before any regex runs.
 PREFILTERS = {
     "EMAIL_ADDRESS": re.compile(r"@"),
-    "PHONE_NUMBER": re.compile(r"(?<![\d.])(?:\(\d{1,4}\)\s?\d{3,5}[\s.-]?\d{3,5}"
-                               r"|\d{2,5}[\s.-]?\d{3,5}[\s.-]?\d{3,5})(?!\d)"),
+    "PHONE_NUMBER": re.compile(
+        r"(?<![\d.])(?:\(\d{1,4}\)\s?\d{3,5}[\s.-]?\d{3,5}"
+        r"|\d{2,5}[\s.-]?\d{3,5}[\s.-]?\d{3,5})(?!\d)"
+    ),
     "CREDIT_CARD": re.compile(r"(?:\d[\s-]?){12}\d"),
     "US_SSN": re.compile(r"\d{3}[\s.-]?\d{2}[\s.-]?\d{4}"),
     "IBAN_CODE": re.compile(r"\b[A-Z]{2}\d{2}\s?[A-Z0-9]"),
@@ -50,8 +52,11 @@ _WINDOW = 64  # characters either side of a prefilter match that presidio reads
 
 def _windows(text: str, entities: list[str]) -> list[tuple[int, int]]:
     """Merged spans of `text` around every prefilter match of `entities`."""
-    spans = sorted((max(0, m.start() - _WINDOW), min(len(text), m.end() + _WINDOW))
-                   for e in entities for m in PREFILTERS[e].finditer(text))
+    spans = sorted(
+        (max(0, m.start() - _WINDOW), min(len(text), m.end() + _WINDOW))
+        for e in entities
+        for m in PREFILTERS[e].finditer(text)
+    )
     merged: list[tuple[int, int]] = []
     for a, b in spans:
         if merged and a <= merged[-1][1]:
@@ -131,8 +136,9 @@ class PiiScanner:
     def __init__(self, entities: Sequence[str] = PATTERN_ENTITIES, score_threshold: float = 0.4) -> None:
         unknown = set(entities) - set(PATTERN_ENTITIES) - set(NER_ENTITIES)
         if unknown:
-            raise ValueError(f"Unknown PII entities {sorted(unknown)}: choose from "
-                             f"{list(PATTERN_ENTITIES) + list(NER_ENTITIES)}")
+            raise ValueError(
+                f"Unknown PII entities {sorted(unknown)}: choose from {list(PATTERN_ENTITIES) + list(NER_ENTITIES)}"
+            )
         self.entities = list(entities)
         self.pattern_entities = [e for e in self.entities if e in PATTERN_ENTITIES]
         self.ner_entities = [e for e in self.entities if e in NER_ENTITIES]
@@ -157,8 +163,9 @@ class PiiScanner:
                 windows, entities = (_windows(text, possible) if possible else []), possible
             found: set[PiiFinding] = set()
             for a, b in windows:
-                for r in analyzer.analyze(text[a:b], language="en", entities=entities,
-                                          score_threshold=self.score_threshold):
+                for r in analyzer.analyze(
+                    text[a:b], language="en", entities=entities, score_threshold=self.score_threshold
+                ):
                     found.add(PiiFinding(r.entity_type, a + r.start, a + r.end, r.score))
             out[i] = sorted(found, key=lambda f: (f.start, f.end, f.entity))
         return out

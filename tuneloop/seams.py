@@ -279,12 +279,22 @@ class RetrainRequest(_Seam):
 
     def training_config(self, cfg: TuneloopConfig) -> TuneloopConfig:
         """Return `cfg` training on this request's data from `monitor.retrain_start_from`, the rest unchanged."""
-        data: DataConfig = cfg.data.model_copy(update={
-            "path": self.data.path, "format": "jsonl", "messages_field": "messages", "eval_path": None,
-            "replay_path": self.data.replay_path, "slice": self.data.slice, "max_rows": None})
+        data: DataConfig = cfg.data.model_copy(
+            update={
+                "path": self.data.path,
+                "format": "jsonl",
+                "messages_field": "messages",
+                "eval_path": None,
+                "replay_path": self.data.replay_path,
+                "slice": self.data.slice,
+                "max_rows": None,
+            }
+        )
         train = cfg.train.model_copy(update={"start_from": cfg.monitor.retrain_start_from})
         return cfg.model_copy(update={"data": data, "train": train})
 
     def trigger(self) -> str:
-        return (f"drift episode {self.episode} ({self.reason[:300]}; monitoring run {self.monitoring_run}; "
-                f"data: {self.data.note})")
+        return (
+            f"drift episode {self.episode} ({self.reason[:300]}; monitoring run {self.monitoring_run}; "
+            f"data: {self.data.note})"
+        )

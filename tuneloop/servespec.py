@@ -42,15 +42,30 @@ def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> ServeSpe
     version = base_version or champion_version(cfg)
     keys = [*s.api_keys, *(ApiKeyConfig.model_validate(k) for k in keys_from_env(os.environ.get(s.api_keys_env)))]
     return ServeSpec(
-        model_name=name, base_uri=f"models:/{name}/{version}", champion_alias=cfg.registry.champion_alias,
-        tracking_uri=tracking_uri(cfg), inference_db_url=inference_db_url(cfg),
-        engine=EngineSpec(torch_threads=s.torch_threads, max_batch_size=s.max_batch_size,
-                          batch_wait_timeout_s=s.batch_wait_timeout_s, merge_default=s.merge_default,
-                          prefix_cache=s.prefix_cache, max_prompt_tokens=s.max_prompt_tokens),
-        gateway=GatewaySpec(default_max_tokens=s.default_max_tokens, max_tokens_limit=s.max_tokens_limit,
-                            max_request_bytes=s.max_request_bytes, require_api_key=s.require_api_key,
-                            api_keys=keys, rate_per_minute=s.rate_per_minute, burst=s.burst,
-                            log_pii=s.log_pii, pii_entities=list(s.pii_entities)),
+        model_name=name,
+        base_uri=f"models:/{name}/{version}",
+        champion_alias=cfg.registry.champion_alias,
+        tracking_uri=tracking_uri(cfg),
+        inference_db_url=inference_db_url(cfg),
+        engine=EngineSpec(
+            torch_threads=s.torch_threads,
+            max_batch_size=s.max_batch_size,
+            batch_wait_timeout_s=s.batch_wait_timeout_s,
+            merge_default=s.merge_default,
+            prefix_cache=s.prefix_cache,
+            max_prompt_tokens=s.max_prompt_tokens,
+        ),
+        gateway=GatewaySpec(
+            default_max_tokens=s.default_max_tokens,
+            max_tokens_limit=s.max_tokens_limit,
+            max_request_bytes=s.max_request_bytes,
+            require_api_key=s.require_api_key,
+            api_keys=keys,
+            rate_per_minute=s.rate_per_minute,
+            burst=s.burst,
+            log_pii=s.log_pii,
+            pii_entities=list(s.pii_entities),
+        ),
     )
 
 
@@ -66,19 +81,34 @@ def model_deployment(cfg: TuneloopConfig) -> dict[str, Any]:
     return out
 
 
-def serve_config(cfg: TuneloopConfig, app_args: dict[str, Any], versions: ServedVersions | None = None,
-                 routing: Routing | None = None) -> dict[str, Any]:
+def serve_config(
+    cfg: TuneloopConfig,
+    app_args: dict[str, Any],
+    versions: ServedVersions | None = None,
+    routing: Routing | None = None,
+) -> dict[str, Any]:
     """A Serve config (the schema of `serve deploy`) for the tuneloop application."""
     s = cfg.serve
     versions = versions or ServedVersions()
     model = model_deployment(cfg)
     model["user_config"] = versions.model_dump(mode="json")
     routing = routing or Routing.only(versions.default)
-    gateway = {"name": GATEWAY_DEPLOYMENT, "num_replicas": 1, "ray_actor_options": {"num_cpus": s.gateway_cpus},
-               "user_config": routing.model_dump(mode="json")}
+    gateway = {
+        "name": GATEWAY_DEPLOYMENT,
+        "num_replicas": 1,
+        "ray_actor_options": {"num_cpus": s.gateway_cpus},
+        "user_config": routing.model_dump(mode="json"),
+    }
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": s.host, "port": s.port},
-        "applications": [{"name": s.app_name, "route_prefix": "/", "import_path": IMPORT_PATH,
-                          "args": app_args, "deployments": [model, gateway]}],
+        "applications": [
+            {
+                "name": s.app_name,
+                "route_prefix": "/",
+                "import_path": IMPORT_PATH,
+                "args": app_args,
+                "deployments": [model, gateway],
+            }
+        ],
     }

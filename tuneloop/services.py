@@ -61,12 +61,21 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen | None, name: st
     raise ServiceError(f"{name} did not answer at {url} within {timeout:.0f} s; see {logfile}")
 
 
-def _spawn(cfg: TuneloopConfig, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+def _spawn(
+    cfg: TuneloopConfig, name: str, argv: list[str], extra_env: dict[str, str] | None = None
+) -> subprocess.Popen:
     services = state_paths(cfg).ensure().services
     logfile = services / f"{name}.log"
     with logfile.open("ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=_env(cfg, extra_env), start_new_session=True, cwd=str(cfg.home))
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=_env(cfg, extra_env),
+            start_new_session=True,
+            cwd=str(cfg.home),
+        )
     (services / f"{name}.pid").write_text(str(proc.pid))
     return proc
 
@@ -102,8 +111,11 @@ def start_prefect_server(cfg: TuneloopConfig, timeout: float = 120) -> Service:
     if port_open("127.0.0.1", cfg.prefect.port):
         _wait_http(f"{url}/health", timeout, None, "Prefect server", Path("-"))
         return Service("prefect", url.removesuffix("/api"))
-    proc = _spawn(cfg, "prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(cfg.prefect.port)])
+    proc = _spawn(
+        cfg,
+        "prefect",
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(cfg.prefect.port)],
+    )
     _wait_http(f"{url}/health", timeout, proc, "Prefect server", state_paths(cfg).services / "prefect.log")
     return Service("prefect", url.removesuffix("/api"))
 
@@ -114,11 +126,25 @@ def start_mlflow_server(cfg: TuneloopConfig, timeout: float = 90) -> Service:
     if not port_open("127.0.0.1", cfg.mlflow.ui_port):
         paths = state_paths(cfg)
         # Defaults are 15 processes and 3.2 GB; one worker and no job runner: ~500 MB.
-        proc = _spawn(cfg, "mlflow", [
-            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(cfg.mlflow.ui_port),
-            "--workers", "1", "--backend-store-uri", tracking_uri(cfg),
-            "--default-artifact-root", str(paths.mlflow_artifacts),
-        ], {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        proc = _spawn(
+            cfg,
+            "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(cfg.mlflow.ui_port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                tracking_uri(cfg),
+                "--default-artifact-root",
+                str(paths.mlflow_artifacts),
+            ],
+            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
         _wait_http(f"{url}/health", timeout, proc, "MLflow server", paths.services / "mlflow.log")
     return Service("mlflow", url)
 
@@ -128,18 +154,32 @@ def start_ray(cfg: TuneloopConfig, *, dashboard: bool = False, num_cpus: int | N
     address = ray_address(cfg)
     if not port_open("127.0.0.1", cfg.serve.ray_port):
         paths = state_paths(cfg)
-        argv = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-                f"--port={cfg.serve.ray_port}", f"--temp-dir={paths.ray_tmp}", "--disable-usage-stats",
-                f"--num-cpus={num_cpus or max(4, os.cpu_count() or 2)}",
-                f"--include-dashboard={'true' if dashboard else 'false'}", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={cfg.serve.dashboard_port}", f"--ray-client-server-port={cfg.serve.ray_port + 1}"]
+        argv = [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={cfg.serve.ray_port}",
+            f"--temp-dir={paths.ray_tmp}",
+            "--disable-usage-stats",
+            f"--num-cpus={num_cpus or max(4, os.cpu_count() or 2)}",
+            f"--include-dashboard={'true' if dashboard else 'false'}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={cfg.serve.dashboard_port}",
+            f"--ray-client-server-port={cfg.serve.ray_port + 1}",
+        ]
         logfile = paths.ensure().services / "ray.log"
         with logfile.open("ab") as out:
             # Token auth (RAY_AUTH_MODE=token, tuneloop.state): a token in ~/.ray the first time.
-            subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], stdout=subprocess.DEVNULL,
-                           stderr=out, env=_env(cfg), timeout=60, check=True)
-            done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(cfg), timeout=180,
-                                  check=False)
+            subprocess.run(
+                [str(BIN / "ray"), "get-auth-token", "--generate"],
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+                env=_env(cfg),
+                timeout=60,
+                check=True,
+            )
+            done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(cfg), timeout=180, check=False)
         if done.returncode:
             raise ServiceError(f"`ray start` failed with code {done.returncode}; see {logfile}")
     return Service("ray", address)
@@ -149,12 +189,25 @@ def stop_ray(cfg: TuneloopConfig) -> None:
     """Stop the Ray processes of this machine's user (Serve included)."""
     logfile = state_paths(cfg).ensure().services / "ray.log"
     with logfile.open("ab") as out:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], stdout=out, stderr=subprocess.STDOUT,
-                       env=_env(cfg), timeout=120, check=False)
+        subprocess.run(
+            [str(BIN / "ray"), "stop", "--force"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(cfg),
+            timeout=120,
+            check=False,
+        )
 
 
-def start_flow_runner(cfg: TuneloopConfig, config_path: Path, *, schedules: bool, overrides: list[str] = (),
-                      api_url: str | None = None, timeout: float = 120) -> Service:
+def start_flow_runner(
+    cfg: TuneloopConfig,
+    config_path: Path,
+    *,
+    schedules: bool,
+    overrides: list[str] = (),
+    api_url: str | None = None,
+    timeout: float = 120,
+) -> Service:
     """Serve the training, promotion and monitoring deployments from a background runner.
 
     The runner loads the same config file and overrides as the caller, so a run started from
@@ -172,8 +225,9 @@ def start_flow_runner(cfg: TuneloopConfig, config_path: Path, *, schedules: bool
     name = cfg.prefect.training_deployment
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ServiceError(f"Flow runner exited with code {proc.returncode}; see {logfile}:\n"
-                               + logfile.read_text()[-2000:])
+            raise ServiceError(
+                f"Flow runner exited with code {proc.returncode}; see {logfile}:\n" + logfile.read_text()[-2000:]
+            )
         try:
             r = httpx.get(f"{api}/deployments/name/{name}", timeout=5)
             if r.status_code == 200:
@@ -184,8 +238,14 @@ def start_flow_runner(cfg: TuneloopConfig, config_path: Path, *, schedules: bool
     raise ServiceError(f"Deployment {name} did not appear within {timeout:.0f} s; see {logfile}")
 
 
-def apply_work_pool_deployments(cfg: TuneloopConfig, config_path: Path, *, overrides: list[str] = (),
-                                api_url: str | None = None, timeout: float = 600) -> Service:
+def apply_work_pool_deployments(
+    cfg: TuneloopConfig,
+    config_path: Path,
+    *,
+    overrides: list[str] = (),
+    api_url: str | None = None,
+    timeout: float = 600,
+) -> Service:
     """Create the work pools and register prefect.yaml's deployments with the caller's config.
 
     Runs `python -m flows.deployments` (with `prefect.deployments: work_pools` it registers and
@@ -193,31 +253,55 @@ def apply_work_pool_deployments(cfg: TuneloopConfig, config_path: Path, *, overr
     """
     api = api_url or prefect_api_url(cfg)
     logfile = state_paths(cfg).ensure().services / "deploy.log"
-    argv = [sys.executable, "-m", "flows.deployments", "--config", str(config_path), "--",
-            f"home={cfg.home}", "prefect.deployments=work_pools", *overrides]
+    argv = [
+        sys.executable,
+        "-m",
+        "flows.deployments",
+        "--config",
+        str(config_path),
+        "--",
+        f"home={cfg.home}",
+        "prefect.deployments=work_pools",
+        *overrides,
+    ]
     with logfile.open("ab") as out:
-        done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              env=_env(cfg, {"PREFECT_API_URL": api}), cwd=str(REPO_ROOT), timeout=timeout,
-                              check=False)
+        done = subprocess.run(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=_env(cfg, {"PREFECT_API_URL": api}),
+            cwd=str(REPO_ROOT),
+            timeout=timeout,
+            check=False,
+        )
     if done.returncode:
-        raise ServiceError(f"Registering prefect.yaml's deployments failed with code {done.returncode}; see "
-                           f"{logfile}:\n" + logfile.read_text()[-2000:])
+        raise ServiceError(
+            f"Registering prefect.yaml's deployments failed with code {done.returncode}; see "
+            f"{logfile}:\n" + logfile.read_text()[-2000:]
+        )
     return Service("deployments", f"{api.removesuffix('/api')}/deployments")
 
 
-def start_worker(cfg: TuneloopConfig, pool: str = "tuneloop-process", *, api_url: str | None = None,
-                 timeout: float = 120) -> Service:
+def start_worker(
+    cfg: TuneloopConfig, pool: str = "tuneloop-process", *, api_url: str | None = None, timeout: float = 120
+) -> Service:
     """Start a Prefect worker of the process pool on this machine; it runs flows from this checkout."""
     api = api_url or prefect_api_url(cfg)
     # Poll every 2 s (default 10 s): `run_deployment` waits on it. TUNELOOP_REPO_DIR: prefect.yaml's pull step.
-    proc = _spawn(cfg, "worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool],
-                  {"PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "2", "TUNELOOP_REPO_DIR": str(REPO_ROOT)})
+    proc = _spawn(
+        cfg,
+        "worker",
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool],
+        {"PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "2", "TUNELOOP_REPO_DIR": str(REPO_ROOT)},
+    )
     logfile = state_paths(cfg).services / "worker.log"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ServiceError(f"Prefect worker exited with code {proc.returncode}; see {logfile}:\n"
-                               + logfile.read_text()[-2000:])
+            raise ServiceError(
+                f"Prefect worker exited with code {proc.returncode}; see {logfile}:\n" + logfile.read_text()[-2000:]
+            )
         try:
             r = httpx.post(f"{api}/work_pools/{pool}/workers/filter", json={}, timeout=5)
             if r.status_code == 200 and r.json():

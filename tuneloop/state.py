@@ -105,8 +105,17 @@ class StatePaths:
         return Path("/tmp") / f"tuneloop-ray-{digest}"
 
     def ensure(self) -> StatePaths:
-        for path in (self.mlflow_artifacts, self.prefect_home, self.inference_db.parent,
-                     self.models, self.data, self.reports, self.runs, self.cache, self.services):
+        for path in (
+            self.mlflow_artifacts,
+            self.prefect_home,
+            self.inference_db.parent,
+            self.models,
+            self.data,
+            self.reports,
+            self.runs,
+            self.cache,
+            self.services,
+        ):
             path.mkdir(parents=True, exist_ok=True)
         return self
 

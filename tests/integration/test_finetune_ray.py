@@ -23,8 +23,14 @@ pytestmark = pytest.mark.slow
 def local_ray():
     ray = pytest.importorskip("ray")
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}},
+    )
     yield
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
@@ -52,10 +58,17 @@ def test_two_cpu_workers_form_one_process_group(local_ray, models_dir: Path, tmp
 
     base = resolve_base("builtin:tiny-llama", models_dir)
     cfg = TrainConfig(max_steps=2, batch_size=4, max_seq_len=48, save_steps=None, torch_threads=1)
-    result = TorchTrainer(_worker, train_loop_config={
-        "train": cfg.model_dump(mode="json"), "model": ModelConfig().model_dump(mode="json"),
-        "base": base.to_json(), "frame": pd.read_json(ASSETS / "tiny_qa.jsonl", lines=True),
-        "out_dir": str(tmp_path / "run"), "run_id": None,
-    }, scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-       run_config=RunConfig(storage_path=str(tmp_path / "ray"))).fit()
+    result = TorchTrainer(
+        _worker,
+        train_loop_config={
+            "train": cfg.model_dump(mode="json"),
+            "model": ModelConfig().model_dump(mode="json"),
+            "base": base.to_json(),
+            "frame": pd.read_json(ASSETS / "tiny_qa.jsonl", lines=True),
+            "out_dir": str(tmp_path / "run"),
+            "run_id": None,
+        },
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=str(tmp_path / "ray")),
+    ).fit()
     assert result.metrics["world_size"] == 2 and result.metrics["steps"] == 2

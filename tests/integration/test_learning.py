@@ -20,8 +20,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def learning(tmp_path, models_dir, prefect_api):
-    cfg = make_config(tmp_path / "home", models_dir, f"data.path={ASSETS / 'tiny_colours.jsonl'}", *LEARNING,
-                      "registry.on_gate_pass=register_only")
+    cfg = make_config(
+        tmp_path / "home",
+        models_dir,
+        f"data.path={ASSETS / 'tiny_colours.jsonl'}",
+        *LEARNING,
+        "registry.on_gate_pass=register_only",
+    )
     apply_environment(cfg, prefect_api=False)
     return cfg
 

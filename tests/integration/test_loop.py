@@ -24,10 +24,13 @@ from tuneloop.state import apply_environment, inference_db_url, tracking_uri
 
 pytestmark = pytest.mark.slow
 
-TRIVIA = [f"What is {a} plus {b}?" for a, b in [(3, 9), (11, 4), (7, 7), (15, 2), (6, 13), (9, 1), (12, 12), (5, 18),
-                                                  (2, 17)]] + [f"What is the capital of {c}?" for c in ("Chile", "Greece", "India")]
-MEDICATION = [json.loads(line)["prompt"].replace("What is", "Tell me what") for line in
-              (ASSETS / "tiny_medication.jsonl").read_text().splitlines()][:12]
+TRIVIA = [
+    f"What is {a} plus {b}?" for a, b in [(3, 9), (11, 4), (7, 7), (15, 2), (6, 13), (9, 1), (12, 12), (5, 18), (2, 17)]
+] + [f"What is the capital of {c}?" for c in ("Chile", "Greece", "India")]
+MEDICATION = [
+    json.loads(line)["prompt"].replace("What is", "Tell me what")
+    for line in (ASSETS / "tiny_medication.jsonl").read_text().splitlines()
+][:12]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,9 @@ def loop(tmp_path_factory, models_dir, prefect_api):
     services.start_ray(cfg, num_cpus=4)
     try:
         services.start_flow_runner(cfg, LOCAL_CONFIG, schedules=False, overrides=TINY, api_url=prefect_api)
-        data = DemoData(ASSETS / "tiny_qa.jsonl", ASSETS / "tiny_medication.jsonl", TRIVIA, MEDICATION,
-                        "tiny_qa", "tiny_medication")
+        data = DemoData(
+            ASSETS / "tiny_qa.jsonl", ASSETS / "tiny_medication.jsonl", TRIVIA, MEDICATION, "tiny_qa", "tiny_medication"
+        )
         report = run_demo(cfg, data, max_tokens=4, retraining_timeout_s=600)
         yield cfg, report
     finally:
@@ -80,8 +84,11 @@ def test_loop_registers_two_versions_the_second_triggered_by_drift(loop) -> None
 
 def test_endpoint_answers_and_every_request_is_logged(loop) -> None:
     cfg, report = loop
-    body = {"model": cfg.registry.model_name, "messages": [{"role": "user", "content": "What is aspirin?"}],
-            "max_tokens": 3}
+    body = {
+        "model": cfg.registry.model_name,
+        "messages": [{"role": "user", "content": "What is aspirin?"}],
+        "max_tokens": 3,
+    }
     r = httpx.post(f"{endpoint(cfg.serve)}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200
     data = r.json()
@@ -104,12 +111,15 @@ def test_endpoint_answers_and_every_request_is_logged(loop) -> None:
     assert newest["latency_ms"] > 0 and newest["prompt_tokens"] > 0
 
 
-@pytest.mark.parametrize("body,status", [
-    ({"messages": []}, 422),
-    ({"model": "other", "messages": [{"role": "user", "content": "hi"}]}, 404),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 422),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, 422),
-])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ({"messages": []}, 422),
+        ({"model": "other", "messages": [{"role": "user", "content": "hi"}]}, 404),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 422),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 422),
+    ],
+)
 def test_bad_requests_get_4xx_with_a_message(loop, body, status) -> None:
     cfg, _ = loop
     r = httpx.post(f"{endpoint(cfg.serve)}/v1/chat/completions", json=body, timeout=30)
@@ -119,8 +129,12 @@ def test_bad_requests_get_4xx_with_a_message(loop, body, status) -> None:
 
 def test_malformed_json_is_a_4xx(loop) -> None:
     cfg, _ = loop
-    r = httpx.post(f"{endpoint(cfg.serve)}/v1/chat/completions", content=b"{not json",
-                   headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{endpoint(cfg.serve)}/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert 400 <= r.status_code < 500 and "Traceback" not in r.text
 
 

@@ -55,16 +55,18 @@ class Postgres:
         return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
 
     def create_database(self, name: str) -> None:
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
-                                dbname="postgres")
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname="postgres"
+        )
         conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
         with conn.cursor() as cur:
             cur.execute(f'CREATE DATABASE "{name}"')
         conn.close()
 
     def query(self, database: str, sql: str) -> list[tuple]:
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
-                                dbname=database)
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname=database
+        )
         with conn, conn.cursor() as cur:
             cur.execute(sql)
             rows = cur.fetchall()
@@ -105,16 +107,42 @@ def postgres() -> Iterator[Postgres]:
         done = subprocess.run([*as_user, *argv], capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode == 0, f"{argv[0]} failed:\n{done.stdout}\n{done.stderr}"
 
-    run(str(bindir / "initdb"), "-D", str(data), "-U", server.user, f"--pwfile={pwfile}",
-        "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--locale=C.UTF-8")
+    run(
+        str(bindir / "initdb"),
+        "-D",
+        str(data),
+        "-U",
+        server.user,
+        f"--pwfile={pwfile}",
+        "--auth-host=scram-sha-256",
+        "--auth-local=trust",
+        "-E",
+        "UTF8",
+        "--locale=C.UTF-8",
+    )
     # Loopback only; the unix socket in the data dir (the default /var/run/postgresql may not be ours).
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
-        "-o", f"-c listen_addresses=127.0.0.1 -p {server.port} -k {data}", "start")
+    run(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(log),
+        "-w",
+        "-t",
+        "60",
+        "-o",
+        f"-c listen_addresses=127.0.0.1 -p {server.port} -k {data}",
+        "start",
+    )
     try:
         yield server
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                       capture_output=True, timeout=120, check=False)
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -166,7 +194,8 @@ def test_tracking_and_registry_on_postgres(postgres: Postgres, tmp_path: Path, m
     # It is Postgres that holds them, not a SQLite file somewhere.
     assert postgres.query("tracking", "SELECT count(*) FROM metrics WHERE key = 'train/loss'") == [(3,)]
     assert postgres.query("tracking", "SELECT alias, version FROM registered_model_aliases") == [
-        ("champion", int(version.version))]
+        ("champion", int(version.version))
+    ]
 
 
 def test_team_server_with_basic_auth_on_postgres(postgres: Postgres, tmp_path: Path) -> None:
@@ -183,7 +212,9 @@ def test_team_server_with_basic_auth_on_postgres(postgres: Postgres, tmp_path: P
         "PYTHONPATH": str(REPO_ROOT),
         "MLFLOW_AUTH_TEMPLATE": str(REPO_ROOT / "mlflow" / "basic_auth.ini"),
         "MLFLOW_AUTH_CONFIG_OUT": str(tmp_path / "basic_auth.ini"),
-        "MLFLOW_HOST": "127.0.0.1", "MLFLOW_SERVER_PORT": str(port), "MLFLOW_WORKERS": "1",
+        "MLFLOW_HOST": "127.0.0.1",
+        "MLFLOW_SERVER_PORT": str(port),
+        "MLFLOW_WORKERS": "1",
         "MLFLOW_BACKEND_STORE_URI": postgres.uri("team"),
         "MLFLOW_AUTH_DATABASE_URI": postgres.uri("team_auth"),
         "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),

@@ -28,11 +28,20 @@ TRIVIA = [json.loads(line)["prompt"] for line in (ASSETS / "tiny_qa.jsonl").read
 # Traffic like the training prompts but not the same ones (prompts trained on are no evidence
 # either way): sums and capitals, three to one, as in the reference.
 _SUMS = [f"What is {a} plus {b}?" for a in range(2, 20) for b in range(2, 20)]
-TRAFFIC = random.Random(1).sample([
-    *random.Random(2).sample([q for q in _SUMS if q not in TRIVIA], 12),
-    *[q for q in (f"What is the capital of {c}?" for c in ("Chile", "Greece", "India", "Peru", "Cuba", "Nepal",
-                                                             "Chad", "Oman")) if q not in TRIVIA][:4],
-], 16)
+TRAFFIC = random.Random(1).sample(
+    [
+        *random.Random(2).sample([q for q in _SUMS if q not in TRIVIA], 12),
+        *[
+            q
+            for q in (
+                f"What is the capital of {c}?"
+                for c in ("Chile", "Greece", "India", "Peru", "Cuba", "Nepal", "Chad", "Oman")
+            )
+            if q not in TRIVIA
+        ][:4],
+    ],
+    16,
+)
 assert not set(TRAFFIC) & set(TRIVIA)
 MEDICATION = [json.loads(line)["prompt"] for line in (ASSETS / "tiny_medication.jsonl").read_text().splitlines()]
 
@@ -61,10 +70,21 @@ class Log:
         records = []
         for p in prompts:
             self.clock += dt.timedelta(seconds=1)
-            records.append(InferenceRecord(route="/v1/chat/completions", model="tuneloop-chat", prompt=p, status=200,
-                                           model_version=version, response=response, prompt_tokens=9,
-                                           completion_tokens=6, latency_ms=120.0, arm="champion",
-                                           created_at=self.clock))
+            records.append(
+                InferenceRecord(
+                    route="/v1/chat/completions",
+                    model="tuneloop-chat",
+                    prompt=p,
+                    status=200,
+                    model_version=version,
+                    response=response,
+                    prompt_tokens=9,
+                    completion_tokens=6,
+                    latency_ms=120.0,
+                    arm="champion",
+                    created_at=self.clock,
+                )
+            )
         self.store.append_many(records)
         return [r.id for r in records]
 
@@ -75,9 +95,15 @@ def setup(tmp_path, models_dir, prefect_api):
     from flows.training import training_flow
 
     name = f"retrain-{uuid.uuid4().hex[:8]}"
-    cfg = make_config(tmp_path / "home", models_dir, f"prefect.training_deployment=training-flow/{name}",
-                      f"monitor.retrain_data={ASSETS / 'tiny_medication.jsonl'}", "monitor.persistence.k=1",
-                      "monitor.persistence.n=1", "monitor.thresholds.latency_p95_ms=1000")
+    cfg = make_config(
+        tmp_path / "home",
+        models_dir,
+        f"prefect.training_deployment=training-flow/{name}",
+        f"monitor.retrain_data={ASSETS / 'tiny_medication.jsonl'}",
+        "monitor.persistence.k=1",
+        "monitor.persistence.n=1",
+        "monitor.thresholds.latency_p95_ms=1000",
+    )
     apply_environment(cfg, prefect_api=False)
     deployment_id = training_flow.to_deployment(name=name).apply()
     version = register_champion(cfg, TRIVIA)
@@ -134,8 +160,18 @@ def test_drift_starts_one_retraining_run_per_episode(setup) -> None:
     # The report: every signal, pictures, logged to the check's MLflow run; figures on the timeline.
     page = again.report.read_text()
     assert page.count("data:image/png;base64,") >= 5
-    for signal in ("prompt_embedding", "prompt_length", "new_vocabulary", "response_length", "refusal_rate",
-                   "toxicity_rate", "latency", "error_rate", "cost", "feedback"):
+    for signal in (
+        "prompt_embedding",
+        "prompt_length",
+        "new_vocabulary",
+        "response_length",
+        "refusal_rate",
+        "toxicity_rate",
+        "latency",
+        "error_rate",
+        "cost",
+        "feedback",
+    ):
         assert f"<td>{signal}</td>" in page
     assert "labelled rows of" in page and after.episode in page
     client = MlflowClient(tracking_uri(cfg))
@@ -187,8 +223,12 @@ def test_overlapping_checks_start_one_run_and_train_on_good_feedback(setup) -> N
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     labelled = (ASSETS / "tiny_medication.jsonl").read_text().splitlines()
     assert len(rows) == 11 + len(labelled)  # the approved answers first, then the labelled set
-    assert rows[0] == {"messages": [{"role": "user", "content": MEDICATION[0]},
-                                    {"role": "assistant", "content": "Take it with food, twice a day."}]}
+    assert rows[0] == {
+        "messages": [
+            {"role": "user", "content": MEDICATION[0]},
+            {"role": "assistant", "content": "Take it with food, twice a day."},
+        ]
+    }
     assert runs[0].parameters["config"]["data"]["messages_field"] == "messages"
 
 
@@ -231,8 +271,12 @@ def test_no_champion_and_an_empty_log_are_no_data_not_errors(tmp_path, models_di
     with store.engine.begin() as conn:  # one unreadable row: skipped and counted, not a failure
         from sqlalchemy import text
 
-        conn.execute(text("INSERT INTO inference_log (id, created_at, route, model, prompt, status) "
-                          "VALUES ('x', 'not a time', 'r', 'm', 'p', 200)"))
+        conn.execute(
+            text(
+                "INSERT INTO inference_log (id, created_at, route, model, prompt, status) "
+                "VALUES ('x', 'not a time', 'r', 'm', 'p', 200)"
+            )
+        )
     result = monitoring_flow(cfg, window=20)
     assert result.drift.verdict == "no_data" and result.skipped_rows == 1
     assert "training prompts of champion v1" in result.report.read_text()
@@ -243,13 +287,32 @@ def test_cli_monitor_prints_every_signal(setup) -> None:
     log.add(TRAFFIC[:12])
     env = {**os.environ, "TUNELOOP_HOME": str(cfg.home), "COLUMNS": "200"}
     env.pop("PREFECT_API_URL", None)
-    sets = [a for s in ("model.base=builtin:tiny-llama", "monitor.min_samples=8", "monitor.permutations=100")
-            for a in ("--set", s)]
-    result = subprocess.run([str(Path(sys.executable).parent / "tuneloop"), "monitor", "--window", "12", *sets],
-                            env=env, capture_output=True, text=True, timeout=600, check=False)
+    sets = [
+        a
+        for s in ("model.base=builtin:tiny-llama", "monitor.min_samples=8", "monitor.permutations=100")
+        for a in ("--set", s)
+    ]
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "tuneloop"), "monitor", "--window", "12", *sets],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    for signal in ("prompt_embedding", "prompt_length", "new_vocabulary", "response_length", "refusal_rate",
-                   "toxicity_rate", "latency", "error_rate", "cost", "feedback"):
+    for signal in (
+        "prompt_embedding",
+        "prompt_length",
+        "new_vocabulary",
+        "response_length",
+        "refusal_rate",
+        "toxicity_rate",
+        "latency",
+        "error_rate",
+        "cost",
+        "feedback",
+    ):
         assert signal in out
     assert "Prompt drift: no_drift" in out and "p=" in out and "Report:" in out

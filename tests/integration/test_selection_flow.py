@@ -74,19 +74,25 @@ def test_a_bad_eval_set_fails_before_any_generation(selection, tmp_path, problem
     elif problem == "no response field":
         path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "a"}) + "\n" for i in range(3)))
     cfg = selection.model_copy(update={"data": selection.data.model_copy(update={"path": path})})
-    expected = {"empty": (EvalSetError, "holds no rows"), "missing": (DataValidationError, "does not exist"),
-                "no response field": (EvalSetError, "no response field in any row")}[problem]
+    expected = {
+        "empty": (EvalSetError, "holds no rows"),
+        "missing": (DataValidationError, "does not exist"),
+        "no response field": (EvalSetError, "no response field in any row"),
+    }[problem]
     with pytest.raises(expected[0], match=expected[1]):
         model_selection_flow(cfg, ["builtin:tiny-llama"])
     assert runs(cfg) == []
 
 
-@pytest.mark.parametrize("models,rank_by,error,message", [
-    ([], "rougeL", ValueError, "No model to evaluate"),
-    (["builtin:tiny-llama", "builtin:tiny-llama"], "rougeL", ValueError, "listed twice: builtin:tiny-llama"),
-    (["builtin:tiny-llama"], "rouge", ValueError, "Cannot rank by 'rouge'.*choose one of rougeL"),
-    (["builtin:tiny-llama", "builtin:nope"], "rougeL", BaseModelError, "Unknown builtin base model"),
-])
+@pytest.mark.parametrize(
+    "models,rank_by,error,message",
+    [
+        ([], "rougeL", ValueError, "No model to evaluate"),
+        (["builtin:tiny-llama", "builtin:tiny-llama"], "rougeL", ValueError, "listed twice: builtin:tiny-llama"),
+        (["builtin:tiny-llama"], "rouge", ValueError, "Cannot rank by 'rouge'.*choose one of rougeL"),
+        (["builtin:tiny-llama", "builtin:nope"], "rougeL", BaseModelError, "Unknown builtin base model"),
+    ],
+)
 def test_bad_models_or_metric_fail_before_any_generation(selection, models, rank_by, error, message) -> None:
     cfg = selection.model_copy(update={"data": selection.data.model_copy(update={"path": ASSETS / "tiny_qa.jsonl"})})
     with pytest.raises(error, match=message):

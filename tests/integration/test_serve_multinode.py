@@ -46,9 +46,15 @@ def drive(out: Path) -> None:
     from ray.cluster_utils import Cluster
 
     node = {"node_ip_address": "127.0.0.1", "include_dashboard": False, "object_store_memory": 80 * 1024**2}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        **node, "num_cpus": 1, "gcs_server_port": _free_port(), "ray_client_server_port": _free_port(),
-    })
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            **node,
+            "num_cpus": 1,
+            "gcs_server_port": _free_port(),
+            "ray_client_server_port": _free_port(),
+        },
+    )
     try:
         workers = [cluster.add_node(**node, num_cpus=1, resources={"serve_node": 4}) for _ in range(WORKERS)]
         cluster.wait_for_nodes()
@@ -57,8 +63,11 @@ def drive(out: Path) -> None:
         # One proxy, on the head: every node shares 127.0.0.1 here, so a proxy per node would clash.
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
 
-        @serve.deployment(num_replicas=REPLICAS, max_replicas_per_node=PER_NODE,
-                          ray_actor_options={"num_cpus": 0.25, "resources": {"serve_node": 1}})
+        @serve.deployment(
+            num_replicas=REPLICAS,
+            max_replicas_per_node=PER_NODE,
+            ray_actor_options={"num_cpus": 0.25, "resources": {"serve_node": 1}},
+        )
         class WhereAmI:
             def __call__(self, request: object) -> str:
                 return ray.get_runtime_context().get_node_id()
@@ -66,12 +75,16 @@ def drive(out: Path) -> None:
         serve.run(WhereAmI.bind(), name="where", route_prefix="/where")
         status = serve.status().applications["where"].deployments["WhereAmI"]
         answered = [httpx.get(f"http://127.0.0.1:{port}/where", timeout=30).text for _ in range(REQUESTS)]
-        out.write_text(json.dumps({
-            "head": cluster.head_node.node_id,
-            "workers": [w.node_id for w in workers],
-            "replica_states": {getattr(k, "value", str(k)): v for k, v in status.replica_states.items()},
-            "answered": answered,
-        }))
+        out.write_text(
+            json.dumps(
+                {
+                    "head": cluster.head_node.node_id,
+                    "workers": [w.node_id for w in workers],
+                    "replica_states": {getattr(k, "value", str(k)): v for k, v in status.replica_states.items()},
+                    "answered": answered,
+                }
+            )
+        )
     finally:
         try:
             serve.shutdown()
@@ -86,12 +99,18 @@ def test_serve_replicas_spread_over_the_nodes_of_a_cluster(tmp_path: Path) -> No
     ray_tmp = Path(tempfile.mkdtemp(prefix="tl-rmn-"))
     out = tmp_path / "result.json"
     # Token auth on every node, as in infra/kuberay/: the same token in every process's environment.
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": str(ray_tmp),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
     env.pop("RAY_ADDRESS", None)
     try:
-        done = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
-                              timeout=600, check=False)
+        done = subprocess.run(
+            [sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600, check=False
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]

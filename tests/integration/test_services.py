@@ -13,8 +13,13 @@ from tuneloop.services import port_open
 
 pytestmark = pytest.mark.slow
 
-PORTS = {"prefect.port": 24300, "mlflow.ui_port": 25300, "serve.ray_port": 26490,
-         "serve.dashboard_port": 28365, "serve.port": 28100}
+PORTS = {
+    "prefect.port": 24300,
+    "mlflow.ui_port": 25300,
+    "serve.ray_port": 26490,
+    "serve.dashboard_port": 28365,
+    "serve.port": 28100,
+}
 TUNELOOP = str(Path(sys.executable).parent / "tuneloop")
 
 
@@ -22,8 +27,14 @@ def run(*args: str, home: Path) -> subprocess.CompletedProcess:
     sets = [a for key, value in PORTS.items() for a in ("--set", f"{key}={value}")]
     env = {**os.environ, "TUNELOOP_HOME": str(home), "COLUMNS": "200"}
     env.pop("PREFECT_API_URL", None)
-    return subprocess.run([TUNELOOP, *args, *sets, "--set", "model.base=builtin:tiny-llama"], env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
+    return subprocess.run(
+        [TUNELOOP, *args, *sets, "--set", "model.base=builtin:tiny-llama"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
 
 
 def test_up_serves_the_uis_and_deployments_and_down_stops_everything(tmp_path: Path) -> None:
@@ -35,8 +46,11 @@ def test_up_serves_the_uis_and_deployments_and_down_stops_everything(tmp_path: P
         assert "nothing serves yet" in up.stdout  # no champion in a fresh state dir
         api = f"http://127.0.0.1:{PORTS['prefect.port']}/api"
         assert httpx.get(f"{api}/health", timeout=10).status_code == 200
-        for name in ("training-flow/tuneloop-training", "promotion-flow/tuneloop-promotion",
-                     "monitoring-flow/tuneloop-monitoring"):
+        for name in (
+            "training-flow/tuneloop-training",
+            "promotion-flow/tuneloop-promotion",
+            "monitoring-flow/tuneloop-monitoring",
+        ):
             assert httpx.get(f"{api}/deployments/name/{name}", timeout=10).status_code == 200, name
         assert httpx.get(f"http://127.0.0.1:{PORTS['mlflow.ui_port']}/health", timeout=10).status_code == 200
         assert port_open("127.0.0.1", PORTS["serve.ray_port"])
@@ -57,10 +71,12 @@ def test_up_with_work_pools_registers_prefect_yaml_and_starts_a_worker(tmp_path:
     try:
         up = run("up", "--set", "prefect.deployments=work_pools", home=home)
         assert up.returncode == 0, up.stdout + up.stderr
-        for name, pool in (("training-flow/tuneloop-training", "tuneloop-process"),
-                           ("training-flow/tuneloop-training-gpu", "tuneloop-gpu"),
-                           ("promotion-flow/tuneloop-promotion", "tuneloop-process"),
-                           ("monitoring-flow/tuneloop-monitoring", "tuneloop-process")):
+        for name, pool in (
+            ("training-flow/tuneloop-training", "tuneloop-process"),
+            ("training-flow/tuneloop-training-gpu", "tuneloop-gpu"),
+            ("promotion-flow/tuneloop-promotion", "tuneloop-process"),
+            ("monitoring-flow/tuneloop-monitoring", "tuneloop-process"),
+        ):
             deployment = httpx.get(f"{api}/deployments/name/{name}", timeout=10).json()
             assert deployment["work_pool_name"] == pool, name
             assert deployment["parameters"]["config"]["model"]["base"] == "builtin:tiny-llama", name

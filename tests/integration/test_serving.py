@@ -29,10 +29,17 @@ from tuneloop.state import apply_environment, inference_db_url, tracking_uri
 pytestmark = pytest.mark.slow
 
 NAME = "tuneloop-chat"
-FAST_CANARY = ["serve.rollout.window_s=3", "serve.rollout.min_requests=6", "serve.rollout.share=0.5",
-               "serve.rollout.max_wait_s=60", "serve.torch_threads=1", "serve.max_prompt_tokens=200",
-               "serve.rate_per_minute=100000", "serve.burst=10000",
-               "serve.max_tokens_limit=4000"]
+FAST_CANARY = [
+    "serve.rollout.window_s=3",
+    "serve.rollout.min_requests=6",
+    "serve.rollout.share=0.5",
+    "serve.rollout.max_wait_s=60",
+    "serve.torch_threads=1",
+    "serve.max_prompt_tokens=200",
+    "serve.rate_per_minute=100000",
+    "serve.burst=10000",
+    "serve.max_tokens_limit=4000",
+]
 
 
 def _adapter(base: BaseRef, out: Path, seed: int) -> Path:
@@ -49,10 +56,17 @@ def _register(cfg, artifact: Path) -> str:
     mlflow.set_tracking_uri(tracking_uri(cfg))
     client = MlflowClient()
     exp = client.get_experiment_by_name(cfg.registry.experiment) or client.get_experiment(
-        client.create_experiment(cfg.registry.experiment))
+        client.create_experiment(cfg.registry.experiment)
+    )
     run_id = client.create_run(exp.experiment_id).info.run_id
-    ref = register_adapter.fn(cfg.registry, run_id, artifact, {"rougeL": 0.5},
-                              {"tuneloop.gate": "passed", "tuneloop.trigger": "test"}, ["What is 2 plus 2?"])
+    ref = register_adapter.fn(
+        cfg.registry,
+        run_id,
+        artifact,
+        {"rougeL": 0.5},
+        {"tuneloop.gate": "passed", "tuneloop.trigger": "test"},
+        ["What is 2 plus 2?"],
+    )
     client.set_terminated(run_id)
     return ref.version
 
@@ -83,9 +97,11 @@ def _client(cfg, **kw):
 
 
 def _chat(cfg, content: str, model: str = NAME, max_tokens: int = 4, **kw) -> httpx.Response:
-    return httpx.post(f"{endpoint(cfg.serve)}/v1/chat/completions", timeout=60,
-                      json={"model": model, "messages": [{"role": "user", "content": content}],
-                            "max_tokens": max_tokens, **kw})
+    return httpx.post(
+        f"{endpoint(cfg.serve)}/v1/chat/completions",
+        timeout=60,
+        json={"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **kw},
+    )
 
 
 def _replicas(cfg) -> dict[str, int]:
@@ -97,17 +113,25 @@ def test_the_official_openai_client_gets_chat_completions_and_streams(served) ->
     cfg, *_ = served
     client = _client(cfg)
     assert {m.id for m in client.models.list().data} >= {NAME, f"{NAME}:1"}
-    whole = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "What is 2 plus 2?"}],
-                                           max_tokens=6)
+    whole = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "What is 2 plus 2?"}], max_tokens=6
+    )
     assert whole.choices[0].message.role == "assistant" and whole.system_fingerprint == "v1"
     assert 0 < whole.usage.completion_tokens <= 6
-    chunks = list(client.chat.completions.create(
-        model=NAME, messages=[{"role": "user", "content": "What is 2 plus 2?"}], max_tokens=6, stream=True,
-        stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": "What is 2 plus 2?"}],
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip() == whole.choices[0].message.content  # streamed = the same greedy answer
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
-        [whole.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        whole.choices[0].finish_reason
+    ]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
@@ -116,8 +140,11 @@ def test_text_completions_plain_and_streamed(served) -> None:
     client = _client(cfg)
     whole = client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=5)
     assert whole.object == "text_completion" and whole.usage.completion_tokens <= 5
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=NAME, prompt="The capital of France is", max_tokens=5, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=5, stream=True)
+        if c.choices
+    )
     assert streamed.strip() == whole.choices[0].text
 
 
@@ -128,17 +155,20 @@ def test_liveness_readiness_and_models(served) -> None:
     assert ready["status"] == "ready" and "1" in ready["versions"]
 
 
-@pytest.mark.parametrize("content,extra,status,code", [
-    (b"{not json", None, 400, "invalid_json"),
-    (None, {"model": "someone-else"}, 404, "model_not_found"),
-    (None, {"model": f"{NAME}:99"}, 404, "model_not_found"),
-    (None, {"max_tokens": 100000}, 422, None),
-    (None, {"temperature": 7}, 422, None),
-    (None, {"n": 3}, 422, None),
-    (None, {"messages": [{"role": "robot", "content": "hi"}]}, 422, None),
-    (None, {"messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded"),
-    (b"{" + b" " * 300_000 + b"}", None, 413, "request_too_large"),
-])
+@pytest.mark.parametrize(
+    "content,extra,status,code",
+    [
+        (b"{not json", None, 400, "invalid_json"),
+        (None, {"model": "someone-else"}, 404, "model_not_found"),
+        (None, {"model": f"{NAME}:99"}, 404, "model_not_found"),
+        (None, {"max_tokens": 100000}, 422, None),
+        (None, {"temperature": 7}, 422, None),
+        (None, {"n": 3}, 422, None),
+        (None, {"messages": [{"role": "robot", "content": "hi"}]}, 422, None),
+        (None, {"messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded"),
+        (b"{" + b" " * 300_000 + b"}", None, 413, "request_too_large"),
+    ],
+)
 def test_bad_requests_get_openai_shaped_4xx(served, content, extra, status, code) -> None:
     cfg, *_ = served
     url = f"{endpoint(cfg.serve)}/v1/chat/completions"
@@ -221,14 +251,22 @@ def test_adapters_hot_load_into_running_replicas_and_share_batches(served) -> No
     with ThreadPoolExecutor(12) as pool:  # mixed adapters in the same batches
         futures = {(p, v): pool.submit(_chat, cfg, p, f"{NAME}:{v}") for p in prompts[:2] for v in "123"}
     for key, fut in futures.items():
-        assert fut.result().json()["choices"][0]["message"]["content"] == \
-            alone[key]["choices"][0]["message"]["content"], key
+        assert (
+            fut.result().json()["choices"][0]["message"]["content"] == alone[key]["choices"][0]["message"]["content"]
+        ), key
 
 
 def _load(cfg, clients: int = 4) -> ChatLoad:
     """Clients asking until stopped, each request its own user; every answer's status and version kept."""
-    return ChatLoad(endpoint(cfg.serve), NAME, [f"What is {i} plus {i + 1}?" for i in range(8)], 2, clients=clients,
-                    user=lambda n: f"user-{n}", timeout_s=60)
+    return ChatLoad(
+        endpoint(cfg.serve),
+        NAME,
+        [f"What is {i} plus {i + 1}?" for i in range(8)],
+        2,
+        clients=clients,
+        user=lambda n: f"user-{n}",
+        timeout_s=60,
+    )
 
 
 def test_canary_promotes_under_load_with_no_failed_request(served) -> None:
@@ -244,16 +282,26 @@ def test_canary_promotes_under_load_with_no_failed_request(served) -> None:
     assert _chat(cfg, "hi").json()["system_fingerprint"] == "v2"
     client = MlflowClient(tracking_uri(cfg))
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
-    run = client.search_runs([client.get_experiment_by_name(cfg.registry.promotion_experiment).experiment_id],
-                             order_by=["start_time DESC"])[0]
+    run = client.search_runs(
+        [client.get_experiment_by_name(cfg.registry.promotion_experiment).experiment_id], order_by=["start_time DESC"]
+    )[0]
     assert run.data.tags["tuneloop.decision"] == "promoted"
     assert run.data.metrics["challenger_requests"] >= 6
 
 
 def test_a_losing_canary_rolls_back_and_the_champion_keeps_all_traffic(served) -> None:
     cfg, *_ = served
-    strict = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"rollout": cfg.serve.rollout.model_copy(
-        update={"rules": ["p95_latency_ms <= 0.01 * champion.p95_latency_ms"]})})})
+    strict = cfg.model_copy(
+        update={
+            "serve": cfg.serve.model_copy(
+                update={
+                    "rollout": cfg.serve.rollout.model_copy(
+                        update={"rules": ["p95_latency_ms <= 0.01 * champion.p95_latency_ms"]}
+                    )
+                }
+            )
+        }
+    )
     with _load(cfg) as load, pytest.raises(PromotionRolledBack, match="lost the canary"):
         promotion_flow(strict, "3")
     assert all(a.status == 200 for a in load.answers)
@@ -271,8 +319,11 @@ def test_a_losing_canary_rolls_back_and_the_champion_keeps_all_traffic(served) -
 
 def test_shadow_mode_logs_challenger_answers_without_returning_them(served) -> None:
     cfg, *_ = served
-    shadow = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"rollout": cfg.serve.rollout.model_copy(
-        update={"mode": "shadow"})})})
+    shadow = cfg.model_copy(
+        update={
+            "serve": cfg.serve.model_copy(update={"rollout": cfg.serve.rollout.model_copy(update={"mode": "shadow"})})
+        }
+    )
     with _load(cfg) as load:
         result = promotion_flow(shadow, "3")
     during = [a.version for a in load.answers]
@@ -337,8 +388,13 @@ def test_a_new_base_model_rolls_out_replica_by_replica(served, tmp_path) -> None
 def test_api_keys_and_rate_limits(served) -> None:
     cfg, *_ = served
     key = "tl-test-key-0123456789"
-    keyed = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={
-        "api_keys": [{"id": "team-a", "sha256": key_sha256(key), "rate_per_minute": 3}], "burst": 3})})
+    keyed = cfg.model_copy(
+        update={
+            "serve": cfg.serve.model_copy(
+                update={"api_keys": [{"id": "team-a", "sha256": key_sha256(key), "rate_per_minute": 3}], "burst": 3}
+            )
+        }
+    )
     from tuneloop.config import TuneloopConfig
 
     keyed = TuneloopConfig.model_validate(json.loads(keyed.model_dump_json()))
@@ -352,8 +408,12 @@ def test_api_keys_and_rate_limits(served) -> None:
     client = _client(cfg, api_key=key)
     for _ in range(3):
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-    r = httpx.post(f"{endpoint(cfg.serve)}/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
-                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, timeout=30)
+    r = httpx.post(
+        f"{endpoint(cfg.serve)}/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        timeout=30,
+    )
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
     log, deadline = InferenceLog(inference_db_url(cfg)), time.time() + 30

@@ -69,9 +69,18 @@ def test_trains_registers_and_aliases_with_lineage(register_only) -> None:
     mv = client.get_model_version_by_alias(name, "challenger")
     assert str(mv.version) == "1"
     assert client.get_registered_model(name).aliases == {"challenger": 1}
-    for tag in ("tuneloop.base_sha256", "tuneloop.dataset_digest", "tuneloop.training_run", f"eval.{own}/rougeL",
-                f"eval.{own}/toxicity_rate", f"eval.{own}/pii_leak_rate", "tuneloop.code_version",
-                "tuneloop.gate_rules", "tuneloop.compared_with", "tuneloop.slices"):
+    for tag in (
+        "tuneloop.base_sha256",
+        "tuneloop.dataset_digest",
+        "tuneloop.training_run",
+        f"eval.{own}/rougeL",
+        f"eval.{own}/toxicity_rate",
+        f"eval.{own}/pii_leak_rate",
+        "tuneloop.code_version",
+        "tuneloop.gate_rules",
+        "tuneloop.compared_with",
+        "tuneloop.slices",
+    ):
         assert mv.tags[tag], tag
     assert mv.tags["tuneloop.gate"] == "passed" and mv.tags["tuneloop.alias_reason"].startswith("challenger: passed")
     run = client.get_run(first.version.run_id)
@@ -99,20 +108,32 @@ def test_trains_registers_and_aliases_with_lineage(register_only) -> None:
 
     second = training_flow(cfg)  # same data: the gate compares against v1 on the same split
     assert second.version.version == "2" and second.champion_metrics is not None
-    assert {d.metric for d in second.comparison} == {"rougeL", "exact_match", "token_f1", "toxicity_rate",
-                                                     "pii_leak_rate"}
+    assert {d.metric for d in second.comparison} == {
+        "rougeL",
+        "exact_match",
+        "token_f1",
+        "toxicity_rate",
+        "pii_leak_rate",
+    }
     assert all(d.low <= d.mean <= d.high for d in second.comparison)
     logged = client.get_run(second.version.run_id).data.metrics
-    for key in (f"eval/{own}/bleu", f"eval/{own}/perplexity", f"eval/{own}/p95_latency_ms",
-                f"eval/{own}/gain/rougeL_ci_low", f"eval/{own}/champion/rougeL", f"eval/{own}/toxicity_rate",
-                f"eval/{own}/pii_leak_rate"):
+    for key in (
+        f"eval/{own}/bleu",
+        f"eval/{own}/perplexity",
+        f"eval/{own}/p95_latency_ms",
+        f"eval/{own}/gain/rougeL_ci_low",
+        f"eval/{own}/champion/rougeL",
+        f"eval/{own}/toxicity_rate",
+        f"eval/{own}/pii_leak_rate",
+    ):
         assert key in logged, key
     assert "eval_report.html" in [a.path for a in client.list_artifacts(second.version.run_id)]
     assert second.dataset_digest == first.dataset_digest
     again = {d.tags[0].value: d.dataset for d in client.get_run(second.version.run_id).inputs.dataset_inputs}
     assert again["training"].digest == inputs["training"].digest  # same data, same digest in the UI
     assert client.get_registered_model(name).aliases == (
-        {"champion": 1, "challenger": 2} if second.decision == "passed" else {"champion": 1})
+        {"champion": 1, "challenger": 2} if second.decision == "passed" else {"champion": 1}
+    )
 
 
 def test_a_rejected_version_gets_no_alias_and_cannot_be_promoted(register_only) -> None:
@@ -120,8 +141,12 @@ def test_a_rejected_version_gets_no_alias_and_cannot_be_promoted(register_only) 
     result = training_flow(cfg)
     assert result.decision == "rejected" and result.alias is None and not result.champion
     # A rule without a slice holds on every slice; the line names the slice it failed on.
-    assert result.rules == [(f"FAIL: rougeL >= 2 (rougeL[{result.slice}]={result.metrics['rougeL']:.6g}: "
-                            f"{result.metrics['rougeL']:.6g} not >= 2)")]
+    assert result.rules == [
+        (
+            f"FAIL: rougeL >= 2 (rougeL[{result.slice}]={result.metrics['rougeL']:.6g}: "
+            f"{result.metrics['rougeL']:.6g} not >= 2)"
+        )
+    ]
     client = MlflowClient(tracking_uri(cfg))
     mv = client.get_model_version(cfg.registry.model_name, result.version.version)
     assert mv.tags["tuneloop.gate"] == "rejected"
@@ -138,9 +163,16 @@ def test_a_rejected_version_gets_no_alias_and_cannot_be_promoted(register_only) 
 def test_a_judge_on_an_openai_compatible_endpoint_gates_the_candidate(register_only, monkeypatch) -> None:
     monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
     with judge_server() as (url, requests):
-        cfg = updated(register_only, eval={"judge.backend": "openai", "judge.base_url": url, "judge.model": MODEL,
-                                           "judge.api_key_env": "TEST_JUDGE_KEY"},
-                      gate={"rules": ["judge_score >= 3", "hallucination_rate <= 0.5"]})
+        cfg = updated(
+            register_only,
+            eval={
+                "judge.backend": "openai",
+                "judge.base_url": url,
+                "judge.model": MODEL,
+                "judge.api_key_env": "TEST_JUDGE_KEY",
+            },
+            gate={"rules": ["judge_score >= 3", "hallucination_rate <= 0.5"]},
+        )
         result = training_flow(cfg)
     assert result.decision == "passed", result.reason
     assert result.metrics["judge_score"] == 4 and result.metrics["judge_failed"] == 0
@@ -161,8 +193,12 @@ def test_an_unreachable_judge_fails_before_training_or_generation(register_only,
     cfg = updated(register_only, eval={"judge.backend": "openai", "judge.base_url": closed})
     with pytest.raises(JudgeUnavailable, match="cannot be reached"):
         training_flow(cfg)
-    assert MlflowClient(tracking_uri(cfg)).search_runs(
-        [e.experiment_id for e in MlflowClient(tracking_uri(cfg)).search_experiments()]) == []
+    assert (
+        MlflowClient(tracking_uri(cfg)).search_runs(
+            [e.experiment_id for e in MlflowClient(tracking_uri(cfg)).search_experiments()]
+        )
+        == []
+    )
     assert not list((cfg.home / "runs").iterdir())
 
 
@@ -201,7 +237,8 @@ def test_contract_violation_fails_before_training(register_only, tmp_path: Path)
 
 def test_missing_file_fails_naming_it(register_only, tmp_path: Path) -> None:
     cfg = register_only.model_copy(
-        update={"data": register_only.data.model_copy(update={"path": str(tmp_path / "absent.jsonl")})})
+        update={"data": register_only.data.model_copy(update={"path": str(tmp_path / "absent.jsonl")})}
+    )
     with pytest.raises(DataValidationError, match="absent.jsonl does not exist"):
         training_flow(cfg)
 
@@ -257,15 +294,25 @@ def test_a_flow_that_fails_after_its_run_started_ends_the_run_failed(register_on
 
 def _engine_env(prefect_api: str, flow_run_id: str) -> dict[str, str]:
     # One torch thread in every run, so the runs compare bit for bit.
-    return {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT__FLOW_RUN_ID": flow_run_id,
-            "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT__FLOW_RUN_ID": flow_run_id,
+        "PYTHONPATH": str(REPO_ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 # How a worker starts a flow run: a process that runs the flow code under the run's id.
 ENGINE = [sys.executable, "-m", "prefect.flow_engine", "flows/training.py:training_flow"]
 # How a user runs a crashed flow run again (the UI's "Retry" puts it back for a worker instead).
-RETRY = [str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", "--entrypoint",
-         "flows/training.py:training_flow"]
+RETRY = [
+    str(Path(sys.executable).parent / "prefect"),
+    "flow-run",
+    "retry",
+    "--entrypoint",
+    "flows/training.py:training_flow",
+]
 
 
 def test_a_killed_flow_run_resumes_from_its_checkpoint_when_run_again(register_only, prefect_api) -> None:
@@ -280,13 +327,26 @@ def test_a_killed_flow_run_resumes_from_its_checkpoint_when_run_again(register_o
     params = {"config": cfg.model_dump(mode="json")}
     with get_client(sync_client=True) as prefect:
         reference, killed = (prefect.create_flow_run(training_flow, parameters=params) for _ in range(2))
-    done = subprocess.run(ENGINE, cwd=REPO_ROOT, env=_engine_env(prefect_api, str(reference.id)),
-                          capture_output=True, text=True, timeout=400, check=False)
+    done = subprocess.run(
+        ENGINE,
+        cwd=REPO_ROOT,
+        env=_engine_env(prefect_api, str(reference.id)),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     work = cfg.home / "runs" / str(killed.id)  # keyed on the flow run id
-    proc = subprocess.Popen(ENGINE, cwd=REPO_ROOT, env=_engine_env(prefect_api, str(killed.id)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        ENGINE,
+        cwd=REPO_ROOT,
+        env=_engine_env(prefect_api, str(killed.id)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not list(work.glob(f"checkpoints/checkpoint-*/{COMPLETE_MARKER}")):
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
@@ -303,8 +363,15 @@ def test_a_killed_flow_run_resumes_from_its_checkpoint_when_run_again(register_o
 
     with get_client(sync_client=True) as prefect:  # what the worker reports when its flow process dies
         prefect.set_flow_run_state(killed.id, Crashed(message="Flow run process exited with -9"), force=True)
-    again = subprocess.run([*RETRY, str(killed.id)], cwd=REPO_ROOT, env=_engine_env(prefect_api, str(killed.id)),
-                           capture_output=True, text=True, timeout=400, check=False)
+    again = subprocess.run(
+        [*RETRY, str(killed.id)],
+        cwd=REPO_ROOT,
+        env=_engine_env(prefect_api, str(killed.id)),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     with get_client(sync_client=True) as prefect:
         assert prefect.read_flow_run(killed.id).state.is_completed()
@@ -314,8 +381,7 @@ def test_a_killed_flow_run_resumes_from_its_checkpoint_when_run_again(register_o
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["tuneloop.flow_run_id"] == str(killed.id)
     assert run.data.tags["tuneloop.train.resumed_from"] == f"checkpoint-{saved}"
-    assert len(client.search_runs([run.info.experiment_id],
-                                  f"tags.`tuneloop.training_key` = '{killed.id}'")) == 1
+    assert len(client.search_runs([run.info.experiment_id], f"tags.`tuneloop.training_key` = '{killed.id}'")) == 1
     steps = Counter(m.step for m in client.get_metric_history(run_id, "train/loss"))
     assert set(steps) == set(range(1, 41)) and all(steps[s] == 1 for s in range(1, saved + 1))
     [version] = client.search_model_versions(f"run_id = '{run_id}'")

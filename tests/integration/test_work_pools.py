@@ -17,21 +17,31 @@ from tuneloop.config import TuneloopConfig
 
 pytestmark = pytest.mark.slow
 
-NAMES = {"training-flow/tuneloop-training": "tuneloop-process",
-         "training-flow/tuneloop-training-gpu": "tuneloop-gpu",
-         "promotion-flow/tuneloop-promotion": "tuneloop-process",
-         "monitoring-flow/tuneloop-monitoring": "tuneloop-process"}
+NAMES = {
+    "training-flow/tuneloop-training": "tuneloop-process",
+    "training-flow/tuneloop-training-gpu": "tuneloop-gpu",
+    "promotion-flow/tuneloop-promotion": "tuneloop-process",
+    "monitoring-flow/tuneloop-monitoring": "tuneloop-process",
+}
 
 
 @pytest.fixture
 def team_cfg(tmp_path: Path, models_dir: Path) -> TuneloopConfig:
-    return make_config(tmp_path / "home", models_dir, f"data.path={ASSETS / 'tiny_qa.jsonl'}",
-                       "prefect.deployments=work_pools", "registry.on_gate_pass=register_only",
-                       "monitor.cron='*/20 * * * *'")
+    return make_config(
+        tmp_path / "home",
+        models_dir,
+        f"data.path={ASSETS / 'tiny_qa.jsonl'}",
+        "prefect.deployments=work_pools",
+        "registry.on_gate_pass=register_only",
+        "monitor.cron='*/20 * * * *'",
+    )
 
 
 def test_prefect_yaml_registers_pools_and_deployments_with_the_config(
-    prefect_api: str, team_cfg: TuneloopConfig, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    prefect_api: str,
+    team_cfg: TuneloopConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     from prefect import get_client
     from prefect.variables import Variable
@@ -53,8 +63,9 @@ def test_prefect_yaml_registers_pools_and_deployments_with_the_config(
             config = deployment.parameters["config"]
             assert TuneloopConfig.model_validate({**config, "home": str(team_cfg.home)}) == team_cfg, name
             assert "TuneloopConfig" in json.dumps(deployment.parameter_openapi_schema)
-            assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
-                "directory": "{{ $TUNELOOP_REPO_DIR }}"}}]
+            assert deployment.pull_steps == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $TUNELOOP_REPO_DIR }}"}}
+            ]
         training = client.read_deployment_by_name("training-flow/tuneloop-training")
         assert training.global_concurrency_limit.limit == 1
         monitoring = client.read_deployment_by_name("monitoring-flow/tuneloop-monitoring")
@@ -63,7 +74,9 @@ def test_prefect_yaml_registers_pools_and_deployments_with_the_config(
 
 
 def test_a_process_worker_runs_a_training_from_the_pool(
-    prefect_api: str, team_cfg: TuneloopConfig, tmp_path: Path,
+    prefect_api: str,
+    team_cfg: TuneloopConfig,
+    tmp_path: Path,
 ) -> None:
     """What `tuneloop up` does in work_pools mode, without Ray: register, start a worker, train."""
     import mlflow
@@ -72,13 +85,17 @@ def test_a_process_worker_runs_a_training_from_the_pool(
     from tuneloop import services
     from tuneloop.state import tracking_uri
 
-    overrides = [*TINY, f"home={team_cfg.home}", f"data.path={team_cfg.data.path}",
-                 "registry.on_gate_pass=register_only", "monitor.cron='*/20 * * * *'"]
+    overrides = [
+        *TINY,
+        f"home={team_cfg.home}",
+        f"data.path={team_cfg.data.path}",
+        "registry.on_gate_pass=register_only",
+        "monitor.cron='*/20 * * * *'",
+    ]
     services.apply_work_pool_deployments(team_cfg, LOCAL_CONFIG, overrides=overrides, api_url=prefect_api)
     services.start_worker(team_cfg, api_url=prefect_api)
     try:
-        run = run_deployment("training-flow/tuneloop-training", timeout=600,
-                             parameters={"trigger": "work pool test"})
+        run = run_deployment("training-flow/tuneloop-training", timeout=600, parameters={"trigger": "work pool test"})
         log = (team_cfg.home / "services" / "worker.log").read_text()[-4000:]
         assert run.state.is_completed(), f"{run.state}\n{log}"
     finally:

@@ -8,9 +8,12 @@ import sacrebleu
 class Chrf(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=__doc__, citation="Popović, 2015. chrF.", inputs_description="predictions, references: str",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            description=__doc__,
+            citation="Popović, 2015. chrF.",
+            inputs_description="predictions, references: str",
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):

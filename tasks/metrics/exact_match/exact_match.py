@@ -16,10 +16,12 @@ def normalize(text: str) -> str:
 class ExactMatch(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=__doc__, citation="Rajpurkar et al., 2016. SQuAD.",
+            description=__doc__,
+            citation="Rajpurkar et al., 2016. SQuAD.",
             inputs_description="predictions, references: str",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):

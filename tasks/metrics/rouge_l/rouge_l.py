@@ -8,9 +8,12 @@ from rouge_score import rouge_scorer
 class RougeL(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=__doc__, citation="Lin, 2004. ROUGE.", inputs_description="predictions, references: str",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            description=__doc__,
+            citation="Lin, 2004. ROUGE.",
+            inputs_description="predictions, references: str",
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):

@@ -27,10 +27,12 @@ def f1(prediction: str, reference: str) -> float:
 class TokenF1(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=__doc__, citation="Rajpurkar et al., 2016. SQuAD.",
+            description=__doc__,
+            citation="Rajpurkar et al., 2016. SQuAD.",
             inputs_description="predictions, references: str",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):
