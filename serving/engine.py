@@ -30,7 +30,7 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from serving.batching import BatchingEngine, Engine, Ticket, VersionNotLoaded
-from tuneloop.seams import Answer, GenerationRequest, Refusal, ServeSpec, StreamEvent
+from tuneloop.seams import Answer, GenerationRequest, Refusal, ReplicaInfo, ServedVersions, ServeSpec, StreamEvent
 
 log = logging.getLogger("ray.serve")
 
@@ -96,7 +96,8 @@ class ModelServer:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the configured adapter versions that are not loaded; unload the others."""
-        wanted: dict[str, str] = {str(k): v for k, v in (user_config.get("adapters") or {}).items()}
+        served = ServedVersions.model_validate(user_config or {})
+        wanted = dict(served.adapters)
         if self.full_version is not None:
             self.engine.set_default(self.full_version)
             return
@@ -111,7 +112,7 @@ class ModelServer:
                     # with it; the deploy task reads `failed` from info() and rolls back.
                     log.exception("Adapter v%s could not be loaded", version)
                     self.failed[version] = f"{type(err).__name__}: {err}"[:2000]
-        default = str(user_config.get("default") or next(iter(wanted)))
+        default = served.default or next(iter(wanted))
         self.engine.set_default(default if default in self.adapters else next(iter(self.adapters), None))
         for version in [v for v in self.adapters if v not in wanted]:
             self.engine.unload(version)
@@ -147,24 +148,22 @@ class ModelServer:
         self.failed.pop(version, None)
         log.info("Loaded adapter v%s from %s", version, uri)
 
-    def info(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        stats = asdict(self.engine.stats())
-        return {
-            "adapters": self.engine.versions(),
-            "default": self.default,
-            "base": self.base_ref.location,
-            "base_sha256": self.base_ref.sha256,
-            "replica": self.replica,
-            "actor_name": self.actor_name,
-            "pid": os.getpid(),
-            "started_at": self.started_at,
-            "loaded_at": dict(self.loaded_at),
-            "failed": dict(self.failed),
-            "merged": self.engine.merged_versions(),
-            "decoding": stats,
-        }
+    def info(self) -> ReplicaInfo:
+        return ReplicaInfo(
+            replica=self.replica,
+            actor_name=self.actor_name,
+            pid=os.getpid(),
+            base=self.base_ref.location,
+            base_sha256=self.base_ref.sha256,
+            versions=self.engine.versions(),
+            default=self.default,
+            started_at=self.started_at,
+            loaded_at=dict(self.loaded_at),
+            failed=dict(self.failed),
+            merged=self.engine.merged_versions(),
+            engine=type(self.engine).__name__,
+            decoding=self.engine.stats(),
+        )
 
     # ------------------------------------------------------------------ requests
 

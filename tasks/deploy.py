@@ -23,7 +23,7 @@ import httpx
 from prefect import task
 
 from tuneloop.config import ServeConfig, TuneloopConfig
-from tuneloop.seams import CanaryVerdict, Routing
+from tuneloop.seams import CanaryVerdict, ReplicaInfo, Routing, ServedVersions
 from tuneloop.services import port_open
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,9 @@ def read_state(cfg: TuneloopConfig) -> ServeState | None:
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
         "applications": [applied],
     }
-    return ServeState(config, base_version, dict(model_cfg.get("adapters") or {}), Routing.model_validate(routing))
+    return ServeState(
+        config, base_version, ServedVersions.model_validate(model_cfg).adapters, Routing.model_validate(routing)
+    )
 
 
 @task(name="apply-serve-config")
@@ -194,10 +196,10 @@ def _wait_for_replicas(cfg: TuneloopConfig, versions: list[str], timeout_s: floa
         if app is not None and app.status == "RUNNING" and model is not None and model.status == "HEALTHY":
             running = model.replica_states.get("RUNNING", 0)
             seen = _replica_infos(name, max(8, 6 * running))
-            failed = {v: why for info in seen.values() for v, why in info.get("failed", {}).items() if v in versions}
+            failed = {v: why for info in seen.values() for v, why in info.failed.items() if v in versions}
             if failed:
                 raise DeployError("; ".join(f"version {v} failed to load: {why}" for v, why in failed.items())[:2000])
-            ready = [r for r, info in seen.items() if set(versions) <= set(info["adapters"])]
+            ready = [r for r, info in seen.items() if set(versions) <= set(info.versions)]
             if len(seen) >= running and len(ready) == len(seen):
                 return
             problem = f"{len(ready)} of {running} replicas serve versions {versions}"
@@ -207,12 +209,12 @@ def _wait_for_replicas(cfg: TuneloopConfig, versions: list[str], timeout_s: floa
     raise DeployError(f"Serve did not apply the config in {timeout_s:.0f} s: {problem}")
 
 
-def _replica_infos(app_name: str, calls: int) -> dict[str, dict[str, Any]]:
+def _replica_infos(app_name: str, calls: int) -> dict[str, ReplicaInfo]:
     """`info()` of the model replicas that answer `calls` requests, by replica id."""
     from ray import serve
 
     handle = serve.get_deployment_handle("ModelServer", app_name).options(method_name="info")
-    seen: dict[str, dict[str, Any]] = {}
+    seen: dict[str, ReplicaInfo] = {}
     try:
         for response in [handle.remote() for _ in range(calls)]:
             try:
@@ -220,13 +222,13 @@ def _replica_infos(app_name: str, calls: int) -> dict[str, dict[str, Any]]:
             except Exception as err:  # noqa: BLE001 - a replica going away while we ask
                 log.debug("replica info failed: %s", err)
                 continue
-            seen[info["replica"]] = info
+            seen[info.replica] = info
     finally:
         handle.shutdown()  # its router would go on probing the replicas after the driver leaves
     return seen
 
 
-def replica_infos(cfg: TuneloopConfig, calls: int = 24) -> dict[str, dict[str, Any]]:
+def replica_infos(cfg: TuneloopConfig, calls: int = 24) -> dict[str, ReplicaInfo]:
     return _replica_infos(cfg.serve.app_name, calls)
 
 

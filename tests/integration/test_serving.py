@@ -106,7 +106,7 @@ def _chat(cfg, content: str, model: str = NAME, max_tokens: int = 4, **kw) -> ht
 
 def _replicas(cfg) -> dict[str, int]:
     with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
-        return {rid: info["pid"] for rid, info in replica_infos(cfg).items()}
+        return {rid: info.pid for rid, info in replica_infos(cfg).items()}
 
 
 def test_the_official_openai_client_gets_chat_completions_and_streams(served) -> None:
@@ -207,7 +207,7 @@ def test_every_request_is_logged_with_pii_redacted_and_takes_feedback(served) ->
 
 def _abandoned(cfg) -> int:
     with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
-        return sum(info["decoding"]["abandoned"] for info in replica_infos(cfg).values())
+        return sum(info.decoding.abandoned for info in replica_infos(cfg).values())
 
 
 def test_a_client_that_goes_away_is_no_longer_decoded_and_is_logged(served) -> None:
@@ -348,7 +348,7 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(served) -> None:
     with _load(cfg, clients=6) as load:
         time.sleep(2)
         with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
-            victim = next(iter(replica_infos(cfg).values()))["actor_name"]
+            victim = next(iter(replica_infos(cfg).values())).actor_name
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         time.sleep(8)
     codes = [a.status for a in load.answers]
