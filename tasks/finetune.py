@@ -566,11 +566,13 @@ def train_model(
     *,
     loaded: tuple[Any, Any, list[str]] | None = None,
     callbacks: list[TrainerCallback] | None = None,
+    device: str | None = None,
 ) -> TrainingOutcome:
     """Train on tokenized `examples`, resuming from a complete checkpoint in `out_dir`; save the artifact.
 
     `loaded` is a (model, tokenizer, targets) already built with `build_model` (the caller
-    tokenized with that tokenizer); with `run_id`, per-step figures go to that MLflow run.
+    tokenized with that tokenizer), `device` what `check_device` said for `cfg` (None: ask it);
+    with `run_id`, per-step figures go to that MLflow run.
     Under a distributed launcher (torchrun, deepspeed, accelerate, Ray Train: `RANK` set) every
     rank trains, and rank 0 alone writes checkpoint markers, figures and the artifact.
     """
@@ -578,7 +580,7 @@ def train_model(
 
     import torch
 
-    device = check_device(cfg)
+    device = device or check_device(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)
@@ -670,12 +672,13 @@ def train_on(
 ) -> TrainingOutcome:
     """The one training composition (the flow's task, the launchers' `main`, each Ray Train worker):
     load the model for `cfg.method` (continuing `start`'s adapter), tokenize `frame` with its
-    tokenizer, train, save the artifact."""
+    tokenizer, train, save the artifact. What this machine cannot do for `cfg` fails first."""
+    device = check_device(cfg)  # before loading anything: a CPU worker given qlora fails here
     loaded = build_model(base, model_cfg, cfg, start)
     examples = tokenize_examples(loaded[1], frame, cfg.max_seq_len)
     if not examples:
         raise ValueError(f"No training example fits max_seq_len={cfg.max_seq_len}: raise it")
-    return train_model(examples, base, model_cfg, cfg, out_dir, run_id, loaded=loaded)
+    return train_model(examples, base, model_cfg, cfg, out_dir, run_id, loaded=loaded, device=device)
 
 
 def _collator(packing: str, tokenizer: Any) -> Any:
@@ -725,7 +728,6 @@ def finetune(
     """
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    check_device(cfg)  # before loading anything: a CPU worker given qlora fails here
     start, started_from = start_adapter(cfg, champion if champion is not None else base, base)
     log.info("Training starts from the %s", started_from)
     # CPU, memory, GPU utilisation every 10 s, sent 6 samples per call.
@@ -799,7 +801,6 @@ def main(argv: list[str] | None = None) -> None:
     )  # importing prefect configured logging for its own loggers only
     cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
     base = resolve_base(cfg.model.base, state_paths(cfg).ensure().models)
-    check_device(cfg.train)
     outcome = train_on(load_split(cfg.data).train, base, cfg.model, cfg.train, args.out)
     import torch.distributed as dist
 
