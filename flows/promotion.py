@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import mlflow
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
 from tasks.deploy import (
     DeployError,
@@ -31,6 +30,7 @@ from tasks.deploy import (
     apply_config,
     can_hot_load,
     endpoint,
+    publish_promotion,
     ray_client,
     read_state,
     smoke_test,
@@ -45,7 +45,6 @@ from tasks.registry import (
     version_tags,
 )
 from tuneloop.config import TuneloopConfig, load_config
-from tuneloop.reports import Table, fmt
 from tuneloop.seams import Routing, RoutingMode, ServedVersions
 from tuneloop.servespec import serve_config, serve_spec
 from tuneloop.state import ray_address, tracking_uri
@@ -139,28 +138,18 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
         reg.champion_alias,
         old_champion,
     )
-    create_markdown_artifact(
-        key="promotion-result",
-        markdown=(
-            f"## {name} v{target.version} serving, now {reg.champion_alias}\n\n"
-            f"Strategy: **{strategy}**. Previously serving: {previous or 'none'}; previous "
-            f"{reg.champion_alias}: {old_champion or 'none'}\n\n"
-            + _figures_table(figures)
-            + "".join(f"- `{line}`\n" for line in lines)
-            + f"\nEndpoint: `{endpoint(cfg.serve)}/v1/chat/completions`; MLflow run `{run_id}`\n\n"
-            f"Smoke test ({smoke.latency_ms:.0f} ms): {cfg.serve.smoke_prompt!r} → {smoke.answer!r}"
-        ),
+    publish_promotion(
+        f"{name} v{target.version} serving, now {reg.champion_alias}",
+        f"Strategy: **{strategy}**. Previously serving: {previous or 'none'}; previous "
+        f"{reg.champion_alias}: {old_champion or 'none'}",
+        figures,
+        lines,
+        f"Endpoint: `{endpoint(cfg.serve)}/v1/chat/completions`; MLflow run `{run_id}`\n\n"
+        f"Smoke test ({smoke.latency_ms:.0f} ms): {cfg.serve.smoke_prompt!r} → {smoke.answer!r}",
     )
     return PromotionResult(
         target.version, previous, endpoint(cfg.serve), smoke.answer, old_champion, strategy, figures, lines
     )
-
-
-def _figures_table(figures: dict[str, dict[str, float]]) -> str:
-    if not figures:
-        return ""
-    keys = sorted({k for m in figures.values() for k in m})
-    return Table(["", *figures], [[k, *(fmt(figures[a].get(k)) for a in figures)] for k in keys]).markdown() + "\n"
 
 
 def _replace(cfg: TuneloopConfig, state: ServeState | None, target: ModelVersionRef):
@@ -238,15 +227,12 @@ def _rolled_back(
     tag_version(
         target, {"tuneloop.promotion": f"rolled back to {champion}: {reason}"[:5000], "tuneloop.promotion_run": run_id}
     )
-    create_markdown_artifact(
-        key="promotion-result",
-        markdown=(
-            f"## {cfg.registry.model_name} v{target.version} rolled back\n\n"
-            f"v{champion or 'none'} keeps serving all traffic. Reason: {reason}\n\n"
-            + _figures_table(figures)
-            + "".join(f"- `{line}`\n" for line in lines)
-            + f"\nMLflow run `{run_id}`"
-        ),
+    publish_promotion(
+        f"{cfg.registry.model_name} v{target.version} rolled back",
+        f"v{champion or 'none'} keeps serving all traffic. Reason: {reason}",
+        figures,
+        lines,
+        f"MLflow run `{run_id}`",
     )
 
 

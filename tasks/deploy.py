@@ -344,3 +344,22 @@ def can_hot_load(model_name: str, serving_base_version: str, version: str) -> bo
         if not (new / "adapter").is_dir() or not (old / "adapter").is_dir():
             return False
         return read_base_ref(new).sha256 == read_base_ref(old).sha256
+
+
+@task(name="publish-promotion")
+def publish_promotion(
+    heading: str, summary: str, figures: dict[str, dict[str, float]], lines: list[str], footer: str
+) -> None:
+    """The promotion's Prefect artifact: what happened, each arm's figures, the rules, where to look."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tuneloop.reports import Table, fmt
+
+    table = ""
+    if figures:
+        keys = sorted({k for m in figures.values() for k in m})
+        table = Table(["", *figures], [[k, *(fmt(figures[a].get(k)) for a in figures)] for k in keys]).markdown()
+    rules = "".join(f"- `{line}`\n" for line in lines)
+    create_markdown_artifact(
+        key="promotion-result", markdown=f"## {heading}\n\n{summary}\n\n{table}\n{rules}\n{footer}"
+    )
