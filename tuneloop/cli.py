@@ -24,9 +24,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from tuneloop.config import DEFAULT_CONFIG, ConfigError, TuneloopConfig, load_config
+from tuneloop.reports import STYLES, Table, fmt
 
 app = typer.Typer(
     add_completion=False,
@@ -199,18 +199,17 @@ def registry_table(cfg: TuneloopConfig, metric: str = "token_f1") -> Table:
 
     client = mlflow.MlflowClient(tracking_uri(cfg))
     table = Table(
+        ["version", "aliases", "gate", "slice", "reference", "version's", "gain [95% CI]"],
         title=f"Registered versions of {cfg.registry.model_name}: {metric} per slice, the version "
-        "next to what it was gated against (the base model, or the champion then)"
+        "next to what it was gated against (the base model, or the champion then)",
     )
-    for col in ("version", "aliases", "gate", "slice", "reference", "version's", "gain [95% CI]"):
-        table.add_column(col, overflow="fold")
     versions = client.search_model_versions(f"name='{cfg.registry.model_name}'")
     aliases: dict[str, list[str]] = {}
     if versions:  # search results carry no aliases; the registered model does
         for alias, version in client.get_registered_model(cfg.registry.model_name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
 
-    def fmt(value: float | None) -> str:
+    def three(value: float | None) -> str:
         return "–" if value is None or math.isnan(value) else f"{value:.3f}"
 
     for mv in sorted(versions, key=lambda v: int(v.version)):
@@ -228,37 +227,43 @@ def registry_table(cfg: TuneloopConfig, metric: str = "token_f1") -> Table:
                 if i == 0
                 else ("", "", "")
             )
-            table.add_row(
-                *head,
-                name + (" (new)" if i == 0 else ""),
-                f"{fmt(figures.get(f'eval/{name}/champion/{metric}'))} {against}",
-                fmt(figures.get(f"eval/{name}/{metric}")),
-                interval,
+            table.rows.append(
+                [
+                    *head,
+                    name + (" (new)" if i == 0 else ""),
+                    f"{three(figures.get(f'eval/{name}/champion/{metric}'))} {against}",
+                    three(figures.get(f"eval/{name}/{metric}")),
+                    interval,
+                ]
             )
-        table.add_section()
+        table.section_ends.append(len(table.rows) - 1)
     return table
 
 
 def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
     from tasks.deploy import endpoint
 
-    console.print(registry_table(cfg))
-    checks = Table(title="Drift checks (MMD² on MiniLM embeddings, permutation test)")
-    for col in ("check", "window", "MMD²", "p-value", "verdict", "retraining run"):
-        checks.add_column(col)
+    console.print(registry_table(cfg).rich())
+    checks = Table(
+        ["check", "window", "MMD²", "p-value", "verdict", "retraining run"],
+        title="Drift checks (MMD² on MiniLM embeddings, permutation test)",
+    )
     first, drifted = report.topics
     for key, label in (("check_before", f"after {first} traffic"), ("check_after", f"after {drifted} traffic")):
         m = report.stages[key]
         d = m.drift
-        checks.add_row(
-            label,
-            str(d.window_size),
-            f"{d.statistic:.4f}" if d.statistic is not None else "–",
-            f"{d.p_value:.4f}" if d.p_value is not None else "–",
-            d.verdict,
-            m.retraining_flow_run_id[:8] if m.retraining_flow_run_id else "–",
+        checks.rows.append(
+            [
+                label,
+                str(d.window_size),
+                f"{d.statistic:.4f}" if d.statistic is not None else "–",
+                f"{d.p_value:.4f}" if d.p_value is not None else "–",
+                d.verdict,
+                m.retraining_flow_run_id[:8] if m.retraining_flow_run_id else "–",
+            ]
         )
-    console.print(checks)
+        checks.styles.append(STYLES.get(d.verdict, ""))
+    console.print(checks.rich())
     for key, label in (
         ("first_traffic", f"{first} traffic"),
         ("drifted_traffic", f"{drifted} traffic"),
@@ -530,7 +535,6 @@ def evaluate_models(
     verbose: VerboseOpt = False,
 ) -> None:
     """Evaluate several base models on one set; print and log a leaderboard (foundation-model selection)."""
-    import math
 
     cfg = _config(config, set_, [f"data.path={data}"])
     _environment(cfg, use_server=False, verbose=verbose)
@@ -543,20 +547,15 @@ def evaluate_models(
             result = model_selection_flow(cfg, specs, rank_by)
         except Exception as err:
             raise _fail(err) from err
-    table = Table(
-        title=f"{len(specs)} base models on {data.name}, ranked by {rank_by} "
-        f"({'lower' if rank_by in LOWER_IS_BETTER else 'higher'} is better)"
-    )
     # The terminal shows the figures a choice turns on; MLflow and the Prefect artifact have all.
     shown = [c for c in result.columns if c == rank_by or c not in ("p50_latency_ms", "cost_per_1k_tokens")]
-    table.add_column("rank", justify="right")
-    table.add_column("model", overflow="fold")
-    for col in shown:
-        table.add_column(col.replace("generation_tokens_per_second", "tokens/s"), justify="right")
-    for row in result.rows:
-        values = [row.metrics.get(c, math.nan) for c in shown]
-        table.add_row(str(row.rank), row.model, *("–" if math.isnan(v) else f"{v:.4g}" for v in values))
-    console.print(table)
+    table = Table(
+        ["rank", "model", *(c.replace("generation_tokens_per_second", "tokens/s") for c in shown)],
+        [[str(row.rank), row.model, *(fmt(row.metrics.get(c)) for c in shown)] for row in result.rows],
+        title=f"{len(specs)} base models on {data.name}, ranked by {rank_by} "
+        f"({'lower' if rank_by in LOWER_IS_BETTER else 'higher'} is better)",
+    )
+    console.print(table.rich())
     console.print(
         f"MLflow: experiment {cfg.registry.selection_experiment!r}, run {result.parent_run_id} "
         "(leaderboard.json; one child run per model)"
@@ -587,7 +586,11 @@ def monitor(
             result = monitoring_flow(cfg)
         except Exception as err:
             raise _fail(err) from err
-    console.print(signals_table(result))
+    from tasks.drift_report import signals_table
+
+    version = f"v{result.champion_version}" if result.champion_version else "(none)"
+    title = f"Monitoring check: {result.drift.window_size} answered requests vs champion {version}"
+    console.print(signals_table(result.signals, title).rich())
     d = result.drift
     colour = {"drift": "red", "no_drift": "green"}.get(d.verdict, "dim")
     console.print(f"Prompt drift: [bold {colour}]{d.verdict}[/] — {d.reason}")
@@ -603,36 +606,6 @@ def monitor(
         f"Report: {result.report}\nMLflow: experiment {cfg.registry.monitoring_experiment!r}, "
         f"run {result.mlflow_run_id}"
     )
-
-
-def signals_table(result: Any) -> Table:
-    """Return one row per signal of a monitoring result: statistic, test or limit, verdict."""
-    colours = {"alert": "red", "ok": "green", "no_data": "dim"}
-    table = Table(
-        title=f"Monitoring check: {result.drift.window_size} answered requests vs champion "
-        f"{'v' + result.champion_version if result.champion_version else '(none)'}"
-    )
-    for column in ("group", "signal", "statistic", "p-value / limit", "verdict", "detail"):
-        table.add_column(column, overflow="fold")
-    for s in result.signals:
-        test = (
-            f"p={s.p_value:.4g} (alpha {s.threshold:g})"
-            if s.p_value is not None
-            else f"alpha {s.threshold:g}"
-            if s.is_test
-            else "–"
-            if s.threshold is None
-            else f"limit {s.threshold:g}"
-        )
-        table.add_row(
-            s.group,
-            s.name,
-            "–" if s.statistic is None else f"{s.statistic:.4g}",
-            test,
-            f"[{colours[s.verdict]}]{s.verdict}[/]",
-            s.detail,
-        )
-    return table
 
 
 @app.command()
@@ -683,27 +656,21 @@ def _print_dataset_report(report: Any) -> None:
     from rich.text import Text
 
     colours = {"pass": "green", "warn": "yellow", "fail": "red", "redacted": "blue", "off": "dim", "skipped": "dim"}
-    table = Table(
-        title=f"{report.source}: {report.train_rows} train + {report.eval_rows} eval rows "
-        f"({report.shape}), digest {report.digest}"
-    )
-    for column in ("check", "level", "verdict", "figure", "first rows"):
-        table.add_column(column, overflow="fold")
-    for c in report.contracts:
-        table.add_row(c.name, c.level, f"[{colours.get(c.status, 'white')}]{c.status}[/]", c.figure, ", ".join(c.rows))
+    rows = [[c.name, c.level, c.status, c.figure, ", ".join(c.rows)] for c in report.contracts]
     failed = [c for c in report.checks if not c.success]
     for c in failed:
         status = "fail" if c.severity == "critical" else "warn"
-        table.add_row(
-            f"GX {c.name}",
-            c.severity,
-            f"[{colours[status]}]{status}[/]",
-            f"{c.column or ''}: {c.detail}",
-            ", ".join(c.rows),
-        )
+        rows.append([f"GX {c.name}", c.severity, status, f"{c.column or ''}: {c.detail}", ", ".join(c.rows)])
     if not failed:
-        table.add_row("GX suite", "critical", "[green]pass[/]", f"{len(report.checks)} expectations met", "")
-    console.print(table)
+        rows.append(["GX suite", "critical", "pass", f"{len(report.checks)} expectations met", ""])
+    table = Table(
+        ["check", "level", "verdict", "figure", "first rows"],
+        rows,
+        title=f"{report.source}: {report.train_rows} train + {report.eval_rows} eval rows "
+        f"({report.shape}), digest {report.digest}",
+        styles=[colours.get(row[2], "") for row in rows],
+    )
+    console.print(table.rich())
     if report.example:
         styles = {"masked": "dim", "trained": "bold green", "cut": "red strike"}
         text = Text()

@@ -42,6 +42,7 @@ class Table:
     rows: list[list[str]] = field(default_factory=list)
     title: str = ""
     styles: list[str] = field(default_factory=list)  # per row: a rich style (the HTML gets a matching class)
+    section_ends: list[int] = field(default_factory=list)  # rows after which the terminal draws a line
 
     def markdown(self) -> str:
         def cell(text: str) -> str:
@@ -72,6 +73,8 @@ class Table:
             table.add_column(h, overflow="fold")
         for i, row in enumerate(self.rows):
             table.add_row(*map(str, row), style=self.styles[i] if i < len(self.styles) else None)
+            if i in self.section_ends:
+                table.add_section()
         return table
 
 
