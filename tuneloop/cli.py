@@ -549,11 +549,13 @@ def evaluate_models(
             raise _fail(err) from err
     # The terminal shows the figures a choice turns on; MLflow and the Prefect artifact have all.
     shown = [c for c in result.columns if c == rank_by or c not in ("p50_latency_ms", "cost_per_1k_tokens")]
+    figures = [c.replace("generation_tokens_per_second", "tokens/s") for c in shown]
     table = Table(
-        ["rank", "model", *(c.replace("generation_tokens_per_second", "tokens/s") for c in shown)],
+        ["rank", "model", *figures],
         [[str(row.rank), row.model, *(fmt(row.metrics.get(c)) for c in shown)] for row in result.rows],
         title=f"{len(specs)} base models on {data.name}, ranked by {rank_by} "
         f"({'lower' if rank_by in LOWER_IS_BETTER else 'higher'} is better)",
+        right=["rank", *figures],
     )
     console.print(table.rich())
     console.print(

@@ -43,6 +43,7 @@ class Table:
     title: str = ""
     styles: list[str] = field(default_factory=list)  # per row: a rich style (the HTML gets a matching class)
     section_ends: list[int] = field(default_factory=list)  # rows after which the terminal draws a line
+    right: list[str] = field(default_factory=list)  # headers of columns aligned right in the terminal (figures)
 
     def markdown(self) -> str:
         def cell(text: str) -> str:
@@ -70,7 +71,7 @@ class Table:
 
         table = RichTable(title=self.title or None)
         for h in self.headers:
-            table.add_column(h, overflow="fold")
+            table.add_column(h, overflow="fold", justify="right" if h in self.right else "left")
         for i, row in enumerate(self.rows):
             table.add_row(*map(str, row), style=self.styles[i] if i < len(self.styles) else None)
             if i in self.section_ends:
