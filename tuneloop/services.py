@@ -222,20 +222,26 @@ def start_flow_runner(
     proc = _spawn(cfg, "runner", argv, {"PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "2"})
     logfile = state_paths(cfg).services / "runner.log"
     deadline = time.monotonic() + timeout
-    name = cfg.prefect.training_deployment
+    # Every deployment flows/deployments.py serves, not only the first registered: `up` returns
+    # once all of them can be run.
+    waiting = [
+        cfg.prefect.training_deployment,
+        "promotion-flow/tuneloop-promotion",
+        "monitoring-flow/tuneloop-monitoring",
+    ]
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ServiceError(
                 f"Flow runner exited with code {proc.returncode}; see {logfile}:\n" + logfile.read_text()[-2000:]
             )
         try:
-            r = httpx.get(f"{api}/deployments/name/{name}", timeout=5)
-            if r.status_code == 200:
+            waiting = [n for n in waiting if httpx.get(f"{api}/deployments/name/{n}", timeout=5).status_code != 200]
+            if not waiting:
                 return Service("runner", f"{api.removesuffix('/api')}/deployments")
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise ServiceError(f"Deployment {name} did not appear within {timeout:.0f} s; see {logfile}")
+    raise ServiceError(f"Deployments {waiting} did not appear within {timeout:.0f} s; see {logfile}")
 
 
 def apply_work_pool_deployments(
