@@ -50,15 +50,20 @@ def monitoring_parameters(cfg: TuneloopConfig) -> dict:
 def serve_deployments(cfg: TuneloopConfig, *, schedules: bool) -> None:
     """Serve the three deployments from this process until it is stopped."""
     params = {"config": cfg.model_dump(mode="json")}
-    training_name = cfg.prefect.training_deployment.split("/", 1)[1]
+
+    def name(full: str) -> str:  # "<flow>/<deployment>" → the deployment's own name
+        return full.split("/", 1)[1]
+
     serve(
         # One training at a time on this machine: later runs wait in the deployment's queue.
-        training_flow.to_deployment(name=training_name, parameters=params, tags=["tuneloop"], concurrency_limit=1),
-        promotion_flow.to_deployment(name="tuneloop-promotion", parameters=params, tags=["tuneloop"]),
+        training_flow.to_deployment(
+            name=name(cfg.prefect.training_deployment), parameters=params, tags=["tuneloop"], concurrency_limit=1
+        ),
+        promotion_flow.to_deployment(name=name(cfg.prefect.promotion_deployment), parameters=params, tags=["tuneloop"]),
         # Overlapping checks would only wait on each other's decision (tasks.retrain): a check
         # that comes due while one runs is cancelled, the next cron tick reads the newer window.
         monitoring_flow.to_deployment(
-            name="tuneloop-monitoring",
+            name=name(cfg.prefect.monitoring_deployment),
             parameters=monitoring_parameters(cfg),
             tags=["tuneloop"],
             cron=cfg.monitor.cron,

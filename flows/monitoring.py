@@ -78,7 +78,7 @@ def monitoring_flow(
     signals = compute_signals(ref, win, embeddings, baseline, feedback, m)
     drift = judge_drift(signals, m, ref, win)
     label = flow_run.get_name() or "local"
-    target = RetrainingTarget(cfg.prefect.training_deployment, cfg, paths.data, paths.models)
+    target = RetrainingTarget(cfg.prefect.training_deployment, cfg, paths.retraining_data, paths.models)
     trigger = decide_and_start_retraining(
         cfg.registry.monitoring_experiment, cfg.registry.model_name, champion, drift, win, feedback, m, target, label
     )
@@ -93,7 +93,7 @@ def monitoring_flow(
         trigger.record_run_id,
     )
     report = publish_monitoring_report(
-        paths.reports / f"drift-{flow_run.get_id() or 'local'}.html",
+        paths.drift_report(flow_run.get_id() or "local"),
         drift,
         signals,
         ref,

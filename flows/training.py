@@ -77,7 +77,7 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     loaded = load_dataset(cfg.data)
     base = prepare_base_model(cfg.model, paths.models)
     report, split = validate_dataset(
-        loaded, cfg.validation, cfg.train.max_seq_len, base, paths.reports / "validation" / loaded.digest
+        loaded, cfg.validation, cfg.train.max_seq_len, base, paths.validation_report(loaded.digest)
     )
     judge = probe_judge(cfg.eval.judge, paths.models) if report.success else None
     key = training_key(cfg.model, cfg.train, split.digest)  # the flow run id: a restart resumes run and checkpoints
@@ -89,8 +89,8 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     eval_rows(split.eval, cfg.eval, split.source)  # bad evaluation input fails before any training
     champion = find_champion(cfg.registry)
     slices = collect_slices(cfg, split, champion)
-    target, label = champion_or_base(champion, base, paths.runs / key / "champion")
-    trained = finetune(split.training_rows, base, cfg.model, cfg.train, paths.runs / key, run_id, target)
+    target, label = champion_or_base(champion, base, paths.training_run(key) / "champion")
+    trained = finetune(split.training_rows, base, cfg.model, cfg.train, paths.training_run(key), run_id, target)
     candidate = evaluate_model(trained.artifact_dir, slices.all, cfg.eval, "candidate", paths.eval_cache)
     reference = evaluate_model(target, slices.all, cfg.eval, label, paths.eval_cache, cfg.model.dtype)
     if judge:
@@ -98,7 +98,7 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
         reference = judge_evaluation(reference, cfg.eval.judge, paths.models)
     comparison = compare_reports(candidate, reference)
     verdict = decide_gate(candidate, reference, comparison, cfg.gate, slices.new.name)
-    html = write_eval_report(candidate, reference, comparison, verdict, paths.runs / key / "eval_report.html")
+    html = write_eval_report(candidate, reference, comparison, verdict, paths.training_run(key) / "eval_report.html")
     record_evaluation(run_id, candidate, reference, comparison, verdict, html, slices.all)
     lineage = version_lineage(cfg, base, split, report, run_id, trigger, verdict, judge, slices, reference, trained)
     version = register_adapter(

@@ -23,7 +23,7 @@ import httpx
 from prefect import task
 
 from tuneloop.config import ServeConfig, TuneloopConfig
-from tuneloop.seams import CanaryVerdict, ReplicaInfo, Routing, ServedVersions
+from tuneloop.seams import CanaryVerdict, ReplicaInfo, Routing, ServedVersions, ServeSpec
 from tuneloop.services import port_open
 
 log = logging.getLogger(__name__)
@@ -134,15 +134,14 @@ def read_state(cfg: TuneloopConfig) -> ServeState | None:
     deployments = {d["name"]: d for d in applied.get("deployments", [])}
     model_cfg = (deployments.get("ModelServer") or {}).get("user_config") or {}
     routing = (deployments.get("Gateway") or {}).get("user_config") or {}
-    spec = (applied.get("args") or {}).get("spec") or {}
-    base_version = str(spec.get("base_uri", "")).rstrip("/").rsplit("/", 1)[-1]
+    spec = ServeSpec.model_validate((applied.get("args") or {}).get("spec") or {})
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
         "applications": [applied],
     }
     return ServeState(
-        config, base_version, ServedVersions.model_validate(model_cfg).adapters, Routing.model_validate(routing)
+        config, spec.base_version, ServedVersions.model_validate(model_cfg).adapters, Routing.model_validate(routing)
     )
 
 

@@ -772,6 +772,33 @@ def prepare_base_model(cfg: ModelConfig, models_dir: Path) -> BaseRef:
     return resolve_base(cfg.base, models_dir)
 
 
+def launcher_parser(doc: str | None, out_help: str):
+    """The arguments every training launcher takes (`main` here, tasks/finetune_ray.py's)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML config (default configs/local.yaml)")
+    parser.add_argument("--data", required=True, help="training data (any form data.path takes)")
+    parser.add_argument("--out", required=True, type=Path, help=out_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
+    return parser
+
+
+def launcher_inputs(parser, argv: list[str] | None):
+    """Parse a launcher's arguments; return (args, config, training rows, resolved base model)."""
+    from tasks.data import load_split
+    from tuneloop.config import load_config
+    from tuneloop.models import resolve_base
+    from tuneloop.state import state_paths
+
+    args = parser.parse_args(argv)
+    # importing prefect configured logging for its own loggers only
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
+    base = resolve_base(cfg.model.base, state_paths(cfg).ensure().models)
+    return args, cfg, load_split(cfg.data).train, base
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train only (no validation, evaluation or registry): the entry point of multi-process launchers.
 
@@ -783,25 +810,9 @@ def main(argv: list[str] | None = None) -> None:
     Every rank runs this; each trains its share of every step, rank 0 writes the artifact to
     `--out`/artifact. Run it again with the same `--out` to resume a killed training.
     """
-    import argparse
-
-    from tasks.data import load_split
-    from tuneloop.config import load_config
-    from tuneloop.models import resolve_base
-    from tuneloop.state import state_paths
-
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML config (default configs/local.yaml)")
-    parser.add_argument("--data", required=True, help="training data (any form data.path takes)")
-    parser.add_argument("--out", required=True, type=Path, help="checkpoints and artifact; reuse to resume")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )  # importing prefect configured logging for its own loggers only
-    cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
-    base = resolve_base(cfg.model.base, state_paths(cfg).ensure().models)
-    outcome = train_on(load_split(cfg.data).train, base, cfg.model, cfg.train, args.out)
+    parser = launcher_parser(main.__doc__, "checkpoints and artifact; reuse to resume")
+    args, cfg, rows, base = launcher_inputs(parser, argv)
+    outcome = train_on(rows, base, cfg.model, cfg.train, args.out)
     import torch.distributed as dist
 
     ranks = dist.get_world_size() if dist.is_initialized() else 1

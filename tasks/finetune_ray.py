@@ -106,6 +106,17 @@ def finetune_ray(
     )
 
 
+def arguments():
+    """The launcher's argument parser: the training launcher's, plus the Ray Train workers."""
+    from tasks.finetune import launcher_parser
+
+    parser = launcher_parser(main.__doc__, "checkpoints and artifact, on shared storage")
+    parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (one per GPU with --use-gpu)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (torch threads)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     """Fine-tune on the Ray cluster this runs on: the entry point of a RayJob (infra/kuberay/rayjob-finetune.yaml).
 
@@ -117,28 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     (RAY_ADDRESS). `--out` and the state dir must be storage every worker reaches; run it again
     with the same `--out` to resume from the last complete checkpoint.
     """
-    import argparse
     import logging
 
-    from tasks.data import load_split
-    from tuneloop.config import load_config
-    from tuneloop.models import resolve_base
-    from tuneloop.state import state_paths
+    from tasks.finetune import launcher_inputs
 
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML config (default configs/local.yaml)")
-    parser.add_argument("--data", required=True, help="training data (any form data.path takes)")
-    parser.add_argument("--out", required=True, type=Path, help="checkpoints and artifact, on shared storage")
-    parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (one per GPU with --use-gpu)")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    parser.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (torch threads)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="key.path=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    cfg = load_config(args.config, [*args.overrides, f"data.path={args.data}"])
-    base = resolve_base(cfg.model.base, state_paths(cfg).ensure().models)
+    args, cfg, rows, base = launcher_inputs(arguments(), argv)
     trained = finetune_ray.fn(
-        load_split(cfg.data).train,
+        rows,
         base,
         cfg.model,
         cfg.train,

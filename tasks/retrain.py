@@ -345,7 +345,7 @@ class RetrainingTarget:
 
     deployment: str
     config: TuneloopConfig
-    data_dir: Path
+    data_dir: Path  # StatePaths.retraining_data: one file per drift episode
     models_dir: Path
 
 
@@ -378,7 +378,7 @@ def decide_and_start_retraining(
             data = RetrainingData.model_validate_json(previous.data)  # the episode's run was given this
             note = data.note
         elif decision.holds:
-            out = target.data_dir / "retrain" / f"{_slug(decision.episode)}.jsonl"
+            out = target.data_dir / f"{_slug(decision.episode)}.jsonl"
             data, note = retraining_data(window.requests, feedback, m, champion, out, target.models_dir)
         tags = {
             T_MODEL: model,

@@ -65,3 +65,14 @@ def test_validation_knobs_are_checked_at_load() -> None:
         load_config(None, ["validation.duplicates.level=sometimes"])
     cfg = load_config(None, ["validation.pii.level=redact", "validation.truncation.level=error"])
     assert cfg.validation.pii.level == "redact" and cfg.validation.loss_mask.level == "error"
+
+
+def test_deployment_names_are_flow_slash_deployment_and_listed_once() -> None:
+    cfg = load_config(None, ["prefect.promotion_deployment=promotion-flow/blue"])
+    assert cfg.prefect.deployment_names == [
+        "training-flow/tuneloop-training",
+        "promotion-flow/blue",
+        "monitoring-flow/tuneloop-monitoring",
+    ]
+    with pytest.raises(ValueError, match="'tuneloop-promotion' is not '<flow name>/<deployment name>'"):
+        load_config(None, ["prefect.promotion_deployment=tuneloop-promotion"])

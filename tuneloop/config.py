@@ -499,9 +499,14 @@ class MlflowConfig(Strict):
 
 
 class PrefectConfig(Strict):
+    """Where Prefect runs and the deployments' names (`<flow name>/<deployment name>`, as
+    `prefect deployment run` and `run_deployment` take them; prefect.yaml uses the same names)."""
+
     api_url: str | None = Field(None, description="None: the local server started by `tuneloop up` / the demo.")
     port: int = 4200
     training_deployment: str = "training-flow/tuneloop-training"
+    promotion_deployment: str = "promotion-flow/tuneloop-promotion"
+    monitoring_deployment: str = "monitoring-flow/tuneloop-monitoring"
     deployments: Literal["serve", "work_pools"] = Field(
         "serve",
         description="How `tuneloop up` registers the training, promotion and monitoring deployments. "
@@ -510,6 +515,18 @@ class PrefectConfig(Strict):
         "--all`) with this config as the deployments' parameters, and starts a worker for the process pool; "
         "GPU workers (Kubernetes) take the training runs of the GPU pool.",
     )
+
+    @field_validator("training_deployment", "promotion_deployment", "monitoring_deployment")
+    @classmethod
+    def _flow_slash_deployment(cls, v: str) -> str:
+        flow_name, _, name = v.partition("/")
+        if not flow_name or not name or "/" in name:
+            raise ValueError(f"{v!r} is not '<flow name>/<deployment name>'")
+        return v
+
+    @property
+    def deployment_names(self) -> list[str]:
+        return [self.training_deployment, self.promotion_deployment, self.monitoring_deployment]
 
 
 class ApiKeyConfig(Strict):

@@ -224,11 +224,7 @@ def start_flow_runner(
     deadline = time.monotonic() + timeout
     # Every deployment flows/deployments.py serves, not only the first registered: `up` returns
     # once all of them can be run.
-    waiting = [
-        cfg.prefect.training_deployment,
-        "promotion-flow/tuneloop-promotion",
-        "monitoring-flow/tuneloop-monitoring",
-    ]
+    waiting = list(cfg.prefect.deployment_names)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ServiceError(

@@ -84,6 +84,22 @@ class StatePaths:
         """Scratch space of training runs (checkpoints, adapters before logging)."""
         return self.home / "runs"
 
+    def training_run(self, key: str) -> Path:
+        """One training's scratch dir: checkpoints, the champion's copy, the evaluation report."""
+        return self.runs / key
+
+    def validation_report(self, digest: str) -> Path:
+        """Where a dataset's validation report goes (by the data's digest)."""
+        return self.reports / "validation" / digest
+
+    def drift_report(self, run_id: str) -> Path:
+        return self.reports / f"drift-{run_id}.html"
+
+    @property
+    def retraining_data(self) -> Path:
+        """Retraining sets written by monitoring, one JSONL file per drift episode."""
+        return self.data / "retrain"
+
     @property
     def cache(self) -> Path:
         return self.home / "cache"
