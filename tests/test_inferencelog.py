@@ -109,3 +109,48 @@ def test_a_reused_request_id_gets_a_new_one_instead_of_blocking_the_log(tmp_path
     writer.submit(_record("c"))
     assert writer.flush(10)
     assert sorted(r["prompt"] for r in log.window()) == ["a", "b", "c"]
+
+
+def test_hostile_text_is_stored_escaped_and_the_rows_after_it_are_written(tmp_path: Path) -> None:
+    """A lone surrogate or NUL once stopped the writer for good: every later row went unlogged."""
+    log = InferenceLog(f"sqlite:///{tmp_path / 'log.db'}")
+    writer = LogWriter(log)
+    writer.submit(_record("lone \ud800 surrogate", response="nul \x00 byte", error="err \udfff"))
+    writer.submit(_record("after"))
+    assert writer.flush(10)
+    rows = {r["prompt"]: r for r in log.window()}
+    assert set(rows) == {"lone \\ud800 surrogate", "after"}
+    assert rows["lone \\ud800 surrogate"]["response"] == "nul \\x00 byte"
+    assert writer.stats() == {"written": 2, "pending": 0, "set_aside": 0, "retries": 0}
+    writer.close()
+
+
+def test_a_row_the_database_refuses_is_set_aside_and_counted(tmp_path: Path) -> None:
+    log = InferenceLog(f"sqlite:///{tmp_path / 'log.db'}")
+    writer = LogWriter(log)
+    refused = _record("refused")
+    refused.created_at = "not a time"  # SQLAlchemy's DateTime refuses it when binding the row
+    writer.submit(_record("before"))
+    writer.submit(refused)
+    writer.submit(_record("after"))
+    assert writer.flush(10)
+    assert sorted(r["prompt"] for r in log.window()) == ["after", "before"]
+    assert writer.set_aside == 1 and writer.rejected[0]["id"] == refused.id and writer.written == 2
+    writer.submit(_record("later"))
+    assert writer.flush(10) and log.count() == 3
+    writer.close()
+
+
+def test_a_row_the_redactor_cannot_read_is_set_aside_not_retried_forever(tmp_path: Path) -> None:
+    def redact(texts: list[str]) -> list[str]:
+        if any("boom" in t for t in texts):
+            raise ValueError("the redactor cannot read this")
+        return texts
+
+    log = InferenceLog(f"sqlite:///{tmp_path / 'log.db'}")
+    writer = LogWriter(log, redact=redact)
+    for prompt in ("a", "boom", "b"):
+        writer.submit(_record(prompt))
+    assert writer.flush(10)
+    assert sorted(r["prompt"] for r in log.window()) == ["a", "b"] and writer.set_aside == 1
+    writer.close()

@@ -49,7 +49,7 @@ from sqlalchemy import (
     type_coerce,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 
 log = logging.getLogger(__name__)
 
@@ -299,12 +299,32 @@ class InferenceLog:
         self.engine.dispose()
 
 
+def storable(text: str | None) -> str | None:
+    """`text` as every database takes it: a lone surrogate becomes its escape (`\\ud800`), NUL
+    becomes `\\x00` (PostgreSQL refuses it in text). Other text is unchanged."""
+    if text is None:
+        return None
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+TEXT_FIELDS = ("prompt", "response", "error", "route", "model", "model_version", "adapter", "arm", "key_id")
+
+
 class LogWriter:
     """Writes records from a background thread, in batches, so requests never wait on the database.
 
-    `redact` (e.g. `PiiScanner.redact`) runs in that thread over prompts and responses before
-    they are stored. A batch that fails to insert is retried until it goes in or the writer is
-    closed; `close()` drains the queue first, so records submitted before it are all written.
+    Every text field is escaped (`storable`) and prompts, responses and error texts go through
+    `redact` (e.g. `PiiScanner.redact`) in that thread before they are stored. A batch the
+    database cannot take now (locked, unreachable: `OperationalError`) is retried until it goes in
+    or the writer is closed. A row the database refuses for what it holds is set aside (counted
+    in `set_aside`, kept in `rejected` up to 1,000 rows, its text dropped) and never blocks the
+    rows after it. `close()` drains the queue first, so records submitted before it are written.
     """
 
     def __init__(
@@ -323,6 +343,8 @@ class LogWriter:
         self._pending = 0
         self.written = 0
         self.failures = 0
+        self.set_aside = 0
+        self.rejected: list[dict[str, Any]] = []  # rows the database refused: id, status, the error
         self._thread = threading.Thread(target=self._run, name="inference-log-writer", daemon=True)
         self._thread.start()
 
@@ -337,21 +359,70 @@ class LogWriter:
             return self._idle.wait_for(lambda: self._pending == 0, timeout=timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout_s)
+
+    def stats(self) -> dict[str, int]:
+        with self._idle:
+            pending = self._pending
+        return {"written": self.written, "pending": pending, "set_aside": self.set_aside, "retries": self.failures}
+
+    def clean(self, texts: list[str]) -> list[str]:
+        """Texts as they may be stored: escaped, then redacted (feedback comments go through here too)."""
+        safe = [storable(t) or "" for t in texts]
+        return self.redact(safe) if self.redact is not None else safe
 
     def _prepare(self, batch: list[InferenceRecord]) -> list[InferenceRecord]:
-        if self.redact is None:
-            return batch
-        texts = [r.prompt for r in batch] + [r.response or "" for r in batch]
-        clean = self.redact(texts)
         n = len(batch)
-        return [
-            InferenceRecord(
-                **{**asdict(r), "prompt": clean[i], "response": clean[n + i] if r.response is not None else None}
-            )
-            for i, r in enumerate(batch)
-        ]
+        clean = self.clean(
+            [r.prompt for r in batch] + [r.response or "" for r in batch] + [r.error or "" for r in batch]
+        )
+        out = []
+        for i, r in enumerate(batch):
+            row = {k: storable(v) if k in TEXT_FIELDS else v for k, v in asdict(r).items()}
+            row["prompt"] = clean[i]
+            row["response"] = clean[n + i] if r.response is not None else None
+            row["error"] = clean[2 * n + i] if r.error is not None else None
+            out.append(InferenceRecord(**row))
+        return out
+
+    def _append_one(self, row: InferenceRecord) -> None:
+        """Insert one row; a row the database refuses for its content is set aside. A database
+        that cannot take rows now raises (`OperationalError`): the caller retries."""
+        for attempt in range(2):
+            try:
+                self.store.append(row)
+                self.written += 1
+                return
+            except OperationalError:
+                raise
+            except IntegrityError as err:  # an id used twice (a client's own x-request-id): a new id
+                if attempt:
+                    self._set_aside(row, err)
+                row.id = str(uuid.uuid4())
+            except StatementError as err:
+                self._set_aside(row, err)
+                return
+
+    def _set_aside(self, row: InferenceRecord, err: Exception) -> None:
+        self.set_aside += 1
+        log.error("inference log: row %s set aside: %s: %s", row.id, type(err).__name__, str(err)[:300])
+        if len(self.rejected) < 1000:
+            self.rejected.append({"id": row.id, "status": row.status, "error": type(err).__name__})
+
+    def _prepare_safely(self, batch: list[InferenceRecord]) -> list[InferenceRecord]:
+        """Rows ready to store; a row the redactor cannot handle is set aside, not retried forever."""
+        try:
+            return self._prepare(batch)
+        except Exception:  # noqa: BLE001 - find the row that breaks it
+            out = []
+            for record in batch:
+                try:
+                    out += self._prepare([record])
+                except Exception as err:  # noqa: BLE001
+                    self._set_aside(record, err)
+            return out
 
     def _run(self) -> None:
         closing = False
@@ -377,29 +448,28 @@ class LogWriter:
     def _write(self, batch: list[InferenceRecord], closing: bool) -> None:
         if not batch:
             return
+        rows = self._prepare_safely(batch)
         delay = 0.1
-        while True:
+        while rows:
             try:
-                rows = self._prepare(batch)
                 try:
                     self.store.append_many(rows)
-                except IntegrityError:  # an id used twice (a client's own x-request-id): a new id
-                    for row in rows:
-                        try:
-                            self.store.append(row)
-                        except IntegrityError:
-                            row.id = str(uuid.uuid4())
-                            self.store.append(row)
-                break
+                    self.written += len(rows)
+                    rows = []
+                except OperationalError:
+                    raise
+                except StatementError:  # a row the database refuses (an id used twice, a value): one by one
+                    while rows:
+                        self._append_one(rows[0])
+                        rows.pop(0)
             except Exception:  # a locked or unreachable database: keep the rows, try again
                 self.failures += 1
-                log.exception("inference log write failed (%d rows kept, retrying)", len(batch))
+                log.exception("inference log write failed (%d rows kept, retrying)", len(rows))
                 if closing and self.failures > 20:
-                    log.error("inference log: giving up on %d rows at close", len(batch))
+                    log.error("inference log: giving up on %d rows at close", len(rows))
                     break
                 threading.Event().wait(delay)
                 delay = min(delay * 2, 5.0)
         with self._idle:
-            self.written += len(batch)
             self._pending -= len(batch)
             self._idle.notify_all()
