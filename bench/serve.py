@@ -41,6 +41,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def bench_home(prefix: str) -> tuple[Path, Path]:
+    """A throwaway state dir sharing this checkout's built base models; the process environment set."""
+    from tuneloop.state import DEFAULT_ENV
+
+    for k, v in DEFAULT_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    models = Path(".tuneloop/models").resolve()  # the builtin base, built once per checkout
+    models.mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(models, target_is_directory=True)
+    return home, models
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
@@ -182,15 +196,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from tuneloop.config import load_config
-    from tuneloop.state import DEFAULT_ENV, apply_environment
+    from tuneloop.state import apply_environment
 
-    for k, v in DEFAULT_ENV.items():
-        os.environ.setdefault(k, v)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    home = Path(tempfile.mkdtemp(prefix="tuneloop-bench-serve-"))
-    models = Path(".tuneloop/models").resolve()  # the builtin base, built once per checkout
-    models.mkdir(parents=True, exist_ok=True)
-    (home / "models").symlink_to(models, target_is_directory=True)
+    home, models = bench_home("tuneloop-bench-serve-")
     cfg = load_config(
         None,
         [

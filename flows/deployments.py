@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -136,6 +138,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
+    if args.config:  # the runs this process starts check their parameters against this file's security section
+        os.environ["TUNELOOP_CONFIG"] = str(Path(args.config).resolve())
     if cfg.prefect.deployments == "work_pools":
         apply_prefect_yaml(cfg)
     else:

@@ -31,9 +31,10 @@ from tasks.drift import (
 )
 from tasks.drift_report import ReportContext, publish_monitoring_report
 from tasks.embeddings import embed_window
+from tasks.privacy import expire
 from tasks.registry import find_champion, open_state
 from tasks.retrain import RetrainingTarget, decide_and_start_retraining
-from tuneloop.config import MonitorThresholds, Persistence, TuneloopConfig, load_config
+from tuneloop.config import MonitorThresholds, Persistence, TuneloopConfig, check_run_parameters, load_config
 from tuneloop.state import inference_db_url
 
 
@@ -63,11 +64,13 @@ def monitoring_flow(
 ) -> MonitoringResult:
     """Check the newest requests on every signal, report, and retrain once per drift episode."""
     cfg = config or load_config()
+    check_run_parameters(cfg)  # a run's config may not point beyond the worker's allow-lists
     m = monitor_settings(
         cfg.monitor, window=window, reference=reference, thresholds=thresholds, persistence=persistence
     )
     paths = open_state(cfg)
     db = inference_db_url(cfg)
+    expire(cfg)  # privacy.retention_days: nothing older is read, or kept
     champion = find_champion(cfg.registry)
     win = read_window(db, m.window)
     ref = read_reference(m, champion, paths.cache)

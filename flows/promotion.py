@@ -10,8 +10,8 @@ A version that shares the serving base model is hot-loaded into the running repl
 A version on another base model (or fully fine-tuned) replaces the replicas one by one,
 smoke-tested, with the old replicas serving until the new ones run.
 
-This flow is the only place that moves `champion`. A version the gate rejected (or whose
-verdict it withheld) is refused before anything is deployed. Every promotion is an MLflow run
+This flow is the only place that moves `champion`. A version the gate did not pass (rejected,
+withheld, or no verdict at all) is refused before anything is deployed. Every promotion is an MLflow run
 in `registry.promotion_experiment` (each arm's figures, the rules, the decision) and a
 Prefect artifact; a rolled-back version is tagged with the reason and the flow run fails.
 """
@@ -19,6 +19,7 @@ Prefect artifact; a rolled-back version is tagged with the reason and the flow r
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass, field
 
 import mlflow
@@ -39,6 +40,7 @@ from tasks.deploy import (
 from tasks.registry import (
     ModelVersionRef,
     find_alias,
+    model_lock,
     promote_champion,
     record_promotion,
     tag_version,
@@ -46,7 +48,7 @@ from tasks.registry import (
 )
 from tuneloop.config import TuneloopConfig, load_config
 from tuneloop.seams import Routing, RoutingMode, ServedVersions
-from tuneloop.servespec import serve_config, serve_spec
+from tuneloop.servespec import keys_required, serve_config, serve_spec
 from tuneloop.state import ray_address, tracking_uri
 
 
@@ -102,16 +104,22 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
             f"No version of {name} holds the {reg.challenger_alias!r} or {reg.champion_alias!r} "
             "alias: train one that passes the gate, or give a version"
         )
+    if keys_required(cfg) and not os.environ.get(cfg.serve.client_key_env):
+        raise DeployError(
+            f"The gateway wants an API key and {cfg.serve.client_key_env} is not set: the smoke test could "
+            f"not authenticate. Set it to a key with the infer scope (`tuneloop api-key new`)"
+        )
     gate = version_tags(target)
     if gate is None:
         raise DeployError(f"{name} has no version {target.version}")
-    if gate.get("tuneloop.gate") in ("rejected", "withheld"):
-        raise DeployError(
-            f"Version {target.version} cannot become {reg.champion_alias}: the gate "
-            f"{gate.get('tuneloop.gate_reason', gate['tuneloop.gate'])}"
-        )
-    with ray_client(ray_address(cfg)):
-        state = read_state(cfg)
+    if gate.get("tuneloop.gate") != "passed":  # fail closed: no verdict is no pass
+        verdict = gate.get("tuneloop.gate")
+        why = gate.get("tuneloop.gate_reason", verdict) if verdict else "has no verdict for it (tag tuneloop.gate)"
+        raise DeployError(f"Version {target.version} cannot become {reg.champion_alias}: the gate {why}")
+    # One promotion at a time per model; a promotion that died mid-canary left its split behind:
+    # the next one (or `tuneloop up`, which re-serves the champion through here) settles it first.
+    with model_lock("promotion", tracking_uri(cfg), name, reg.promotion_lock_timeout_s), ray_client(ray_address(cfg)):
+        state = settle_interrupted(cfg, read_state(cfg))
         share = 1.0  # the new version's share of routed traffic while it was compared
         if state is not None and state.champion == target.version:
             strategy = "already serving"
@@ -150,6 +158,24 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
     return PromotionResult(
         target.version, previous, endpoint(cfg.serve), smoke.answer, old_champion, strategy, figures, lines
     )
+
+
+def settle_interrupted(cfg: TuneloopConfig, state: ServeState | None) -> ServeState | None:
+    """Roll back what a promotion killed mid-canary (or mid-shadow) left: a challenger still
+    loaded and routed. The champion of the routing table gets all traffic again, the stale
+    challenger is recorded as rolled back. Return the state as it now is."""
+    if state is None or (state.routing.challenger is None and state.routing.mode == "off"):
+        return state
+    logger = get_run_logger()
+    champion, stale = state.routing.champion, state.routing.challenger
+    logger.warning(
+        "A promotion of v%s was interrupted mid-%s: rolling back to v%s", stale, state.routing.mode, champion
+    )
+    apply_config(_config(cfg, state.base_version, [champion], _routing(champion)), cfg, [champion])
+    if stale is not None:
+        reason = f"the promotion was interrupted during its {state.routing.mode}; rolled back by the next promotion"
+        _rolled_back(cfg, ModelVersionRef(cfg.registry.model_name, stale), champion, "interrupted", reason, {}, [])
+    return read_state(cfg)
 
 
 def _replace(cfg: TuneloopConfig, state: ServeState | None, target: ModelVersionRef):

@@ -18,7 +18,7 @@ from tasks.finetune import prepare_base_model
 from tasks.judge import judge_answers, probe_judge
 from tasks.leaderboard import SelectionResult, publish_leaderboard, selection_params
 from tasks.registry import log_model_evaluation, open_state, start_selection_run
-from tuneloop.config import TuneloopConfig, load_config
+from tuneloop.config import TuneloopConfig, check_run_parameters, load_config
 
 
 @flow(name="model-selection-flow")
@@ -27,6 +27,7 @@ def model_selection_flow(
 ) -> SelectionResult:
     """Evaluate each base model in `models` on `config.data.path` and rank them by `rank_by`."""
     cfg = config or load_config()
+    check_run_parameters(cfg)  # a run's config may not point beyond the worker's allow-lists
     paths = open_state(cfg)
     # Every input is checked, every model resolved and the judge reached before any generation.
     models = check_model_list(models or [], rank_by, cfg.eval)

@@ -45,7 +45,7 @@ from tasks.registry import (
 )
 from tasks.slices import collect_slices
 from tasks.validation import validate_dataset
-from tuneloop.config import TuneloopConfig, load_config
+from tuneloop.config import TuneloopConfig, check_run_parameters, load_config
 from tuneloop.state import tracking_uri
 
 
@@ -72,6 +72,7 @@ def _end_mlflow_run(flow, flow_run, state) -> None:
 def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual") -> TrainingResult:
     """Fine-tune on `config.data`, gate it against the champion (or the base) on every slice, register it."""
     cfg = config or load_config()
+    check_run_parameters(cfg)  # a run's config may not point beyond the worker's allow-lists
     paths = open_state(cfg)
     check_training_setup(cfg.train)  # qlora on a CPU worker fails here, before any data is read
     loaded = load_dataset(cfg.data)

@@ -29,30 +29,48 @@ import json
 import logging
 import math
 import random
+import re
 import time
 import uuid
-from typing import Any, Literal
+from collections import Counter
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import ModelServer
-from serving.guard import KeyRing, RateLimiter
+from serving.guard import KeyEntry, KeyRing, RateLimiter
 from tuneloop.seams import Answer, GenerationRequest, Refusal, Routing, ServeSpec
 
 log = logging.getLogger("ray.serve")
 
 ARMS = ("champion", "challenger", "shadow", "pinned")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode_text(value: str) -> str:
+    """Refuse what JSON can carry but is not Unicode text: a lone UTF-16 surrogate (`"\\ud800"`).
+    No tokenizer, database or redactor downstream can take it, so it gets a 422 here."""
+    found = _SURROGATE.search(value)
+    if found:
+        raise ValueError(
+            f"holds a lone UTF-16 surrogate (U+{ord(found.group()):04X}) at character {found.start()}: not Unicode text"
+        )
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class StreamOptions(BaseModel):
@@ -60,14 +78,14 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)  # accepted; decoding is greedy
     top_p: float | None = Field(None, gt=0, le=1)  # accepted; decoding is greedy
     n: int = Field(1, ge=1, le=1, description="One choice per request")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # canary assignment is sticky per user when given
+    user: Text | None = Field(None, max_length=256)  # canary assignment is sticky per user when given
 
 
 class ChatCompletionRequest(_Common):
@@ -76,13 +94,13 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
 
 class FeedbackRequest(BaseModel):
-    id: str = Field(..., min_length=1, max_length=64, description="The response id (or x-request-id)")
+    id: Text = Field(..., min_length=1, max_length=64, description="The response id (or x-request-id)")
     score: float = Field(..., ge=0, le=1, description="0 (bad) … 1 (good)")
-    comment: str | None = Field(None, max_length=4000)
+    comment: Text | None = Field(None, max_length=4000)
 
 
 class ApiError(Exception):
@@ -174,6 +192,29 @@ async def _limit_body(request: Request, call_next: Any) -> Any:
     return await call_next(request)
 
 
+def check_exposure(host: str, require_key: bool, have_keys: bool) -> None:
+    """Refuse to serve beyond loopback (or with keys required) when no key is configured."""
+    if have_keys:
+        return
+    if host not in LOOPBACK:
+        raise RuntimeError(
+            f"The gateway's HTTP proxy listens on {host!r}, beyond loopback, and no API key is configured: set "
+            "serve.api_keys or the serve.api_keys_env variable (`tuneloop api-key new`)"
+        )
+    if require_key:
+        raise RuntimeError("serve.require_api_key is on and no API key is configured (serve.api_keys_env)")
+
+
+def _proxy_host() -> str:
+    """The address Serve's HTTP proxies listen on (unknown counts as exposed)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return str(_get_global_client().http_config.host)
+    except Exception:  # noqa: BLE001 - no controller to ask: assume the worst
+        return "unknown"
+
+
 def _retryable(err: BaseException) -> bool:
     """A replica that died or vanished mid-request: another replica may answer."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -204,6 +245,8 @@ class Gateway:
         self.writer = LogWriter(self.store, redact=self._redactor())
         self.keys = KeyRing([k.model_dump() for k in self.spec.api_keys])
         self.require_key = self.spec.require_api_key or bool(self.keys)
+        check_exposure(_proxy_host(), self.require_key, bool(self.keys))
+        self.refused: Counter[str] = Counter()  # auth and rate refusals: counted, never logged with their prompts
         self.limiter = RateLimiter(self.spec.rate_per_minute, self.spec.burst)
         self.routing = Routing()
         self._shadow_tasks: set[asyncio.Task] = set()
@@ -212,9 +255,13 @@ class Gateway:
     def _redactor(self) -> Any:
         if self.spec.log_pii != "redact":
             return None
-        from tuneloop.safety import PiiScanner
+        from tuneloop.safety import NER_ENTITIES, PiiScanner, ner_available
 
-        scanner = PiiScanner(list(self.spec.pii_entities))
+        entities = list(self.spec.pii_entities)
+        if not ner_available() and set(entities) & set(NER_ENTITIES):
+            log.warning("No spaCy model: %s are not redacted from the log", sorted(set(entities) & set(NER_ENTITIES)))
+            entities = [e for e in entities if e not in NER_ENTITIES]
+        scanner = PiiScanner(entities)
         scanner.redact(["warm-up: alice@example.com"])  # load presidio now, not with the first rows
         return scanner.redact
 
@@ -228,14 +275,16 @@ class Gateway:
 
     # ------------------------------------------------------------------ checks
 
-    def _authorize(self, request: Request, record: Any = None) -> str:
-        """Return the caller's key id (or client address without keys); raise 401/429."""
-        key_id, per_minute = None, None
+    def _authorize(self, request: Request, *scopes: str) -> KeyEntry:
+        """Return the caller (its key, or the client address on an open loopback gateway) after
+        checking its key, one of `scopes` (default: infer) and its rate; raise 401 / 403 / 429.
+        Refusals are counted here and never reach the inference log."""
         if self.require_key:
             header = request.headers.get("authorization", "")
             key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
             entry = self.keys.identify(key) if key else None
             if entry is None:
+                self.refused["invalid_api_key"] += 1
                 raise ApiError(
                     401,
                     "Missing or invalid API key: send `Authorization: Bearer <key>`",
@@ -243,22 +292,30 @@ class Gateway:
                     None,
                     "invalid_api_key",
                 )
-            key_id, per_minute = entry.id, entry.rate_per_minute
         else:
-            key_id = f"client:{request.client.host if request.client else 'unknown'}"
-        if record is not None:
-            record.key_id = key_id
-        wait = self.limiter.take(key_id, per_minute)
+            entry = KeyEntry(f"client:{request.client.host if request.client else 'unknown'}", "", None, ("infer",))
+        wanted = scopes or ("infer",)
+        if not any(entry.may(s) for s in wanted):
+            self.refused["forbidden"] += 1
+            raise ApiError(
+                403,
+                f"The key {entry.id!r} lacks the {' or '.join(wanted)} scope (it has {', '.join(entry.scopes)})",
+                "permission_error",
+                None,
+                "insufficient_scope",
+            )
+        wait = self.limiter.take(entry.id, entry.rate_per_minute)
         if wait > 0:
+            self.refused["rate_limit_exceeded"] += 1
             raise ApiError(
                 429,
-                f"Rate limit reached for {key_id}: retry in {math.ceil(wait)} s",
+                f"Rate limit reached for {entry.id}: retry in {math.ceil(wait)} s",
                 "rate_limit_error",
                 None,
                 "rate_limit_exceeded",
                 {"Retry-After": str(math.ceil(wait))},
             )
-        return key_id
+        return entry
 
     def _max_tokens(self, *values: int | None) -> int:
         asked = next((v for v in values if v is not None), None)
@@ -363,9 +420,9 @@ class Gateway:
         max_tokens_values: tuple,
     ) -> Any:
         start = time.perf_counter()
-        record = self._record(route, prompt, None, None, request)
+        caller = self._authorize(request)  # a refused caller's prompt is not logged
+        record = self._record(route, prompt, caller.id, None, request)
         try:
-            self._authorize(request, record)
             max_tokens = self._max_tokens(*max_tokens_values)
             version, arm = self._route(body.model, body.user)
             record.arm = arm
@@ -620,16 +677,49 @@ class Gateway:
 
     @api.post("/v1/feedback")
     async def post_feedback(self, body: FeedbackRequest, request: Request) -> JSONResponse:
-        self._authorize(request)
+        """Rate an answer: the key that asked for it may, and a key with the `feedback` scope (a
+        review tool) may rate any. Someone else's answer looks like a missing one (404)."""
+        caller = self._authorize(request, "infer", "feedback")
         rid = body.id.split("-", 1)[1] if body.id.startswith(("chatcmpl-", "cmpl-")) else body.id
         await asyncio.to_thread(self.writer.flush, 5.0)  # the answer may still be on its way to the log
         row = await asyncio.to_thread(self.store.get, rid)
-        if row is None:
+        if row is None or (row.get("key_id") != caller.id and not caller.may("feedback")):
+            if row is not None:
+                self.refused["foreign_feedback"] += 1
             raise ApiError(
-                404, f"No logged response has id {body.id!r}", "invalid_request_error", "id", "response_not_found"
+                404,
+                f"No logged response of yours has id {body.id!r}",
+                "invalid_request_error",
+                "id",
+                "response_not_found",
             )
-        await asyncio.to_thread(self.store.add_feedback, rid, body.score, body.comment)
+        comment = self.writer.clean([body.comment])[0] if body.comment else None
+        await asyncio.to_thread(self.store.add_feedback, rid, body.score, comment)
         return JSONResponse({"id": body.id, "object": "feedback", "status": "recorded"})
+
+    @api.get("/v1/admin/stats")
+    async def admin_stats(self, request: Request) -> dict[str, Any]:
+        """For operators (`admin` scope): refusals by reason, and the inference-log writer's figures."""
+        self._authorize(request, "admin")
+        return {
+            "refused": dict(self.refused),
+            "log": self.writer.stats(),
+            "routing": self.routing.model_dump(),
+        }
+
+    @api.get("/v1/admin/requests/{request_id}")
+    async def admin_request(self, request_id: str, request: Request) -> dict[str, Any]:
+        """One logged request, as stored (redacted), with its feedback (`admin` scope)."""
+        self._authorize(request, "admin")
+        rid = request_id.split("-", 1)[1] if request_id.startswith(("chatcmpl-", "cmpl-")) else request_id
+        row = await asyncio.to_thread(self.store.get, rid)
+        if row is None:
+            raise ApiError(404, f"No logged request has id {request_id!r}", "not_found_error", "id", "not_found")
+        scores = await asyncio.to_thread(self.store.feedback_for, [rid])
+        return {
+            **{k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()},
+            "feedback": scores.get(rid),
+        }
 
 
 def build_app(

@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -59,14 +60,14 @@ class ModelServer:
         import mlflow
         import torch
 
-        from tuneloop.models import find_artifact_dir, load_base, read_base_ref
+        from tuneloop.models import load_base, read_base_ref
 
         spec = ServeSpec.model_validate(spec)
         torch.set_num_threads(spec.engine.torch_threads)
         self.spec = spec
         self.model_name = spec.model_name
         mlflow.set_tracking_uri(spec.tracking_uri)
-        art = find_artifact_dir(mlflow.artifacts.download_artifacts(artifact_uri=spec.base_uri))
+        art = self._verified_artifact(spec.base_uri)
         self.base_ref = read_base_ref(art)
         self.full_version: str | None = None
         if (art / "model").is_dir():  # a fully fine-tuned version is its own base, with no adapter
@@ -129,12 +130,24 @@ class ModelServer:
         version = MlflowClient().get_model_version_by_alias(name, self.spec.champion_alias).version
         return {str(version): f"models:/{name}/{version}"}
 
-    def _load(self, version: str, uri: str) -> None:
+    def _verified_artifact(self, uri: str) -> Path:
+        """Download a version (`models:/<name>/<version>`) and check it against its registered digest."""
         import mlflow
+        from mlflow import MlflowClient
 
-        from tuneloop.models import BaseModelError, find_artifact_dir, read_base_ref
+        from tuneloop.models import DIGEST_TAG, find_artifact_dir, verify_artifact
 
+        name, version = uri.removeprefix("models:/").rstrip("/").rsplit("/", 1)
         art = find_artifact_dir(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        tags = MlflowClient().get_model_version(name, version).tags
+        verify_artifact(art, tags.get(DIGEST_TAG), f"Version {version} of {name}")
+        return art
+
+    def _load(self, version: str, uri: str) -> None:
+
+        from tuneloop.models import BaseModelError, read_base_ref
+
+        art = self._verified_artifact(uri)
         ref = read_base_ref(art)
         if ref.sha256 != self.base_ref.sha256 or not (art / "adapter").is_dir():
             raise BaseModelError(

@@ -1,7 +1,7 @@
 """API keys (kept as SHA-256 only) and per-key rate limits for the gateway.
 
-    keys = KeyRing([{"id": "team-a", "sha256": "…", "rate_per_minute": 120}])
-    keys.identify("tl-…")          # -> "team-a", or None for an unknown key
+    keys = KeyRing([{"id": "team-a", "sha256": "…", "rate_per_minute": 120, "scopes": ["infer"]}])
+    keys.identify("tl-…")          # -> KeyEntry(id="team-a", …), or None for an unknown key
     limiter = RateLimiter(per_minute=600, burst=60)
     limiter.take("team-a")         # -> 0.0 when allowed, else seconds until it would be
 
@@ -20,17 +20,26 @@ from dataclasses import dataclass
 
 from tuneloop.apikeys import key_sha256
 
+SCOPES = ("infer", "feedback", "admin")
+
 
 @dataclass(frozen=True)
 class KeyEntry:
     id: str
     sha256: str
     rate_per_minute: int | None = None
+    scopes: tuple[str, ...] = ("infer",)
+
+    def may(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
 
 
 class KeyRing:
     def __init__(self, entries: Iterable[Mapping[str, object]]) -> None:
-        self.entries = [KeyEntry(str(e["id"]), str(e["sha256"]), e.get("rate_per_minute")) for e in entries]
+        self.entries = [
+            KeyEntry(str(e["id"]), str(e["sha256"]), e.get("rate_per_minute"), tuple(e.get("scopes") or ("infer",)))
+            for e in entries
+        ]
 
     def __bool__(self) -> bool:
         return bool(self.entries)

@@ -12,6 +12,7 @@ config (tuneloop.servespec) and hands it to Serve's controller. Serve then
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -190,7 +191,9 @@ def _wait_for_replicas(cfg: TuneloopConfig, versions: list[str], timeout_s: floa
     while time.monotonic() < deadline:
         app = serve.status().applications.get(name)
         if app is not None and app.status == "DEPLOY_FAILED":
-            raise DeployError(f"Serve could not run the new config: {app.message}"[:2000])
+            # The deployment's message holds the replica's own error (its last traceback line first).
+            details = [f"{n}: {d.message}" for n, d in app.deployments.items() if d.message]
+            raise DeployError(f"Serve could not run the new config: {app.message} {' '.join(details)}"[:2000])
         model = app.deployments.get("ModelServer") if app is not None else None
         if app is not None and app.status == "RUNNING" and model is not None and model.status == "HEALTHY":
             running = model.replica_states.get("RUNNING", 0)
@@ -240,6 +243,7 @@ def smoke_test(
     After a replacement, old replicas drain for a few seconds and may still answer meanwhile.
     """
     body = {"model": model, "messages": [{"role": "user", "content": cfg.smoke_prompt}], "max_tokens": 8}
+    api_key = api_key or os.environ.get(cfg.client_key_env)  # a keyed gateway: tuneloop's own key
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     deadline = time.monotonic() + timeout_s
     problem = "no answer"

@@ -181,16 +181,19 @@ def register_adapter(
     """Log the artifact as an MLflow pyfunc model in `run_id`, register it as a new version, end the run.
 
     The artifact is a LoRA adapter with its base reference, or all the weights of a full
-    fine-tune; both go the same way (tuneloop.pyfunc loads either, as serving does). The
+    fine-tune; both go the same way. Its content digest (SHA-256 over the per-file manifest,
+    logged as `manifest/artifact-sha256.json`) becomes the version's `tuneloop.artifact_sha256`
+    tag, which serving checks before loading it (tuneloop.pyfunc loads either, as serving does). The
     version is created with all its tags in one call (lineage, code version, eval metrics):
     a concurrent reader never sees it half-described.
     """
     from mlflow.models import infer_signature
 
     import tuneloop.pyfunc
-    from tuneloop.models import ARTIFACT_FORMATS, artifact_kind
+    from tuneloop.models import ARTIFACT_FORMATS, DIGEST_TAG, artifact_kind, artifact_manifest, artifact_sha256
 
     kind = artifact_kind(artifact_dir)
+    digest = artifact_sha256(artifact_dir)  # checked by every replica before it loads the version
     signature = infer_signature(INPUT_EXAMPLE, ["Paris"], params={"max_new_tokens": 32})
     # Resume the run in its own experiment, whatever experiment this process used last.
     mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
@@ -199,6 +202,7 @@ def register_adapter(
         # The gate's verdict also on the run, where the experiment's run table shows it.
         mlflow.set_tags({k: v[:5000] for k, v in lineage.items() if k.startswith("tuneloop.gate")})
         mlflow.log_text("\n".join(json.dumps(p) for p in reference_prompts), "reference/prompts.jsonl")
+        mlflow.log_dict(artifact_manifest(artifact_dir), "manifest/artifact-sha256.json")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=tuneloop.pyfunc.__file__,
@@ -214,6 +218,7 @@ def register_adapter(
     tags = {
         **lineage,
         "tuneloop.artifact": kind,
+        DIGEST_TAG: digest,
         "tuneloop.code_version": code_version(),
         **{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()},
     }
@@ -231,11 +236,18 @@ def registry_lock(tracking_uri: str, model_name: str, timeout_s: float = 120) ->
     race with another flow doing the same between the read and the write; on SQLite even two
     plain alias writes at once can fail on a UNIQUE constraint (tests/test_registry.py).
     Version numbers and tags need no lock (the store numbers versions in a transaction and
-    retries; tags are written with the version). With the embedded SQLite store every flow
-    runs on this machine: a
-    file lock beside the database. With a tracking server, flows run on many machines that
-    share one Prefect API: a Prefect global concurrency limit of 1 slot per model name.
+    retries; tags are written with the version).
     """
+    with model_lock("registry", tracking_uri, model_name, timeout_s):
+        yield
+
+
+@contextmanager
+def model_lock(kind: str, tracking_uri: str, model_name: str, timeout_s: float) -> Iterator[None]:
+    """One holder at a time of `kind` (registry, promotion) for `model_name`. With the embedded
+    SQLite store every flow runs on this machine: a file lock beside the database (the OS drops
+    it when its holder dies). With a tracking server, flows run on many machines that share one
+    Prefect API: a Prefect global concurrency limit of 1 slot (a dead holder's lease runs out)."""
     slug = re.sub(r"[^A-Za-z0-9-]", "-", model_name)
     parsed = urlparse(tracking_uri)
     if parsed.scheme in ("sqlite", "file", ""):
@@ -244,10 +256,10 @@ def registry_lock(tracking_uri: str, model_name: str, timeout_s: float = 120) ->
         local = Path(tracking_uri.removeprefix("sqlite:///") if parsed.scheme == "sqlite" else parsed.path)
         lock_dir = (local.parent if parsed.scheme == "sqlite" else local) / "locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(lock_dir / f"registry-{slug}.lock", timeout=timeout_s):
+        with FileLock(lock_dir / f"{kind}-{slug}.lock", timeout=timeout_s):
             yield
         return
-    with prefect_mutex(f"tuneloop-registry-{slug}", timeout_s):
+    with prefect_mutex(f"tuneloop-{kind}-{slug}", timeout_s):
         yield
 
 

@@ -76,3 +76,34 @@ def test_deployment_names_are_flow_slash_deployment_and_listed_once() -> None:
     ]
     with pytest.raises(ValueError, match="'tuneloop-promotion' is not '<flow name>/<deployment name>'"):
         load_config(None, ["prefect.promotion_deployment=tuneloop-promotion"])
+
+
+def test_a_run_may_not_point_beyond_the_workers_allow_lists(tmp_path: Path) -> None:
+    """A run's config is a parameter: its judge URL (where a key is sent) and its paths are
+    checked against the security section of the worker's own config, not the run's."""
+    from tuneloop.config import SecurityConfig, check_run_parameters
+
+    trusted = SecurityConfig(allowed_hosts=["127.0.0.1", "judge.internal"], allowed_paths=[str(tmp_path)])
+    ok = load_config(
+        None,
+        [
+            "eval.judge={backend: openai, base_url: 'http://judge.internal:9000/v1', model: j}",
+            f"data.path={tmp_path / 'train.jsonl'}",
+        ],
+    )
+    check_run_parameters(ok, trusted)
+    evil = load_config(
+        None,
+        [
+            "eval.judge={backend: openai, base_url: 'https://attacker.example/v1', model: j, api_key_env: JUDGE_KEY}",
+            "data.path=/etc/passwd",
+            # widening its own allow-list changes nothing: the worker's is the one read
+            "security.allowed_hosts=[attacker.example]",
+        ],
+    )
+    with pytest.raises(ConfigError) as err:
+        check_run_parameters(evil, trusted)
+    assert "eval.judge.base_url names host 'attacker.example'" in str(err.value)
+    assert "data.path '/etc/passwd' is outside security.allowed_paths" in str(err.value)
+    hub = load_config(None, ["data.path=someone/dataset", "data.format=hub"])
+    check_run_parameters(hub, trusted)  # a hub id is not a path

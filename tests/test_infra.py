@@ -205,6 +205,22 @@ def test_rayservice_serve_config_is_a_valid_serve_deploy_config() -> None:
     config = ServeDeploySchema.model_validate(_rayservice_serve_config())
     assert [app.name for app in config.applications] == ["tuneloop"]
     assert config.http_options.host == "0.0.0.0"  # the pod's address; the head service is ClusterIP
+    args = config.applications[0].args
+    cfg = load_config(REPO_ROOT / args["config"], args.get("set", []))
+    assert cfg.serve.require_api_key  # beyond loopback: keys on, from the tuneloop-env Secret
+
+
+def test_a_gateway_beyond_loopback_refuses_to_start_without_keys() -> None:
+    from serving.app import check_exposure
+
+    with pytest.raises(RuntimeError, match="beyond loopback, and no API key"):
+        check_exposure("0.0.0.0", require_key=False, have_keys=False)
+    with pytest.raises(RuntimeError, match="beyond loopback"):
+        check_exposure("unknown", require_key=False, have_keys=False)  # cannot tell: assume exposed
+    with pytest.raises(RuntimeError, match="require_api_key is on"):
+        check_exposure("127.0.0.1", require_key=True, have_keys=False)
+    check_exposure("0.0.0.0", require_key=True, have_keys=True)
+    check_exposure("127.0.0.1", require_key=False, have_keys=False)  # the laptop default: loopback, open
 
 
 def test_rayservice_serves_what_tuneloop_serve_config_writes_for_its_config() -> None:

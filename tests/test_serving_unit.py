@@ -30,9 +30,28 @@ def test_keys_from_the_environment_are_hashed_at_once() -> None:
         {"id": "team-a", "sha256": key_sha256("secret1")},
         {"id": "team-b", "sha256": key_sha256("secret2")},
     ]
+    assert keys_from_env("review:secret3:feedback+infer") == [
+        {"id": "review", "sha256": key_sha256("secret3"), "scopes": ["feedback", "infer"]}
+    ]
     assert keys_from_env(None) == [] and keys_from_env("") == []
     with pytest.raises(ValueError, match="expected `id:key`"):
         keys_from_env("no-separator")
+
+
+def test_scopes_say_what_a_key_may_do() -> None:
+    ring = KeyRing(
+        [
+            {"id": "app", "sha256": key_sha256("k1")},
+            {"id": "review", "sha256": key_sha256("k2"), "scopes": ["feedback"]},
+            {"id": "ops", "sha256": key_sha256("k3"), "scopes": ["admin"]},
+        ]
+    )
+    app, review, ops = ring.identify("k1"), ring.identify("k2"), ring.identify("k3")
+    assert app.scopes == ("infer",) and app.may("infer") and not app.may("feedback") and not app.may("admin")
+    assert review.may("feedback") and not review.may("infer")
+    assert all(ops.may(s) for s in ("infer", "feedback", "admin"))  # admin may do everything
+    with pytest.raises(ConfigError, match="scopes"):
+        load_config(None, ["serve.api_keys=[{id: a, sha256: " + "0" * 64 + ", scopes: [root]}]"])
 
 
 def test_rate_limiter_allows_a_burst_then_says_how_long_to_wait() -> None:

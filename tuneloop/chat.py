@@ -65,6 +65,7 @@ class ChatRenderer:
         self._checked: dict[tuple[str, ...], int] = {}
         self._head_cache: dict[str, tuple[str, int]] | None = None
         self._special: re.Pattern[str] | None = None
+        self._control: re.Pattern[str] | None = None  # any added token, in message contents
 
     def _template(self, messages: Sequence[Message], generation_prompt: bool) -> str:
         import jinja2
@@ -141,16 +142,22 @@ class ChatRenderer:
         return bisect.bisect_left(starts, char)
 
     def tokenize(self, conversations: Sequence[Sequence[Message]], max_seq_len: int) -> list[dict[str, list[int]]]:
-        """Return input ids, attention mask and labels per conversation, cut to `max_seq_len`."""
+        """Return input ids, attention mask and labels per conversation, cut to `max_seq_len`.
+
+        A conversation whose contents hold a control token (`<|im_start|>` typed in a message)
+        is tokenized with that token as text, as serving does (`_tokenize_as_text`)."""
         rendered = [self.render(c) for c in conversations]
         out = []
-        for r, enc in zip(rendered, self._encode([r.text for r in rendered])):
-            ids = enc.ids
-            labels = [IGNORE] * len(ids)
-            starts = [a for a, _ in enc.offsets]
-            for start, end in r.spans:
-                for t in range(self._token_at(starts, start), self._token_at(starts, end)):
-                    labels[t] = ids[t]
+        for c, r, enc in zip(conversations, rendered, self._encode([r.text for r in rendered]), strict=True):
+            if self._holds_control_tokens(c):
+                ids, labels = self._tokenize_as_text(c)
+            else:
+                ids = enc.ids
+                labels = [IGNORE] * len(ids)
+                starts = [a for a, _ in enc.offsets]
+                for start, end in r.spans:
+                    for t in range(self._token_at(starts, start), self._token_at(starts, end)):
+                        labels[t] = ids[t]
             out.append(
                 {
                     "input_ids": ids[:max_seq_len],
@@ -159,6 +166,33 @@ class ChatRenderer:
                 }
             )
         return out
+
+    def _holds_control_tokens(self, messages: Sequence[Message]) -> bool:
+        if self._control is None:
+            tokens = sorted((t.content for t in self.tokenizer.added_tokens_decoder.values()), key=len, reverse=True)
+            self._control = re.compile("|".join(map(re.escape, tokens)) or "(?!)")
+        return any(self._control.search(m["content"]) for m in messages)
+
+    def _tokenize_as_text(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
+        """Ids and labels of a conversation whose contents hold control tokens: transformers'
+        `sanitize_control_tokens` encodes them as text; each assistant turn trains on the tokens
+        between the rendering before it (with the generation prompt) and the rendering through it."""
+
+        def ids(msgs: Sequence[Message], generation_prompt: bool) -> list[int]:
+            if not msgs:
+                return []
+            out = self.tokenizer.apply_chat_template(
+                list(msgs), add_generation_prompt=generation_prompt, tokenize=True, sanitize_control_tokens=True
+            )
+            return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+        full = ids(messages, False)
+        labels = [IGNORE] * len(full)
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                start, end = len(ids(messages[:i], True)), len(ids(messages[: i + 1], False))
+                labels[start:end] = full[start:end]
+        return full, labels
 
     def _heads(self) -> list[str]:
         """Template text every conversation of a role sequence starts with (a default system

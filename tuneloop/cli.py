@@ -522,6 +522,41 @@ def api_key_new(
     typer.echo("  - " + ", ".join(f"{k}: {v}" for k, v in entry.items()).join("{}"))
 
 
+privacy_app = typer.Typer(help="Erase a person's data; enforce privacy.retention_days.")
+app.add_typer(privacy_app, name="privacy")
+
+
+@privacy_app.command("forget")
+def privacy_forget(
+    key: Annotated[str | None, typer.Option("--key", help="Erase every request of this API key id")] = None,
+    request: Annotated[list[str] | None, typer.Option("--request", help="Erase this request (its id)")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Erase requests from the inference log, their feedback and embeddings, retraining files and reports."""
+    from tasks.privacy import forget
+
+    cfg = _config(config, set_)
+    if key is None and not request:
+        console.print("[red]Say whose data to erase: --key ID or --request ID[/red]")
+        raise typer.Exit(2)
+    _erasure_table(forget(cfg, key, list(request or [])), "Erased")
+
+
+@privacy_app.command("expire")
+def privacy_expire(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Delete what is older than privacy.retention_days now (each monitoring run does it too)."""
+    from tasks.privacy import expire
+
+    cfg = _config(config, set_)
+    _erasure_table(expire.fn(cfg), f"Older than {cfg.privacy.retention_days} days, deleted")
+
+
+def _erasure_table(erasure: Any, title: str) -> None:
+    table = Table(["where", "removed"], [list(line) for line in erasure.lines()], title=title, right=["removed"])
+    console.print(table.rich())
+
+
 @app.command(name="evaluate")
 def evaluate_models(
     models: Annotated[

@@ -455,6 +455,11 @@ class RegistryConfig(Strict):
     promotion_experiment: str = Field(
         "tuneloop-promotions", description="MLflow experiment of promotion runs (canary figures, decision)."
     )
+    promotion_lock_timeout_s: float = Field(
+        1800,
+        gt=0,
+        description="Promotions of a model run one at a time: how long one waits for the one before it.",
+    )
     slices_experiment: str = Field(
         "tuneloop-slices", description="MLflow experiment holding the evaluation slices (one run per slice version)."
     )
@@ -535,6 +540,12 @@ class ApiKeyConfig(Strict):
         ..., pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key; the key itself is never stored."
     )
     rate_per_minute: int | None = Field(None, ge=1, description="This key's limit (default serve.rate_per_minute).")
+    scopes: list[Literal["infer", "feedback", "admin"]] = Field(
+        ["infer"],
+        min_length=1,
+        description="infer: call the model (and rate its own answers). feedback: rate any answer (a review "
+        "tool). admin: the /v1/admin routes (refusal and log figures, any logged request).",
+    )
 
 
 CANARY_METRICS = ["error_rate", "p50_latency_ms", "p95_latency_ms", "feedback_score", "requests"]
@@ -616,12 +627,21 @@ class ServeConfig(Strict):
     gateway_cpus: float = Field(0.1, gt=0, description="Ray CPUs reserved for the HTTP gateway replica.")
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get a 400 (context_length_exceeded).")
     max_request_bytes: int = Field(256_000, ge=1024, description="Larger request bodies get a 413.")
-    require_api_key: bool = Field(False, description="Refuse requests without a valid key (401).")
+    require_api_key: bool = Field(
+        False,
+        description="Refuse requests without a valid key (401). On whenever keys are configured, and a gateway "
+        "whose HTTP proxy listens beyond loopback refuses to start without keys.",
+    )
     api_keys: list[ApiKeyConfig] = Field([], description="Keys accepted, by SHA-256 (`tuneloop api-key new`).")
     api_keys_env: str = Field(
         "TUNELOOP_API_KEYS",
         description="Also accept `id:key,...` from this variable "
-        "(hashed when the app is deployed; the keys never reach Ray).",
+        "(hashed when the app is deployed; the keys never reach Ray). `id:key:infer+feedback` sets scopes.",
+    )
+    client_key_env: str = Field(
+        "TUNELOOP_API_KEY",
+        description="The key tuneloop's own calls send (the promotion's smoke test, the demo's traffic) "
+        "when the gateway wants one: a plain key, from the environment only.",
     )
     rate_per_minute: int = Field(600, ge=1, description="Requests per minute per key (or per client without keys).")
     burst: int = Field(60, ge=1, description="Requests a key may send at once before the rate applies.")
@@ -635,8 +655,10 @@ class ServeConfig(Strict):
         0, ge=0, description="GPUs per model replica (Ray `num_gpus`); the model runs on the GPU when one is assigned."
     )
     pii_entities: list[str] = Field(
-        ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN"],
-        description="presidio entities redacted from the inference log.",
+        ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN", "PERSON"],
+        description="presidio entities redacted from everything the gateway stores (prompts, answers, errors, "
+        "feedback comments). Names (PERSON) need the spaCy model (`make install` adds it); without it the "
+        "gateway redacts the other entities and logs that names are kept.",
     )
     rollout: RolloutConfig = RolloutConfig()
 
@@ -812,6 +834,33 @@ class MonitorConfig(Strict):
         return patterns
 
 
+class SecurityConfig(Strict):
+    """What a flow run's parameters may point at. A run's config is a parameter anyone who can
+    start a run may edit, so runs are checked against the security section of the config the
+    worker itself was started with (`TUNELOOP_CONFIG`, else configs/local.yaml), never their own."""
+
+    allowed_hosts: list[str] = Field(
+        ["127.0.0.1", "localhost", "::1"],
+        description="Hosts a judge or teacher base_url may name (their API keys are sent there).",
+    )
+    allowed_paths: list[str] = Field(
+        [],
+        description="Folders the data, reference and retraining paths of a run must lie under. Empty: any "
+        "local path (a one-person machine); a team lists its data volume.",
+    )
+
+
+class PrivacyConfig(Strict):
+    """What the loop keeps about the people who call the model, and for how long."""
+
+    retention_days: int | None = Field(
+        90,
+        ge=1,
+        description="Logged requests, their feedback and embeddings older than this are deleted by each "
+        "monitoring run (`tuneloop privacy expire` runs it now). None: kept until erased.",
+    )
+
+
 class TuneloopConfig(Strict):
     home: Path = Field(
         default_factory=lambda: Path(os.environ.get("TUNELOOP_HOME", DEFAULT_HOME)),
@@ -829,6 +878,8 @@ class TuneloopConfig(Strict):
     prefect: PrefectConfig = PrefectConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    security: SecurityConfig = SecurityConfig()
 
     @field_validator("home")
     @classmethod
@@ -886,3 +937,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as err:
         lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors()]
         raise ConfigError(f"Config {path} is invalid:\n" + "\n".join(lines)) from None
+
+
+def trusted_security() -> SecurityConfig:
+    """The security section of the config this worker was started with (not a run's parameter)."""
+    return load_config(os.environ.get("TUNELOOP_CONFIG") or None).security
+
+
+def check_run_parameters(cfg: TuneloopConfig, trusted: SecurityConfig | None = None) -> None:
+    """Refuse a run whose config names a host or path outside the worker's allow-lists."""
+    from urllib.parse import urlparse
+
+    trusted = trusted or trusted_security()
+    problems = []
+    for setting, section in (("eval.judge", cfg.eval.judge), ("monitor.teacher", cfg.monitor.teacher)):
+        if section is not None and section.backend == "openai" and section.base_url:
+            host = urlparse(str(section.base_url)).hostname or ""
+            if host not in trusted.allowed_hosts:
+                problems.append(f"{setting}.base_url names host {host!r}, not in security.allowed_hosts")
+    if trusted.allowed_paths:
+        roots = [Path(r).resolve() for r in trusted.allowed_paths]
+        paths = [("data.path", cfg.data.path), ("monitor.retrain_data", cfg.monitor.retrain_data)]
+        if cfg.monitor.reference != "champion":
+            paths.append(("monitor.reference", cfg.monitor.reference))
+        for setting, value in paths:
+            if value is None or (setting == "data.path" and cfg.data.format == "hub"):
+                continue
+            where = Path(str(value)).expanduser().resolve()
+            if not any(where.is_relative_to(root) for root in roots):
+                problems.append(f"{setting} {str(value)!r} is outside security.allowed_paths")
+    if problems:
+        raise ConfigError("This run's parameters are refused: " + "; ".join(problems))

@@ -15,8 +15,12 @@ class Generation:
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Return the token ids of `messages` rendered by the model's chat template."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    """Return the token ids of `messages` rendered by the model's chat template. Control tokens
+    typed in a message (`<|im_start|>system …`) are text, not control tokens: only the template
+    writes those (transformers' `sanitize_control_tokens`)."""
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, sanitize_control_tokens=True
+    )
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)

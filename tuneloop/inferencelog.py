@@ -13,7 +13,8 @@ The one owner of this database: serving, monitoring and drift read and write it 
 `InferenceLog`, and nothing else holds SQL over its tables. Tables: `inference_log` (one row
 per answer: the served one, and a shadow model's, marked by `arm`), `feedback` (scores per
 response id) and `prompt_embedding` (one vector per request and embedder). Rows are never
-updated or deleted here.
+updated; they are deleted only to erase a person's data (`erase`) or past the retention
+period (`expire`), with their feedback and embeddings.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -295,6 +297,41 @@ class InferenceLog:
         with self.engine.connect() as conn:
             return conn.execute(query).scalar_one()
 
+    def erase(self, request_ids: Sequence[str] = (), key_id: str | None = None) -> dict[str, Any]:
+        """Delete the requests with these ids and/or every request of `key_id`, with their
+        feedback and embeddings. Return the counts and the erased prompts (as stored), so the
+        caller can find their copies elsewhere (retraining files, reports)."""
+        ids = set(request_ids)
+        with self.engine.begin() as conn:
+            if key_id is not None:
+                ids |= set(conn.scalars(select(inference_log.c.id).where(inference_log.c.key_id == key_id)))
+            return self._delete(conn, sorted(ids))
+
+    def expire(self, before: dt.datetime) -> dict[str, Any]:
+        """Delete requests (and their feedback and embeddings) logged before `before`, and
+        feedback given before it."""
+        with self.engine.begin() as conn:
+            ids = list(conn.scalars(select(inference_log.c.id).where(inference_log.c.created_at < before)))
+            out = self._delete(conn, ids)
+            late = conn.execute(delete(feedback).where(feedback.c.created_at < before)).rowcount
+            out["feedback"] += late
+            return out
+
+    def _delete(self, conn: Any, ids: list[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {"requests": 0, "feedback": 0, "embeddings": 0, "prompts": []}
+        for lo in range(0, len(ids), _CHUNK):
+            chunk = ids[lo : lo + _CHUNK]
+            rows = conn.execute(
+                select(inference_log.c.prompt, inference_log.c.response).where(inference_log.c.id.in_(chunk))
+            )
+            out["prompts"] += [r.prompt for r in rows]
+            out["feedback"] += conn.execute(delete(feedback).where(feedback.c.response_id.in_(chunk))).rowcount
+            out["embeddings"] += conn.execute(
+                delete(prompt_embedding).where(prompt_embedding.c.request_id.in_(chunk))
+            ).rowcount
+            out["requests"] += conn.execute(delete(inference_log).where(inference_log.c.id.in_(chunk))).rowcount
+        return out
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -311,6 +348,12 @@ def storable(text: str | None) -> str | None:
     except UnicodeEncodeError:
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+def _fit(column: str, value: str | None) -> str | None:
+    """Cut a value to its column's length (PostgreSQL refuses longer ones; SQLite keeps them)."""
+    length = getattr(inference_log.c[column].type, "length", None)
+    return value[:length] if value is not None and length else value
 
 
 TEXT_FIELDS = ("prompt", "response", "error", "route", "model", "model_version", "adapter", "arm", "key_id")
@@ -380,7 +423,7 @@ class LogWriter:
         )
         out = []
         for i, r in enumerate(batch):
-            row = {k: storable(v) if k in TEXT_FIELDS else v for k, v in asdict(r).items()}
+            row = {k: _fit(k, storable(v)) if k in TEXT_FIELDS else v for k, v in asdict(r).items()}
             row["prompt"] = clean[i]
             row["response"] = clean[n + i] if r.response is not None else None
             row["error"] = clean[2 * n + i] if r.error is not None else None

@@ -296,6 +296,28 @@ def artifact_sha256(artifact_dir: Path) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
+DIGEST_TAG = "tuneloop.artifact_sha256"  # a version's tag: artifact_sha256 of its artifact at registration
+
+
+class ArtifactTampered(BaseModelError):
+    """A version's artifact is not what was registered (or carries no digest to check)."""
+
+
+def verify_artifact(artifact_dir: Path, expected: str | None, what: str) -> None:
+    """Refuse an artifact whose content differs from its registered digest (or that has none)."""
+    if not expected:
+        raise ArtifactTampered(
+            f"{what} has no registered artifact digest (tag {DIGEST_TAG}): it cannot be verified, so it is not "
+            "loaded; register it again"
+        )
+    actual = artifact_sha256(artifact_dir)
+    if actual != expected:
+        changed = "its files differ from the registered manifest"
+        raise ArtifactTampered(
+            f"{what}: artifact digest {actual[:12]}… != registered {expected[:12]}… ({changed}); refused"
+        )
+
+
 def artifact_kind(artifact_dir: Path) -> str:
     """Return "full" for an artifact holding all weights (`model/`), "adapter" for a PEFT adapter."""
     artifact_dir = Path(artifact_dir)

@@ -34,6 +34,11 @@ def champion_version(cfg: TuneloopConfig) -> str:
     return str(client.get_model_version_by_alias(cfg.registry.model_name, cfg.registry.champion_alias).version)
 
 
+def keys_required(cfg: TuneloopConfig) -> bool:
+    """Whether the gateway will want a key: keys configured (config or environment), or required."""
+    return cfg.serve.require_api_key or bool(cfg.serve.api_keys) or bool(os.environ.get(cfg.serve.api_keys_env))
+
+
 def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> ServeSpec:
     """The deployments' static settings; `base_version` (default: the champion) picks the base model."""
     from tuneloop.state import inference_db_url, tracking_uri
