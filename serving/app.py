@@ -243,7 +243,7 @@ class Gateway:
         self.name = spec.model_name
         self.store = InferenceLog(spec.inference_db_url)
         self.writer = LogWriter(self.store, redact=self._redactor())
-        self.keys = KeyRing([k.model_dump() for k in self.spec.api_keys])
+        self.keys = KeyRing([k.model_dump() for k in self.spec.api_keys], self.spec.api_keys_file)
         self.require_key = self.spec.require_api_key or bool(self.keys)
         check_exposure(_proxy_host(), self.require_key, bool(self.keys))
         self.refused: Counter[str] = Counter()  # auth and rate refusals: counted, never logged with their prompts

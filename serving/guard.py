@@ -13,12 +13,18 @@ gateway replica (one by default); with N gateway replicas a key gets up to N tim
 from __future__ import annotations
 
 import hmac
+import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 from tuneloop.apikeys import key_sha256
+
+log = logging.getLogger("ray.serve")
 
 SCOPES = ("infer", "feedback", "admin")
 
@@ -35,22 +41,75 @@ class KeyEntry:
 
 
 class KeyRing:
-    def __init__(self, entries: Iterable[Mapping[str, object]]) -> None:
-        self.entries = [
-            KeyEntry(str(e["id"]), str(e["sha256"]), e.get("rate_per_minute"), tuple(e.get("scopes") or ("infer",)))
-            for e in entries
-        ]
+    """The keys a gateway accepts: fixed entries (config, environment) plus, optionally, a keys
+    file re-read when it changes (checked at most every `recheck_s`): keys are added, rotated and
+    revoked there without restarting anything. A file that cannot be read keeps the last good
+    keys and says so in the log; a file that is gone accepts none of its keys (fail closed)."""
+
+    def __init__(
+        self, entries: Iterable[Mapping[str, object]], file: str | Path | None = None, recheck_s: float = 2.0
+    ) -> None:
+        self.fixed = [_entry(e) for e in entries]
+        self.file = Path(file) if file else None
+        self.recheck_s = recheck_s
+        self._from_file: list[KeyEntry] = []
+        self._stamp: tuple[float, int] | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+        self._refresh(force=True)
+
+    @property
+    def entries(self) -> list[KeyEntry]:
+        return self.fixed + self._from_file
 
     def __bool__(self) -> bool:
-        return bool(self.entries)
+        return bool(self.fixed) or self.file is not None
+
+    def _refresh(self, force: bool = False) -> None:
+        if self.file is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if not force and now - self._checked < self.recheck_s:
+                return
+            self._checked = now
+            try:
+                st = self.file.stat()
+            except FileNotFoundError:
+                self._from_file, self._stamp = [], None
+                return
+            stamp = (st.st_mtime, st.st_size)
+            if stamp == self._stamp:
+                return
+            try:
+                self._from_file = [_entry(e) for e in read_keys_file(self.file)]
+                self._stamp = stamp
+                log.info("API keys: %d from %s", len(self._from_file), self.file)
+            except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as err:
+                log.error("API keys file %s unreadable, keeping the last good keys: %s", self.file, err)
 
     def identify(self, key: str) -> KeyEntry | None:
+        self._refresh()
         digest = key_sha256(key)
         found = None
         for entry in self.entries:  # compare against every entry: time does not tell which matched
             if hmac.compare_digest(digest, entry.sha256):
                 found = entry
         return found
+
+
+def _entry(e: Mapping[str, object]) -> KeyEntry:
+    return KeyEntry(str(e["id"]), str(e["sha256"]), e.get("rate_per_minute"), tuple(e.get("scopes") or ("infer",)))
+
+
+def read_keys_file(path: Path) -> list[dict]:
+    """A keys file: YAML (or JSON), a list of `{id, sha256, rate_per_minute?, scopes?}`."""
+    from tuneloop.config import ApiKeyConfig
+
+    data = yaml.safe_load(Path(path).read_text()) or []
+    if not isinstance(data, list):
+        raise TypeError("a keys file holds a list of key entries")
+    return [ApiKeyConfig.model_validate(e).model_dump() for e in data]
 
 
 class RateLimiter:

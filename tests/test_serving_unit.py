@@ -99,3 +99,33 @@ def test_the_committed_serve_config_is_what_the_default_config_renders() -> None
     ServeDeploySchema.model_validate(committed)
     rendered = serve_config(load_config(None), {"config": "configs/local.yaml"})
     assert committed == rendered
+
+
+def test_a_keys_file_rotates_and_revokes_keys_without_a_restart(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tuneloop.cli import app
+
+    path = tmp_path / "keys.yaml"
+    ring = KeyRing([], path, recheck_s=0)
+    assert ring and ring.identify("anything") is None  # a keys file turns keys on, even before it exists
+    out = CliRunner().invoke(app, ["api-key", "new", "--id", "team-a", "--file", str(path)])
+    assert out.exit_code == 0, out.output
+    key = next(w for w in out.output.split() if w.startswith("tl-"))
+    assert ring.identify(key).id == "team-a"
+    rotated = CliRunner().invoke(app, ["api-key", "new", "--id", "team-a", "--scope", "admin", "--file", str(path)])
+    new_key_ = next(w for w in rotated.output.split() if w.startswith("tl-"))
+    assert ring.identify(key) is None and ring.identify(new_key_).scopes == ("admin",)  # the old one stops
+    good = path.read_text()
+    path.write_text("{not: [valid")  # a broken edit keeps the last good keys
+    assert ring.identify(new_key_) is not None
+    refused = CliRunner().invoke(app, ["api-key", "new", "--id", "team-b", "--file", str(path)])
+    assert refused.exit_code == 1 and "left as it is" in refused.output  # never overwrites what it cannot read
+    path.write_text(good)
+    assert CliRunner().invoke(app, ["api-key", "revoke", "--id", "team-a", "--file", str(path)]).exit_code == 0
+    assert CliRunner().invoke(app, ["api-key", "revoke", "--id", "nobody", "--file", str(path)]).exit_code == 1
+    assert ring.identify(new_key_) is None and ring.entries == []  # revoked
+    CliRunner().invoke(app, ["api-key", "new", "--id", "team-c", "--file", str(path)])
+    assert ring.identify("x") is None and [e.id for e in ring.entries] == ["team-c"]
+    path.unlink()
+    assert ring.identify("x") is None and ring.entries == []  # the file is gone: none of its keys

@@ -511,15 +511,71 @@ app.add_typer(api_key_app, name="api-key")
 def api_key_new(
     key_id: Annotated[str, typer.Option("--id", help="Public name of the key, e.g. team-a")],
     rate: Annotated[int | None, typer.Option(help="Requests per minute for this key")] = None,
+    scope: Annotated[
+        list[str] | None, typer.Option("--scope", help="infer (default), feedback, admin; repeat for several")
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="Add it to this keys file (serve.api_keys_file): live at once")
+    ] = None,
 ) -> None:
-    """Make a key: print it once, and the `serve.api_keys` entry (its hash) for the config."""
+    """Make a key: print it once, and its entry (the hash) for the config or a keys file."""
     from tuneloop.apikeys import key_sha256, new_key
+    from tuneloop.config import ApiKeyConfig
 
     key = new_key()
-    entry = {"id": key_id, "sha256": key_sha256(key), **({"rate_per_minute": rate} if rate else {})}
+    entry = {"id": key_id, "sha256": key_sha256(key), "scopes": scope or ["infer"]}
+    if rate:
+        entry["rate_per_minute"] = rate
+    try:
+        ApiKeyConfig.model_validate(entry)
+    except ValueError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
     console.print(f"Key (shown once, give it to the client): [bold]{key}[/bold]")
+    if file is not None:
+        entries = [e for e in _read_keys(file) if e["id"] != key_id]  # a new key for an id replaces the old
+        _write_keys(file, [*entries, entry])
+        console.print(f"Added to {file} as {key_id!r} (the gateway picks it up within seconds)")
+        return
     console.print("Add to the config under serve.api_keys:")
     typer.echo("  - " + ", ".join(f"{k}: {v}" for k, v in entry.items()).join("{}"))
+
+
+@api_key_app.command("revoke")
+def api_key_revoke(
+    key_id: Annotated[str, typer.Option("--id", help="The key to remove")],
+    file: Annotated[Path, typer.Option("--file", help="The keys file (serve.api_keys_file)")],
+) -> None:
+    """Remove a key from a keys file: the gateway refuses it within seconds, no restart."""
+    entries = _read_keys(file)
+    kept = [e for e in entries if e["id"] != key_id]
+    if len(kept) == len(entries):
+        console.print(f"[red]{file} has no key {key_id!r}[/red]")
+        raise typer.Exit(1)
+    _write_keys(file, kept)
+    console.print(f"Revoked {key_id!r} ({len(kept)} keys left in {file})")
+
+
+def _read_keys(path: Path) -> list[dict]:
+    import yaml
+
+    from serving.guard import read_keys_file
+
+    try:
+        return read_keys_file(path) if path.exists() else []
+    except (ValueError, TypeError, yaml.YAMLError) as err:  # never overwrite keys it cannot read
+        console.print(f"[red]{path} is not a readable keys file, left as it is: {err}[/red]")
+        raise typer.Exit(1) from None
+
+
+def _write_keys(path: Path, entries: list[dict]) -> None:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump([{k: v for k, v in e.items() if v is not None} for e in entries], sort_keys=False))
+    tmp.chmod(0o600)
+    tmp.replace(path)  # the gateway never reads half a file
 
 
 privacy_app = typer.Typer(help="Erase a person's data; enforce privacy.retention_days.")

@@ -638,6 +638,12 @@ class ServeConfig(Strict):
         description="Also accept `id:key,...` from this variable "
         "(hashed when the app is deployed; the keys never reach Ray). `id:key:infer+feedback` sets scopes.",
     )
+    api_keys_file: Path | None = Field(
+        None,
+        description="Also accept the keys of this YAML file (a list like serve.api_keys), re-read when it changes: "
+        "keys are added, rotated and revoked there without a restart (`tuneloop api-key new --file`, `revoke`). "
+        "Setting it turns keys on.",
+    )
     client_key_env: str = Field(
         "TUNELOOP_API_KEY",
         description="The key tuneloop's own calls send (the promotion's smoke test, the demo's traffic) "

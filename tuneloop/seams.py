@@ -52,6 +52,7 @@ class GatewaySpec(_Seam):
     max_request_bytes: int = Field(ge=1)
     require_api_key: bool
     api_keys: list[ApiKeyConfig]
+    api_keys_file: str | None = None  # re-read by the gateway when it changes
     rate_per_minute: int = Field(ge=1)
     burst: int = Field(ge=1)
     log_pii: Literal["redact", "keep"]

@@ -36,7 +36,8 @@ def champion_version(cfg: TuneloopConfig) -> str:
 
 def keys_required(cfg: TuneloopConfig) -> bool:
     """Whether the gateway will want a key: keys configured (config or environment), or required."""
-    return cfg.serve.require_api_key or bool(cfg.serve.api_keys) or bool(os.environ.get(cfg.serve.api_keys_env))
+    s = cfg.serve
+    return s.require_api_key or bool(s.api_keys) or s.api_keys_file is not None or bool(os.environ.get(s.api_keys_env))
 
 
 def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> ServeSpec:
@@ -66,6 +67,7 @@ def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> ServeSpe
             max_request_bytes=s.max_request_bytes,
             require_api_key=s.require_api_key,
             api_keys=keys,
+            api_keys_file=str(s.api_keys_file.resolve()) if s.api_keys_file else None,
             rate_per_minute=s.rate_per_minute,
             burst=s.burst,
             log_pii=s.log_pii,
