@@ -258,6 +258,27 @@ def test_team_server_with_basic_auth_on_postgres(postgres: Postgres, tmp_path: P
             client.log_text(run.info.run_id, "proxied through the server", "notes.txt")
         finally:
             del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+        # Beyond the admin: users get the template's default (READ) and what an admin grants.
+        alice, bob = ("alice", "alice-" + secrets.token_hex(8)), ("bob", "bob-" + secrets.token_hex(8))
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", password
+        try:
+            from mlflow.server import get_app_client
+
+            admin = get_app_client("basic-auth", tracking_uri=url)
+            admin.create_user(*alice)
+            admin.create_user(*bob)
+            admin.grant_user_permission("alice", "experiment", experiment, "EDIT")
+        finally:
+            del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+        log_metric = f"{url}/api/2.0/mlflow/runs/log-metric"
+        metric = {"run_id": run.info.run_id, "key": "eval/by_user", "value": 1.0, "timestamp": 0, "step": 0}
+        assert httpx.get(search, auth=bob, timeout=10).status_code == 200  # READ: may look
+        assert httpx.post(log_metric, json=metric, auth=bob, timeout=10).status_code == 403  # not write
+        assert httpx.post(log_metric, json=metric, auth=alice, timeout=10).status_code == 200  # granted EDIT
+        not_admin = httpx.post(
+            f"{url}/api/2.0/mlflow/users/create", json={"username": "eve", "password": "x" * 16}, auth=alice, timeout=10
+        )
+        assert not_admin.status_code == 403  # only the admin manages users
         assert [p.read_text() for p in (tmp_path / "artifacts").rglob("notes.txt")] == ["proxied through the server"]
         assert postgres.query("team", "SELECT value FROM metrics WHERE key = 'eval/rougeL'") == [(0.42,)]
         assert postgres.query("team_auth", "SELECT username FROM users") == [("admin",)]
