@@ -281,7 +281,7 @@ def test_team_server_with_basic_auth_on_postgres(postgres: Postgres, tmp_path: P
         assert not_admin.status_code == 403  # only the admin manages users
         assert [p.read_text() for p in (tmp_path / "artifacts").rglob("notes.txt")] == ["proxied through the server"]
         assert postgres.query("team", "SELECT value FROM metrics WHERE key = 'eval/rougeL'") == [(0.42,)]
-        assert postgres.query("team_auth", "SELECT username FROM users") == [("admin",)]
+        assert sorted(postgres.query("team_auth", "SELECT username FROM users")) == [("admin",), ("alice",), ("bob",)]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
