@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import subprocess
 import time
 import warnings
@@ -190,10 +191,23 @@ def register_adapter(
     from mlflow.models import infer_signature
 
     import tuneloop.pyfunc
-    from tuneloop.models import ARTIFACT_FORMATS, DIGEST_TAG, artifact_kind, artifact_manifest, artifact_sha256
+    from tuneloop.models import (
+        ARTIFACT_FORMATS,
+        DIGEST_TAG,
+        artifact_kind,
+        artifact_manifest,
+        artifact_sha256,
+        encrypt_artifact,
+    )
 
     kind = artifact_kind(artifact_dir)
-    digest = artifact_sha256(artifact_dir)  # checked by every replica before it loads the version
+    digest = artifact_sha256(artifact_dir)  # of the plain files: checked by every replica after decrypting
+    stored = artifact_dir
+    if cfg.encrypt_artifacts:
+        import tempfile
+
+        scratch = Path(tempfile.mkdtemp(prefix="tuneloop-encrypt-"))
+        stored = encrypt_artifact(artifact_dir, scratch / artifact_dir.name, cfg.artifact_key_env)
     signature = infer_signature(INPUT_EXAMPLE, ["Paris"], params={"max_new_tokens": 32})
     # Resume the run in its own experiment, whatever experiment this process used last.
     mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
@@ -206,7 +220,7 @@ def register_adapter(
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=tuneloop.pyfunc.__file__,
-            artifacts={"adapter" if kind == "adapter" else "model": str(artifact_dir)},
+            artifacts={"adapter" if kind == "adapter" else "model": str(stored)},
             signature=signature,
             registered_model_name=None,
             # Stored with the version (the UI shows it; serving clients copy it). MLflow also
@@ -215,9 +229,12 @@ def register_adapter(
             pip_requirements=["tuneloop", "torch", "transformers", *(["peft"] if kind == "adapter" else [])],
             metadata={"tuneloop_format": ARTIFACT_FORMATS[kind], **lineage},
         )
+    if stored != artifact_dir:
+        shutil.rmtree(stored.parent, ignore_errors=True)
     tags = {
         **lineage,
         "tuneloop.artifact": kind,
+        "tuneloop.encrypted": str(cfg.encrypt_artifacts).lower(),
         DIGEST_TAG: digest,
         "tuneloop.code_version": code_version(),
         **{f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()},

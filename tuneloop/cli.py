@@ -578,6 +578,14 @@ def _write_keys(path: Path, entries: list[dict]) -> None:
     tmp.replace(path)  # the gateway never reads half a file
 
 
+@app.command(name="artifact-key")
+def artifact_key() -> None:
+    """Print a new key for registry.encrypt_artifacts (put it in TUNELOOP_ARTIFACT_KEY; keep it safe)."""
+    from cryptography.fernet import Fernet
+
+    typer.echo(Fernet.generate_key().decode())
+
+
 privacy_app = typer.Typer(help="Erase a person's data; enforce privacy.retention_days.")
 app.add_typer(privacy_app, name="privacy")
 

@@ -455,6 +455,14 @@ class RegistryConfig(Strict):
     promotion_experiment: str = Field(
         "tuneloop-promotions", description="MLflow experiment of promotion runs (canary figures, decision)."
     )
+    encrypt_artifacts: bool = Field(
+        False,
+        description="Store each version's weight files encrypted (Fernet, `cryptography`) under the key in "
+        "artifact_key_env; every load decrypts them in memory-backed storage. Without the key nothing loads.",
+    )
+    artifact_key_env: str = Field(
+        "TUNELOOP_ARTIFACT_KEY", description="The variable holding the artifact key (`tuneloop artifact-key new`)."
+    )
     promotion_lock_timeout_s: float = Field(
         1800,
         gt=0,

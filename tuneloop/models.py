@@ -332,7 +332,7 @@ def load_adapter_model(artifact_dir: Path, dtype: str = "float32") -> tuple[Any,
     """Load an artifact (base + adapter, or full weights); return (model in eval mode, tokenizer)."""
     from transformers import AutoTokenizer
 
-    artifact_dir = Path(artifact_dir)
+    artifact_dir = decrypted(Path(artifact_dir))
     kind = artifact_kind(artifact_dir)
     tok = AutoTokenizer.from_pretrained(artifact_dir / "tokenizer")
     if tok.pad_token is None:
@@ -353,8 +353,81 @@ def load_adapter_model(artifact_dir: Path, dtype: str = "float32") -> tuple[Any,
 
 
 def find_artifact_dir(downloaded: Path) -> Path:
-    """Return the model artifact folder (adapter or full weights) inside a downloaded MLflow model."""
+    """Return the model artifact folder (adapter or full weights) inside a downloaded MLflow model,
+    decrypted when it was stored encrypted (`decrypted`)."""
     hits = sorted(Path(downloaded).rglob(BASE_REF_FILE))
     if not hits:
         raise BaseModelError(f"{downloaded} holds no tuneloop model artifact ({BASE_REF_FILE})")
-    return hits[0].parent
+    return decrypted(hits[0].parent)
+
+
+# --------------------------------------------------------------------------- encryption at rest
+
+ENCRYPTED_FILE = "tuneloop-encrypted.json"  # marks an encrypted artifact: scheme, key variable, files
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class ArtifactKeyError(BaseModelError):
+    """An encrypted artifact without its key (or with the wrong one)."""
+
+
+def _fernet(key_env: str) -> Any:
+    import os
+
+    from cryptography.fernet import Fernet
+
+    key = os.environ.get(key_env)
+    if not key:
+        raise ArtifactKeyError(f"The artifact is encrypted and {key_env} is not set: export the artifact key")
+    try:
+        return Fernet(key.encode())
+    except ValueError as err:
+        raise ArtifactKeyError(f"{key_env} is not a Fernet key (`tuneloop artifact-key new`): {err}") from None
+
+
+def encrypt_artifact(artifact_dir: Path, out: Path, key_env: str) -> Path:
+    """Copy an artifact to `out` with its weight files encrypted (Fernet: AES-128-CBC + HMAC-SHA256,
+    from `cryptography`) under the key in `key_env`; configs, tokenizer and base reference stay
+    readable. Return `out`."""
+    fernet = _fernet(key_env)
+    shutil.copytree(artifact_dir, out)
+    files = []
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
+        enc = path.with_name(path.name + ".enc")
+        enc.write_bytes(fernet.encrypt(path.read_bytes()))
+        path.unlink()
+        files.append(enc.relative_to(out).as_posix())
+    (out / ENCRYPTED_FILE).write_text(json.dumps({"scheme": "fernet", "key_env": key_env, "files": files}))
+    return out
+
+
+def decrypted(artifact_dir: Path) -> Path:
+    """The artifact itself, or, when it is encrypted, a decrypted copy in a private folder (on
+    /dev/shm when there is one: memory, not disk), removed when the process exits."""
+    marker = Path(artifact_dir) / ENCRYPTED_FILE
+    if not marker.exists():
+        return Path(artifact_dir)
+    import atexit
+    import os
+    import tempfile
+
+    from cryptography.fernet import InvalidToken
+
+    info = json.loads(marker.read_text())
+    fernet = _fernet(info["key_env"])
+    shm = Path("/dev/shm")
+    out = Path(tempfile.mkdtemp(prefix="tuneloop-artifact-", dir=shm if shm.is_dir() else None))
+    os.chmod(out, 0o700)
+    atexit.register(shutil.rmtree, out, True)
+    plain = out / "artifact"
+    shutil.copytree(artifact_dir, plain, ignore=shutil.ignore_patterns(ENCRYPTED_FILE, "*.enc"))
+    for rel in info["files"]:
+        try:
+            data = fernet.decrypt((Path(artifact_dir) / rel).read_bytes())
+        except InvalidToken:
+            raise ArtifactKeyError(
+                f"{rel} of {artifact_dir} does not decrypt with {info['key_env']}: the wrong key, or the file "
+                "was changed"
+            ) from None
+        (plain / rel.removesuffix(".enc")).write_bytes(data)
+    return plain
