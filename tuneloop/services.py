@@ -40,6 +40,16 @@ def _env(cfg: TuneloopConfig, extra: dict[str, str] | None = None) -> dict[str, 
     return env
 
 
+def prefect_auth() -> tuple[str, str] | None:
+    """Basic-auth credentials for a Prefect server started with PREFECT_SERVER_API_AUTH_STRING:
+    Prefect's clients send PREFECT_API_AUTH_STRING (`user:password`); so do tuneloop's own checks."""
+    value = os.environ.get("PREFECT_API_AUTH_STRING")
+    if not value:
+        return None
+    user, _, password = value.partition(":")
+    return user, password
+
+
 def port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -231,7 +241,10 @@ def start_flow_runner(
                 f"Flow runner exited with code {proc.returncode}; see {logfile}:\n" + logfile.read_text()[-2000:]
             )
         try:
-            waiting = [n for n in waiting if httpx.get(f"{api}/deployments/name/{n}", timeout=5).status_code != 200]
+            auth = prefect_auth()
+            waiting = [
+                n for n in waiting if httpx.get(f"{api}/deployments/name/{n}", timeout=5, auth=auth).status_code != 200
+            ]
             if not waiting:
                 return Service("runner", f"{api.removesuffix('/api')}/deployments")
         except httpx.HTTPError:

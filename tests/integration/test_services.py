@@ -90,3 +90,42 @@ def test_up_with_work_pools_registers_prefect_yaml_and_starts_a_worker(tmp_path:
     assert not list((home / "services").glob("*.pid"))
     for key in ("prefect.port", "mlflow.ui_port", "serve.ray_port"):
         assert not port_open("127.0.0.1", PORTS[key]), key
+
+
+def test_a_prefect_server_with_an_auth_string_refuses_anonymous_calls(tmp_path: Path, models_dir: Path) -> None:
+    """A team's Prefect API is protected (PREFECT_SERVER_API_AUTH_STRING on the server,
+    PREFECT_API_AUTH_STRING on every client): tuneloop starts and reads it with the credentials."""
+    import secrets
+
+    from tests.conftest import make_config
+    from tuneloop import services
+    from tuneloop.state import prefect_api_url
+
+    cfg = make_config(tmp_path / "home", models_dir, "prefect.port=24390")
+    credentials = f"team:{secrets.token_hex(12)}"
+    saved = {k: os.environ.get(k) for k in ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING")}
+    os.environ["PREFECT_SERVER_API_AUTH_STRING"] = os.environ["PREFECT_API_AUTH_STRING"] = credentials
+    try:
+        services.start_prefect_server(cfg)
+        api = prefect_api_url(cfg)
+        assert httpx.post(f"{api}/flows/filter", json={}, timeout=10).status_code == 401
+        assert httpx.post(f"{api}/flows/filter", json={}, timeout=10, auth=("team", "wrong")).status_code == 401
+        assert httpx.post(f"{api}/flows/filter", json={}, timeout=10, auth=services.prefect_auth()).status_code == 200
+        env = {**os.environ, "PREFECT_API_URL": api}
+        code = "from prefect import get_client\nwith get_client(sync_client=True) as c: print(len(c.read_flows()))"
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        env["PREFECT_API_AUTH_STRING"] = "team:wrong"
+        refused = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert refused.returncode != 0 and "401" in refused.stderr
+    finally:
+        services.stop_service(cfg, "prefect")
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
