@@ -25,6 +25,7 @@ infra/serve/serve-config.yaml`); the deploy task writes the same config.
 # No `from __future__ import annotations`: FastAPI must see the request models as classes
 # through Serve's ingress wrapper.
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import ModelServer
 from serving.guard import KeyEntry, KeyRing, RateLimiter
-from tuneloop.seams import Answer, GenerationRequest, Refusal, Routing, ServeSpec
+from tuneloop.seams import Answer, GenerationRequest, Refusal, Routing, Sampling, ServeSpec
 
 log = logging.getLogger("ray.serve")
 
@@ -69,7 +70,8 @@ Text = Annotated[str, AfterValidator(_unicode_text)]
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
+    # `developer`: OpenAI's name for system instructions in newer models; rendered as `system`.
+    role: Literal["system", "developer", "user", "assistant"]
     content: Text
 
 
@@ -78,23 +80,35 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model: Text | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)  # accepted; decoding is greedy
-    top_p: float | None = Field(None, gt=0, le=1)  # accepted; decoding is greedy
-    n: int = Field(1, ge=1, le=1, description="One choice per request")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: Text | None = Field(None, max_length=256)  # canary assignment is sticky per user when given
+    model: Text | None = Field(None, description="The served name (routed: champion or canary) or `name:VERSION`")
+    max_tokens: int | None = Field(None, ge=1, description="Up to serve.max_tokens_limit (422 above)")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="Extension (vLLM's): sample among the k most likely; 0: all")
+    seed: int | None = Field(None, description="Same seed, prompt and version: the same tokens")
+    stop: Text | list[Text] | None = Field(None, description="Up to 4 strings that end the answer (not returned)")
+    n: int = Field(1, ge=1, description="Choices to return (at most serve.max_n)")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported (400) unless empty")
+    stream: bool = Field(False, description="Server-sent events (not with n > 1 or logprobs: 400)")
+    stream_options: StreamOptions | None = Field(None, description="`include_usage`: a last chunk with usage")
+    user: Text | None = Field(None, max_length=256, description="Keeps a user on one canary arm")
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[Message] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[Message] = Field(
+        ..., min_length=1, description="Roles system, developer (as system), user, assistant"
+    )
+    max_completion_tokens: int | None = Field(None, ge=1, description="As max_tokens (takes precedence)")
+    logprobs: bool = Field(False, description="Each answer token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="0-20 likeliest alternatives per token")
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} for now")
 
 
 class CompletionRequest(_Common):
-    prompt: Text | list[Text]
+    prompt: Text | list[Text] = Field(..., description="One prompt (a list of one); control tokens in it are kept")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Log-probabilities of the k most likely tokens")
 
 
 class FeedbackRequest(BaseModel):
@@ -190,6 +204,68 @@ async def _limit_body(request: Request, call_next: Any) -> Any:
     elif request.method == "POST" and len(await request.body()) > limit:  # chunked: Starlette keeps the body
         return too_big
     return await call_next(request)
+
+
+def compatibility_table() -> str:
+    """README's table of the OpenAI parameters, from the request models themselves (so it cannot drift)."""
+    lines = ["| route | parameter | here |", "|---|---|---|"]
+    for route, model in (("chat", ChatCompletionRequest), ("completions", CompletionRequest)):
+        for name, field in model.model_fields.items():
+            note = (field.description or "supported").replace("|", "\\|")
+            lines.append(f"| {route} | `{name}` | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def _choices(req: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """`n` requests for `n` choices: a seeded request's choice i draws with seed + i."""
+    seed = req.sampling.seed
+    return [
+        req
+        if i == 0
+        else dataclasses.replace(
+            req, sampling=dataclasses.replace(req.sampling, seed=None if seed is None else seed + i)
+        )
+        for i in range(n)
+    ]
+
+
+def _usage(answers: list[Answer]) -> dict[str, int]:
+    completion = sum(a.completion_tokens for a in answers)
+    prompt = answers[0].prompt_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _token_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
+
+
+def _chat_logprobs(answer: Answer) -> dict[str, Any] | None:
+    """OpenAI's chat `logprobs`: per token, its log-probability and the top alternatives."""
+    if answer.logprobs is None:
+        return None
+    return {
+        "content": [
+            {**_token_entry(t.token, t.logprob), "top_logprobs": [_token_entry(tok, lp) for tok, lp in t.top]}
+            for t in answer.logprobs
+        ],
+        "refusal": None,
+    }
+
+
+def _completion_logprobs(answer: Answer) -> dict[str, Any] | None:
+    """The completions API's (legacy) `logprobs`: tokens, their log-probabilities, top alternatives, offsets."""
+    if answer.logprobs is None:
+        return None
+    offsets, at = [], 0
+    for t in answer.logprobs:
+        offsets.append(at)
+        at += len(t.token)
+    return {
+        "tokens": [t.token for t in answer.logprobs],
+        "token_logprobs": [t.logprob for t in answer.logprobs],
+        "top_logprobs": [dict(t.top) for t in answer.logprobs],
+        "text_offset": offsets,
+    }
 
 
 def check_exposure(host: str, require_key: bool, have_keys: bool) -> None:
@@ -329,6 +405,48 @@ class Gateway:
             )
         return max_tokens
 
+    def _sampling(self, body: Any, chat: bool) -> Sampling:
+        """The request's decoding settings; a 400 names any setting this server does not honour."""
+
+        def unsupported(param: str, what: str) -> ApiError:
+            return ApiError(
+                400, f"{param}: {what} is not supported here", "invalid_request_error", param, "unsupported"
+            )
+
+        for param in ("presence_penalty", "frequency_penalty"):
+            if getattr(body, param):
+                raise unsupported(param, "a non-zero penalty")
+        if body.logit_bias:
+            raise unsupported("logit_bias", "a logit bias")
+        if chat and body.response_format and body.response_format.get("type", "text") != "text":
+            raise unsupported("response_format", f"type {body.response_format.get('type')!r}")
+        if body.n > self.spec.max_n:
+            raise ApiError(
+                422, f"n={body.n} is above this server's limit of {self.spec.max_n}", "invalid_request_error", "n"
+            )
+        if body.n > 1 and body.stream:
+            raise unsupported("n", "more than one choice in a stream")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if len(stop) > 4 or not all(stop):
+            raise ApiError(422, "stop: up to 4 non-empty strings", "invalid_request_error", "stop")
+        if chat:
+            if body.top_logprobs and not body.logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_request_error", "top_logprobs")
+            logprobs, top = body.logprobs, body.top_logprobs or 0
+        else:
+            logprobs, top = body.logprobs is not None, body.logprobs or 0
+        if logprobs and body.stream:
+            raise unsupported("logprobs", "log-probabilities in a stream")
+        return Sampling(
+            temperature=body.temperature or 0.0,
+            top_p=body.top_p or 1.0,
+            top_k=body.top_k or 0,
+            seed=body.seed,
+            stop=stop,
+            logprobs=logprobs,
+            top_logprobs=top,
+        )
+
     def _route(self, model: str | None, user: str | None) -> tuple[str | None, str]:
         """Return (version or None for the replicas' default, arm)."""
         if model in (None, self.name):
@@ -424,13 +542,20 @@ class Gateway:
         record = self._record(route, prompt, caller.id, None, request)
         try:
             max_tokens = self._max_tokens(*max_tokens_values)
+            sampling = self._sampling(body, messages is not None)
+            record.sampling = json.dumps({k: v for k, v in dataclasses.asdict(sampling).items() if v}) or None
             version, arm = self._route(body.model, body.user)
             record.arm = arm
-            turns = tuple((m["role"], m["content"]) for m in messages) if messages is not None else None
-            req = GenerationRequest(version, max_tokens, turns, text, record.id, pinned=arm == "pinned")
+            turns = (
+                tuple(("system" if m["role"] == "developer" else m["role"], m["content"]) for m in messages)
+                if messages is not None
+                else None
+            )
+            req = GenerationRequest(version, max_tokens, turns, text, record.id, arm == "pinned", sampling)
             if body.stream:
                 return await self._stream(route, req, record, start, body)
-            answer = await self._answer(req)
+            answers = await asyncio.gather(*(self._answer(choice) for choice in _choices(req, body.n)))
+            answer = answers[0]
         except ApiError as err:
             self._finish(record, start, error=err)
             raise
@@ -450,7 +575,7 @@ class Gateway:
         self._finish(record, start, answer)
         if arm == "champion" and self.routing.mode == "shadow" and self.routing.challenger:
             self._shadow(route, req, prompt)
-        return answer, record
+        return answers, record
 
     def _shadow(self, route: str, req: GenerationRequest, prompt: str) -> None:
         """Ask the challenger the same thing in the background; log its answer as `shadow`."""
@@ -460,7 +585,7 @@ class Gateway:
             record = self._record(route, prompt, None, "shadow")
             try:
                 answer = await self._answer(
-                    GenerationRequest(self.routing.challenger, req.max_tokens, req.messages, req.text, record.id)
+                    dataclasses.replace(req, version=self.routing.challenger, request_id=record.id, pinned=False)
                 )
             except ApiError as err:
                 self._finish(record, start, error=err)
@@ -624,27 +749,24 @@ class Gateway:
         )
         if isinstance(out, StreamingResponse):
             return out
-        answer, record = out
+        answers, record = out
         return JSONResponse(
             {
                 "id": f"chatcmpl-{record.id}",
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": self.name,
-                "system_fingerprint": f"v{answer.version}",
+                "system_fingerprint": f"v{answers[0].version}",
                 "choices": [
                     {
-                        "index": 0,
+                        "index": i,
                         "message": {"role": "assistant", "content": answer.text},
                         "finish_reason": answer.finish_reason,
-                        "logprobs": None,
+                        "logprobs": _chat_logprobs(answer),
                     }
+                    for i, answer in enumerate(answers)
                 ],
-                "usage": {
-                    "prompt_tokens": answer.prompt_tokens,
-                    "completion_tokens": answer.completion_tokens,
-                    "total_tokens": answer.prompt_tokens + answer.completion_tokens,
-                },
+                "usage": _usage(answers),
             }
         )
 
@@ -658,20 +780,24 @@ class Gateway:
         out = await self._complete("/v1/completions", body, request, None, prompts[0], prompts[0], (body.max_tokens,))
         if isinstance(out, StreamingResponse):
             return out
-        answer, record = out
+        answers, record = out
         return JSONResponse(
             {
                 "id": f"cmpl-{record.id}",
                 "object": "text_completion",
                 "created": int(time.time()),
                 "model": self.name,
-                "system_fingerprint": f"v{answer.version}",
-                "choices": [{"index": 0, "text": answer.text, "finish_reason": answer.finish_reason, "logprobs": None}],
-                "usage": {
-                    "prompt_tokens": answer.prompt_tokens,
-                    "completion_tokens": answer.completion_tokens,
-                    "total_tokens": answer.prompt_tokens + answer.completion_tokens,
-                },
+                "system_fingerprint": f"v{answers[0].version}",
+                "choices": [
+                    {
+                        "index": i,
+                        "text": answer.text,
+                        "finish_reason": answer.finish_reason,
+                        "logprobs": _completion_logprobs(answer),
+                    }
+                    for i, answer in enumerate(answers)
+                ],
+                "usage": _usage(answers),
             }
         )
 

@@ -34,13 +34,13 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from serving.decoding import Batch, Decoder, Row
-from tuneloop.seams import DecodingStats, EngineSpec
+from tuneloop.seams import DecodingStats, EngineSpec, Sampling
 
 log = logging.getLogger("ray.serve")
 
@@ -52,13 +52,26 @@ class VersionNotLoaded(KeyError):
     """The version a request needs is not (or no longer) loaded."""
 
 
+class Unsupported(ValueError):
+    """A setting this engine cannot honour (the gateway answers 400 naming it)."""
+
+
 class Ticket:
     """A submitted request: waiting for, or in, a batch; its results arrive on its event loop."""
 
     def __init__(
-        self, prompt: list[int], budget: int, version: str, loop: asyncio.AbstractEventLoop, stream: bool, pinned: bool
+        self,
+        prompt: list[int],
+        budget: int,
+        version: str,
+        loop: asyncio.AbstractEventLoop,
+        stream: bool,
+        pinned: bool,
+        sampling: Sampling | None = None,
+        stopper: Callable[[list[int]], bool] | None = None,
     ) -> None:
         self.prompt, self.budget, self.version, self.loop, self.stream = prompt, budget, version, loop, stream
+        self.sampling, self.stopper = sampling, stopper
         self.pinned = pinned  # asked for this version by name: never answered by another
         self.arrived = time.monotonic()
         self.done: asyncio.Future[Row] = loop.create_future()
@@ -83,7 +96,21 @@ class Engine(Protocol):
     def set_default(self, version: str | None) -> None: ...
     def versions(self) -> list[str]: ...
     def merged_versions(self) -> list[str]: ...
-    def submit(self, prompt: list[int], max_tokens: int, version: str, *, stream: bool, pinned: bool) -> Ticket: ...
+    def submit(
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        version: str,
+        *,
+        stream: bool,
+        pinned: bool,
+        sampling: Sampling | None = None,
+        stopper: Callable[[list[int]], bool] | None = None,
+    ) -> Ticket:
+        """Queue a request. An engine that cannot honour a `sampling` setting raises
+        `Unsupported` naming it (the gateway answers 400)."""
+        ...
+
     def stream(self, ticket: Ticket) -> AsyncIterator[int]: ...
     def cancel(self, ticket: Ticket) -> None: ...
     def stats(self) -> DecodingStats: ...
@@ -100,7 +127,7 @@ class _Running:
 
 
 class BatchingEngine:
-    """Continuous batching of greedy decoding on one transformers model and its PEFT adapters."""
+    """Continuous batching of decoding (greedy or sampled, per row) on one transformers model and its PEFT adapters."""
 
     def __init__(self, model: Any, tokenizer: Any, spec: EngineSpec, fixed_version: str | None = None) -> None:
         """`fixed_version`: the model is that version's full weights (no adapters are loaded)."""
@@ -192,9 +219,21 @@ class BatchingEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, prompt: list[int], max_tokens: int, version: str, *, stream: bool, pinned: bool) -> Ticket:
-        """Queue a request (on the caller's event loop); its ticket's `done` gets the row."""
-        ticket = Ticket(prompt, max_tokens, version, asyncio.get_running_loop(), stream, pinned)
+    def submit(
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        version: str,
+        *,
+        stream: bool,
+        pinned: bool,
+        sampling: Sampling | None = None,
+        stopper: Callable[[list[int]], bool] | None = None,
+    ) -> Ticket:
+        """Queue a request (on the caller's event loop); its ticket's `done` gets the row.
+        Every Sampling setting is honoured, per row (rows of one batch may differ)."""
+        loop = asyncio.get_running_loop()
+        ticket = Ticket(prompt, max_tokens, version, loop, stream, pinned, sampling, stopper)
         with self._arrived:
             self._waiting.append(ticket)
             self._arrived.notify()
@@ -262,6 +301,7 @@ class BatchingEngine:
                             [i.budget for i in items],
                             items,
                             [_name(i.version) for i in items] if batch.names is not None else None,
+                            [Row(sampling=i.sampling, stopper=i.stopper) for i in items],
                         )
                     else:
                         if running.adapter is not None:  # one adapter, PEFT's active one

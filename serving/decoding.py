@@ -1,8 +1,8 @@
-"""Greedy decoding for a served batch: shared prompt prefix computed once, finished rows dropped.
+"""Decoding for a served batch: shared prompt prefix computed once, finished rows dropped.
 
     decoder = Decoder(max_prefixes=8)
     batch = decoder.batch(model, eos_id=2, pad_id=0, key="v3")   # key: the adapter (prefix caches)
-    events = batch.add(prompts, budgets, owners)   # prefill; (owner, row, token) per prompt
+    events = batch.add(prompts, budgets, owners, rows=[Row(sampling=..., stopper=...)])  # prefill
     while len(batch):
         events = batch.step()                      # one token per row; done rows leave
     row.tokens, row.finish_reason                  # "stop" (end of turn) or "length" (its own budget)
@@ -13,8 +13,9 @@ stopped keeps being decoded until the longest row is done. Here the longest pref
 the whole batch is run once, batch size 1, its KV cache kept (an LRU per `key`, the adapter)
 and repeated across the rows; each row's own tokens follow it with padding in between
 (masked, positions continuing from the prefix); a row leaves the batch, and the KV cache,
-as soon as it stops or reaches its own `max_tokens`. The tokens are those of greedy
-`generate` on each prompt.
+as soon as it stops or reaches its own `max_tokens`. Greedy rows get the tokens of greedy
+`generate` on each prompt; a row with a temperature samples with its own seeded generator
+(`choose`), so rows of one batch may decode with different settings.
 
 Rows join a running batch between steps (continuous batching): the server adds the requests
 that arrived while the batch decodes. A model whose KV cache is not made of plain per-layer
@@ -26,6 +27,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,53 @@ MIN_PREFIX = 4  # a shorter shared prefix is not worth a separate forward pass
 class Row:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" once done
+    sampling: Any = None  # tuneloop.seams.Sampling; None: greedy
+    stopper: Callable[[list[int]], bool] | None = None  # True once the tokens end with a stop string
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    generator: Any = None  # the row's torch.Generator (sampling rows)
+
+    def __post_init__(self) -> None:
+        if self.sampling is not None and not self.sampling.greedy:
+            import torch
+
+            self.generator = torch.Generator()
+            if self.sampling.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(self.sampling.seed)
+
+
+def choose(logits: Any, rows: list[Row]) -> Any:
+    """The next token of each row from its last logits [rows, vocab]: the argmax for greedy rows
+    (all of them at once when no row samples or wants logprobs), a draw for sampling rows, and
+    the log-probabilities rows asked for."""
+    import torch
+
+    nxt = logits.argmax(-1)
+    special = [
+        i for i, r in enumerate(rows) if r.sampling is not None and (not r.sampling.greedy or r.sampling.logprobs)
+    ]
+    for i in special:
+        s, raw = rows[i].sampling, logits[i].float()
+        if not s.greedy:
+            scaled = raw / s.temperature
+            if 0 < s.top_k < scaled.shape[-1]:
+                kth = torch.topk(scaled, s.top_k).values[-1]
+                scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+            if s.top_p < 1.0:
+                ordered, index = torch.sort(scaled, descending=True)
+                cumulative = torch.softmax(ordered, -1).cumsum(-1)
+                cut = cumulative - torch.softmax(ordered, -1) >= s.top_p  # keep the smallest set reaching top_p
+                scaled = scaled.scatter(0, index[cut], float("-inf"))
+            probs = torch.softmax(scaled, -1)
+            nxt[i] = torch.multinomial(probs, 1, generator=rows[i].generator)[0]
+        if s.logprobs:
+            lp = torch.log_softmax(raw, -1)
+            tok = int(nxt[i])
+            top = torch.topk(lp, s.top_logprobs) if s.top_logprobs else None
+            alternatives = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+            rows[i].logprobs.append((tok, float(lp[tok]), alternatives))
+    return nxt
 
 
 def common_prefix(prompts: list[list[int]]) -> int:
@@ -151,9 +200,15 @@ class Batch:
         )
 
     def add(
-        self, prompts: list[list[int]], budgets: list[int], owners: list[Any], adapter_names: list[str] | None = None
+        self,
+        prompts: list[list[int]],
+        budgets: list[int],
+        owners: list[Any],
+        adapter_names: list[str] | None = None,
+        rows: list[Row] | None = None,
     ) -> list[tuple[Any, Row, int]]:
-        """Prefill `prompts` and take them into the batch; their first tokens."""
+        """Prefill `prompts` and take them into the batch; their first tokens. `rows`: each
+        prompt's row with its sampling settings and stop hook (default: greedy rows)."""
         import torch
 
         if self.rows and not self.joinable:
@@ -169,8 +224,8 @@ class Batch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, share:]
         with torch.inference_mode():
             out = self._forward(ids, mask, positions, cache, adapter_names)
-        nxt = out.logits[:, -1].argmax(-1)
-        rows = [Row() for _ in prompts]
+        rows = rows if rows is not None else [Row() for _ in prompts]
+        nxt = choose(out.logits[:, -1], rows)
         events = self._record(nxt, rows, budgets, owners)
         keep = [b for b, row in enumerate(rows) if row.finish_reason is None]
         if not keep:
@@ -191,7 +246,9 @@ class Batch:
                 row.finish_reason = "stop"
             else:
                 row.tokens.append(tok)
-                if len(row.tokens) >= budget:
+                if row.stopper is not None and row.stopper(row.tokens):
+                    row.finish_reason = "stop"
+                elif len(row.tokens) >= budget:
                     row.finish_reason = "length"
             events.append((owner, row, tok))
         return events
@@ -249,7 +306,7 @@ class Batch:
         with torch.inference_mode():
             out = self._forward(self.ids, self.mask, self.positions, self.cache, self.names)
         self.cache = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1)
+        nxt = choose(out.logits[:, -1], self.rows)
         events = self._record(nxt, self.rows, self.budgets, self.owners)
         self.positions = self.positions + 1
         self.ids = nxt.unsqueeze(-1)

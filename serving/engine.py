@@ -23,7 +23,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,16 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from serving.batching import BatchingEngine, Engine, Ticket, VersionNotLoaded
-from tuneloop.seams import Answer, GenerationRequest, Refusal, ReplicaInfo, ServedVersions, ServeSpec, StreamEvent
+from tuneloop.seams import (
+    Answer,
+    GenerationRequest,
+    Refusal,
+    ReplicaInfo,
+    ServedVersions,
+    ServeSpec,
+    StreamEvent,
+    TokenLogprob,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -207,13 +216,30 @@ class ModelServer:
 
     def _submit(self, req: GenerationRequest, stream: bool) -> Ticket:
         """Hand the request to the engine; raises VersionNotLoaded or PromptTooLong at once."""
+        stops = req.sampling.stop
         return self.engine.submit(
-            self._encode(req), req.max_tokens, self._resolve(req), stream=stream, pinned=req.pinned
+            self._encode(req),
+            req.max_tokens,
+            self._resolve(req),
+            stream=stream,
+            pinned=req.pinned,
+            sampling=req.sampling,
+            stopper=_stopper(self.tokenizer, stops) if stops else None,
         )
 
     def _answer(self, ticket: Ticket, row: Any) -> Answer:
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
-        return Answer(text, len(ticket.prompt), len(row.tokens), row.finish_reason, ticket.version, self.replica)
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        stops = ticket.sampling.stop if ticket.sampling is not None else ()
+        text = cut_at_stop(text, stops)[0].strip()
+        logprobs = None
+        if ticket.sampling is not None and ticket.sampling.logprobs:
+            piece = self.tokenizer.decode
+            logprobs = tuple(
+                TokenLogprob(piece([tok]), lp, tuple((piece([t]), v) for t, v in top)) for tok, lp, top in row.logprobs
+            )
+        return Answer(
+            text, len(ticket.prompt), len(row.tokens), row.finish_reason, ticket.version, self.replica, logprobs
+        )
 
     async def generate(self, request: GenerationRequest) -> Answer | Refusal:
         """The answer, or why this request is refused (returned, not raised: the gateway maps it to a 4xx)."""
@@ -243,15 +269,20 @@ class ModelServer:
             yield StreamEvent("start")
             tokens: list[int] = []
             sent = ""
+            stops = request.sampling.stop
             async for tok in self.engine.stream(ticket):
                 if tok == self.tokenizer.eos_token_id:
                     break
                 tokens.append(tok)
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                if not text.endswith("\ufffd"):  # hold back a split character
-                    if text[len(sent) :]:
-                        yield StreamEvent("delta", text[len(sent) :])
-                    sent = text
+                text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stops)
+                # hold back a split character, and the end that may be the start of a stop string
+                if not text.endswith("\ufffd"):
+                    ready = text if stopped else text[: len(text) - partial_stop(text, stops)]
+                    if ready[len(sent) :] and ready.startswith(sent):
+                        yield StreamEvent("delta", ready[len(sent) :])
+                        sent = ready
+                if stopped:
+                    break
             row = await ticket.done
         finally:
             if row is None:  # closed or cancelled: the client went away
@@ -259,6 +290,35 @@ class ModelServer:
         answer = self._answer(ticket, row)
         rest = answer.text[len(sent.strip()) :] if answer.text.startswith(sent.strip()) else ""
         yield StreamEvent("done", rest, answer=answer)
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """`text` up to the first stop string in it (not included), and whether one was found."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(found)], True) if found else (text, False)
+
+
+def partial_stop(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of `text` could begin a stop string (held back while streaming)."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+def _stopper(tokenizer: Any, stops: tuple[str, ...]) -> Callable[[list[int]], bool]:
+    """True once the decoded tokens hold a stop string. Only the tail is decoded: a token is at
+    least one byte, so 4 tokens per character of the longest stop (plus a margin) cover it."""
+    tail = 4 * max(len(s) for s in stops) + 4
+
+    def stopped(tokens: list[int]) -> bool:
+        text = tokenizer.decode(tokens[-tail:], skip_special_tokens=True)
+        return any(s in text for s in stops)
+
+    return stopped
 
 
 def _in_serve() -> bool:

@@ -179,3 +179,54 @@ def test_rows_joining_a_running_batch_get_the_tokens_of_generate_alone(tiny) -> 
     expected = [prompts[0], prompts[1], *joining]
     assert got == {i: alone(model, p, budgets[i], eos, pad)[0] for i, p in enumerate(expected)}
     assert not len(batch) and batch.cache is None
+
+
+def _rows_with(samplings, stoppers=None):
+    from serving.decoding import Row
+
+    return [Row(sampling=s, stopper=(stoppers or {}).get(i)) for i, s in enumerate(samplings)]
+
+
+def _decode_rows(model, tok, prompts, budgets, rows):
+    batch = Decoder().batch(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, key="v1")
+    batch.add(prompts, budgets, list(range(len(prompts))), None, rows)
+    while len(batch):
+        batch.step()
+    return rows
+
+
+def test_sampling_rows_are_seeded_and_greedy_rows_beside_them_are_unchanged(tiny) -> None:
+    """Rows of one batch decode with different settings: greedy rows still get generate's
+    tokens; a seeded row gets the same tokens again, another seed other tokens."""
+    from tuneloop.seams import Sampling
+
+    model, tok, prompts = tiny
+    p = [prompts[1]] * 4
+    budgets = [16] * 4
+    greedy = alone(model, prompts[1], 16, tok.eos_token_id, tok.pad_token_id)[0]
+    hot = Sampling(temperature=1.5, top_p=0.95, top_k=50, seed=7)
+    first = _decode_rows(model, tok, p, budgets, _rows_with([None, hot, Sampling(temperature=1.5, seed=8), hot]))
+    assert first[0].tokens[: len(greedy)] == greedy
+    assert first[1].tokens == first[3].tokens  # the same seed in the same batch
+    assert first[1].tokens != first[2].tokens  # another seed
+    again = _decode_rows(model, tok, p[:2], budgets[:2], _rows_with([hot, None]))
+    assert again[0].tokens == first[1].tokens  # the same seed in another batch, another position
+    top1 = _decode_rows(model, tok, p[:1], [16], _rows_with([Sampling(temperature=2.0, top_k=1, seed=3)]))
+    assert top1[0].tokens[: len(greedy)] == greedy  # top_k=1 is greedy whatever the temperature
+
+
+def test_logprobs_and_a_stop_hook_per_row(tiny) -> None:
+    from tuneloop.seams import Sampling
+
+    model, tok, prompts = tiny
+    want = Sampling(logprobs=True, top_logprobs=3)
+    greedy = alone(model, prompts[2], 10, tok.eos_token_id, tok.pad_token_id)[0]
+    third = greedy[2]
+    rows = _rows_with([want, None], {1: lambda tokens: tokens[-1] == third})
+    _decode_rows(model, tok, [prompts[2], prompts[2]], [10, 10], rows)
+    with_lp, stopped = rows
+    assert [t for t, _, _ in with_lp.logprobs] == with_lp.tokens[: len(with_lp.logprobs)]
+    for tok_id, lp, top in with_lp.logprobs:
+        assert lp <= 0 and len(top) == 3 and top[0][0] == tok_id  # greedy: the chosen token is the likeliest
+        assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+    assert stopped.tokens == greedy[:3] and stopped.finish_reason == "stop"

@@ -129,3 +129,22 @@ def test_a_keys_file_rotates_and_revokes_keys_without_a_restart(tmp_path: Path) 
     assert ring.identify("x") is None and [e.id for e in ring.entries] == ["team-c"]
     path.unlink()
     assert ring.identify("x") is None and ring.entries == []  # the file is gone: none of its keys
+
+
+def test_stop_strings_cut_the_text_and_streams_hold_back_what_may_begin_one() -> None:
+    from serving.engine import cut_at_stop, partial_stop
+
+    assert cut_at_stop("Paris.\nQ: next", ("\nQ:", "###")) == ("Paris.", True)
+    assert cut_at_stop("a ### b \nQ:", ("\nQ:", "###")) == ("a ", True)  # the first one in the text
+    assert cut_at_stop("no stop here", ("###",)) == ("no stop here", False)
+    assert partial_stop("Paris.\nQ", ("\nQ:",)) == 2  # "\nQ" may become "\nQ:": held back
+    assert partial_stop("Paris.#", ("###", "\nQ:")) == 1
+    assert partial_stop("Paris.", ("###",)) == 0
+
+
+def test_the_readme_compatibility_table_is_the_code_s() -> None:
+    from serving.app import compatibility_table
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("<!-- compatibility:start -->\n", 1)[1].split("<!-- compatibility:end -->", 1)[0]
+    assert table == compatibility_table(), "regenerate README's table: python -c 'from serving.app import …'"

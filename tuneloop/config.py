@@ -628,6 +628,7 @@ class ServeConfig(Strict):
     )
     default_max_tokens: int = Field(32, ge=1)
     max_tokens_limit: int = Field(256, ge=1, description="Larger `max_tokens` gets a 422.")
+    max_n: int = Field(4, ge=1, le=16, description="Most choices (`n`) one request may ask for; more gets a 422.")
     smoke_prompt: str = "What is the capital of France?"
     autoscaling: AutoscalingConfig | None = Field(
         None, description="Serve autoscaling of the model deployment (replaces num_replicas when set)."

@@ -76,6 +76,7 @@ inference_log = Table(
     Column("arm", String(16)),  # champion | challenger (canary share) | shadow (logged, not returned)
     Column("key_id", String(32)),  # which API key asked (its public id, never the key)
     Column("error", Text),  # what went wrong, for status >= 400
+    Column("sampling", Text),  # the request's decoding settings (JSON: temperature, seed, stop …); null: greedy
 )
 
 feedback = Table(
@@ -99,7 +100,7 @@ prompt_embedding = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
-_ADDED_COLUMNS = ("adapter", "arm", "key_id", "error")
+_ADDED_COLUMNS = ("adapter", "arm", "key_id", "error", "sampling")
 _CHUNK = 500  # ids per IN (...) clause
 
 
@@ -118,6 +119,7 @@ class InferenceRecord:
     arm: str | None = None
     key_id: str | None = None
     error: str | None = None
+    sampling: str | None = None
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
@@ -356,7 +358,18 @@ def _fit(column: str, value: str | None) -> str | None:
     return value[:length] if value is not None and length else value
 
 
-TEXT_FIELDS = ("prompt", "response", "error", "route", "model", "model_version", "adapter", "arm", "key_id")
+TEXT_FIELDS = (
+    "prompt",
+    "response",
+    "error",
+    "route",
+    "model",
+    "model_version",
+    "adapter",
+    "arm",
+    "key_id",
+    "sampling",
+)
 
 
 class LogWriter:

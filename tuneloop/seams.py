@@ -49,6 +49,7 @@ class GatewaySpec(_Seam):
 
     default_max_tokens: int = Field(ge=1)
     max_tokens_limit: int = Field(ge=1)
+    max_n: int = Field(4, ge=1)  # choices per request
     max_request_bytes: int = Field(ge=1)
     require_api_key: bool
     api_keys: list[ApiKeyConfig]
@@ -136,6 +137,37 @@ FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How a request's tokens are chosen, and what it wants back besides them.
+
+    temperature 0 is greedy (the default); otherwise the logits are divided by it, cut to the
+    `top_k` most likely tokens (0: no cut) and to the smallest set holding `top_p` of the
+    probability, and a token is drawn with the request's own generator (seeded by `seed`: the
+    same seed, prompt and version give the same tokens). `stop`: strings that end the answer
+    (not returned). `logprobs`: each chosen token's log-probability under the model, with the
+    `top_logprobs` most likely alternatives."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # the most likely tokens at that step, best first
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One request as the engine sees it: chat messages or a raw completion prompt, and its budget."""
 
@@ -145,6 +177,7 @@ class GenerationRequest:
     text: str | None = None  # a raw completion prompt
     request_id: str = ""
     pinned: bool = False  # asked for this version by name: never answered by another
+    sampling: Sampling = Sampling()
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.text is None):
@@ -163,6 +196,7 @@ class Answer:
     finish_reason: FinishReason
     version: str
     replica: str = ""
+    logprobs: tuple[TokenLogprob, ...] | None = None  # with Sampling.logprobs
 
 
 RefusalCode = Literal["prompt_too_long", "version_not_loaded"]

@@ -64,6 +64,7 @@ def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> ServeSpe
         gateway=GatewaySpec(
             default_max_tokens=s.default_max_tokens,
             max_tokens_limit=s.max_tokens_limit,
+            max_n=s.max_n,
             max_request_bytes=s.max_request_bytes,
             require_api_key=s.require_api_key,
             api_keys=keys,

@@ -4,6 +4,7 @@ promotion with automatic rollback, the inference log, limits, keys, a replica ki
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -132,6 +133,45 @@ def test_the_official_openai_client_gets_chat_completions_and_streams(served) ->
         whole.choices[0].finish_reason
     ]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_sampling_seeds_stops_choices_and_logprobs_as_the_openai_client_expects(served) -> None:
+    cfg, *_ = served
+    client = _client(cfg)
+    ask = [{"role": "developer", "content": "Answer briefly."}, {"role": "user", "content": "Tell me a story."}]
+
+    def sample(seed: int, **kw):
+        return client.chat.completions.create(
+            model=NAME, messages=ask, max_tokens=12, temperature=1.2, top_p=0.95, seed=seed, **kw
+        )
+
+    a, b, c = sample(11), sample(11), sample(12)
+    assert a.choices[0].message.content == b.choices[0].message.content  # same seed, same tokens
+    assert a.choices[0].message.content != c.choices[0].message.content  # another seed
+    two = sample(11, n=2)
+    assert [ch.index for ch in two.choices] == [0, 1]
+    assert two.choices[0].message.content == a.choices[0].message.content  # choice 0 draws with the seed
+    assert two.usage.completion_tokens > a.usage.completion_tokens  # both choices' tokens
+    greedy = client.chat.completions.create(model=NAME, messages=ask, max_tokens=12, logprobs=True, top_logprobs=2)
+    content = greedy.choices[0].logprobs.content
+    assert content and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
+    assert "".join(t.token for t in content).strip().startswith(greedy.choices[0].message.content[:3])
+    text = greedy.choices[0].message.content
+    stop = text.split()[1] if len(text.split()) > 1 else text[1:3]
+    stopped = client.chat.completions.create(model=NAME, messages=ask, max_tokens=12, stop=[stop, "@@@"])
+    assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].message.content
+    assert text.startswith(stopped.choices[0].message.content)
+    streamed = client.chat.completions.create(model=NAME, messages=ask, max_tokens=12, stop=stop, stream=True)
+    pieces = [ch.choices[0].delta.content or "" for ch in streamed if ch.choices]
+    assert "".join(pieces).strip() == stopped.choices[0].message.content and stop not in "".join(pieces)
+    from openai import BadRequestError
+
+    for bad in ({"presence_penalty": 0.5}, {"response_format": {"type": "json_object"}}, {"n": 2, "stream": True}):
+        with pytest.raises(BadRequestError) as err:
+            client.chat.completions.create(model=NAME, messages=ask, max_tokens=4, **bad)
+        assert err.value.body["code"] == "unsupported" and err.value.body["param"] == next(iter(bad))
+    row = InferenceLog(inference_db_url(cfg)).get(a.id.removeprefix("chatcmpl-"))
+    assert json.loads(row["sampling"])["seed"] == 11  # the seed is in the log
 
 
 def test_text_completions_plain_and_streamed(served) -> None:
