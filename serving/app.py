@@ -26,6 +26,7 @@ infra/serve/serve-config.yaml`); the deploy task writes the same config.
 # through Serve's ingress wrapper.
 import asyncio
 import dataclasses
+import datetime as dt
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import ModelServer
-from serving.guard import KeyEntry, KeyRing, RateLimiter
+from serving.guard import KeyEntry, KeyRing, RateLimiter, TokenBudgets
 from tuneloop.seams import Answer, GenerationRequest, Refusal, Routing, Sampling, ServeSpec
 
 log = logging.getLogger("ray.serve")
@@ -115,6 +116,39 @@ class FeedbackRequest(BaseModel):
     id: Text = Field(..., min_length=1, max_length=64, description="The response id (or x-request-id)")
     score: float = Field(..., ge=0, le=1, description="0 (bad) … 1 (good)")
     comment: Text | None = Field(None, max_length=4000)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+_STATUS = {
+    400: "Invalid JSON, a setting this server does not honour, or a prompt over the context limit",
+    401: "Missing or invalid API key",
+    403: "The key lacks the scope this route needs",
+    404: "Unknown model or version, or no such response",
+    413: "Request body over serve.max_request_bytes",
+    422: "A field out of range or of the wrong type, or text that is not Unicode",
+    429: "Rate limit reached (see Retry-After)",
+    503: "No model replica could answer; retry later",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error responses a route documents in /openapi.json."""
+    return {code: {"model": ErrorBody, "description": _STATUS[code]} for code in codes}
+
+
+GENERATE_ERRORS = _errors(400, 401, 403, 404, 413, 422, 429, 503)
 
 
 class ApiError(Exception):
@@ -323,6 +357,7 @@ class Gateway:
         self.require_key = self.spec.require_api_key or bool(self.keys)
         check_exposure(_proxy_host(), self.require_key, bool(self.keys))
         self.refused: Counter[str] = Counter()  # auth and rate refusals: counted, never logged with their prompts
+        self.budgets = TokenBudgets()
         self.limiter = RateLimiter(self.spec.rate_per_minute, self.spec.burst)
         self.routing = Routing()
         self._shadow_tasks: set[asyncio.Task] = set()
@@ -392,6 +427,26 @@ class Gateway:
                 {"Retry-After": str(math.ceil(wait))},
             )
         return entry
+
+    async def _check_budget(self, caller: KeyEntry) -> None:
+        """429 once a key with a daily token budget has spent it (counted, not logged)."""
+        if caller.tokens_per_day is None:
+            return
+        if not self.budgets.known(caller.id):
+            today = dt.datetime.strptime(self.budgets.today(), "%Y-%m-%d").replace(tzinfo=dt.UTC)
+            used = await asyncio.to_thread(self.store.usage, caller.id, today)
+            self.budgets.seed(caller.id, sum(d["prompt_tokens"] + d["completion_tokens"] for d in used.values()))
+        spent = self.budgets.spent(caller.id)
+        if spent >= caller.tokens_per_day:
+            self.refused["token_budget_exceeded"] += 1
+            raise ApiError(
+                429,
+                f"The key {caller.id!r} has used its {caller.tokens_per_day} tokens for today ({spent} used); "
+                "the budget renews at 00:00 UTC",
+                "rate_limit_error",
+                None,
+                "token_budget_exceeded",
+            )
 
     def _max_tokens(self, *values: int | None) -> int:
         asked = next((v for v in values if v is not None), None)
@@ -539,6 +594,7 @@ class Gateway:
     ) -> Any:
         start = time.perf_counter()
         caller = self._authorize(request)  # a refused caller's prompt is not logged
+        await self._check_budget(caller)
         record = self._record(route, prompt, caller.id, None, request)
         try:
             max_tokens = self._max_tokens(*max_tokens_values)
@@ -573,6 +629,7 @@ class Gateway:
                 "model_unavailable",
             ) from None
         self._finish(record, start, answer)
+        self.budgets.add(caller.id, sum(a.prompt_tokens + a.completion_tokens for a in answers))
         if arm == "champion" and self.routing.mode == "shadow" and self.routing.challenger:
             self._shadow(route, req, prompt)
         return answers, record
@@ -667,6 +724,8 @@ class Gateway:
                     )
                 logged = True
                 self._finish(record, start, answer)
+                if answer is not None and record.key_id:
+                    self.budgets.add(record.key_id, answer.prompt_tokens + answer.completion_tokens)
                 yield "data: [DONE]\n\n"
             except Exception as err:  # mid-stream: an error event, then the end; logged as failed
                 log.exception("stream failed")
@@ -703,7 +762,7 @@ class Gateway:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/readyz")
+    @api.get("/readyz", responses=_errors(503))
     async def readyz(self) -> JSONResponse:
         try:
             info = await asyncio.wait_for(self.model.info.remote(), timeout=10)
@@ -713,9 +772,13 @@ class Gateway:
             return _error(503, "No model version is loaded", "server_error")
         return JSONResponse({"status": "ready", "versions": info.versions, "routing": self.routing.model_dump()})
 
-    @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        info = await self.model.info.remote()
+    @api.get("/v1/models", responses=_errors(401, 429, 503))
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request, "infer", "feedback")
+        try:
+            info = await asyncio.wait_for(self.model.info.remote(), timeout=10)
+        except Exception as err:  # noqa: BLE001 - no replica answers: a 503, never a 500
+            raise ApiError(503, f"No model replica answers ({type(err).__name__})", "server_error") from None
         default = self.routing.champion or info.default
         data = [
             {
@@ -740,7 +803,7 @@ class Gateway:
         ]
         return {"object": "list", "data": data}
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", responses=GENERATE_ERRORS)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         messages = [m.model_dump() for m in body.messages]
         prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
@@ -770,7 +833,7 @@ class Gateway:
             }
         )
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", responses=GENERATE_ERRORS)
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
@@ -801,7 +864,7 @@ class Gateway:
             }
         )
 
-    @api.post("/v1/feedback")
+    @api.post("/v1/feedback", responses=_errors(400, 401, 403, 404, 413, 422, 429))
     async def post_feedback(self, body: FeedbackRequest, request: Request) -> JSONResponse:
         """Rate an answer: the key that asked for it may, and a key with the `feedback` scope (a
         review tool) may rate any. Someone else's answer looks like a missing one (404)."""
@@ -823,7 +886,25 @@ class Gateway:
         await asyncio.to_thread(self.store.add_feedback, rid, body.score, comment)
         return JSONResponse({"id": body.id, "object": "feedback", "status": "recorded"})
 
-    @api.get("/v1/admin/stats")
+    @api.get("/v1/usage", responses=_errors(401, 429))
+    async def usage(self, request: Request) -> dict[str, Any]:
+        """The calling key's own figures: requests and tokens per UTC day (the last 7), its budget."""
+        caller = self._authorize(request, "infer", "feedback")
+        await asyncio.to_thread(self.writer.flush, 5.0)
+        since = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0) - dt.timedelta(days=6)
+        days = await asyncio.to_thread(self.store.usage, caller.id, since)
+        today = days.get(self.budgets.today(), {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        used = today["prompt_tokens"] + today["completion_tokens"]
+        budget = caller.tokens_per_day
+        return {
+            "object": "usage",
+            "key": caller.id,
+            "days": [{"date": day, **figures} for day, figures in days.items()],
+            "tokens_per_day": budget,
+            "tokens_left_today": None if budget is None else max(0, budget - max(used, self.budgets.spent(caller.id))),
+        }
+
+    @api.get("/v1/admin/stats", responses=_errors(401, 403, 429))
     async def admin_stats(self, request: Request) -> dict[str, Any]:
         """For operators (`admin` scope): refusals by reason, and the inference-log writer's figures."""
         self._authorize(request, "admin")
@@ -833,7 +914,7 @@ class Gateway:
             "routing": self.routing.model_dump(),
         }
 
-    @api.get("/v1/admin/requests/{request_id}")
+    @api.get("/v1/admin/requests/{request_id}", responses=_errors(401, 403, 404, 429))
     async def admin_request(self, request_id: str, request: Request) -> dict[str, Any]:
         """One logged request, as stored (redacted), with its feedback (`admin` scope)."""
         self._authorize(request, "admin")

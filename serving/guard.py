@@ -35,6 +35,7 @@ class KeyEntry:
     sha256: str
     rate_per_minute: int | None = None
     scopes: tuple[str, ...] = ("infer",)
+    tokens_per_day: int | None = None
 
     def may(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
@@ -99,7 +100,13 @@ class KeyRing:
 
 
 def _entry(e: Mapping[str, object]) -> KeyEntry:
-    return KeyEntry(str(e["id"]), str(e["sha256"]), e.get("rate_per_minute"), tuple(e.get("scopes") or ("infer",)))
+    return KeyEntry(
+        str(e["id"]),
+        str(e["sha256"]),
+        e.get("rate_per_minute"),
+        tuple(e.get("scopes") or ("infer",)),
+        e.get("tokens_per_day"),
+    )
 
 
 def read_keys_file(path: Path) -> list[dict]:
@@ -133,3 +140,34 @@ class RateLimiter:
                 return 0.0
             self._buckets[key] = (tokens, now)
             return (1.0 - tokens) / rate
+
+
+class TokenBudgets:
+    """Tokens each key used today (UTC), for per-key daily budgets. Seeded from the inference
+    log the first time a key is seen each day (`seed`), then counted as answers are delivered;
+    with N gateway replicas each counts its own share, so a key may overshoot by N-1 requests."""
+
+    def __init__(self, clock=time.time) -> None:
+        self.clock = clock
+        self._spent: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def today(self) -> str:
+        return time.strftime("%Y-%m-%d", time.gmtime(self.clock()))
+
+    def known(self, key_id: str) -> bool:
+        return (key_id, self.today()) in self._spent
+
+    def seed(self, key_id: str, tokens: int) -> None:
+        with self._lock:
+            self._spent.setdefault((key_id, self.today()), tokens)
+
+    def spent(self, key_id: str) -> int:
+        return self._spent.get((key_id, self.today()), 0)
+
+    def add(self, key_id: str, tokens: int) -> None:
+        with self._lock:
+            day = self.today()
+            self._spent[(key_id, day)] = self._spent.get((key_id, day), 0) + tokens
+            for old in [k for k in self._spent if k[1] != day]:
+                del self._spent[old]

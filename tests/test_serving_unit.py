@@ -148,3 +148,17 @@ def test_the_readme_compatibility_table_is_the_code_s() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     table = readme.split("<!-- compatibility:start -->\n", 1)[1].split("<!-- compatibility:end -->", 1)[0]
     assert table == compatibility_table(), "regenerate README's table: python -c 'from serving.app import …'"
+
+
+def test_token_budgets_count_per_key_and_renew_each_utc_day() -> None:
+    from serving.guard import TokenBudgets
+
+    now = [1_800_000_000.0]  # 2027-01-15 08:00 UTC
+    budgets = TokenBudgets(clock=lambda: now[0])
+    assert not budgets.known("a")
+    budgets.seed("a", 90)  # what the log says it used today
+    budgets.seed("a", 0)  # seeded once a day: a later seed changes nothing
+    budgets.add("a", 15)
+    assert budgets.known("a") and budgets.spent("a") == 105 and budgets.spent("b") == 0
+    now[0] += 86_400
+    assert budgets.spent("a") == 0 and not budgets.known("a")  # a new day

@@ -548,6 +548,11 @@ class ApiKeyConfig(Strict):
         ..., pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key; the key itself is never stored."
     )
     rate_per_minute: int | None = Field(None, ge=1, description="This key's limit (default serve.rate_per_minute).")
+    tokens_per_day: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt + completion tokens this key may use per UTC day (429 once spent); None: no budget.",
+    )
     scopes: list[Literal["infer", "feedback", "admin"]] = Field(
         ["infer"],
         min_length=1,

@@ -161,6 +161,35 @@ class InferenceLog:
             with self.engine.begin() as conn:
                 conn.execute(insert(inference_log), [asdict(r) for r in records])
 
+    def usage(self, key_id: str, since: dt.datetime) -> dict[str, dict[str, int]]:
+        """Requests and tokens of `key_id` per UTC day since `since` (answered requests only)."""
+        day = func.substr(type_coerce(inference_log.c.created_at, String), 1, 10)
+        query = (
+            select(
+                day.label("day"),
+                func.count().label("requests"),
+                func.coalesce(func.sum(inference_log.c.prompt_tokens), 0).label("prompt_tokens"),
+                func.coalesce(func.sum(inference_log.c.completion_tokens), 0).label("completion_tokens"),
+            )
+            .where(
+                inference_log.c.key_id == key_id,
+                inference_log.c.created_at >= since,
+                inference_log.c.status == 200,
+                or_(inference_log.c.arm.is_(None), inference_log.c.arm != "shadow"),
+            )
+            .group_by(day)
+            .order_by(day)
+        )
+        with self.engine.connect() as conn:
+            return {
+                r.day: {
+                    "requests": int(r.requests),
+                    "prompt_tokens": int(r.prompt_tokens),
+                    "completion_tokens": int(r.completion_tokens),
+                }
+                for r in conn.execute(query)
+            }
+
     def window(
         self,
         limit: int | None = None,

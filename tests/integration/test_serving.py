@@ -522,9 +522,10 @@ def test_api_keys_scopes_feedback_ownership_and_rate_limits(served, monkeypatch)
     """Keys carry scopes; feedback only from the key that asked (or a review key); refusals are
     counted for operators and never logged with their prompts; the promotion authenticates."""
     cfg, *_ = served
-    keys = {name: f"tl-test-{name}-0123456789" for name in ("team-a", "team-b", "review", "ops")}
-    scopes = {"team-a": ["infer"], "team-b": ["infer"], "review": ["feedback"], "ops": ["admin"]}
+    keys = {name: f"tl-test-{name}-0123456789" for name in ("team-a", "team-b", "review", "ops", "metered")}
+    scopes = {"team-a": ["infer"], "team-b": ["infer"], "review": ["feedback"], "ops": ["admin"], "metered": ["infer"]}
     entries = [{"id": n, "sha256": key_sha256(k), "scopes": scopes[n]} for n, k in keys.items()]
+    entries[-1]["tokens_per_day"] = 20  # one short answer, then its budget is spent
     entries[0]["rate_per_minute"] = 5  # team-a: 4 chats and a feedback, then 429
     from tuneloop.config import TuneloopConfig
 
@@ -580,12 +581,21 @@ def test_api_keys_scopes_feedback_ownership_and_rate_limits(served, monkeypatch)
     assert stats["refused"]["invalid_api_key"] >= 1 and stats["refused"]["rate_limit_exceeded"] == 1
     assert stats["refused"]["forbidden"] >= 2 and stats["refused"]["foreign_feedback"] == 1
     assert stats["log"]["set_aside"] == 0
+    metered = _client(cfg, api_key=keys["metered"])
+    metered.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    from openai import RateLimitError
+
+    with pytest.raises(RateLimitError) as spent:
+        metered.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert spent.value.body["code"] == "token_budget_exceeded" and "renews at 00:00 UTC" in spent.value.message
+    usage = httpx.get(f"{url}/v1/usage", headers=auth("metered"), timeout=30).json()
+    assert usage["key"] == "metered" and usage["days"][-1]["requests"] == 1 and usage["tokens_left_today"] == 0
     row = httpx.get(f"{url}/v1/admin/requests/{asked.id}", headers=auth("ops"), timeout=30).json()
     assert row["key_id"] == "team-a" and row["feedback"] == 0.0
     deadline = time.time() + 30
-    while time.time() < deadline and log.count() < before + 4:  # the writer's next batch
+    while time.time() < deadline and log.count() < before + 5:  # the writer's next batch
         time.sleep(0.5)
     rows = log.window(limit=log.count() - before)
-    assert {r["status"] for r in rows} == {200}  # the 401, 403 and 429 were counted, not logged
+    assert {r["status"] for r in rows} == {200}  # the 401, 403 and 429s were counted, not logged
     assert not any("secret" in r["prompt"] or "over the limit" in r["prompt"] for r in rows)
-    assert [r["key_id"] for r in rows].count("team-a") == 4
+    assert [r["key_id"] for r in rows].count("team-a") == 4 and [r["key_id"] for r in rows].count("metered") == 1
