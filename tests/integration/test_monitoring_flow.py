@@ -64,7 +64,7 @@ class Log:
 
     def __init__(self, cfg: TuneloopConfig) -> None:
         self.store = InferenceLog(inference_db_url(cfg))
-        self.clock = dt.datetime(2026, 3, 1, 12, tzinfo=dt.UTC)
+        self.clock = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)  # recent: older rows fall to retention
 
     def add(self, prompts: list[str], version: str = "1", response: str = "It is a short answer.") -> list[str]:
         records = []

@@ -518,6 +518,50 @@ def test_a_new_base_model_rolls_out_replica_by_replica(served, tmp_path) -> None
     assert not (set(_replicas(cfg)) & before)  # all replicas replaced
 
 
+def test_the_openapi_schema_tells_the_truth_under_fuzzing(served) -> None:
+    """schemathesis generates requests (valid and not) from /openapi.json for every route: no
+    5xx, and no status the schema does not document. Bounded: 30 examples per operation, with a
+    16-token limit so that generation stays short."""
+    import shutil
+    import subprocess
+    import sys
+
+    from flows.promotion import _config, _routing
+    from tasks.deploy import apply_config
+    from tuneloop.config import TuneloopConfig
+
+    cfg, *_ = served
+    data = cfg.model_dump(mode="json")
+    data["serve"]["max_tokens_limit"] = 16
+    short = TuneloopConfig.model_validate(data)
+    serving = _chat(cfg, "hi").json()["system_fingerprint"].removeprefix("v")
+    with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
+        apply_config.fn(_config(short, serving, [serving], _routing(serving)), short, [serving])
+    st = shutil.which("st", path=str(Path(sys.executable).parent))
+    done = subprocess.run(
+        [
+            st,
+            "run",
+            f"{endpoint(cfg.serve)}/openapi.json",
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance",
+            "--max-examples",
+            "30",
+            "--seed",
+            "1",
+            "--request-timeout",
+            "60",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert _chat(cfg, "hi").status_code == 200  # still serving
+
+
 def test_api_keys_scopes_feedback_ownership_and_rate_limits(served, monkeypatch) -> None:
     """Keys carry scopes; feedback only from the key that asked (or a review key); refusals are
     counted for operators and never logged with their prompts; the promotion authenticates."""
