@@ -104,7 +104,9 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1, description="As max_tokens (takes precedence)")
     logprobs: bool = Field(False, description="Each answer token's log-probability")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="0-20 likeliest alternatives per token")
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} for now")
+    response_format: dict[str, Any] | None = Field(
+        None, description="text, json_object or json_schema: JSON by constrained decoding (xgrammar)"
+    )
 
 
 class CompletionRequest(_Common):
@@ -473,8 +475,9 @@ class Gateway:
                 raise unsupported(param, "a non-zero penalty")
         if body.logit_bias:
             raise unsupported("logit_bias", "a logit bias")
-        if chat and body.response_format and body.response_format.get("type", "text") != "text":
-            raise unsupported("response_format", f"type {body.response_format.get('type')!r}")
+        schema = self._json_schema(body.response_format) if chat else None
+        if schema is not None and body.stop:
+            raise unsupported("stop", "a stop string with a JSON response_format (it could cut the JSON)")
         if body.n > self.spec.max_n:
             raise ApiError(
                 422, f"n={body.n} is above this server's limit of {self.spec.max_n}", "invalid_request_error", "n"
@@ -500,7 +503,27 @@ class Gateway:
             stop=stop,
             logprobs=logprobs,
             top_logprobs=top,
+            json_schema=schema,
         )
+
+    def _json_schema(self, response_format: dict[str, Any] | None) -> str | None:
+        """The JSON schema constrained decoding follows: `json_object` (any object) or
+        `json_schema` (its `schema`); None for text."""
+
+        def bad(message: str) -> ApiError:
+            return ApiError(400, f"response_format: {message}", "invalid_request_error", "response_format")
+
+        kind = (response_format or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return '{"type": "object"}'
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise bad("json_schema needs {'name': ..., 'schema': {...}}")
+            return json.dumps(spec["schema"])
+        raise bad(f"type {kind!r} is not one of text, json_object, json_schema")
 
     def _route(self, model: str | None, user: str | None) -> tuple[str | None, str]:
         """Return (version or None for the replicas' default, arm)."""
@@ -528,6 +551,8 @@ class Gateway:
         """The client's 4xx for a request the engine will not answer."""
         if refusal.code == "prompt_too_long":
             return ApiError(400, refusal.message, "invalid_request_error", "messages", "context_length_exceeded")
+        if refusal.code == "bad_response_format":
+            return ApiError(400, refusal.message, "invalid_request_error", "response_format", "invalid_schema")
         return ApiError(
             404,
             f"The model {self.name}:{req.version} is not loaded here (see /v1/models)",

@@ -69,9 +69,10 @@ class Ticket:
         pinned: bool,
         sampling: Sampling | None = None,
         stopper: Callable[[list[int]], bool] | None = None,
+        constraint: Any = None,
     ) -> None:
         self.prompt, self.budget, self.version, self.loop, self.stream = prompt, budget, version, loop, stream
-        self.sampling, self.stopper = sampling, stopper
+        self.sampling, self.stopper, self.constraint = sampling, stopper, constraint
         self.pinned = pinned  # asked for this version by name: never answered by another
         self.arrived = time.monotonic()
         self.done: asyncio.Future[Row] = loop.create_future()
@@ -106,6 +107,7 @@ class Engine(Protocol):
         pinned: bool,
         sampling: Sampling | None = None,
         stopper: Callable[[list[int]], bool] | None = None,
+        constraint: Any = None,
     ) -> Ticket:
         """Queue a request. An engine that cannot honour a `sampling` setting raises
         `Unsupported` naming it (the gateway answers 400)."""
@@ -114,6 +116,9 @@ class Engine(Protocol):
     def stream(self, ticket: Ticket) -> AsyncIterator[int]: ...
     def cancel(self, ticket: Ticket) -> None: ...
     def stats(self) -> DecodingStats: ...
+    def vocab_size(self) -> int:
+        """Width of the model's logits (constrained decoding masks that many tokens)."""
+        ...
 
 
 @dataclass
@@ -229,11 +234,12 @@ class BatchingEngine:
         pinned: bool,
         sampling: Sampling | None = None,
         stopper: Callable[[list[int]], bool] | None = None,
+        constraint: Any = None,
     ) -> Ticket:
         """Queue a request (on the caller's event loop); its ticket's `done` gets the row.
         Every Sampling setting is honoured, per row (rows of one batch may differ)."""
         loop = asyncio.get_running_loop()
-        ticket = Ticket(prompt, max_tokens, version, loop, stream, pinned, sampling, stopper)
+        ticket = Ticket(prompt, max_tokens, version, loop, stream, pinned, sampling, stopper, constraint)
         with self._arrived:
             self._waiting.append(ticket)
             self._arrived.notify()
@@ -247,6 +253,9 @@ class BatchingEngine:
     def cancel(self, ticket: Ticket) -> None:
         """Its client went away: the request leaves the queue or its batch before the next step."""
         ticket.abandoned = True
+
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
 
     def stats(self) -> DecodingStats:
         return DecodingStats(
@@ -301,7 +310,7 @@ class BatchingEngine:
                             [i.budget for i in items],
                             items,
                             [_name(i.version) for i in items] if batch.names is not None else None,
-                            [Row(sampling=i.sampling, stopper=i.stopper) for i in items],
+                            [Row(sampling=i.sampling, stopper=i.stopper, constraint=i.constraint) for i in items],
                         )
                     else:
                         if running.adapter is not None:  # one adapter, PEFT's active one

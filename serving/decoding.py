@@ -42,6 +42,7 @@ class Row:
     stopper: Callable[[list[int]], bool] | None = None  # True once the tokens end with a stop string
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     generator: Any = None  # the row's torch.Generator (sampling rows)
+    constraint: Any = None  # allows only some next tokens: .restrict(logits) in place, .accept(token)
 
     def __post_init__(self) -> None:
         if self.sampling is not None and not self.sampling.greedy:
@@ -60,6 +61,11 @@ def choose(logits: Any, rows: list[Row]) -> Any:
     the log-probabilities rows asked for."""
     import torch
 
+    constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
+    if constrained:
+        logits = logits.float().clone()
+        for i in constrained:
+            rows[i].constraint.restrict(logits[i])
     nxt = logits.argmax(-1)
     special = [
         i for i, r in enumerate(rows) if r.sampling is not None and (not r.sampling.greedy or r.sampling.logprobs)
@@ -84,6 +90,8 @@ def choose(logits: Any, rows: list[Row]) -> Any:
             top = torch.topk(lp, s.top_logprobs) if s.top_logprobs else None
             alternatives = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
             rows[i].logprobs.append((tok, float(lp[tok]), alternatives))
+    for i in constrained:
+        rows[i].constraint.accept(int(nxt[i]))
     return nxt
 
 

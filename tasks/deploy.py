@@ -91,10 +91,18 @@ def ray_client(address: str) -> Iterator[None]:
     host, _, port = address.rpartition(":")
     if host and port.isdigit() and not port_open(host, int(port)):  # ray.init would retry for a minute
         raise DeployError(f"No Ray cluster answers at {address}; start one with `tuneloop up`")
-    try:
-        ray.init(address=address, namespace="tuneloop", log_to_driver=False, logging_level="WARNING")
-    except ConnectionError as err:
-        raise DeployError(f"No Ray cluster answers at {address} ({err}); start one with `tuneloop up`") from err
+    # A head that has just started (or a loaded machine) may not have registered its node yet:
+    # ray.init then fails at once ("No node info found"); it is there a few seconds later.
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            ray.init(address=address, namespace="tuneloop", log_to_driver=False, logging_level="WARNING")
+            break
+        except ConnectionError as err:
+            if time.monotonic() > deadline:
+                raise DeployError(f"No Ray cluster answers at {address} ({err}); start one with `tuneloop up`") from err
+            log.warning("Ray at %s is not ready (%s); retrying", address, err)
+            time.sleep(2)
     try:
         yield
     finally:

@@ -230,3 +230,35 @@ def test_logprobs_and_a_stop_hook_per_row(tiny) -> None:
         assert lp <= 0 and len(top) == 3 and top[0][0] == tok_id  # greedy: the chosen token is the likeliest
         assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
     assert stopped.tokens == greedy[:3] and stopped.finish_reason == "stop"
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_constrained_rows_answer_json_valid_under_the_schema_beside_free_rows(tiny) -> None:
+    """A model that would never write this JSON (random weights) writes it under the constraint;
+    a row beside it decodes freely; too small a budget ends with `length`, never `stop`."""
+    import json
+
+    import jsonschema
+    import xgrammar as xgr
+
+    from serving.decoding import Row
+    from serving.engine import JsonConstraint
+
+    model, tok, prompts = tiny
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=model.config.vocab_size)
+    compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+    free = alone(model, prompts[0], 12, tok.eos_token_id, tok.pad_token_id)[0]
+    rows = [Row(constraint=JsonConstraint(compiled)), Row(), Row(constraint=JsonConstraint(compiled))]
+    _decode_rows(model, tok, [prompts[0], prompts[0], prompts[1]], [40, 12, 3], rows)
+    answer = json.loads(tok.decode(rows[0].tokens, skip_special_tokens=True))
+    jsonschema.validate(answer, SCHEMA)
+    assert rows[0].finish_reason == "stop"
+    assert rows[1].tokens[: len(free)] == free  # the free row beside it is unchanged
+    assert rows[2].finish_reason == "length" and len(rows[2].tokens) == 3

@@ -145,7 +145,9 @@ class Sampling:
     probability, and a token is drawn with the request's own generator (seeded by `seed`: the
     same seed, prompt and version give the same tokens). `stop`: strings that end the answer
     (not returned). `logprobs`: each chosen token's log-probability under the model, with the
-    `top_logprobs` most likely alternatives."""
+    `top_logprobs` most likely alternatives. `json_schema`: only tokens that keep the answer a
+    prefix of JSON valid under the schema are allowed (an answer that cannot finish within its
+    budget ends with finish reason `length`)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -154,6 +156,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    json_schema: str | None = None  # constrained decoding: the answer is JSON valid under this schema
 
     @property
     def greedy(self) -> bool:
@@ -199,7 +202,7 @@ class Answer:
     logprobs: tuple[TokenLogprob, ...] | None = None  # with Sampling.logprobs
 
 
-RefusalCode = Literal["prompt_too_long", "version_not_loaded"]
+RefusalCode = Literal["prompt_too_long", "version_not_loaded", "bad_response_format"]
 
 
 @dataclass(frozen=True)

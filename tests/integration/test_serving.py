@@ -166,10 +166,32 @@ def test_sampling_seeds_stops_choices_and_logprobs_as_the_openai_client_expects(
     assert "".join(pieces).strip() == stopped.choices[0].message.content and stop not in "".join(pieces)
     from openai import BadRequestError
 
-    for bad in ({"presence_penalty": 0.5}, {"response_format": {"type": "json_object"}}, {"n": 2, "stream": True}):
+    for bad in ({"presence_penalty": 0.5}, {"n": 2, "stream": True}, {"logprobs": True, "stream": True}):
         with pytest.raises(BadRequestError) as err:
             client.chat.completions.create(model=NAME, messages=ask, max_tokens=4, **bad)
         assert err.value.body["code"] == "unsupported" and err.value.body["param"] == next(iter(bad))
+    for fmt in ({"type": "xml"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}):
+        with pytest.raises(BadRequestError) as err:
+            client.chat.completions.create(model=NAME, messages=ask, max_tokens=4, response_format=fmt)
+        assert err.value.body["param"] == "response_format"
+    # JSON under a schema the tiny model would never write unconstrained
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 12}, "sure": {"type": "boolean"}},
+        "required": ["answer", "sure"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+    reply = client.chat.completions.create(model=NAME, messages=ask, max_tokens=40, response_format=fmt)
+    assert reply.choices[0].finish_reason == "stop", reply
+    jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+    obj = client.chat.completions.create(
+        model=NAME, messages=ask, max_tokens=40, response_format={"type": "json_object"}, temperature=0.8, seed=3
+    )
+    if obj.choices[0].finish_reason == "stop":  # an object that fits 40 tokens: it parses
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
     row = InferenceLog(inference_db_url(cfg)).get(a.id.removeprefix("chatcmpl-"))
     assert json.loads(row["sampling"])["seed"] == 11  # the seed is in the log
 
