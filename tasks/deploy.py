@@ -103,10 +103,23 @@ def ray_client(address: str) -> Iterator[None]:
                 raise DeployError(f"No Ray cluster answers at {address} ({err}); start one with `tuneloop up`") from err
             log.warning("Ray at %s is not ready (%s); retrying", address, err)
             time.sleep(2)
+    _forget_serve_client()
     try:
         yield
     finally:
         ray.shutdown()
+        _forget_serve_client()
+
+
+def _forget_serve_client() -> None:
+    """Serve caches its controller handle per process: after another cluster (a test's, or a
+    restarted head) it would point at a dead actor ("Can't find actor … from a different cluster")."""
+    try:
+        from ray.serve.context import _set_global_client
+
+        _set_global_client(None)
+    except ImportError:  # a Ray without it: nothing cached to forget
+        pass
 
 
 def _controller() -> Any:

@@ -149,7 +149,8 @@ def test_a_version_that_cannot_start_leaves_the_old_one_serving(loop, tmp_path) 
     (broken / BASE_REF_FILE).write_text(json.dumps({**ref, "sha256": "0" * 64}))
     client = MlflowClient(tracking_uri(cfg))
     run_id = client.create_run(client.get_experiment_by_name(cfg.registry.experiment).experiment_id).info.run_id
-    v3 = register_adapter.fn(cfg.registry, run_id, broken, {"rougeL": 0.0}, {"tuneloop.trigger": "test"}, ["p"])
+    lineage = {"tuneloop.trigger": "test", "tuneloop.gate": "passed"}  # passed, so only the fault stops it
+    v3 = register_adapter.fn(cfg.registry, run_id, broken, {"rougeL": 0.0}, lineage, ["p"])
 
     with pytest.raises(DeployError, match="could not run the new config"):
         promotion_flow(cfg, v3.version)
