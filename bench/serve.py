@@ -41,6 +41,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+# The request fields of each load phase besides greedy (bench/serve.py --modes).
+MODES = {
+    "sampling": {"temperature": 0.8, "top_p": 0.95, "seed": 1},
+    "json": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "answer",
+                "schema": {
+                    "type": "object",
+                    "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"}},
+                    "required": ["answer", "confidence"],
+                    "additionalProperties": False,
+                },
+            },
+        }
+    },
+}
+
+
 def bench_home(prefix: str) -> tuple[Path, Path]:
     """A throwaway state dir sharing this checkout's built base models; the process environment set."""
     from tuneloop.state import DEFAULT_ENV
@@ -193,6 +213,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="Serve max_batch_size")
     parser.add_argument("--overhead-requests", type=int, default=300)
     parser.add_argument("--skip-promotion", action="store_true")
+    parser.add_argument(
+        "--modes",
+        default="greedy",
+        help="comma-separated load phases, each against the same deployment: greedy, sampling "
+        "(temperature 0.8, top_p 0.95, a seed per request), json (a JSON schema, constrained decoding)",
+    )
     args = parser.parse_args()
 
     from tuneloop.config import load_config
@@ -258,6 +284,29 @@ def main() -> None:
             "p50_ms": statistics.median(lat),
             "p99_ms": percentile(lat, 0.99),
         }
+        results["modes"] = {}
+        for mode in [m for m in args.modes.split(",") if m and m != "greedy"]:
+            print(f"deployment, {mode}: {args.clients} clients, {args.requests} requests …", flush=True)
+            phase = ChatLoad(
+                url,
+                name,
+                prompts,
+                args.max_tokens,
+                clients=args.clients,
+                total=args.requests,
+                timeout_s=600,
+                extra=MODES[mode],
+            )
+            phase.run()
+            good = [a for a in phase.answers if a.status == 200]
+            tok_s = sum(a.tokens for a in good) / phase.wall_s
+            results["modes"][mode] = {
+                "requests": len(phase.answers),
+                "failed": len(phase.answers) - len(good),
+                "tok_s": tok_s,
+                "vs_greedy": tok_s / results["serve"]["tok_s"],
+                "p50_ms": statistics.median([a.latency_ms for a in good]) if good else float("nan"),
+            }
         with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
             results["replicas"] = {
                 r: {"merged": i.merged, **dataclasses.asdict(i.decoding)} for r, i in replica_infos(cfg).items()
@@ -306,6 +355,8 @@ def main() -> None:
         f"plain {o['serve_plain_p50_ms']:.2f} ms (+{o['serve_plain_overhead_p50_ms']:.2f}); "
         f"tuneloop gateway /healthz {o['gateway_healthz_p50_ms']:.2f} ms"
     )
+    for mode, m in results["modes"].items():
+        print(f"{mode}: {m['tok_s']:.1f} tok/s = {m['vs_greedy']:.2f}x greedy's, {m['failed']} failed")
     if "promotion" in results:
         p = results["promotion"]
         print(f"promotion under load ({p['strategy']}): {p['requests']} requests, {p['failed']} failed")

@@ -150,7 +150,13 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": _STATUS[code]} for code in codes}
 
 
-GENERATE_ERRORS = _errors(400, 401, 403, 404, 413, 422, 429, 503)
+GENERATE_ERRORS = {
+    200: {
+        "description": "The completion; with `stream: true`, server-sent events (chunks, then `data: [DONE]`)",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    **_errors(400, 401, 403, 404, 413, 422, 429, 503),
+}
 
 
 class ApiError(Exception):
@@ -551,6 +557,8 @@ class Gateway:
         """The client's 4xx for a request the engine will not answer."""
         if refusal.code == "prompt_too_long":
             return ApiError(400, refusal.message, "invalid_request_error", "messages", "context_length_exceeded")
+        if refusal.code == "prompt_empty":
+            return ApiError(400, refusal.message, "invalid_request_error", "prompt", "empty_prompt")
         if refusal.code == "bad_response_format":
             return ApiError(400, refusal.message, "invalid_request_error", "response_format", "invalid_schema")
         return ApiError(

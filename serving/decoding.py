@@ -81,9 +81,12 @@ def choose(logits: Any, rows: list[Row]) -> Any:
                 ordered, index = torch.sort(scaled, descending=True)
                 cumulative = torch.softmax(ordered, -1).cumsum(-1)
                 cut = cumulative - torch.softmax(ordered, -1) >= s.top_p  # keep the smallest set reaching top_p
+                cut[0] = False  # and always the likeliest token (a tiny top_p rounds to cutting it)
                 scaled = scaled.scatter(0, index[cut], float("-inf"))
             probs = torch.softmax(scaled, -1)
-            nxt[i] = torch.multinomial(probs, 1, generator=rows[i].generator)[0]
+            if torch.isfinite(probs).all():
+                nxt[i] = torch.multinomial(probs, 1, generator=rows[i].generator)[0]
+            # else (logits too extreme for this temperature): the argmax, which every draw would be
         if s.logprobs:
             lp = torch.log_softmax(raw, -1)
             tok = int(nxt[i])

@@ -49,6 +49,10 @@ class PromptTooLong(ValueError):
     pass
 
 
+class EmptyPrompt(ValueError):
+    """A prompt with no tokens (an empty completion prompt on a tokenizer without BOS)."""
+
+
 class BadResponseFormat(ValueError):
     """A JSON schema constrained decoding cannot compile."""
 
@@ -74,12 +78,14 @@ class JsonConstraint:
         self.matcher.accept_token(token)
 
 
-def _refusal(err: PromptTooLong | VersionNotLoaded | BadResponseFormat) -> Refusal:
+def _refusal(err: PromptTooLong | VersionNotLoaded | BadResponseFormat | EmptyPrompt) -> Refusal:
     """The request's own error, as the gateway receives it (and answers with a 4xx)."""
     if isinstance(err, PromptTooLong):
         return Refusal("prompt_too_long", str(err))
     if isinstance(err, BadResponseFormat):
         return Refusal("bad_response_format", str(err))
+    if isinstance(err, EmptyPrompt):
+        return Refusal("prompt_empty", str(err))
     return Refusal("version_not_loaded", str(err.args[0]) if err.args else "version not loaded")
 
 
@@ -237,6 +243,8 @@ class ModelServer:
             if req.messages is not None
             else text_prompt(self.tokenizer, req.text or "")
         )
+        if not ids:
+            raise EmptyPrompt("The prompt is empty: send at least one character")
         limit = self.spec.engine.max_prompt_tokens
         if len(ids) > limit:
             raise PromptTooLong(f"The prompt is {len(ids)} tokens; this server takes at most {limit}")
@@ -289,7 +297,7 @@ class ModelServer:
         """The answer, or why this request is refused (returned, not raised: the gateway maps it to a 4xx)."""
         try:
             ticket = self._submit(request, stream=False)
-        except (VersionNotLoaded, PromptTooLong, BadResponseFormat) as err:
+        except (VersionNotLoaded, PromptTooLong, BadResponseFormat, EmptyPrompt) as err:
             return _refusal(err)
         try:
             row = await ticket.done
@@ -305,7 +313,7 @@ class ModelServer:
         answer and the text not yet sent. A failure while decoding is raised."""
         try:
             ticket = self._submit(request, stream=True)
-        except (VersionNotLoaded, PromptTooLong, BadResponseFormat) as err:
+        except (VersionNotLoaded, PromptTooLong, BadResponseFormat, EmptyPrompt) as err:
             yield StreamEvent("refused", refusal=_refusal(err))
             return
         row = None

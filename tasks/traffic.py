@@ -61,11 +61,13 @@ class ChatLoad:
         only_when: Callable[[], bool] | None = None,
         user: Callable[[int], str] | None = None,
         timeout_s: float = 300,
+        extra: dict | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("ChatLoad needs at least one prompt")
         self.endpoint, self.model, self.prompts, self.max_tokens = endpoint, model, prompts, max_tokens
         self.total, self.pause_s, self.only_when, self.user, self.timeout_s = total, pause_s, only_when, user, timeout_s
+        self.extra = extra or {}  # more request fields: sampling settings, a response_format …
         self.stop = threading.Event()
         self.answers: list[Answer] = []
         self.wall_s = 0.0
@@ -93,6 +95,7 @@ class ChatLoad:
                     "max_tokens": self.max_tokens,
                     "messages": [{"role": "user", "content": self.prompts[i % len(self.prompts)]}],
                     **({"user": self.user(i)} if self.user else {}),
+                    **self.extra,
                 }
                 wait, start = self.pause_s, time.perf_counter()
                 try:

@@ -262,3 +262,18 @@ def test_constrained_rows_answer_json_valid_under_the_schema_beside_free_rows(ti
     assert rows[0].finish_reason == "stop"
     assert rows[1].tokens[: len(free)] == free  # the free row beside it is unchanged
     assert rows[2].finish_reason == "length" and len(rows[2].tokens) == 3
+
+
+def test_extreme_sampling_settings_never_fail_a_row() -> None:
+    """What a fuzzer sends (found by the schema fuzz test): a top_p that rounds to nothing, a
+    temperature whose inverse overflows. The row gets the likeliest token, never an error."""
+    from serving.decoding import Row, choose
+    from tuneloop.seams import Sampling
+
+    logits = torch.randn(3, 500)
+    extremes = [
+        Sampling(temperature=2.0, top_p=5e-324),
+        Sampling(temperature=5e-324),
+        Sampling(temperature=1e-3, seed=1),
+    ]
+    assert choose(logits.clone(), [Row(sampling=s) for s in extremes]).tolist() == logits.argmax(-1).tolist()

@@ -160,7 +160,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < 1e-3  # colder than this is greedy in float32 anyway (and 1/t overflows)
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ class Answer:
     logprobs: tuple[TokenLogprob, ...] | None = None  # with Sampling.logprobs
 
 
-RefusalCode = Literal["prompt_too_long", "version_not_loaded", "bad_response_format"]
+RefusalCode = Literal["prompt_too_long", "prompt_empty", "version_not_loaded", "bad_response_format"]
 
 
 @dataclass(frozen=True)

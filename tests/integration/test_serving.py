@@ -224,7 +224,7 @@ def test_liveness_readiness_and_models(served) -> None:
         (None, {"model": f"{NAME}:99"}, 404, "model_not_found"),
         (None, {"max_tokens": 100000}, 422, None),
         (None, {"temperature": 7}, 422, None),
-        (None, {"n": 3}, 422, None),
+        (None, {"n": 99}, 422, None),  # above serve.max_n
         (None, {"messages": [{"role": "robot", "content": "hi"}]}, 422, None),
         (None, {"messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded"),
         (b"{" + b" " * 300_000 + b"}", None, 413, "request_too_large"),
