@@ -110,7 +110,9 @@ def main() -> None:
 
         results["llguidance"] = run(lg, ids, vocab)
 
-    prompt = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)])
+    from tuneloop.generation import chat_prompt
+
+    prompt = torch.tensor([chat_prompt(tok, [{"role": "user", "content": "Hi"}])])
     with torch.inference_mode():
         out = model(input_ids=prompt, use_cache=True)
         steps = []
