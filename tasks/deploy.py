@@ -134,12 +134,13 @@ def _controller() -> Any:
 def serving_version(cfg: ServeConfig) -> str | None:
     """Return the model version routed requests get now, or None when nothing serves."""
     try:
-        r = httpx.get(f"{endpoint(cfg)}/v1/models", timeout=5)
+        r = httpx.get(f"{endpoint(cfg)}/readyz", timeout=5)  # no key needed, unlike /v1/models
     except httpx.HTTPError:
         return None
     if r.status_code != 200:
         return None
-    return r.json()["data"][0].get("version")
+    ready = r.json()
+    return (ready.get("routing") or {}).get("champion") or next(iter(ready.get("versions") or []), None)
 
 
 def read_state(cfg: TuneloopConfig) -> ServeState | None:
@@ -192,8 +193,9 @@ def _wait_for_routing(cfg: TuneloopConfig, routing: Routing, timeout_s: float) -
     seen: Any = None
     while time.monotonic() < deadline:
         try:
-            r = httpx.get(f"{endpoint(cfg.serve)}/v1/models", timeout=10)
-            seen = r.json()["data"][0].get("routing") if r.status_code == 200 else r.text[:200]
+            # /readyz, not /v1/models: it needs no key when the gateway wants one
+            r = httpx.get(f"{endpoint(cfg.serve)}/readyz", timeout=10)
+            seen = r.json().get("routing") if r.status_code == 200 else r.text[:200]
         except (httpx.HTTPError, ValueError, KeyError, IndexError) as err:
             seen = str(err)
         if isinstance(seen, dict) and seen == routing.model_dump():

@@ -153,9 +153,9 @@ def send_chat_traffic(
 
 
 def canary_open(endpoint: str) -> bool:
-    """Whether the endpoint routes a share of requests to a challenger now (its /v1/models routing)."""
+    """Whether the endpoint routes a share of requests to a challenger now (its /readyz routing)."""
     try:
-        routing = httpx.get(f"{endpoint}/v1/models", timeout=5).json()["data"][0].get("routing") or {}
-    except (httpx.HTTPError, ValueError, KeyError, IndexError):
+        routing = httpx.get(f"{endpoint}/readyz", timeout=5).json().get("routing") or {}
+    except (httpx.HTTPError, ValueError, AttributeError):
         return False
     return bool(routing.get("challenger")) and routing.get("mode") in ("canary", "shadow")
