@@ -591,7 +591,7 @@ def test_api_keys_scopes_feedback_ownership_and_rate_limits(served, monkeypatch)
     keys = {name: f"tl-test-{name}-0123456789" for name in ("team-a", "team-b", "review", "ops", "metered")}
     scopes = {"team-a": ["infer"], "team-b": ["infer"], "review": ["feedback"], "ops": ["admin"], "metered": ["infer"]}
     entries = [{"id": n, "sha256": key_sha256(k), "scopes": scopes[n]} for n, k in keys.items()]
-    entries[-1]["tokens_per_day"] = 20  # one short answer, then its budget is spent
+    entries[-1]["tokens_per_day"] = 1  # one answer, then its budget is spent
     entries[0]["rate_per_minute"] = 5  # team-a: 4 chats and a feedback, then 429
     from tuneloop.config import TuneloopConfig
 
