@@ -56,7 +56,6 @@ def test_loop_registers_two_versions_the_second_triggered_by_drift(loop) -> None
     cfg, report = loop
     s = report.stages
     assert s["first_training"].champion and s["first_training"].version.version == "1"
-    assert len(report.stage_seconds) == 6  # every stage is timed (the figures live in BENCHMARKS.md)
     assert s["check_before"].drift.verdict == "no_drift", s["check_before"].drift.reason
     after = s["check_after"]
     assert after.drift.verdict == "drift", after.drift.reason
