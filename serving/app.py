@@ -7,6 +7,9 @@ model replicas.
 Routes: POST /v1/chat/completions and /v1/completions (plain or streamed as server-sent
 events), GET /v1/models, POST /v1/feedback, GET /healthz (live), GET /readyz (a replica
 answers). Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+Every answer passes the route's output guardrails (serving/guardrails.py) before the client
+sees it: PII redacted or blocked, toxic answers blocked (`finish_reason: content_filter`) or
+flagged, streams included.
 
 What changes at run time is each deployment's `user_config` (Serve calls `reconfigure`
 on the running replicas, no restart):
@@ -47,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import ModelServer
 from serving.guard import KeyEntry, KeyRing, RateLimiter, TokenBudgets
+from serving.guardrails import Checked, OutputGuard
 from tuneloop.seams import Answer, GenerationRequest, Refusal, Routing, Sampling, ServeSpec
 
 log = logging.getLogger("ray.serve")
@@ -271,6 +275,17 @@ def _choices(req: GenerationRequest, n: int) -> list[GenerationRequest]:
     ]
 
 
+def _actions(checks: list[Checked]) -> str | None:
+    """The log's `guardrail` column: every action taken on any choice, comma-separated."""
+    return ",".join(sorted({a for c in checks for a in c.actions})) or None
+
+
+def _filtered(check: Checked) -> dict[str, Any]:
+    """A choice's `content_filter_results` extension (Azure OpenAI's name), only when a guardrail acted."""
+    results = check.filter_results()
+    return {"content_filter_results": results} if results is not None else {}
+
+
 def _usage(answers: list[Answer]) -> dict[str, int]:
     completion = sum(a.completion_tokens for a in answers)
     prompt = answers[0].prompt_tokens
@@ -370,6 +385,22 @@ class Gateway:
         self.routing = Routing()
         self._shadow_tasks: set[asyncio.Task] = set()
         api.state.max_request_bytes = self.spec.max_request_bytes
+        rails = self.spec.guardrails
+        self.guards = {"chat": OutputGuard(rails.chat), "completions": OutputGuard(rails.completions)}
+        for guard in self.guards.values():
+            guard.warm_up()
+        self.guarded: Counter[str] = Counter()  # guardrail actions, by action
+
+    def _guard(self, route: str) -> OutputGuard:
+        return self.guards["chat" if route.endswith("chat/completions") else "completions"]
+
+    def _check(self, route: str, answers: list[Answer]) -> list[Checked]:
+        """Run the route's guardrails over each choice (in a thread: presidio and the classifier are CPU)."""
+        guard = self._guard(route)
+        checks = [guard.check(a.text) for a in answers]
+        for c in checks:
+            self.guarded.update(c.actions)
+        return checks
 
     def _redactor(self) -> Any:
         if self.spec.log_pii != "redact":
@@ -644,7 +675,8 @@ class Gateway:
             if body.stream:
                 return await self._stream(route, req, record, start, body)
             answers = await asyncio.gather(*(self._answer(choice) for choice in _choices(req, body.n)))
-            answer = answers[0]
+            checks = await asyncio.to_thread(self._check, route, answers)
+            record.guardrail = _actions(checks)
         except ApiError as err:
             self._finish(record, start, error=err)
             raise
@@ -661,11 +693,11 @@ class Gateway:
                 None,
                 "model_unavailable",
             ) from None
-        self._finish(record, start, answer)
+        self._finish(record, start, answers[0])  # the log keeps what the model wrote (redacted by the writer)
         self.budgets.add(caller.id, sum(a.prompt_tokens + a.completion_tokens for a in answers))
         if arm == "champion" and self.routing.mode == "shadow" and self.routing.challenger:
             self._shadow(route, req, prompt)
-        return answers, record
+        return answers, record, checks
 
     def _shadow(self, route: str, req: GenerationRequest, prompt: str) -> None:
         """Ask the challenger the same thing in the background; log its answer as `shadow`."""
@@ -682,6 +714,7 @@ class Gateway:
             except Exception as err:  # noqa: BLE001 - a failed shadow answer is logged, never raised
                 self._finish(record, start, failure=err)
             else:
+                record.guardrail = _actions(await asyncio.to_thread(self._check, route, [answer]))
                 self._finish(record, start, answer)
 
         task = asyncio.get_running_loop().create_task(run())
@@ -731,6 +764,15 @@ class Gateway:
                 obj["choices"], obj["usage"] = [], usage
             return f"data: {json.dumps(obj)}\n\n"
 
+        guard = self._guard(route).stream()
+
+        def blocked() -> str:  # the first blocked span ends the stream: nothing of it is sent
+            gen.cancel()  # and the replica stops decoding
+            record.response, record.status = guard.text, 200
+            record.guardrail = ",".join(guard.actions)
+            self.guarded.update(guard.actions)
+            return chunk(None, "content_filter", None)
+
         async def events() -> Any:
             answer: Answer | None = None
             logged = False
@@ -738,11 +780,23 @@ class Gateway:
                 yield chunk("", None, None)
                 async for event in gen:
                     if event.kind == "delta":
-                        yield chunk(event.text, None, None)
+                        visible = guard.feed(event.text)
+                        if guard.blocked:
+                            yield blocked()
+                            break
+                        if visible:
+                            yield chunk(visible, None, None)
                     elif event.kind == "done":
                         answer = event.answer
-                        if event.text:
-                            yield chunk(event.text, None, answer.version)
+                        visible = guard.feed(event.text) if event.text else ""
+                        visible += guard.finish() if not guard.blocked else ""
+                        if guard.blocked:
+                            yield blocked()
+                            break
+                        if visible:
+                            yield chunk(visible, None, answer.version)
+                        record.guardrail = ",".join(guard.actions) or None
+                        self.guarded.update(guard.actions)
                         yield chunk(None, answer.finish_reason, answer.version)
                 if answer is not None and include_usage:
                     yield chunk(
@@ -756,7 +810,11 @@ class Gateway:
                         },
                     )
                 logged = True
-                self._finish(record, start, answer)
+                if answer is None:  # blocked mid-stream: the log row says so (tokens unknown)
+                    record.latency_ms = (time.perf_counter() - start) * 1000
+                    self.writer.submit(record)
+                else:
+                    self._finish(record, start, answer)
                 if answer is not None and record.key_id:
                     self.budgets.add(record.key_id, answer.prompt_tokens + answer.completion_tokens)
                 yield "data: [DONE]\n\n"
@@ -845,7 +903,7 @@ class Gateway:
         )
         if isinstance(out, StreamingResponse):
             return out
-        answers, record = out
+        answers, record, checks = out
         return JSONResponse(
             {
                 "id": f"chatcmpl-{record.id}",
@@ -856,11 +914,12 @@ class Gateway:
                 "choices": [
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": answer.text},
-                        "finish_reason": answer.finish_reason,
-                        "logprobs": _chat_logprobs(answer),
+                        "message": {"role": "assistant", "content": check.text},
+                        "finish_reason": "content_filter" if check.blocked else answer.finish_reason,
+                        "logprobs": None if check.changed else _chat_logprobs(answer),
+                        **_filtered(check),
                     }
-                    for i, answer in enumerate(answers)
+                    for i, (answer, check) in enumerate(zip(answers, checks, strict=True))
                 ],
                 "usage": _usage(answers),
             }
@@ -876,7 +935,7 @@ class Gateway:
         out = await self._complete("/v1/completions", body, request, None, prompts[0], prompts[0], (body.max_tokens,))
         if isinstance(out, StreamingResponse):
             return out
-        answers, record = out
+        answers, record, checks = out
         return JSONResponse(
             {
                 "id": f"cmpl-{record.id}",
@@ -887,11 +946,12 @@ class Gateway:
                 "choices": [
                     {
                         "index": i,
-                        "text": answer.text,
-                        "finish_reason": answer.finish_reason,
-                        "logprobs": _completion_logprobs(answer),
+                        "text": check.text,
+                        "finish_reason": "content_filter" if check.blocked else answer.finish_reason,
+                        "logprobs": None if check.changed else _completion_logprobs(answer),
+                        **_filtered(check),
                     }
-                    for i, answer in enumerate(answers)
+                    for i, (answer, check) in enumerate(zip(answers, checks, strict=True))
                 ],
                 "usage": _usage(answers),
             }
@@ -943,6 +1003,7 @@ class Gateway:
         self._authorize(request, "admin")
         return {
             "refused": dict(self.refused),
+            "guardrails": dict(self.guarded),
             "log": self.writer.stats(),
             "routing": self.routing.model_dump(),
         }

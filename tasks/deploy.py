@@ -61,12 +61,21 @@ class ArmFigures:
     errors: int = 0
     latencies: list[float] = field(default_factory=list)
     feedback: list[float] = field(default_factory=list)
+    answered: int = 0  # status 200
+    blocked: int = 0  # answers the output guardrails refused
+    completion_tokens: int = 0
+    cost: float | None = None  # from monitor.cost_per_1k_tokens; None: unpriced
 
     def metrics(self) -> dict[str, float]:
         out = {
             "requests": float(self.requests),
             "error_rate": self.errors / self.requests if self.requests else float("nan"),
         }
+        if self.answered:
+            out["blocked_rate"] = self.blocked / self.answered
+            out["completion_tokens_mean"] = self.completion_tokens / self.answered
+            if self.cost is not None:
+                out["cost_per_1k_requests"] = self.cost / self.answered * 1000
         if self.latencies:
             lat = sorted(self.latencies)
             out["p50_latency_ms"] = statistics.median(lat)
@@ -289,8 +298,11 @@ def smoke_test(
     raise DeployError(f"Smoke test: {problem} (after {timeout_s:.0f} s)")
 
 
-def arm_figures(db_url: str, since: Any, arms: tuple[str, str]) -> dict[str, ArmFigures]:
-    """Requests, 5xx errors, latencies and feedback per arm, from the inference log since `since`."""
+def arm_figures(
+    db_url: str, since: Any, arms: tuple[str, str], prices: dict[str, float] | None = None
+) -> dict[str, ArmFigures]:
+    """Requests, 5xx errors, latencies, feedback, guardrail blocks, tokens and cost (priced by version
+    from `prices`, per 1k tokens, `*` for any) per arm, from the inference log since `since`."""
     from tuneloop.inferencelog import InferenceLog
 
     store = InferenceLog(db_url)
@@ -307,6 +319,14 @@ def arm_figures(db_url: str, since: Any, arms: tuple[str, str]) -> dict[str, Arm
             fig.errors += 1
         elif r["status"] == 200 and r["latency_ms"] is not None:
             fig.latencies.append(float(r["latency_ms"]))
+        if r["status"] == 200:
+            fig.answered += 1
+            fig.blocked += bool({"pii_blocked", "toxicity_blocked"} & set((r.get("guardrail") or "").split(",")))
+            tokens = (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
+            fig.completion_tokens += r["completion_tokens"] or 0
+            price = (prices or {}).get(str(r["model_version"]), (prices or {}).get("*"))
+            if price is not None:
+                fig.cost = (fig.cost or 0.0) + tokens / 1000 * price
         if r["id"] in scores:
             fig.feedback.append(scores[r["id"]])
     return out
@@ -327,7 +347,7 @@ def watch_canary(cfg: TuneloopConfig, since: Any, mode: str) -> CanaryVerdict:
     start = time.monotonic()
     while True:
         time.sleep(min(2.0, r.window_s))
-        figs = arm_figures(inference_db_url(cfg), since, ("champion", arm))
+        figs = arm_figures(inference_db_url(cfg), since, ("champion", arm), cfg.monitor.cost_per_1k_tokens)
         waited = time.monotonic() - start
         if (waited >= r.window_s and figs[arm].requests >= r.min_requests) or waited >= r.max_wait_s:
             break

@@ -48,6 +48,7 @@ class LoggedRequest:
     completion_tokens: int | None
     latency_ms: float | None
     arm: str | None
+    guardrail: str | None = None  # what the output guardrails did to the answer (comma-separated actions)
 
 
 @dataclass
@@ -144,6 +145,7 @@ def parse_row(raw: dict[str, Any]) -> LoggedRequest:
         completion_tokens=_int(raw.get("completion_tokens"), "completion_tokens"),
         latency_ms=_float(raw.get("latency_ms"), "latency_ms"),
         arm=raw.get("arm"),
+        guardrail=raw.get("guardrail") if isinstance(raw.get("guardrail"), str) else None,
     )
 
 
@@ -501,6 +503,36 @@ def toxicity_signal(
     )
 
 
+BLOCKING_ACTIONS = ("pii_blocked", "toxicity_blocked")
+
+
+def guardrail_signal(requests: Sequence[LoggedRequest], limit: float, min_samples: int) -> Signal:
+    """Share of answers the output guardrails blocked, overall against a limit and per model version
+    (redactions and flags counted beside): a version that starts saying what a route refuses alerts."""
+    if len(requests) < min_samples:
+        return _no_data(
+            "guardrail_rate", "output", f"{len(requests)} answers in the window, {min_samples} needed", limit
+        )
+    by_version: dict[str, list[set[str]]] = {}
+    for r in requests:
+        by_version.setdefault(_version(r.model_version), []).append(set((r.guardrail or "").split(",")) - {""})
+    metrics, parts, alerts = {}, [], []
+    for version, acts in sorted(by_version.items()):
+        blocked = sum(bool(a & set(BLOCKING_ACTIONS)) for a in acts) / len(acts)
+        redacted = sum("pii_redacted" in a for a in acts) / len(acts)
+        flagged = sum("toxicity_flagged" in a for a in acts) / len(acts)
+        metrics |= {f"blocked_v{version}": blocked, f"redacted_v{version}": redacted, f"flagged_v{version}": flagged}
+        parts.append(
+            f"v{version}: {blocked:.1%} blocked, {redacted:.1%} redacted, {flagged:.1%} flagged of {len(acts)}"
+        )
+        if len(acts) >= min_samples and blocked > limit:
+            alerts.append(f"v{version}")
+    overall = sum(bool(set((r.guardrail or "").split(",")) & set(BLOCKING_ACTIONS)) for r in requests) / len(requests)
+    detail = "; ".join(parts) + f"; limit {limit:.1%}" + (f": {', '.join(alerts)} above it" if alerts else "")
+    verdict = "alert" if alerts or overall > limit else "ok"
+    return Signal("guardrail_rate", "output", verdict, overall, None, limit, detail, metrics)
+
+
 def latency_signal(requests: Sequence[LoggedRequest], limits: MonitorThresholds, min_samples: int) -> Signal:
     """Latency percentiles of answered requests against the SLOs."""
     latencies = np.array([r.latency_ms for r in requests if r.status < 400 and r.latency_ms is not None])
@@ -680,6 +712,7 @@ def compute_signals(
         response_length_signal(base_responses, responses, n, alpha),
         refusal_signal(responses, cfg.refusal_patterns, t.refusal_rate, n, base_responses),
         toxicity_signal(responses, t, n),
+        guardrail_signal(answered, t.guardrail_rate, n),
         latency_signal(window.requests, t, n),
         error_rate_signal(window.requests, t.error_rate, n),
         cost_signal(window.requests, cfg.cost_per_1k_tokens),

@@ -17,6 +17,7 @@ from tasks.drift import (
     drift_verdict,
     error_rate_signal,
     feedback_signal,
+    guardrail_signal,
     latency_signal,
     mmd_permutation_test,
     new_vocabulary_signal,
@@ -249,6 +250,7 @@ def test_the_drift_verdict_follows_the_retraining_signals() -> None:
         "response_length",
         "refusal_rate",
         "toxicity_rate",
+        "guardrail_rate",
         "latency",
         "error_rate",
         "cost",
@@ -361,3 +363,21 @@ def test_parse_row_names_what_is_wrong() -> None:
     with pytest.raises(MalformedRow, match="id missing"):
         parse_row({**good, "id": None})
     assert parse_row({**good, "status": 500, "prompt": ""}).status == 500  # a failed request may have no prompt
+
+
+def test_guardrail_signal_alerts_on_the_version_whose_answers_get_blocked() -> None:
+    import dataclasses
+
+    def acted(i: int, version: str, action: str | None) -> LoggedRequest:
+        return dataclasses.replace(request(i, version=version), guardrail=action)
+
+    rows = [acted(i, "1", "pii_redacted" if i % 5 == 0 else None) for i in range(20)]
+    rows += [acted(20 + i, "2", "toxicity_blocked" if i % 4 == 0 else None) for i in range(20)]
+    signal = guardrail_signal(rows, 0.05, 10)
+    assert signal.verdict == "alert" and signal.statistic == pytest.approx(5 / 40)
+    assert signal.metrics["blocked_v1"] == 0 and signal.metrics["redacted_v1"] == pytest.approx(0.2)
+    assert signal.metrics["blocked_v2"] == pytest.approx(0.25) and "v2 above it" in signal.detail
+    assert guardrail_signal(rows[:20], 0.05, 10).verdict == "ok"
+    assert guardrail_signal(rows[:3], 0.05, 10).verdict == "no_data"
+    # a row written before the column existed, or with something odd in it, counts as nothing done
+    assert parse_row({"id": "x", "status": 200, "prompt": "p", "created_at": T0, "guardrail": 7}).guardrail is None

@@ -66,3 +66,21 @@ def test_year_ranges_and_decimals_are_not_phone_candidates() -> None:
     from tuneloop.safety import _possible
 
     assert _possible("Reigned 1975-1995; dose 0.50 0.18-0.26 mg", ["PHONE_NUMBER", "CREDIT_CARD"]) == []
+
+
+def test_toxicity_fast_path_equals_the_librarys_own() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from profanity_check import predict_prob
+
+    texts = [
+        "The capital of France is Paris.",
+        "you are a stupid idiot",
+        "",
+        "Go kill yourself",
+        "é ü 東京 🙂",
+        "x" * 5000,
+    ]
+    assert toxicity_probabilities(texts) == pytest.approx([float(p) for p in predict_prob(texts)], abs=1e-12)

@@ -561,7 +561,16 @@ class ApiKeyConfig(Strict):
     )
 
 
-CANARY_METRICS = ["error_rate", "p50_latency_ms", "p95_latency_ms", "feedback_score", "requests"]
+CANARY_METRICS = [
+    "error_rate",
+    "p50_latency_ms",
+    "p95_latency_ms",
+    "feedback_score",
+    "requests",
+    "blocked_rate",  # answers the output guardrails refused (serve.guardrails)
+    "completion_tokens_mean",
+    "cost_per_1k_requests",  # priced by monitor.cost_per_1k_tokens; missing (rule skipped) when unpriced
+]
 
 
 class RolloutConfig(Strict):
@@ -584,6 +593,7 @@ class RolloutConfig(Strict):
             "error_rate <= champion.error_rate + 0.02",
             "p95_latency_ms <= 2 * champion.p95_latency_ms + 100",
             "feedback_score >= champion.feedback_score - 0.1",
+            "blocked_rate <= champion.blocked_rate + 0.05",
         ],
         description="Challenger vs champion over the window, in the gate's rule language; metrics: "
         + ", ".join(CANARY_METRICS)
@@ -604,6 +614,64 @@ class AutoscalingConfig(Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
+
+
+OUTPUT_PII_ENTITIES = ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN"]
+
+
+class OutputPolicy(Strict):
+    """What the gateway does with a model's answer before the client sees it (streams included)."""
+
+    pii: Literal["off", "redact", "block"] = Field(
+        "redact",
+        description="Personal data in an answer: redact (each finding becomes <ENTITY_TYPE>), block (the answer "
+        "is refused: finish_reason content_filter) or off.",
+    )
+    pii_entities: list[str] = Field(
+        OUTPUT_PII_ENTITIES,
+        description="presidio entities looked for in answers. Names (PERSON) and places are left out by default: "
+        "answers name people and places for a living (`Who wrote Hamlet?`).",
+    )
+    toxicity: Literal["off", "flag", "block"] = Field(
+        "block",
+        description="An answer with a sentence whose offensive probability reaches toxicity_threshold: block "
+        "(refused, finish_reason content_filter), flag (returned, marked in the response and the log) or off.",
+    )
+    toxicity_threshold: float = Field(
+        0.8, gt=0, lt=1, description="Offensive probability from which a sentence is toxic."
+    )
+    refusal: str = Field(
+        "I can't help with that.", min_length=1, description="The answer a blocked (non-streamed) request gets."
+    )
+    stream_holdback_chars: int = Field(
+        32,
+        ge=0,
+        le=1024,
+        description="A stream holds back its last characters (and the word being written) until they are checked: "
+        "a phone number or card arriving token by token is redacted before any digit leaves. 0 with pii off.",
+    )
+
+    @field_validator("pii", "toxicity", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+    @field_validator("pii_entities")
+    @classmethod
+    def _known(cls, entities: list[str]) -> list[str]:
+        from tuneloop.safety import NER_ENTITIES, PATTERN_ENTITIES
+
+        unknown = sorted(set(entities) - set(PATTERN_ENTITIES) - set(NER_ENTITIES))
+        if unknown:
+            raise ValueError(f"unknown PII entities {unknown}; known: {[*PATTERN_ENTITIES, *NER_ENTITIES]}")
+        return entities
+
+
+class GuardrailsConfig(Strict):
+    """Output guardrails per route: `chat` (/v1/chat/completions) and `completions` (/v1/completions)."""
+
+    chat: OutputPolicy = OutputPolicy()
+    completions: OutputPolicy = OutputPolicy()
 
 
 class ServeConfig(Strict):
@@ -680,6 +748,10 @@ class ServeConfig(Strict):
         "feedback comments). Names (PERSON) need the spaCy model (`make install` adds it); without it the "
         "gateway redacts the other entities and logs that names are kept.",
     )
+    guardrails: GuardrailsConfig = Field(
+        GuardrailsConfig(),
+        description="What each route does with PII and toxicity in the model's answers before the client sees them.",
+    )
     rollout: RolloutConfig = RolloutConfig()
 
 
@@ -690,6 +762,7 @@ SignalName = Literal[
     "response_length",
     "refusal_rate",
     "toxicity_rate",
+    "guardrail_rate",
     "latency",
     "error_rate",
     "cost",
@@ -717,6 +790,9 @@ class MonitorThresholds(Strict):
     toxicity_rate: float = Field(0.05, ge=0, le=1, description="Largest share of toxic answers.")
     toxicity_probability: float = Field(
         0.5, gt=0, lt=1, description="An answer counts as toxic at this offensive probability or above."
+    )
+    guardrail_rate: float = Field(
+        0.05, ge=0, le=1, description="Largest share of answers the output guardrails block (overall and per version)."
     )
     min_feedback_score: float | None = Field(
         None, description="Alert when a version's mean feedback score falls below this; None: trend only."

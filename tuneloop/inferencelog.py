@@ -77,6 +77,9 @@ inference_log = Table(
     Column("key_id", String(32)),  # which API key asked (its public id, never the key)
     Column("error", Text),  # what went wrong, for status >= 400
     Column("sampling", Text),  # the request's decoding settings (JSON: temperature, seed, stop …); null: greedy
+    Column(
+        "guardrail", String(64)
+    ),  # what the output guardrails did: pii_redacted, toxicity_blocked … (comma-separated)
 )
 
 feedback = Table(
@@ -100,7 +103,7 @@ prompt_embedding = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
-_ADDED_COLUMNS = ("adapter", "arm", "key_id", "error", "sampling")
+_ADDED_COLUMNS = ("adapter", "arm", "key_id", "error", "sampling", "guardrail")
 _CHUNK = 500  # ids per IN (...) clause
 
 
@@ -120,6 +123,7 @@ class InferenceRecord:
     key_id: str | None = None
     error: str | None = None
     sampling: str | None = None
+    guardrail: str | None = None
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
@@ -398,6 +402,7 @@ TEXT_FIELDS = (
     "arm",
     "key_id",
     "sampling",
+    "guardrail",
 )
 
 

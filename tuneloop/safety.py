@@ -19,6 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +190,49 @@ class PiiScanner:
         return redacted
 
 
-def toxicity_probabilities(texts: Sequence[str]) -> list[float]:
-    """Return, per text, the probability that it is offensive (alt-profanity-check's model)."""
-    if not texts:
-        return []
+@cache
+def _toxicity_model() -> tuple[Any, Any]:
+    """alt-profanity-check's vectorizer and, when it has the expected shape (a calibrated ensemble of
+    linear classifiers with sigmoid calibration), its weights stacked for one matrix product."""
     import warnings
+
+    import numpy as np
 
     with warnings.catch_warnings():  # its pickled scikit-learn model warns about versions
         warnings.simplefilter("ignore")
-        from profanity_check import predict_prob
+        from profanity_check import profanity_check as pc
 
-        return [float(p) for p in predict_prob(list(texts))]
+    members = getattr(pc.model, "calibrated_classifiers_", [])
+    try:
+        weights = (
+            np.stack([c.estimator.coef_.ravel() for c in members]),
+            np.array([c.estimator.intercept_[0] for c in members]),
+            np.array([c.calibrators[0].a_ for c in members]),
+            np.array([c.calibrators[0].b_ for c in members]),
+        )
+        linear = bool(members) and all(c.method == "sigmoid" for c in members)
+    except (AttributeError, IndexError):
+        linear = False
+    return pc, (weights if linear else None)
+
+
+def toxicity_probabilities(texts: Sequence[str]) -> list[float]:
+    """Return, per text, the probability that it is offensive (alt-profanity-check's model).
+
+    The same numbers as its `predict_prob` (a test holds them equal), computed as what its
+    `CalibratedClassifierCV` is: the mean over 5 linear SVMs of a sigmoid of each one's decision
+    value. Through scikit-learn's `predict_proba` that costs ~2.7 ms per call in input checks;
+    as one matrix product, ~0.07 ms beside the vectorizer's ~0.4 ms. The gateway scores every
+    sentence of every answer as it streams (serving/guardrails.py), so this is on the hot path.
+    """
+    if not texts:
+        return []
+    import numpy as np
+    from scipy.special import expit
+
+    pc, weights = _toxicity_model()
+    if weights is None:  # another model version: the library's own path
+        return [float(p) for p in pc.predict_prob(list(texts))]
+    w, b, a, c = weights
+    decision = np.asarray(pc.vectorizer.transform(list(texts)) @ w.T) + b
+    return [float(p) for p in expit(-(a * decision + c)).mean(axis=1)]

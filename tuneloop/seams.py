@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tuneloop.config import SLICE_PATTERN, ApiKeyConfig, DataConfig, TuneloopConfig
+from tuneloop.config import SLICE_PATTERN, ApiKeyConfig, DataConfig, GuardrailsConfig, TuneloopConfig
 from tuneloop.gate import RuleResult
 
 
@@ -58,6 +58,7 @@ class GatewaySpec(_Seam):
     burst: int = Field(ge=1)
     log_pii: Literal["redact", "keep"]
     pii_entities: list[str]
+    guardrails: GuardrailsConfig = GuardrailsConfig()  # what each route lets through of the model's answers
 
 
 class ServeSpec(_Seam):
@@ -133,7 +134,7 @@ class ServedVersions(_Seam):
 
 
 Arm = Literal["champion", "challenger", "shadow", "pinned"]
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "content_filter"]  # content_filter: the gateway's guardrails refused it
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> ServeSpe
             burst=s.burst,
             log_pii=s.log_pii,
             pii_entities=list(s.pii_entities),
+            guardrails=s.guardrails,
         ),
     )
 

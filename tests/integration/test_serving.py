@@ -38,6 +38,9 @@ FAST_CANARY = [
     "serve.max_prompt_tokens=200",
     "serve.rate_per_minute=100000",
     "serve.burst=10000",
+    # The completions route blocks every answer: a real policy on the real classifier, with a
+    # threshold no sentence stays under (the tiny model writes nothing toxic on its own).
+    "serve.guardrails.completions.toxicity_threshold=0.001",
     "serve.max_tokens_limit=4000",
 ]
 
@@ -196,17 +199,33 @@ def test_sampling_seeds_stops_choices_and_logprobs_as_the_openai_client_expects(
     assert json.loads(row["sampling"])["seed"] == 11  # the seed is in the log
 
 
-def test_text_completions_plain_and_streamed(served) -> None:
+def test_text_completions_and_an_output_guardrail_that_blocks_plain_and_streamed_answers(served) -> None:
     cfg, *_ = served
     client = _client(cfg)
     whole = client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=5)
     assert whole.object == "text_completion" and whole.usage.completion_tokens <= 5
-    streamed = "".join(
-        c.choices[0].text
-        for c in client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=5, stream=True)
-        if c.choices
-    )
-    assert streamed.strip() == whole.choices[0].text
+    choice = whole.choices[0]
+    assert (choice.text, choice.finish_reason) == ("I can't help with that.", "content_filter")
+    assert choice.content_filter_results["toxicity"]["filtered"] is True  # the extension the client keeps
+    assert choice.logprobs is None
+    chunks = list(client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=12, stream=True))
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["content_filter"]  # the stream stopped at its first checked words: none of them left
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ""
+    # the chat route keeps its own (default) policy: the same model answers there
+    chat = _chat(cfg, "The capital of France is", max_tokens=5).json()["choices"][0]
+    assert chat["finish_reason"] in ("stop", "length") and "content_filter_results" not in chat
+    # logged as blocked, with what the model wrote, and counted per version for monitoring and canaries
+    log = InferenceLog(inference_db_url(cfg))
+    deadline = time.monotonic() + 30  # the gateway writes its log from a background thread
+    while True:
+        rows = [r for r in log.window(limit=10) if r["route"] == "/v1/completions"][:2]
+        if len(rows) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert [r["guardrail"] for r in rows] == ["toxicity_blocked", "toxicity_blocked"]
+    assert all(r["status"] == 200 and r["response"] for r in rows)
+    log.close()
 
 
 def test_liveness_readiness_and_models(served) -> None:
@@ -646,7 +665,7 @@ def test_api_keys_scopes_feedback_ownership_and_rate_limits(served, monkeypatch)
     stats = httpx.get(f"{url}/v1/admin/stats", headers=auth("ops"), timeout=30).json()
     assert stats["refused"]["invalid_api_key"] >= 1 and stats["refused"]["rate_limit_exceeded"] == 1
     assert stats["refused"]["forbidden"] >= 2 and stats["refused"]["foreign_feedback"] == 1
-    assert stats["log"]["set_aside"] == 0
+    assert stats["log"]["set_aside"] == 0 and isinstance(stats["guardrails"], dict)  # actions by kind
     metered = _client(cfg, api_key=keys["metered"])
     metered.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     from openai import RateLimitError
