@@ -1,10 +1,10 @@
-"""Register the training, promotion and monitoring flows as Prefect deployments.
+"""Register the training, promotion, monitoring and prompt flows as Prefect deployments.
 
     python -m flows.deployments --config configs/local.yaml     # serve them from this process
     python -m flows.deployments --config configs/team.yaml      # work pools + prefect.yaml, then exit
 
 Which one follows `prefect.deployments` in the config. `serve` (the embedded default, what
-`tuneloop up` runs in the background): this process serves the three deployments and runs
+`tuneloop up` runs in the background): this process serves the deployments and runs
 their flow runs. `work_pools`: create the work pools of infra/prefect/work-pools.yaml, store the
 config in the Prefect variables that prefect.yaml reads, and run `prefect deploy --all`;
 workers of those pools run the flows. Either way each deployment's default parameters are the
@@ -26,7 +26,8 @@ from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from flows.monitoring import monitoring_flow
-from flows.promotion import promotion_flow
+from flows.promotion import promotion_flow, prompt_promotion_flow
+from flows.prompts import prompt_evaluation_flow
 from flows.training import training_flow
 from tuneloop.config import REPO_ROOT, TuneloopConfig, load_config
 
@@ -50,7 +51,7 @@ def monitoring_parameters(cfg: TuneloopConfig) -> dict:
 
 
 def serve_deployments(cfg: TuneloopConfig, *, schedules: bool) -> None:
-    """Serve the three deployments from this process until it is stopped."""
+    """Serve the deployments from this process until it is stopped."""
     params = {"config": cfg.model_dump(mode="json")}
 
     def name(full: str) -> str:  # "<flow>/<deployment>" → the deployment's own name
@@ -62,6 +63,13 @@ def serve_deployments(cfg: TuneloopConfig, *, schedules: bool) -> None:
             name=name(cfg.prefect.training_deployment), parameters=params, tags=["tuneloop"], concurrency_limit=1
         ),
         promotion_flow.to_deployment(name=name(cfg.prefect.promotion_deployment), parameters=params, tags=["tuneloop"]),
+        # Prompt versions: their form asks for the version (name/VERSION or name@alias).
+        prompt_evaluation_flow.to_deployment(
+            name=name(cfg.prefect.prompt_evaluation_deployment), parameters=params, tags=["tuneloop"]
+        ),
+        prompt_promotion_flow.to_deployment(
+            name=name(cfg.prefect.prompt_promotion_deployment), parameters=params, tags=["tuneloop"]
+        ),
         # Overlapping checks would only wait on each other's decision (tasks.retrain): a check
         # that comes due while one runs is cancelled, the next cron tick reads the newer window.
         monitoring_flow.to_deployment(

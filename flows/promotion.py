@@ -37,6 +37,7 @@ from tasks.deploy import (
     smoke_test,
     watch_canary,
 )
+from tasks.prompts import parse_ref, prompt_tags, record_prompt_promotion, resolve_prompt
 from tasks.registry import (
     ModelVersionRef,
     find_alias,
@@ -47,6 +48,7 @@ from tasks.registry import (
     version_tags,
 )
 from tuneloop.config import TuneloopConfig, load_config
+from tuneloop.prompts import PromptSpec
 from tuneloop.seams import Routing, RoutingMode, ServedVersions
 from tuneloop.servespec import keys_required, serve_config, serve_spec
 from tuneloop.state import ray_address, tracking_uri
@@ -72,8 +74,55 @@ def _uri(cfg: TuneloopConfig, version: str) -> str:
     return f"models:/{cfg.registry.model_name}/{version}"
 
 
-def _routing(champion: str, challenger: str | None = None, mode: RoutingMode = "off", share: float = 0.0) -> Routing:
-    return Routing(champion=champion, challenger=challenger, mode=mode, share=share)
+def _routing(
+    champion: str,
+    challenger: str | None = None,
+    mode: RoutingMode = "off",
+    share: float = 0.0,
+    prompt: PromptSpec | None = None,
+    challenger_prompt: PromptSpec | None = None,
+) -> Routing:
+    return Routing(
+        champion=champion,
+        challenger=challenger,
+        mode=mode,
+        share=share,
+        prompt=prompt,
+        challenger_prompt=challenger_prompt,
+    )
+
+
+def check_prompt_match(
+    cfg: TuneloopConfig, version: str, tags: dict[str, str], prompt: PromptSpec | None
+) -> str | None:
+    """Whether `version` would serve with the prompt it was trained and gated with. A mismatch is a
+    warning (returned, recorded with the promotion) or, with registry.prompt_mismatch=error, a refusal."""
+    trained = tags.get("tuneloop.prompt_sha256")
+    if trained == (prompt.sha256 if prompt else None):
+        return None
+    message = (
+        f"v{version} was trained and gated with {tags.get('tuneloop.prompt_version') or 'no prompt'} and would "
+        f"serve with {prompt.ref if prompt else 'no prompt'}"
+    )
+    if cfg.registry.prompt_mismatch == "error":
+        raise DeployError(f"{message} (registry.prompt_mismatch=error)")
+    get_run_logger().warning("%s: its gate figures do not cover this pairing", message)
+    return f"warning: {message}"
+
+
+def bound_prompt(cfg: TuneloopConfig, state: ServeState | None) -> PromptSpec | None:
+    """The chat route's prompt version for a model promotion: the one serving (a model promotion
+    never changes it: `tuneloop prompt promote` does), else `serve.prompt` on a first deployment."""
+    serving = state.routing.prompt if state is not None else None
+    if serving is not None:
+        if cfg.serve.prompt and parse_ref(cfg.serve.prompt)[0] != serving.name:
+            get_run_logger().warning(
+                "serve.prompt names %s but %s serves: prompt changes go through `tuneloop prompt promote`",
+                cfg.serve.prompt,
+                serving.ref,
+            )
+        return serving
+    return resolve_prompt(cfg, cfg.serve.prompt) if cfg.serve.prompt else None
 
 
 def _config(cfg: TuneloopConfig, base_version: str, adapters: list[str], routing: Routing) -> dict:
@@ -120,17 +169,20 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
     # the next one (or `tuneloop up`, which re-serves the champion through here) settles it first.
     with model_lock("promotion", tracking_uri(cfg), name, reg.promotion_lock_timeout_s), ray_client(ray_address(cfg)):
         state = settle_interrupted(cfg, read_state(cfg))
+        prompt = bound_prompt(cfg, state)
+        mismatch = check_prompt_match(cfg, target.version, gate, prompt)
         share = 1.0  # the new version's share of routed traffic while it was compared
         if state is not None and state.champion == target.version:
             strategy = "already serving"
             smoke = smoke_test(cfg.serve, name, target.version)
             figures, lines = {}, []
         elif state is not None and can_hot_load(cfg.registry.model_name, state.base_version, target.version):
-            strategy, smoke, figures, lines = _hot_rollout(cfg, state, target)
+            strategy, smoke, figures, lines = _hot_rollout(cfg, state, target, prompt)
             share = _canary_share(cfg)
         else:
-            strategy, smoke, figures, lines = "replace", _replace(cfg, state, target), {}, []
+            strategy, smoke, figures, lines = "replace", _replace(cfg, state, target, prompt), {}, []
     previous = state.champion if state else None
+    lines = [*lines, *([mismatch] if mismatch else [])]
     reason = f"{strategy}: served at {endpoint(cfg.serve)}, smoke test passed" + (
         f"; {'; '.join(lines)}" if lines else ""
     )
@@ -171,18 +223,20 @@ def settle_interrupted(cfg: TuneloopConfig, state: ServeState | None) -> ServeSt
     logger.warning(
         "A promotion of v%s was interrupted mid-%s: rolling back to v%s", stale, state.routing.mode, champion
     )
-    apply_config(_config(cfg, state.base_version, [champion], _routing(champion)), cfg, [champion])
+    prompt = state.routing.prompt  # the champion's prompt; a challenger prompt is dropped with its arm
+    apply_config(_config(cfg, state.base_version, [champion], _routing(champion, prompt=prompt)), cfg, [champion])
     if stale is not None:
         reason = f"the promotion was interrupted during its {state.routing.mode}; rolled back by the next promotion"
         _rolled_back(cfg, ModelVersionRef(cfg.registry.model_name, stale), champion, "interrupted", reason, {}, [])
     return read_state(cfg)
 
 
-def _replace(cfg: TuneloopConfig, state: ServeState | None, target: ModelVersionRef):
+def _replace(cfg: TuneloopConfig, state: ServeState | None, target: ModelVersionRef, prompt: PromptSpec | None):
     """New replicas for the target alone (first deployment, or another base model)."""
     logger = get_run_logger()
     try:
-        apply_config(_config(cfg, target.version, [target.version], _routing(target.version)), cfg, [target.version])
+        routing = _routing(target.version, prompt=prompt)
+        apply_config(_config(cfg, target.version, [target.version], routing), cfg, [target.version])
         return smoke_test(cfg.serve, cfg.registry.model_name, target.version)
     except DeployError as err:
         logger.error("Version %s failed: %s", target.version, err)
@@ -194,7 +248,7 @@ def _replace(cfg: TuneloopConfig, state: ServeState | None, target: ModelVersion
         raise
 
 
-def _hot_rollout(cfg: TuneloopConfig, state: ServeState, target: ModelVersionRef):
+def _hot_rollout(cfg: TuneloopConfig, state: ServeState, target: ModelVersionRef, prompt: PromptSpec | None):
     """Hot-load the target next to the champion, smoke-test it pinned, canary/shadow, decide."""
     logger = get_run_logger()
     r = cfg.serve.rollout
@@ -204,11 +258,12 @@ def _hot_rollout(cfg: TuneloopConfig, state: ServeState, target: ModelVersionRef
     lines: list[str] = []
     figures: dict = {}
     try:
-        apply_config(_config(cfg, state.base_version, both, _routing(champion, new)), cfg, both)
+        apply_config(_config(cfg, state.base_version, both, _routing(champion, new, prompt=prompt)), cfg, both)
         smoke = smoke_test(cfg.serve, f"{cfg.registry.model_name}:{new}", new)
         if r.mode != "direct":
             since = dt.datetime.now(dt.UTC)
-            apply_config(_config(cfg, state.base_version, both, _routing(champion, new, r.mode, r.share)), cfg, both)
+            routing = _routing(champion, new, r.mode, r.share, prompt=prompt)
+            apply_config(_config(cfg, state.base_version, both, routing), cfg, both)
             logger.info(
                 "%s: v%s gets %s of routed traffic for ≥ %.0f s",
                 r.mode,
@@ -222,12 +277,12 @@ def _hot_rollout(cfg: TuneloopConfig, state: ServeState, target: ModelVersionRef
             if verdict.decision == "rollback":
                 raise PromotionRolledBack(f"v{new} lost the {r.mode} comparison: {verdict.reason()}")
         # Promote: everything to the new version; the old champion stays loaded for a fast rollback.
-        apply_config(_config(cfg, state.base_version, both, _routing(new)), cfg, both)
+        apply_config(_config(cfg, state.base_version, both, _routing(new, prompt=prompt)), cfg, both)
         smoke = smoke_test(cfg.serve, cfg.registry.model_name, new)
         return strategy, smoke, figures, lines
     except DeployError as err:
         logger.error("Version %s rolled back: %s", new, err)
-        apply_config(_config(cfg, state.base_version, [champion], _routing(champion)), cfg, [champion])
+        apply_config(_config(cfg, state.base_version, [champion], _routing(champion, prompt=prompt)), cfg, [champion])
         _rolled_back(cfg, target, champion, strategy, str(err), figures, lines, _canary_share(cfg))
         raise
 
@@ -260,6 +315,90 @@ def _rolled_back(
         lines,
         f"MLflow run `{run_id}`",
     )
+
+
+@dataclass
+class PromptPromotionResult:
+    serving: str  # the prompt version (name/version) the chat route renders when the flow ends
+    previous: str | None
+    strategy: str
+    figures: dict[str, dict[str, float]] = field(default_factory=dict)
+    rules: list[str] = field(default_factory=list)
+
+
+@flow(name="prompt-promotion-flow")
+def prompt_promotion_flow(
+    config: TuneloopConfig | None = None, prompt: str = "", allow_new_variables: bool = False
+) -> PromptPromotionResult:
+    """Serve a prompt version on the chat route exactly as a model version is promoted: a canary
+    share (or a shadow copy) of routed traffic is rendered with it, the arms are compared by
+    `serve.rollout.rules`, and it is promoted (the prompt's champion alias moved, all traffic) or
+    rolled back. The model version does not change and no replica reloads: the gateway renders.
+    A prompt whose variables differ from the serving one's is refused (clients would get 400s)
+    unless `allow_new_variables`."""
+    cfg = config or load_config()
+    logger = get_run_logger()
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    if not prompt:
+        raise DeployError("Name the prompt version to promote: name/VERSION or name@alias")
+    candidate = resolve_prompt(cfg, prompt)
+    gate = prompt_tags(cfg, candidate)
+    if gate.get("tuneloop.gate") != "passed":  # fail closed, as for model versions
+        why = gate.get("tuneloop.gate_reason") or "has no verdict for it (run `tuneloop prompt evaluate`)"
+        raise DeployError(f"Prompt {candidate.ref} cannot serve: the gate {why}")
+    r = cfg.serve.rollout
+    lock = model_lock("promotion", tracking_uri(cfg), cfg.registry.model_name, cfg.registry.promotion_lock_timeout_s)
+    with lock, ray_client(ray_address(cfg)):
+        state = settle_interrupted(cfg, read_state(cfg))
+        if state is None or state.champion is None:
+            raise DeployError("Nothing serves: promote a model version first (`tuneloop promote`)")
+        current, champion = state.routing.prompt, state.champion
+        if current is not None and current.sha256 == candidate.sha256:
+            return PromptPromotionResult(candidate.ref, current.ref, "already serving")
+        wanted = current.variables if current is not None else []
+        if candidate.variables != wanted and not allow_new_variables:
+            raise DeployError(
+                f"{candidate.ref} takes the variables {candidate.variables or 'none'}, the serving prompt "
+                f"{wanted or 'none'}: clients would get 400s. Keep the variables, or change clients first"
+            )
+        mismatch = check_prompt_match(
+            cfg, champion, version_tags(ModelVersionRef(cfg.registry.model_name, champion)) or {}, candidate
+        )
+        adapters = list(state.adapters) or [champion]
+        strategy, figures, lines = f"prompt {r.mode}", {}, []
+        try:
+            if r.mode != "direct":
+                since = dt.datetime.now(dt.UTC)
+                routing = _routing(champion, None, r.mode, r.share, current, candidate)
+                apply_config(_config(cfg, state.base_version, adapters, routing), cfg, adapters)
+                logger.info("%s: prompt %s against %s", r.mode, candidate.ref, current.ref if current else "none")
+                verdict = watch_canary(cfg, since, r.mode)
+                figures = verdict.figures
+                lines = [rule.line() for rule in verdict.rules] or [verdict.note]
+                if verdict.decision == "rollback":
+                    raise PromotionRolledBack(f"{candidate.ref} lost the {r.mode} comparison: {verdict.reason()}")
+            apply_config(
+                _config(cfg, state.base_version, adapters, _routing(champion, prompt=candidate)), cfg, adapters
+            )
+            if not candidate.variables:  # a prompt with variables needs a client that sends them
+                smoke_test(cfg.serve, cfg.registry.model_name, champion)
+        except DeployError as err:
+            logger.error("Prompt %s rolled back: %s", candidate.ref, err)
+            routing = _routing(champion, prompt=current)
+            apply_config(_config(cfg, state.base_version, adapters, routing), cfg, adapters)
+            record_prompt_promotion(cfg, candidate, current, strategy, "rolled back", str(err), figures, lines)
+            raise
+    lines = [*lines, *([mismatch] if mismatch else [])]
+    reason = f"{strategy}: the chat route renders {candidate.ref}" + (f"; {'; '.join(lines)}" if lines else "")
+    run_id = record_prompt_promotion(cfg, candidate, current, strategy, "promoted", reason, figures, lines)
+    publish_promotion(
+        f"prompt {candidate.ref} serving, now {cfg.registry.champion_alias}",
+        f"Strategy: **{strategy}**. Previously: {current.ref if current else 'no prompt'}; model v{champion}",
+        figures,
+        lines,
+        f"MLflow run `{run_id}`",
+    )
+    return PromptPromotionResult(candidate.ref, current.ref if current else None, strategy, figures, lines)
 
 
 if __name__ == "__main__":

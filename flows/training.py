@@ -26,6 +26,7 @@ from tasks.data import load_dataset
 from tasks.evaluate import compare_reports, decide_gate, eval_rows, evaluate_model, write_eval_report
 from tasks.finetune import check_training_setup, finetune, prepare_base_model, training_key
 from tasks.judge import judge_evaluation, probe_judge
+from tasks.prompts import render_rows, serving_prompt
 from tasks.registry import (
     TrainingResult,
     assign_alias,
@@ -81,7 +82,9 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
         loaded, cfg.validation, cfg.train.max_seq_len, base, paths.validation_report(loaded.digest)
     )
     judge = probe_judge(cfg.eval.judge, paths.models) if report.success else None
-    key = training_key(cfg.model, cfg.train, split.digest)  # the flow run id: a restart resumes run and checkpoints
+    prompt = serving_prompt(cfg)  # trains and evaluates rendered as the chat route will render it
+    rendered = split.digest if prompt is None else f"{split.digest}-{prompt.sha256[:12]}"
+    key = training_key(cfg.model, cfg.train, rendered)  # the flow run id: a restart resumes run and checkpoints
     run_id = start_training_run(
         cfg.registry, f"train-{split.digest}", training_params(cfg, judge), key, {"tuneloop.trigger": trigger}
     )
@@ -91,9 +94,21 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     champion = find_champion(cfg.registry)
     slices = collect_slices(cfg, split, champion)
     target, label = champion_or_base(champion, base, paths.training_run(key) / "champion")
-    trained = finetune(split.training_rows, base, cfg.model, cfg.train, paths.training_run(key), run_id, target)
-    candidate = evaluate_model(trained.artifact_dir, slices.all, cfg.eval, "candidate", paths.eval_cache)
-    reference = evaluate_model(target, slices.all, cfg.eval, label, paths.eval_cache, cfg.model.dtype)
+    rows = render_rows(split.training_rows, prompt, cfg.serve.prompt_variables)
+    trained = finetune(rows, base, cfg.model, cfg.train, paths.training_run(key), run_id, target)
+    variables = cfg.serve.prompt_variables
+    candidate = evaluate_model(
+        trained.artifact_dir,
+        slices.all,
+        cfg.eval,
+        "candidate",
+        paths.eval_cache,
+        prompt=prompt,
+        prompt_variables=variables,
+    )
+    reference = evaluate_model(
+        target, slices.all, cfg.eval, label, paths.eval_cache, cfg.model.dtype, prompt, variables
+    )
     if judge:
         candidate = judge_evaluation(candidate, cfg.eval.judge, paths.models)
         reference = judge_evaluation(reference, cfg.eval.judge, paths.models)
@@ -102,6 +117,8 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     html = write_eval_report(candidate, reference, comparison, verdict, paths.training_run(key) / "eval_report.html")
     record_evaluation(run_id, candidate, reference, comparison, verdict, html, slices.all)
     lineage = version_lineage(cfg, base, split, report, run_id, trigger, verdict, judge, slices, reference, trained)
+    if prompt is not None:  # what it was trained and gated with: promoting it with another prompt warns
+        lineage |= {"tuneloop.prompt_version": prompt.ref, "tuneloop.prompt_sha256": prompt.sha256}
     version = register_adapter(
         cfg.registry,
         run_id,

@@ -51,6 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.engine import ModelServer
 from serving.guard import KeyEntry, KeyRing, RateLimiter, TokenBudgets
 from serving.guardrails import Checked, OutputGuard
+from tuneloop.prompts import PromptSpec, PromptVariablesError
 from tuneloop.seams import Answer, GenerationRequest, Refusal, Routing, Sampling, ServeSpec
 
 log = logging.getLogger("ray.serve")
@@ -110,6 +111,9 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(None, ge=0, le=20, description="0-20 likeliest alternatives per token")
     response_format: dict[str, Any] | None = Field(
         None, description="text, json_object or json_schema: JSON by constrained decoding (xgrammar)"
+    )
+    prompt_variables: dict[str, Text] | None = Field(
+        None, description="Extension: the bound prompt version's variables (see /v1/models); 400 when they do not fit"
     )
 
 
@@ -562,18 +566,18 @@ class Gateway:
             return json.dumps(spec["schema"])
         raise bad(f"type {kind!r} is not one of text, json_object, json_schema")
 
-    def _route(self, model: str | None, user: str | None) -> tuple[str | None, str]:
-        """Return (version or None for the replicas' default, arm)."""
+    def _route(self, model: str | None, user: str | None) -> tuple[str | None, str, PromptSpec | None]:
+        """Return (version or None for the replicas' default, arm, the chat route's prompt version)."""
+        r = self.routing
         if model in (None, self.name):
-            r = self.routing
-            if r.mode == "canary" and r.challenger:
+            if r.mode == "canary" and (r.challenger or r.challenger_prompt):
                 draw = (int(uuid.uuid5(uuid.NAMESPACE_URL, user).int % 10_000) / 10_000) if user else random.random()
                 if draw < r.share:
-                    return r.challenger, "challenger"
-            return r.champion, "champion"
+                    return self._challenger(), "challenger", r.challenger_prompt or r.prompt
+            return r.champion, "champion", r.prompt
         name, _, version = model.partition(":")
         if name == self.name and version:
-            return version.removeprefix("v"), "pinned"
+            return version.removeprefix("v"), "pinned", r.prompt
         raise ApiError(
             404,
             f"The model {model!r} does not exist here; use {self.name!r} or '{self.name}:<version>' (see /v1/models)",
@@ -581,6 +585,35 @@ class Gateway:
             "model",
             "model_not_found",
         )
+
+    def _challenger(self) -> str | None:
+        """The challenger arm's model version: the champion's in a prompt-only comparison."""
+        return self.routing.challenger or self.routing.champion
+
+    @staticmethod
+    def _rendered(
+        prompt: PromptSpec | None, messages: list[dict], variables: dict[str, str] | None
+    ) -> tuple[tuple[str, str], ...]:
+        """The turns the model sees: the bound prompt filled, the client's messages in it; 400 when the
+        request's `prompt_variables` do not fit the prompt."""
+        if prompt is None:
+            if variables:
+                raise ApiError(
+                    400,
+                    "This route binds no prompt version: prompt_variables has nothing to fill",
+                    "invalid_request_error",
+                    "prompt_variables",
+                    "invalid_prompt_variables",
+                )
+            rendered = messages
+        else:
+            try:
+                rendered = prompt.render(messages, variables or {})
+            except PromptVariablesError as err:
+                raise ApiError(
+                    400, str(err), "invalid_request_error", "prompt_variables", "invalid_prompt_variables"
+                ) from None
+        return tuple(("system" if m["role"] == "developer" else m["role"], m["content"]) for m in rendered)
 
     # ------------------------------------------------------------------ calls
 
@@ -664,13 +697,12 @@ class Gateway:
             max_tokens = self._max_tokens(*max_tokens_values)
             sampling = self._sampling(body, messages is not None)
             record.sampling = json.dumps({k: v for k, v in dataclasses.asdict(sampling).items() if v}) or None
-            version, arm = self._route(body.model, body.user)
+            version, arm, bound = self._route(body.model, body.user)
             record.arm = arm
-            turns = (
-                tuple(("system" if m["role"] == "developer" else m["role"], m["content"]) for m in messages)
-                if messages is not None
-                else None
-            )
+            chat = messages is not None
+            variables = getattr(body, "prompt_variables", None)
+            turns = self._rendered(bound, messages, variables) if chat else None
+            record.prompt_version = bound.ref if chat and bound else None
             req = GenerationRequest(version, max_tokens, turns, text, record.id, arm == "pinned", sampling)
             if body.stream:
                 return await self._stream(route, req, record, start, body)
@@ -695,20 +727,28 @@ class Gateway:
             ) from None
         self._finish(record, start, answers[0])  # the log keeps what the model wrote (redacted by the writer)
         self.budgets.add(caller.id, sum(a.prompt_tokens + a.completion_tokens for a in answers))
-        if arm == "champion" and self.routing.mode == "shadow" and self.routing.challenger:
-            self._shadow(route, req, prompt)
+        r = self.routing
+        if arm == "champion" and r.mode == "shadow" and (r.challenger or r.challenger_prompt):
+            shadow_prompt = r.challenger_prompt or r.prompt
+            shadow = dataclasses.replace(req, version=self._challenger(), pinned=False)
+            if chat and r.challenger_prompt is not None:
+                try:
+                    shadow = dataclasses.replace(shadow, turns=self._rendered(shadow_prompt, messages, variables))
+                except ApiError:  # the challenger prompt's variables do not fit: no shadow answer to compare
+                    shadow = None
+            if shadow is not None:
+                self._shadow(route, shadow, prompt, shadow_prompt.ref if chat and shadow_prompt else None)
         return answers, record, checks
 
-    def _shadow(self, route: str, req: GenerationRequest, prompt: str) -> None:
+    def _shadow(self, route: str, req: GenerationRequest, prompt: str, prompt_version: str | None) -> None:
         """Ask the challenger the same thing in the background; log its answer as `shadow`."""
 
         async def run() -> None:
             start = time.perf_counter()
             record = self._record(route, prompt, None, "shadow")
+            record.prompt_version = prompt_version
             try:
-                answer = await self._answer(
-                    dataclasses.replace(req, version=self.routing.challenger, request_id=record.id, pinned=False)
-                )
+                answer = await self._answer(dataclasses.replace(req, request_id=record.id))
             except ApiError as err:
                 self._finish(record, start, error=err)
             except Exception as err:  # noqa: BLE001 - a failed shadow answer is logged, never raised
@@ -861,7 +901,7 @@ class Gateway:
             return _error(503, f"No model replica answers ({type(err).__name__})", "server_error")
         if not info.versions:
             return _error(503, "No model version is loaded", "server_error")
-        return JSONResponse({"status": "ready", "versions": info.versions, "routing": self.routing.model_dump()})
+        return JSONResponse({"status": "ready", "versions": info.versions, "routing": self.routing.public()})
 
     @api.get("/v1/models", responses=_errors(401, 429, 503))
     async def models(self, request: Request) -> dict[str, Any]:
@@ -878,7 +918,8 @@ class Gateway:
                 "created": int(info.started_at),
                 "owned_by": "tuneloop",
                 "version": default,
-                "routing": self.routing.model_dump(),
+                "routing": self.routing.public(),
+                "prompt": self.routing.prompt.ref if self.routing.prompt else None,  # the chat route's binding
             }
         ]
         data += [
@@ -1005,7 +1046,7 @@ class Gateway:
             "refused": dict(self.refused),
             "guardrails": dict(self.guarded),
             "log": self.writer.stats(),
-            "routing": self.routing.model_dump(),
+            "routing": self.routing.public(),
         }
 
     @api.get("/v1/admin/requests/{request_id}", responses=_errors(401, 403, 404, 429))

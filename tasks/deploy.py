@@ -207,7 +207,7 @@ def _wait_for_routing(cfg: TuneloopConfig, routing: Routing, timeout_s: float) -
             seen = r.json().get("routing") if r.status_code == 200 else r.text[:200]
         except (httpx.HTTPError, ValueError, KeyError, IndexError) as err:
             seen = str(err)
-        if isinstance(seen, dict) and seen == routing.model_dump():
+        if isinstance(seen, dict) and seen == routing.public():
             return
         time.sleep(0.5)
     raise DeployError(f"The gateway did not take routing {routing} in {timeout_s:.0f} s (it reports {seen})")

@@ -49,6 +49,7 @@ class LoggedRequest:
     latency_ms: float | None
     arm: str | None
     guardrail: str | None = None  # what the output guardrails did to the answer (comma-separated actions)
+    prompt_version: str | None = None  # the chat route's prompt version (name/version) that rendered it
 
 
 @dataclass
@@ -146,6 +147,7 @@ def parse_row(raw: dict[str, Any]) -> LoggedRequest:
         latency_ms=_float(raw.get("latency_ms"), "latency_ms"),
         arm=raw.get("arm"),
         guardrail=raw.get("guardrail") if isinstance(raw.get("guardrail"), str) else None,
+        prompt_version=raw.get("prompt_version") if isinstance(raw.get("prompt_version"), str) else None,
     )
 
 
@@ -615,6 +617,48 @@ def cost_signal(requests: Sequence[LoggedRequest], prices: dict[str, float]) -> 
     )
 
 
+def prompt_version_signal(
+    requests: Sequence[LoggedRequest], scores: dict[str, float], patterns: Sequence[str], min_samples: int
+) -> Signal:
+    """The window's figures per prompt version (informational; a prompt change is judged by its
+    canary): requests, server errors, p95 latency, answer length, refusals, guardrail blocks,
+    mean feedback. Requests rendered with no prompt count as `none`."""
+    if not requests:
+        return _no_data("prompt_versions", "quality", "no requests")
+    pattern = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
+    groups: dict[str, list[LoggedRequest]] = {}
+    for r in requests:
+        groups.setdefault(r.prompt_version or "none", []).append(r)
+    metrics, parts = {}, []
+    for ref, rows in sorted(groups.items()):
+        answered = [r for r in rows if r.status < 400]
+        texts = [r.response or "" for r in answered]
+        latencies = [r.latency_ms for r in answered if r.latency_ms is not None]
+        rated = [scores[r.id] for r in rows if r.id in scores]
+        figures = {
+            "requests": float(len(rows)),
+            "error_rate": sum(r.status >= 500 for r in rows) / len(rows),
+            "p95_latency_ms": float(np.percentile(latencies, 95)) if latencies else float("nan"),
+            "response_words": float(np.mean([len(t.split()) for t in texts])) if texts else float("nan"),
+            "refusal_rate": (sum(bool(pattern and pattern.search(t)) for t in texts) / len(texts)) if texts else 0.0,
+            "blocked_rate": (
+                sum(bool(set((r.guardrail or "").split(",")) & set(BLOCKING_ACTIONS)) for r in answered) / len(answered)
+                if answered
+                else 0.0
+            ),
+            "feedback": float(np.mean(rated)) if rated else float("nan"),
+        }
+        key = re.sub(r"[^A-Za-z0-9_.-]", "_", ref)
+        metrics |= {f"{name}_{key}": v for name, v in figures.items() if not math.isnan(v)}
+        few = " (few)" if len(rows) < min_samples else ""
+        parts.append(
+            f"{ref}: {len(rows)} requests{few}, {figures['error_rate']:.1%} errors, "
+            f"{figures['response_words']:.1f} words, {figures['refusal_rate']:.1%} refusals, "
+            f"{figures['blocked_rate']:.1%} blocked" + (f", feedback {figures['feedback']:.2f}" if rated else "")
+        )
+    return Signal("prompt_versions", "quality", "ok", float(len(groups)), None, None, "; ".join(parts), metrics)
+
+
 def feedback_signal(
     requests: Sequence[LoggedRequest], scores: dict[str, float], limits: MonitorThresholds, alpha: float
 ) -> Signal:
@@ -717,6 +761,7 @@ def compute_signals(
         error_rate_signal(window.requests, t.error_rate, n),
         cost_signal(window.requests, cfg.cost_per_1k_tokens),
         feedback_signal(answered, feedback, t, alpha),
+        prompt_version_signal(window.requests, feedback, cfg.refusal_patterns, n),
     ]
 
 

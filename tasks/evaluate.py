@@ -15,6 +15,7 @@ them, so the base model and a champion are scored once per slice, not at every t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -30,6 +31,7 @@ from tasks.data import MESSAGES, PROMPT, RESPONSE
 from tuneloop.config import LOWER_IS_BETTER, EvalConfig, GateConfig, evaluated_metrics
 from tuneloop.gate import Figures, RuleResult, evaluate_rule, parse_rule
 from tuneloop.models import BaseRef
+from tuneloop.prompts import PromptSpec
 from tuneloop.reports import STYLES, Table, fmt, fmt_interval, fmt_signed
 
 log = logging.getLogger(__name__)
@@ -391,12 +393,13 @@ _CACHED_SETTINGS = (
 EVAL_CACHE_FORMAT = 1
 
 
-def _cache_key(model_sha256: str, eval_slice: EvalSlice, cfg: EvalConfig) -> str:
+def _cache_key(model_sha256: str, eval_slice: EvalSlice, cfg: EvalConfig, prompt: str = "") -> str:
     import hashlib
     import json
 
     settings = {k: getattr(cfg, k) for k in _CACHED_SETTINGS}
-    text = json.dumps([EVAL_CACHE_FORMAT, model_sha256, eval_slice.digest, settings], sort_keys=True)
+    parts = [EVAL_CACHE_FORMAT, model_sha256, eval_slice.digest, settings] + ([prompt] if prompt else [])
+    text = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -429,16 +432,22 @@ def evaluate_model(
     label: str,
     cache_dir: Path | None = None,
     dtype: str = "float32",
+    prompt: PromptSpec | None = None,
+    prompt_variables: dict[str, str] | None = None,
 ) -> ModelEvaluation:
     """Evaluate a model artifact (adapter on its verified base, or full weights) or a base model as it is
-    on every slice; figures already computed for this model, slice and settings come from `cache_dir`."""
+    on every slice; figures already computed for this model, slice and settings come from `cache_dir`.
+    With `prompt`, every conversation is rendered with that prompt version first, as the chat route
+    serving it renders requests (slices stay prompt-free: each model × prompt renders them its way)."""
     from tuneloop.models import artifact_sha256
 
     identity = target.sha256 if isinstance(target, BaseRef) else artifact_sha256(target)
+    rendering = json.dumps([prompt.sha256, prompt_variables or {}], sort_keys=True) if prompt else ""
     reports: dict[str, EvalReport] = {}
     todo: list[EvalSlice] = []
     for sl in slices:
-        cached = _read_cached(cache_dir / f"{_cache_key(identity, sl, cfg)}.json", label, sl.ref) if cache_dir else None
+        key = _cache_key(identity, sl, cfg, rendering)
+        cached = _read_cached(cache_dir / f"{key}.json", label, sl.ref) if cache_dir else None
         if cached is not None:
             log.info("%s on %s: figures of an earlier evaluation of the same model (cache)", label, sl.ref)
             reports[sl.name] = cached
@@ -448,9 +457,11 @@ def evaluate_model(
         model, tok = _load(target, dtype)
         for sl in todo:
             rows = eval_rows.fn(sl.rows, cfg, sl.ref)
+            if prompt is not None:
+                rows = rows.assign(messages=[prompt.render(m, prompt_variables or {}) for m in rows["messages"]])
             reports[sl.name] = score_model(model, tok, rows, cfg, label, sl.ref)
             if cache_dir is not None:
-                _write_cached(cache_dir / f"{_cache_key(identity, sl, cfg)}.json", reports[sl.name])
+                _write_cached(cache_dir / f"{_cache_key(identity, sl, cfg, rendering)}.json", reports[sl.name])
     return ModelEvaluation(label, {sl.name: reports[sl.name] for sl in slices})
 
 
@@ -475,10 +486,19 @@ def _load(target: Path | BaseRef, dtype: str) -> tuple[Any, Any]:
 
 @task(name="evaluate-base-model")
 def evaluate_base_model(
-    base: BaseRef, eval_set: pd.DataFrame, cfg: EvalConfig, label: str, dtype: str = "float32"
+    base: BaseRef,
+    eval_set: pd.DataFrame,
+    cfg: EvalConfig,
+    label: str,
+    dtype: str = "float32",
+    prompt: PromptSpec | None = None,
+    prompt_variables: dict[str, str] | None = None,
 ) -> EvalReport:
-    """Evaluate a base model as it is (no adapter) on one set (the model leaderboard), in tasks.data's form."""
+    """Evaluate a base model as it is (no adapter) on one set (the model leaderboard), in tasks.data's form,
+    its conversations rendered with `prompt` when one is given (a model × prompt cell of the grid)."""
     rows = eval_rows.fn(eval_set, cfg, label)
+    if prompt is not None:
+        rows = rows.assign(messages=[prompt.render(m, prompt_variables or {}) for m in rows["messages"]])
     model, tok = _load(base, dtype)
     return score_model(model, tok, rows, cfg, label)
 

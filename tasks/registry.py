@@ -465,12 +465,14 @@ def log_model_evaluation(
 
     client = MlflowClient()
     experiment = client.get_run(parent_run_id).info.experiment_id
+    location, cross, prompt = model.partition(" × ")  # a model × prompt cell of the grid
     run = client.create_run(
         experiment,
         tags={
             MLFLOW_PARENT_RUN_ID: parent_run_id,
-            MLFLOW_RUN_NAME: Path(model).name or model,
-            "tuneloop.model": model,
+            MLFLOW_RUN_NAME: (Path(location).name or location) + cross + prompt,
+            "tuneloop.model": location,
+            **({"tuneloop.prompt_version": prompt} if prompt else {}),
             "tuneloop.base_sha256": base.sha256,
             "tuneloop.code_version": code_version(),
         },

@@ -95,3 +95,36 @@ def test_evaluate_refuses_a_missing_eval_set(tmp_path: Path) -> None:
         "evaluate", "--models", "builtin:tiny-llama", "--data", str(tmp_path / "none.jsonl"), home=tmp_path / "home"
     )
     assert result.returncode == 1 and "none.jsonl does not exist" in result.stdout
+
+
+def test_prompt_commands_register_list_show_and_diff(tmp_path, models_dir) -> None:
+    from typer.testing import CliRunner
+
+    from tuneloop.cli import app
+
+    home = tmp_path / "home"
+    opts = ["--set", f"home={home}"]
+    one = tmp_path / "v1.yaml"
+    one.write_text('- {role: system, content: "Answer for {{product}}."}\n- {role: user, content: "Q: {{input}}"}\n')
+    two = tmp_path / "v2.txt"
+    two.write_text("Answer in one word: {{input}}")
+    runner = CliRunner()
+    r = runner.invoke(
+        app, ["prompt", "register", "support", "-f", str(one), "-m", "first", "--alias", "champion", *opts]
+    )
+    assert r.exit_code == 0 and "Registered support/1" in r.output, r.output
+    r = runner.invoke(app, ["prompt", "register", "support", "-f", str(one), "-m", "again", *opts])
+    assert r.exit_code == 0 and "Unchanged" in r.output
+    assert runner.invoke(app, ["prompt", "register", "support", "-f", str(two), "-m", "text", *opts]).exit_code == 0
+    listed = runner.invoke(app, ["prompt", "list", *opts])
+    assert listed.exit_code == 0 and "support" in listed.output
+    shown = runner.invoke(app, ["prompt", "show", "support@champion", *opts])
+    assert shown.exit_code == 0 and "Answer for {{product}}." in shown.output and "first" in shown.output
+    diff = runner.invoke(app, ["prompt", "diff", "support/1", "support/2", *opts])
+    assert diff.exit_code == 0 and "-- role: system" in diff.output and "+  content: 'Answer in one word" in diff.output
+    missing = runner.invoke(app, ["prompt", "show", "support/7", *opts])
+    assert missing.exit_code == 1 and "No prompt version support/7" in missing.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {role: wizard, content: x}\n")
+    r = runner.invoke(app, ["prompt", "register", "support", "-f", str(bad), "-m", "x", *opts])
+    assert r.exit_code == 2 and "bad.yaml" in r.output

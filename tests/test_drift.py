@@ -24,6 +24,7 @@ from tasks.drift import (
     parse_row,
     prompt_embedding_signal,
     prompt_length_signal,
+    prompt_version_signal,
     psi,
     read_launch_window,
     read_window,
@@ -255,6 +256,7 @@ def test_the_drift_verdict_follows_the_retraining_signals() -> None:
         "error_rate",
         "cost",
         "feedback",
+        "prompt_versions",
     ]
     drift = drift_verdict(signals, ["prompt_embedding"], 60, window)
     assert drift.verdict == "drift" and drift.p_value < 0.01 and drift.newest_request_id == "r0023"
@@ -381,3 +383,20 @@ def test_guardrail_signal_alerts_on_the_version_whose_answers_get_blocked() -> N
     assert guardrail_signal(rows[:3], 0.05, 10).verdict == "no_data"
     # a row written before the column existed, or with something odd in it, counts as nothing done
     assert parse_row({"id": "x", "status": 200, "prompt": "p", "created_at": T0, "guardrail": 7}).guardrail is None
+
+
+def test_every_figure_is_reported_per_prompt_version() -> None:
+    import dataclasses
+
+    rows = [
+        dataclasses.replace(request(i, response="I'm sorry, I cannot." if i < 2 else "Paris"), prompt_version="s/1")
+        for i in range(10)
+    ]
+    rows += [dataclasses.replace(request(10 + i, status=503, response=None), prompt_version="s/2") for i in range(2)]
+    rows += [request(20)]  # the completions route: no prompt
+    signal = prompt_version_signal(rows, {"r0000": 1.0, "r0001": 0.0}, DEFAULT_REFUSAL_PATTERNS, 5)
+    assert signal.verdict == "ok" and signal.statistic == 3
+    assert signal.metrics["refusal_rate_s_1"] == pytest.approx(0.2) and signal.metrics["feedback_s_1"] == 0.5
+    assert signal.metrics["error_rate_s_2"] == 1.0 and signal.metrics["requests_none"] == 1
+    assert "s/2: 2 requests (few)" in signal.detail
+    assert prompt_version_signal([], {}, [], 5).verdict == "no_data"

@@ -586,6 +586,142 @@ def artifact_key() -> None:
     typer.echo(Fernet.generate_key().decode())
 
 
+prompt_app = typer.Typer(help="Prompt versions in MLflow's Prompt Registry (system prompts, templates, few-shot).")
+app.add_typer(prompt_app, name="prompt")
+
+
+def _registry_config(config: Path | None, set_: list[str] | None) -> TuneloopConfig:
+    cfg = _config(config, set_)
+    _environment(cfg, use_server=False)  # MLflow's settings of the state dir, quiet logs
+    return cfg
+
+
+@prompt_app.command("register")
+def prompt_register(
+    name: Annotated[str, typer.Argument(help="Prompt name, e.g. support")],
+    file: Annotated[Path, typer.Option("--file", "-f", help="YAML/JSON list of messages, or a text file")],
+    message: Annotated[str, typer.Option("--message", "-m", help="What changed (the version's commit message)")],
+    author: Annotated[str | None, typer.Option(help="Who wrote it (default: the user)")] = None,
+    alias: Annotated[str | None, typer.Option(help="Move this alias to the version")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Register a template as the next version of a prompt (an equal template gives its version back)."""
+    from tasks.prompts import read_template_file, register_prompt
+
+    cfg = _registry_config(config, set_)
+    try:
+        template = read_template_file(str(file))
+    except (OSError, ValueError) as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    spec, created = register_prompt(cfg, name, template, message, author, alias)
+    what = "Registered" if created else "Unchanged: the newest version already holds this template,"
+    console.print(f"{what} {spec.ref} (sha256 {spec.sha256[:12]}…; variables: {spec.variables or 'none'})")
+
+
+@prompt_app.command("list")
+def prompt_list(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Every prompt with its newest version."""
+    from tasks.prompts import list_prompts
+
+    rows = [
+        [p.name, p.version, ", ".join(p.aliases), p.author, p.message]
+        for p in list_prompts(_registry_config(config, set_))
+    ]
+    console.print(Table(["prompt", "newest", "aliases", "author", "message"], rows, title="Prompts").rich())
+
+
+@prompt_app.command("show")
+def prompt_show(
+    ref: Annotated[str, typer.Argument(help="name, name/VERSION or name@ALIAS")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """One version's template and the history of its prompt."""
+    from tasks.prompts import PromptNotFound, parse_ref, prompt_versions, resolve_prompt, show_text
+
+    cfg = _registry_config(config, set_)
+    try:
+        spec = resolve_prompt(cfg, ref)
+    except PromptNotFound as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"[bold]{spec.ref}[/bold] sha256 {spec.sha256}; variables: {spec.variables or 'none'}")
+    typer.echo(show_text(spec))
+    rows = [[v.version, ", ".join(v.aliases), v.author, v.message] for v in prompt_versions(cfg, parse_ref(ref)[0])]
+    console.print(Table(["version", "aliases", "author", "message"], rows, title="History").rich())
+
+
+@prompt_app.command("diff")
+def prompt_diff_cmd(
+    a: Annotated[str, typer.Argument(help="name/VERSION or name@ALIAS")],
+    b: Annotated[str, typer.Argument(help="name/VERSION or name@ALIAS")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """A unified diff of two prompt versions' templates."""
+    from tasks.prompts import PromptNotFound, prompt_diff
+
+    try:
+        diff = prompt_diff(_registry_config(config, set_), a, b)
+    except PromptNotFound as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    typer.echo(diff or f"{a} and {b} hold the same template")
+
+
+@prompt_app.command("evaluate")
+def prompt_evaluate(
+    ref: Annotated[str, typer.Argument(help="name/VERSION or name@ALIAS")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Gate a prompt version against the serving prompt on the champion model's slices (before promote)."""
+    cfg = _config(config, set_)
+    _environment(cfg, use_server=False, verbose=verbose)
+    from flows.prompts import prompt_evaluation_flow
+
+    with _flow_progress(f"evaluating prompt {ref}"):
+        try:
+            result = prompt_evaluation_flow(cfg, ref)
+        except Exception as err:
+            raise _fail(err) from err
+    colour = "green" if result.decision == "passed" else "red"
+    console.print(
+        f"{result.prompt} vs {result.compared_with}: [{colour}]{result.decision}[/{colour}] ({result.reason})"
+    )
+    console.print(f"MLflow run {result.run_id} (eval report, every answer); tagged on the prompt version")
+
+
+@prompt_app.command("promote")
+def prompt_promote(
+    ref: Annotated[str, typer.Argument(help="name/VERSION or name@ALIAS")],
+    allow_new_variables: Annotated[
+        bool, typer.Option(help="Serve it although its variables differ from the serving prompt's")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve a prompt version on the chat route through the canary and rules (no model reloads)."""
+    cfg = _config(config, set_)
+    _environment(cfg, use_server=False, verbose=verbose)
+    from flows.promotion import prompt_promotion_flow
+
+    with console.status("prompt promotion flow"):
+        try:
+            result = prompt_promotion_flow(cfg, ref, allow_new_variables)
+        except Exception as err:
+            raise _fail(err) from err
+    console.print(
+        f"{result.serving} serves on the chat route (was {result.previous or 'no prompt'}; {result.strategy})"
+    )
+    for line in result.rules:
+        console.print(f"  {line}")
+
+
 privacy_app = typer.Typer(help="Erase a person's data; enforce privacy.retention_days.")
 app.add_typer(privacy_app, name="privacy")
 
@@ -629,11 +765,15 @@ def evaluate_models(
     ],
     data: Annotated[Path, typer.Option("--data", "-d", help="JSONL evaluation set (prompt / response)")],
     rank_by: Annotated[str, typer.Option(help="Metric that orders the leaderboard")] = "rougeL",
+    prompts: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated prompt versions (name/VERSION, name@alias): a model × prompt grid"),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Evaluate several base models on one set; print and log a leaderboard (foundation-model selection)."""
+    """Evaluate several base models (and prompt versions) on one set; print and log a leaderboard."""
 
     cfg = _config(config, set_, [f"data.path={data}"])
     _environment(cfg, use_server=False, verbose=verbose)
@@ -643,7 +783,9 @@ def evaluate_models(
     specs = [m.strip() for m in models.split(",") if m.strip()]
     with _flow_progress(f"evaluating {len(specs)} models on {data.name}"):
         try:
-            result = model_selection_flow(cfg, specs, rank_by)
+            result = model_selection_flow(
+                cfg, specs, rank_by, [p.strip() for p in (prompts or "").split(",") if p.strip()]
+            )
         except Exception as err:
             raise _fail(err) from err
     # The terminal shows the figures a choice turns on; MLflow and the Prefect artifact have all.

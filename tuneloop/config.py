@@ -474,7 +474,15 @@ class RegistryConfig(Strict):
     selection_experiment: str = Field(
         "tuneloop-model-selection", description="MLflow experiment of `tuneloop evaluate` (one run per model)."
     )
-    champion_alias: str = Field("champion", description="Alias of the version that serves; moved by promotion only.")
+    champion_alias: str = Field(
+        "champion",
+        description="Alias of the version that serves (of a model and of a prompt); moved by promotion only.",
+    )
+    prompt_mismatch: Literal["warn", "error"] = Field(
+        "warn",
+        description="Promoting a model version with a prompt other than the one it was trained and gated with "
+        "(its tuneloop.prompt_sha256), or a prompt the champion was not trained with: warn, or refuse.",
+    )
     challenger_alias: str = Field("challenger", description="Alias of the newest version that passed the gate.")
     on_gate_pass: Literal["promote", "register_only"] = Field(
         "promote",
@@ -520,6 +528,8 @@ class PrefectConfig(Strict):
     training_deployment: str = "training-flow/tuneloop-training"
     promotion_deployment: str = "promotion-flow/tuneloop-promotion"
     monitoring_deployment: str = "monitoring-flow/tuneloop-monitoring"
+    prompt_evaluation_deployment: str = "prompt-evaluation-flow/tuneloop-prompt-evaluation"
+    prompt_promotion_deployment: str = "prompt-promotion-flow/tuneloop-prompt-promotion"
     deployments: Literal["serve", "work_pools"] = Field(
         "serve",
         description="How `tuneloop up` registers the training, promotion and monitoring deployments. "
@@ -529,7 +539,13 @@ class PrefectConfig(Strict):
         "GPU workers (Kubernetes) take the training runs of the GPU pool.",
     )
 
-    @field_validator("training_deployment", "promotion_deployment", "monitoring_deployment")
+    @field_validator(
+        "training_deployment",
+        "promotion_deployment",
+        "monitoring_deployment",
+        "prompt_evaluation_deployment",
+        "prompt_promotion_deployment",
+    )
     @classmethod
     def _flow_slash_deployment(cls, v: str) -> str:
         flow_name, _, name = v.partition("/")
@@ -539,7 +555,13 @@ class PrefectConfig(Strict):
 
     @property
     def deployment_names(self) -> list[str]:
-        return [self.training_deployment, self.promotion_deployment, self.monitoring_deployment]
+        return [
+            self.training_deployment,
+            self.promotion_deployment,
+            self.monitoring_deployment,
+            self.prompt_evaluation_deployment,
+            self.prompt_promotion_deployment,
+        ]
 
 
 class ApiKeyConfig(Strict):
@@ -748,6 +770,17 @@ class ServeConfig(Strict):
         "feedback comments). Names (PERSON) need the spaCy model (`make install` adds it); without it the "
         "gateway redacts the other entities and logs that names are kept.",
     )
+    prompt: str | None = Field(
+        None,
+        description="The chat route's prompt version on a first deployment (`name@alias`, `name/VERSION`; MLflow "
+        "Prompt Registry): the gateway renders it around the client's messages. Later changes go through "
+        "`tuneloop prompt promote` (canary, rollback); a model promotion keeps the prompt that serves.",
+    )
+    prompt_variables: dict[str, str] = Field(
+        {},
+        description="Values of the prompt's variables (besides `input`) as your clients send them: what training "
+        "and evaluation render with.",
+    )
     guardrails: GuardrailsConfig = Field(
         GuardrailsConfig(),
         description="What each route does with PII and toxicity in the model's answers before the client sees them.",
@@ -767,6 +800,7 @@ SignalName = Literal[
     "error_rate",
     "cost",
     "feedback",
+    "prompt_versions",
 ]
 DEFAULT_REFUSAL_PATTERNS = [
     r"\bI(?:'m| am) (?:sorry|afraid)\b",

@@ -77,9 +77,8 @@ inference_log = Table(
     Column("key_id", String(32)),  # which API key asked (its public id, never the key)
     Column("error", Text),  # what went wrong, for status >= 400
     Column("sampling", Text),  # the request's decoding settings (JSON: temperature, seed, stop …); null: greedy
-    Column(
-        "guardrail", String(64)
-    ),  # what the output guardrails did: pii_redacted, toxicity_blocked … (comma-separated)
+    Column("guardrail", String(64)),  # what the output guardrails did (comma-separated): pii_redacted …
+    Column("prompt_version", String(160)),  # the chat route's prompt version (name/version) that rendered it
 )
 
 feedback = Table(
@@ -103,7 +102,7 @@ prompt_embedding = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
-_ADDED_COLUMNS = ("adapter", "arm", "key_id", "error", "sampling", "guardrail")
+_ADDED_COLUMNS = ("adapter", "arm", "key_id", "error", "sampling", "guardrail", "prompt_version")
 _CHUNK = 500  # ids per IN (...) clause
 
 
@@ -124,6 +123,7 @@ class InferenceRecord:
     error: str | None = None
     sampling: str | None = None
     guardrail: str | None = None
+    prompt_version: str | None = None
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
@@ -403,6 +403,7 @@ TEXT_FIELDS = (
     "key_id",
     "sampling",
     "guardrail",
+    "prompt_version",
 )
 
 

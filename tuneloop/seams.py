@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tuneloop.config import SLICE_PATTERN, ApiKeyConfig, DataConfig, GuardrailsConfig, TuneloopConfig
 from tuneloop.gate import RuleResult
+from tuneloop.prompts import PromptSpec
 
 
 class _Seam(BaseModel):
@@ -95,6 +96,11 @@ class Routing(_Seam):
     challenger: str | None = None
     mode: RoutingMode = "off"
     share: float = Field(0.0, ge=0, le=1)
+    # The chat route's prompt version (rendered by the gateway: changing it reloads no model), and a
+    # challenger prompt for a prompt-only canary or shadow (the challenger arm: the champion's
+    # model version, or `challenger`, with this prompt).
+    prompt: PromptSpec | None = None
+    challenger_prompt: PromptSpec | None = None
 
     @field_validator("champion", "challenger", mode="before")
     @classmethod
@@ -103,9 +109,18 @@ class Routing(_Seam):
 
     @model_validator(mode="after")
     def _challenger_for_a_mode(self) -> Routing:
-        if self.mode != "off" and not self.challenger:
-            raise ValueError(f"routing mode {self.mode} needs a challenger version")
+        if self.mode != "off" and not self.challenger and self.challenger_prompt is None:
+            raise ValueError(f"routing mode {self.mode} needs a challenger version or prompt")
         return self
+
+    def public(self) -> dict[str, object]:
+        """The table as the gateway shows it (/readyz, /v1/models): prompt versions by reference,
+        never their templates."""
+        return {
+            **self.model_dump(exclude={"prompt", "challenger_prompt"}),
+            "prompt": self.prompt.ref if self.prompt else None,
+            "challenger_prompt": self.challenger_prompt.ref if self.challenger_prompt else None,
+        }
 
     @classmethod
     def only(cls, champion: str | None) -> Routing:

@@ -172,6 +172,7 @@ def test_drift_starts_one_retraining_run_per_episode(setup) -> None:
         "error_rate",
         "cost",
         "feedback",
+        "prompt_versions",
     ):
         assert f"<td>{signal}</td>" in page
     assert "labelled rows of" in page and after.episode in page
@@ -315,6 +316,7 @@ def test_cli_monitor_prints_every_signal(setup) -> None:
         "error_rate",
         "cost",
         "feedback",
+        "prompt_versions",
     ):
         assert signal in out
     assert "Prompt drift: no_drift" in out and "p=" in out and "Report:" in out

@@ -98,3 +98,16 @@ def test_bad_models_or_metric_fail_before_any_generation(selection, models, rank
     with pytest.raises(error, match=message):
         model_selection_flow(cfg, models, rank_by=rank_by)
     assert runs(cfg) == []
+
+
+def test_a_model_by_prompt_grid_ranks_each_pair(selection) -> None:
+    from tasks.prompts import register_prompt
+
+    cfg = selection
+    plain, _ = register_prompt(cfg, "style", [{"role": "system", "content": "Answer in one word."}], "terse", "ana")
+    framed, _ = register_prompt(cfg, "style", "Question: {{input}}\nAnswer:", "framed", "ana")
+    result = model_selection_flow(cfg, ["builtin:tiny-llama"], rank_by="rougeL", prompts=[plain.ref, framed.ref])
+    assert {r.model for r in result.rows} == {"builtin:tiny-llama × style/1", "builtin:tiny-llama × style/2"}
+    children = [r for r in runs(cfg) if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]
+    assert sorted(r.data.tags["tuneloop.prompt_version"] for r in children) == ["style/1", "style/2"]
+    assert {r.data.tags["mlflow.runName"] for r in children} == {f"builtin:tiny-llama × style/{i}" for i in (1, 2)}

@@ -4,6 +4,7 @@ promotion with automatic rollback, the inference log, limits, keys, a replica ki
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 import time
@@ -456,7 +457,14 @@ def test_a_promotion_killed_mid_canary_is_rolled_back_by_the_next_one(served, pr
     result = promotion_flow(cfg, champion)
     assert result.serving == champion and result.strategy == "already serving"
     ready = httpx.get(f"{endpoint(cfg.serve)}/readyz", timeout=10).json()
-    assert ready["routing"] == {"champion": champion, "challenger": None, "mode": "off", "share": 0.0}
+    assert ready["routing"] == {
+        "champion": champion,
+        "challenger": None,
+        "mode": "off",
+        "share": 0.0,
+        "prompt": None,
+        "challenger_prompt": None,
+    }
     assert ready["versions"] == [champion]
     tag = MlflowClient(tracking_uri(cfg)).get_model_version(NAME, challenger).tags["tuneloop.promotion"]
     assert tag.startswith(f"rolled back to {champion}") and "interrupted" in tag
@@ -493,6 +501,86 @@ def test_a_tampered_adapter_is_refused_and_the_champion_keeps_serving(served) ->
     assert _chat(cfg, "hi").json()["system_fingerprint"] == f"v{champion}"
     models = {m["id"] for m in httpx.get(f"{endpoint(cfg.serve)}/v1/models", timeout=30).json()["data"]}
     assert f"{NAME}:{version}" not in models
+
+
+def test_prompt_versions_bind_canary_roll_back_and_never_reload_a_model(served) -> None:
+    """A route = model version + prompt version: prompt changes go through the same canary and
+    rules, and the replicas (their processes) stay as they were."""
+    from flows.promotion import prompt_promotion_flow
+    from tasks.deploy import DeployError
+    from tasks.prompts import prompt_versions, register_prompt
+
+    cfg, *_ = served
+    champion = _chat(cfg, "hi").json()["system_fingerprint"]
+    before = _replicas(cfg)
+    terse, _ = register_prompt(cfg, "support", [{"role": "system", "content": "Answer in one word."}], "terse", "ana")
+    wordy, _ = register_prompt(cfg, "support", [{"role": "system", "content": "Answer at length."}], "wordy", "bo")
+    framed, _ = register_prompt(
+        cfg,
+        "support",
+        [{"role": "system", "content": "You answer for {{product}}."}, {"role": "user", "content": "Q: {{input}}"}],
+        "framed",
+        "bo",
+    )
+    with pytest.raises(DeployError, match="cannot serve: the gate has no verdict"):
+        prompt_promotion_flow(cfg, terse.ref)  # fail closed: `tuneloop prompt evaluate` gates prompts
+    for spec in (terse, wordy, framed):  # as if gated (tests/integration/test_training_flow.py runs that gate)
+        MlflowClient(tracking_uri(cfg)).set_prompt_version_tag("support", spec.version, "tuneloop.gate", "passed")
+    with _load(cfg) as load:
+        bound = prompt_promotion_flow(cfg, terse.ref)
+    assert bound.serving == "support/1" and bound.previous is None and bound.strategy == "prompt canary"
+    assert all(a.status == 200 for a in load.answers)
+    r = _chat(cfg, "What is 2 plus 2?")
+    assert r.status_code == 200 and r.json()["system_fingerprint"] == champion
+    served_model = httpx.get(f"{endpoint(cfg.serve)}/v1/models", timeout=30).json()["data"][0]
+    assert served_model["prompt"] == "support/1" and served_model["routing"]["prompt"] == "support/1"
+    assert "Answer in one word" not in json.dumps(served_model)  # the binding, never the template
+    # a losing prompt canary rolls back to the prompt that served
+    strict = cfg.model_copy(
+        update={
+            "serve": cfg.serve.model_copy(
+                update={
+                    "rollout": cfg.serve.rollout.model_copy(
+                        update={"rules": ["p95_latency_ms <= 0.01 * champion.p95_latency_ms"]}
+                    )
+                }
+            )
+        }
+    )
+    since = dt.datetime.now(dt.UTC)
+    with _load(cfg) as load, pytest.raises(PromotionRolledBack, match="support/2 lost the canary"):
+        prompt_promotion_flow(strict, wordy.ref)
+    assert all(a.status == 200 for a in load.answers)
+    assert httpx.get(f"{endpoint(cfg.serve)}/readyz", timeout=10).json()["routing"]["prompt"] == "support/1"
+    infos = {i.version: i for i in prompt_versions(cfg, "support")}
+    assert infos["1"].aliases == ["champion"] and "champion" not in infos["2"].aliases
+    tags = MlflowClient(tracking_uri(cfg)).get_prompt_version("support", 2).tags
+    assert tags["tuneloop.promotion"].startswith("rolled back")
+    # the log names the prompt version of each answer and arm
+    log = InferenceLog(inference_db_url(cfg))
+    time.sleep(1)
+    arms = {(r["arm"], r["prompt_version"]) for r in log.window(since=since) if r["route"] == "/v1/chat/completions"}
+    assert ("champion", "support/1") in arms and ("challenger", "support/2") in arms
+    log.close()
+    # new variables would break clients: refused unless asked for; then a request must fill them
+    with pytest.raises(DeployError, match="clients would get 400s"):
+        prompt_promotion_flow(cfg, framed.ref)
+    direct = cfg.model_copy(
+        update={
+            "serve": cfg.serve.model_copy(update={"rollout": cfg.serve.rollout.model_copy(update={"mode": "direct"})})
+        }
+    )
+    assert prompt_promotion_flow(direct, framed.ref, allow_new_variables=True).serving == "support/3"
+    missing = _chat(cfg, "What is 2 plus 2?")
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "invalid_prompt_variables"
+    assert "missing ['product']" in missing.json()["error"]["message"]
+    unknown = _chat(cfg, "2+2?", prompt_variables={"product": "Acme", "tone": "x"})
+    assert unknown.status_code == 400 and "unknown ['tone']" in unknown.json()["error"]["message"]
+    filled = _chat(cfg, "What is 2 plus 2?", prompt_variables={"product": "Acme"})
+    assert filled.status_code == 200, filled.text
+    assert _replicas(cfg) == before  # no model replica restarted or reloaded for any of it
+    # back to the plain prompt, so the tests after this one see a route without variables
+    assert prompt_promotion_flow(direct, terse.ref, allow_new_variables=True).serving == "support/1"
 
 
 def test_hostile_text_gets_a_4xx_and_the_log_keeps_writing(served) -> None:

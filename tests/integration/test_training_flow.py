@@ -393,3 +393,40 @@ def test_a_killed_flow_run_resumes_from_its_checkpoint_when_run_again(register_o
     before = load_file(cfg.home / "runs" / str(reference.id) / "artifact" / "adapter" / "adapter_model.safetensors")
     after = load_file(work / "artifact" / "adapter" / "adapter_model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_version_trains_and_gates_with_its_prompt_and_a_prompt_only_candidate_is_gated_too(register_only) -> None:
+    """Training renders the data as serving will (the prompt version is lineage); a new prompt alone
+    goes through the champion's slices and the same gate rules, its verdict on the prompt version."""
+    from flows.prompts import prompt_evaluation_flow
+    from tasks.prompts import prompt_tags, register_prompt
+    from tuneloop.prompts import PromptVariablesError
+
+    framed = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Question: {{input}}"}]
+    v1, _ = register_prompt(register_only, "assistant", framed, "first", "ana")
+    cfg = updated(register_only, serve={"prompt": "assistant/1"})
+    first = training_flow(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    tags = client.get_model_version(cfg.registry.model_name, first.version.version).tags
+    assert tags["tuneloop.prompt_version"] == "assistant/1" and tags["tuneloop.prompt_sha256"] == v1.sha256
+    examples = client.download_artifacts(first.version.run_id, f"eval/{first.slice}/candidate.json")
+    table = json.loads(Path(examples).read_text())  # MLflow's table: columns and rows
+    asked = json.loads(table["data"][0][table["columns"].index("messages")])
+    assert asked[0] == {"role": "system", "content": "Answer briefly."} and asked[1]["content"].startswith("Question: ")
+    promote_champion.fn(first.version, cfg.registry, "test: served")
+
+    v2, _ = register_prompt(cfg, "assistant", [{"role": "system", "content": "Answer in detail."}], "longer", "bo")
+    result = prompt_evaluation_flow(cfg, v2.ref)
+    assert result.prompt == "assistant/2" and result.compared_with == "assistant/1"
+    assert result.decision in ("passed", "rejected", "withheld")
+    gate = prompt_tags(cfg, v2)
+    assert gate["tuneloop.gate"] == result.decision and gate["tuneloop.eval_run"] == result.run_id
+    run = client.get_run(result.run_id)
+    assert run.data.tags["tuneloop.compared_prompt"] == "assistant/1"
+    assert any(k.startswith(f"eval/{first.slice}/gain/") for k in run.data.metrics)
+    assert "eval_report.html" in {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(result.run_id)}
+
+    # a prompt whose variables the config does not fill fails before anything trains
+    register_prompt(cfg, "product", [{"role": "system", "content": "You answer for {{product}}."}], "v1", "ana")
+    with pytest.raises(PromptVariablesError, match="missing \\['product'\\]"):
+        training_flow(updated(cfg, serve={"prompt": "product/1"}))
