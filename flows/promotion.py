@@ -37,6 +37,7 @@ from tasks.deploy import (
     smoke_test,
     watch_canary,
 )
+from tasks.modelcard import record_promoter
 from tasks.prompts import parse_ref, prompt_tags, record_prompt_promotion, resolve_prompt
 from tasks.registry import (
     ModelVersionRef,
@@ -191,6 +192,7 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
     )
     tag_version(target, {"tuneloop.promotion": "serving", "tuneloop.promotion_run": run_id})
     old_champion = promote_champion(target, reg, reason[:4000])
+    record_promoter(name, target.version, strategy, reason)  # who or what: the card and a tag
     logger.info(
         "Version %s serves at %s and is %s (was v%s)",
         target.version,

@@ -26,6 +26,7 @@ from tasks.data import load_dataset
 from tasks.evaluate import compare_reports, decide_gate, eval_rows, evaluate_model, write_eval_report
 from tasks.finetune import check_training_setup, finetune, prepare_base_model, training_key
 from tasks.judge import judge_evaluation, probe_judge
+from tasks.modelcard import ModelCard, publish_model_card
 from tasks.prompts import render_rows, serving_prompt
 from tasks.registry import (
     TrainingResult,
@@ -47,6 +48,7 @@ from tasks.registry import (
 from tasks.slices import collect_slices
 from tasks.validation import validate_dataset
 from tuneloop.config import TuneloopConfig, check_run_parameters, load_config
+from tuneloop.models import artifact_kind
 from tuneloop.state import tracking_uri
 
 
@@ -127,6 +129,18 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
         lineage,
         list(split.train["prompt"].head(cfg.monitor.reference_samples)),
     )
+    card = ModelCard.build(
+        cfg,
+        version.version,
+        artifact_kind(trained.artifact_dir),
+        sum(f.stat().st_size for f in trained.artifact_dir.rglob("*") if f.is_file()),
+        lineage,
+        candidate,
+        comparison,
+        verdict,
+        report,
+    )
+    publish_model_card(cfg.registry.model_name, version.version, run_id, card)
     alias = assign_alias(version, verdict, cfg.registry)
     if alias == cfg.registry.challenger_alias and cfg.registry.on_gate_pass == "promote":
         promotion_flow(cfg, version.version, return_state=True)  # a failed promotion leaves it challenger

@@ -45,13 +45,13 @@ class PromptVersionInfo:
 
 
 def _client(cfg: TuneloopConfig) -> Any:
+    """A client of the config's registry; nothing global is set (mlflow.set_*_uri would export
+    environment variables that every later subprocess inherits)."""
     import mlflow
 
     from tuneloop.state import tracking_uri
 
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     return mlflow.MlflowClient(uri, uri)
 
 
@@ -120,7 +120,6 @@ def register_prompt(
 ) -> tuple[PromptSpec, bool]:
     """Register `template` as the next version of `name` (or return the newest, when equal); return
     (the version, whether it is new). `alias` is moved to it."""
-    import mlflow
 
     messages = template_messages(template)  # validates roles and shape before anything is written
     digest = template_sha256(messages)
@@ -131,7 +130,7 @@ def register_prompt(
         spec, created = _spec(client.get_prompt_version(name, newest.version)), False
     else:
         stored: Any = template if isinstance(template, str) else [m.model_dump() for m in messages]
-        pv = mlflow.genai.register_prompt(
+        pv = client.register_prompt(
             name=name,
             template=stored,
             commit_message=message,
@@ -139,7 +138,7 @@ def register_prompt(
         )
         spec, created = _spec(pv), True
     if alias:
-        mlflow.genai.set_prompt_alias(name, alias, int(spec.version))
+        client.set_prompt_alias(name, alias, int(spec.version))
     return spec, created
 
 
@@ -192,11 +191,8 @@ def prompt_versions(cfg: TuneloopConfig, name: str) -> list[PromptVersionInfo]:
 
 def list_prompts(cfg: TuneloopConfig) -> list[PromptVersionInfo]:
     """The newest version of every registered prompt."""
-    import mlflow
-
-    _client(cfg)
     out = []
-    for prompt in mlflow.genai.search_prompts():
+    for prompt in _client(cfg).search_prompts():
         versions = prompt_versions(cfg, prompt.name)
         if versions:
             out.append(versions[-1])
@@ -261,7 +257,7 @@ def record_prompt_promotion(
     client.set_prompt_version_tag(candidate.name, candidate.version, "tuneloop.promotion", verdict)
     client.set_prompt_version_tag(candidate.name, candidate.version, "tuneloop.promotion_run", run_id)
     if decision == "promoted":
-        mlflow.genai.set_prompt_alias(candidate.name, cfg.registry.champion_alias, int(candidate.version))
+        client.set_prompt_alias(candidate.name, cfg.registry.champion_alias, int(candidate.version))
     return run_id
 
 

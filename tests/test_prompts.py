@@ -73,6 +73,9 @@ def cfg(tmp_path_factory, models_dir):
 
 
 def test_the_registry_round_trip_on_sqlite(cfg, tmp_path: Path) -> None:
+    import os
+
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     v1, new = register_prompt(cfg, "support", SUPPORT, "first", author="ana", alias="champion")
     assert new and v1.version == "1"
     again, new = register_prompt(cfg, "support", SUPPORT, "the same again", author="bo")
@@ -92,6 +95,8 @@ def test_the_registry_round_trip_on_sqlite(cfg, tmp_path: Path) -> None:
     diff = prompt_diff(cfg, "support/1", "support/2")
     assert "-  content: You answer for {{product}}. Be brief." in diff and "+++ support/2" in diff
     assert prompt_diff(cfg, "support/1", "support@champion") == ""
+    # nothing global was set: a subprocess started later inherits no registry of this test
+    assert {k: os.environ.get(k) for k in before} == before
     for missing in ("nope", "support/9", "support@nope"):
         with pytest.raises(PromptNotFound):
             resolve_prompt(cfg, missing)
@@ -107,7 +112,10 @@ def test_the_registry_round_trip_on_sqlite(cfg, tmp_path: Path) -> None:
 def test_a_version_whose_template_no_longer_matches_its_hash_is_refused(cfg) -> None:
     import mlflow
 
+    from tuneloop.state import tracking_uri
+
     spec, _ = register_prompt(cfg, "tampered", "Say {{input}}", "v1")
-    mlflow.MlflowClient().set_prompt_version_tag("tampered", spec.version, "tuneloop.sha256", "0" * 64)
+    uri = tracking_uri(cfg)
+    mlflow.MlflowClient(uri, uri).set_prompt_version_tag("tampered", spec.version, "tuneloop.sha256", "0" * 64)
     with pytest.raises(PromptNotFound, match="does not match the hash"):
         resolve_prompt(cfg, "tampered/1")

@@ -478,6 +478,14 @@ class RegistryConfig(Strict):
         "champion",
         description="Alias of the version that serves (of a model and of a prompt); moved by promotion only.",
     )
+    intended_use: str | None = Field(
+        None,
+        description="What the model is for and for whom, in a sentence or two: the model card of every version "
+        "opens with it.",
+    )
+    known_limitations: list[str] = Field(
+        [], description="Limits every version's model card states (tuneloop adds the ones its figures show)."
+    )
     prompt_mismatch: Literal["warn", "error"] = Field(
         "warn",
         description="Promoting a model version with a prompt other than the one it was trained and gated with "

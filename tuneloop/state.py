@@ -164,6 +164,9 @@ def service_env(cfg: TuneloopConfig) -> dict[str, str]:
         TUNELOOP_HOME=str(cfg.home),
         PREFECT_HOME=str(paths.prefect_home),
         MLFLOW_TRACKING_URI=tracking_uri(cfg),
+        # The registry is the tracking server's: pinned, so a registry URI left in a parent
+        # process's environment can never point this one at another store.
+        MLFLOW_REGISTRY_URI=tracking_uri(cfg),
         GX_ANALYTICS_ENABLED="false",
     )
     return env

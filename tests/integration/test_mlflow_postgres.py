@@ -290,3 +290,37 @@ def test_team_server_with_basic_auth_on_postgres(postgres: Postgres, tmp_path: P
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         log.close()
+
+
+def test_prompt_registry_round_trip_on_postgres(
+    postgres: Postgres, tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The team server's store holds prompt versions as the embedded SQLite does (tests/test_prompts.py)."""
+    import mlflow
+
+    from tasks.prompts import prompt_diff, prompt_versions, register_prompt, resolve_prompt
+    from tests.conftest import make_config
+
+    monkeypatch.chdir(tmp_path)
+    postgres.create_database("prompts")
+    uri = postgres.uri("prompts")
+    cfg = make_config(tmp_path / "home", models_dir, f"mlflow.tracking_uri={uri}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # _client exports them: restored after the test
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    try:
+        system = [{"role": "system", "content": "Answer for {{product}}."}, {"role": "user", "content": "{{input}}"}]
+        v1, created = register_prompt(cfg, "support", system, "first", "ana", alias="champion")
+        assert created and v1.version == "1"
+        assert register_prompt(cfg, "support", system, "again", "bo") == (v1, False)
+        v2, _ = register_prompt(cfg, "support", "Answer: {{input}}", "text", "bo")
+        assert resolve_prompt(cfg, "support@champion") == v1 and resolve_prompt(cfg, "support") == v2
+        assert [(i.version, i.author, i.aliases) for i in prompt_versions(cfg, "support")] == [
+            ("1", "ana", ["champion"]),
+            ("2", "bo", []),
+        ]
+        assert "+++ support/2" in prompt_diff(cfg, "support/1", "support/2")
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    # Postgres holds them: MLflow keeps prompts as registered models tagged as prompts.
+    assert postgres.query("prompts", "SELECT count(*) FROM model_versions WHERE name = 'support'") == [(2,)]

@@ -259,6 +259,7 @@ def test_full_fine_tuning_registers_a_version_that_loads_back_bit_exact(register
     assert mv.tags["tuneloop.dataset_digest"] == result.dataset_digest
     assert mv.tags["tuneloop.training_run"] == run.info.run_id == mv.run_id
     assert mv.tags["tuneloop.gate"] == result.decision and run.info.status == "FINISHED"
+    assert "fully fine-tuned weights on `" in mv.description  # its model card says what it is
 
     trained, tok = load_adapter_model(artifact)
     ids = tok("What is the capital of Peru?", return_tensors="pt").input_ids
@@ -395,7 +396,9 @@ def test_a_killed_flow_run_resumes_from_its_checkpoint_when_run_again(register_o
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_a_version_trains_and_gates_with_its_prompt_and_a_prompt_only_candidate_is_gated_too(register_only) -> None:
+def test_a_version_trains_and_gates_with_its_prompt_and_a_prompt_only_candidate_is_gated_too(
+    register_only, monkeypatch
+) -> None:
     """Training renders the data as serving will (the prompt version is lineage); a new prompt alone
     goes through the champion's slices and the same gate rules, its verdict on the prompt version."""
     from flows.prompts import prompt_evaluation_flow
@@ -413,7 +416,19 @@ def test_a_version_trains_and_gates_with_its_prompt_and_a_prompt_only_candidate_
     table = json.loads(Path(examples).read_text())  # MLflow's table: columns and rows
     asked = json.loads(table["data"][0][table["columns"].index("messages")])
     assert asked[0] == {"role": "system", "content": "Answer briefly."} and asked[1]["content"].startswith("Question: ")
+    # its model card: the registry page's description, the full card in the run
+    mv = client.get_model_version(cfg.registry.model_name, first.version.version)
+    assert mv.description.startswith(f"# {cfg.registry.model_name} v1") and "## Evaluation per slice" in mv.description
+    assert "prompt version `assistant/1`" in mv.description and "Not promoted" in mv.description
+    assert "model_card.md" in [a.path for a in client.list_artifacts(first.version.run_id)]
     promote_champion.fn(first.version, cfg.registry, "test: served")
+    from tasks.modelcard import record_promoter
+
+    monkeypatch.setenv("TUNELOOP_ACTOR", "reviewer ana")
+    assert record_promoter.fn(cfg.registry.model_name, "1", "direct", "test: served") == "reviewer ana"
+    mv = client.get_model_version(cfg.registry.model_name, "1")
+    assert "Promoted to champion" in mv.description and "by **reviewer ana** (direct)" in mv.description
+    assert mv.tags["tuneloop.promoted_by"] == "reviewer ana" and "Not promoted" not in mv.description
 
     v2, _ = register_prompt(cfg, "assistant", [{"role": "system", "content": "Answer in detail."}], "longer", "bo")
     result = prompt_evaluation_flow(cfg, v2.ref)
