@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 
 import mlflow
 from prefect import flow, get_run_logger
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from pydantic import Field
 
 from tasks.deploy import (
     DeployError,
@@ -53,6 +57,40 @@ from tuneloop.prompts import PromptSpec
 from tuneloop.seams import Routing, RoutingMode, ServedVersions
 from tuneloop.servespec import keys_required, serve_config, serve_spec
 from tuneloop.state import ray_address, tracking_uri
+
+
+class Approval(RunInput):
+    """The form a reviewer fills in the Prefect UI (the paused promotion's flow run page)."""
+
+    approve: bool = Field(description="Serve this version (canary first) and make it champion if it holds")
+    reviewer: str = Field(min_length=1, max_length=200, description="Your name or id: recorded as who approved")
+    reason: str = Field("", max_length=2000, description="Why: recorded with the version")
+
+
+def await_approval(cfg: TuneloopConfig, target: ModelVersionRef) -> str | None:
+    """A person approves or rejects before anything is deployed (registry.approval); return who
+    approved, None when no approval is asked. A rejection or no answer in time raises DeployError."""
+    reg = cfg.registry
+    wanted = reg.approval == "always" or (reg.approval == "auto" and reg.on_gate_pass == "register_only")
+    champion = find_alias(reg.model_name, reg.champion_alias)
+    if not wanted or (champion is not None and champion.version == target.version):
+        return None
+    logger = get_run_logger()
+    logger.warning(
+        "v%s waits for approval: open this flow run in the Prefect UI and fill its form (within %d s)",
+        target.version,
+        reg.approval_timeout_s,
+    )
+    try:
+        answer = pause_flow_run(wait_for_input=Approval, timeout=reg.approval_timeout_s, poll_interval=2)
+    except FlowPauseTimeout:
+        raise DeployError(f"v{target.version}: nobody approved it within {reg.approval_timeout_s} s") from None
+    verdict = "approved" if answer.approve else "rejected"
+    tag_version(target, {"tuneloop.approval": f"{verdict} by {answer.reviewer}: {answer.reason}"[:5000]})
+    if not answer.approve:
+        raise DeployError(f"v{target.version} was rejected by {answer.reviewer}: {answer.reason or 'no reason given'}")
+    logger.info("v%s approved by %s: %s", target.version, answer.reviewer, answer.reason)
+    return answer.reviewer
 
 
 class PromotionRolledBack(DeployError):
@@ -166,6 +204,7 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
         verdict = gate.get("tuneloop.gate")
         why = gate.get("tuneloop.gate_reason", verdict) if verdict else "has no verdict for it (tag tuneloop.gate)"
         raise DeployError(f"Version {target.version} cannot become {reg.champion_alias}: the gate {why}")
+    approved_by = await_approval(cfg, target)  # before the lock: a waiting review holds nothing
     # One promotion at a time per model; a promotion that died mid-canary left its split behind:
     # the next one (or `tuneloop up`, which re-serves the champion through here) settles it first.
     with model_lock("promotion", tracking_uri(cfg), name, reg.promotion_lock_timeout_s), ray_client(ray_address(cfg)):
@@ -192,7 +231,7 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
     )
     tag_version(target, {"tuneloop.promotion": "serving", "tuneloop.promotion_run": run_id})
     old_champion = promote_champion(target, reg, reason[:4000])
-    record_promoter(name, target.version, strategy, reason)  # who or what: the card and a tag
+    record_promoter(name, target.version, strategy, reason, approved_by)  # who or what: the card and a tag
     logger.info(
         "Version %s serves at %s and is %s (was v%s)",
         target.version,

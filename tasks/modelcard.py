@@ -151,11 +151,12 @@ def with_promotion(description: str, section: str) -> str:
 
 
 @task(name="record-promoter", retries=2, retry_delay_seconds=2)
-def record_promoter(model_name: str, version: str, strategy: str, reason: str) -> str:
-    """Who or what promoted the version: its card's promotion section and `tuneloop.promoted_by`."""
+def record_promoter(model_name: str, version: str, strategy: str, reason: str, approved_by: str | None = None) -> str:
+    """Who or what promoted the version (the reviewer who approved it, when one did): its card's
+    promotion section and `tuneloop.promoted_by`."""
     from mlflow import MlflowClient
 
-    who = actor()
+    who = f"{approved_by} (approved in the Prefect UI)" if approved_by else actor()
     client = MlflowClient()
     current = client.get_model_version(model_name, version).description or ""
     section = promoted_section(who, strategy, reason[:400])

@@ -478,6 +478,12 @@ class RegistryConfig(Strict):
         "champion",
         description="Alias of the version that serves (of a model and of a prompt); moved by promotion only.",
     )
+    approval: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="A person approves each promotion before anything is deployed (a Prefect pause, a form: "
+        "approve or reject, a reason, who): auto: with on_gate_pass register_only; re-serving the champion never asks.",
+    )
+    approval_timeout_s: int = Field(86400, ge=10, description="A promotion waiting longer for approval fails.")
     intended_use: str | None = Field(
         None,
         description="What the model is for and for whom, in a sentence or two: the model card of every version "

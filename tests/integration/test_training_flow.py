@@ -445,3 +445,52 @@ def test_a_version_trains_and_gates_with_its_prompt_and_a_prompt_only_candidate_
     register_prompt(cfg, "product", [{"role": "system", "content": "You answer for {{product}}."}], "v1", "ana")
     with pytest.raises(PromptVariablesError, match="missing \\['product'\\]"):
         training_flow(updated(cfg, serve={"prompt": "product/1"}))
+
+
+def _paused_flow_run(timeout_s: float = 120):
+    """The id of the flow run that waits in a Prefect pause (what the UI shows with its form)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=paused)
+            if runs:
+                return runs[0].id
+            time.sleep(0.5)
+    raise AssertionError("no flow run paused for approval")
+
+
+def test_register_only_promotions_wait_for_a_person_who_approves_or_rejects(register_only) -> None:
+    """Through the Prefect pause and its form, as a reviewer in the UI would answer it (resume with input)."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect.flow_runs import resume_flow_run
+
+    with socket.socket() as probe:  # a port nothing listens on: the approved promotion finds no Ray
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    cfg = updated(register_only, serve={"ray_port": closed})
+    version = training_flow(cfg).version.version
+    client = MlflowClient(tracking_uri(cfg))
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(promotion_flow, cfg, version)
+        resume_flow_run(_paused_flow_run(), run_input={"approve": False, "reviewer": "ana", "reason": "not on Friday"})
+        with pytest.raises(DeployError, match="rejected by ana: not on Friday"):
+            waiting.result(timeout=120)
+    tags = client.get_model_version(cfg.registry.model_name, version).tags
+    assert tags["tuneloop.approval"] == "rejected by ana: not on Friday" and "tuneloop.promotion" not in tags
+    assert client.get_registered_model(cfg.registry.model_name).aliases == {"challenger": int(version)}
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(promotion_flow, cfg, version)
+        resume_flow_run(_paused_flow_run(), run_input={"approve": True, "reviewer": "bo", "reason": "canary it"})
+        with pytest.raises(DeployError, match="No Ray cluster answers"):  # approved: on to the deploy (no Ray here)
+            waiting.result(timeout=120)
+    assert client.get_model_version(cfg.registry.model_name, version).tags["tuneloop.approval"] == (
+        "approved by bo: canary it"
+    )
