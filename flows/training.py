@@ -22,6 +22,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.promotion import promotion_flow
+from tasks.bias import augment_rows
 from tasks.data import load_dataset
 from tasks.evaluate import compare_reports, decide_gate, eval_rows, evaluate_model, write_eval_report
 from tasks.finetune import check_training_setup, finetune, prepare_base_model, training_key
@@ -85,7 +86,8 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     )
     judge = probe_judge(cfg.eval.judge, paths.models) if report.success else None
     prompt = serving_prompt(cfg)  # trains and evaluates rendered as the chat route will render it
-    rendered = split.digest if prompt is None else f"{split.digest}-{prompt.sha256[:12]}"
+    augment = cfg.data.counterfactual_augment  # bias mitigation: swapped copies of the training rows
+    rendered = "-".join([split.digest, *augment, *([prompt.sha256[:12]] if prompt else [])])
     key = training_key(cfg.model, cfg.train, rendered)  # the flow run id: a restart resumes run and checkpoints
     run_id = start_training_run(
         cfg.registry, f"train-{split.digest}", training_params(cfg, judge), key, {"tuneloop.trigger": trigger}
@@ -96,7 +98,8 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     champion = find_champion(cfg.registry)
     slices = collect_slices(cfg, split, champion)
     target, label = champion_or_base(champion, base, paths.training_run(key) / "champion")
-    rows = render_rows(split.training_rows, prompt, cfg.serve.prompt_variables)
+    augmented = augment_rows(split.training_rows, augment)
+    rows = render_rows(augmented, prompt, cfg.serve.prompt_variables)
     trained = finetune(rows, base, cfg.model, cfg.train, paths.training_run(key), run_id, target)
     variables = cfg.serve.prompt_variables
     candidate = evaluate_model(
@@ -119,6 +122,11 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     html = write_eval_report(candidate, reference, comparison, verdict, paths.training_run(key) / "eval_report.html")
     record_evaluation(run_id, candidate, reference, comparison, verdict, html, slices.all)
     lineage = version_lineage(cfg, base, split, report, run_id, trigger, verdict, judge, slices, reference, trained)
+    if augment:
+        lineage |= {
+            "tuneloop.counterfactual_augment": ",".join(augment),
+            "tuneloop.counterfactual_rows": str(len(augmented) - len(split.training_rows)),
+        }
     if prompt is not None:  # what it was trained and gated with: promoting it with another prompt warns
         lineage |= {"tuneloop.prompt_version": prompt.ref, "tuneloop.prompt_sha256": prompt.sha256}
     version = register_adapter(

@@ -79,6 +79,13 @@ class DataConfig(Strict):
         "registered as `<name>@<version>`, evaluated for every later version of its lineage, named in gate rules. "
         "None: the data file's name (trivia.jsonl: trivia).",
     )
+    counterfactual_augment: list[Literal["gender", "nationality", "religion", "age"]] = Field(
+        [],
+        description="Bias mitigation: train also on a swapped copy of every training row that names a group of "
+        "these categories (he/she, nationalities, religions, ages; tasks/bias/terms.yaml), so no answer can be "
+        "learned from the group alone. Held-out rows are never augmented. Only for data where the group must "
+        "not change the answer: a fact about a country is not one.",
+    )
     replay_path: str | None = Field(
         None,
         description="Earlier training rows mixed into training only, never held out (retraining writes it "

@@ -474,9 +474,12 @@ def test_register_only_promotions_wait_for_a_person_who_approves_or_rejects(regi
     with socket.socket() as probe:  # a port nothing listens on: the approved promotion finds no Ray
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]
-    cfg = updated(register_only, serve={"ray_port": closed})
+    # trained with counterfactual augmentation too (the mechanism: this data's countries swap)
+    cfg = updated(register_only, serve={"ray_port": closed}, data={"counterfactual_augment": ["nationality"]})
     version = training_flow(cfg).version.version
     client = MlflowClient(tracking_uri(cfg))
+    tags = client.get_model_version(cfg.registry.model_name, version).tags
+    assert tags["tuneloop.counterfactual_augment"] == "nationality" and int(tags["tuneloop.counterfactual_rows"]) > 0
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(promotion_flow, cfg, version)
         resume_flow_run(_paused_flow_run(), run_input={"approve": False, "reviewer": "ana", "reason": "not on Friday"})
