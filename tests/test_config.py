@@ -109,3 +109,20 @@ def test_a_run_may_not_point_beyond_the_workers_allow_lists(tmp_path: Path) -> N
     assert "data.path '/etc/passwd' is outside security.allowed_paths" in str(err.value)
     hub = load_config(None, ["data.path=someone/dataset", "data.format=hub"])
     check_run_parameters(hub, trusted)  # a hub id is not a path
+
+
+def test_the_registry_always_follows_the_tracking_store(tmp_path) -> None:
+    """A registry URI left in the environment (MLflow's set_registry_uri exports one) would send
+    every client built with only a tracking URI to another store: tuneloop's environment drops it."""
+    import os
+
+    from tuneloop.state import apply_environment
+
+    saved = dict(os.environ)
+    try:
+        os.environ["MLFLOW_REGISTRY_URI"] = "sqlite:///somewhere-else.db"
+        apply_environment(load_config(None, [f"home={tmp_path}"]), prefect_api=False)
+        assert "MLFLOW_REGISTRY_URI" not in os.environ
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -37,6 +37,7 @@ class Service:
 
 def _env(cfg: TuneloopConfig, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, **service_env(cfg), **(extra or {})}
+    env.pop("MLFLOW_REGISTRY_URI", None)  # the registry is the tracking store's (tuneloop.state)
     return env
 
 

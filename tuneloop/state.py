@@ -164,9 +164,6 @@ def service_env(cfg: TuneloopConfig) -> dict[str, str]:
         TUNELOOP_HOME=str(cfg.home),
         PREFECT_HOME=str(paths.prefect_home),
         MLFLOW_TRACKING_URI=tracking_uri(cfg),
-        # The registry is the tracking server's: pinned, so a registry URI left in a parent
-        # process's environment can never point this one at another store.
-        MLFLOW_REGISTRY_URI=tracking_uri(cfg),
         GX_ANALYTICS_ENABLED="false",
     )
     return env
@@ -185,4 +182,7 @@ def apply_environment(cfg: TuneloopConfig, *, prefect_api: bool = True) -> None:
             os.environ[key] = value
     if prefect_api:
         os.environ["PREFECT_API_URL"] = prefect_api_url(cfg)
+    # The registry is always the tracking store's: a registry URI left in the environment (MLflow's
+    # set_registry_uri exports one) would send every client without an explicit one elsewhere.
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
