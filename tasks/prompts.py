@@ -68,10 +68,12 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
 
 
 def _versions(client: Any, name: str) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+
     try:
         return sorted(client.search_prompt_versions(name), key=lambda v: int(v.version))
-    except Exception as err:
-        if "not found" in str(err).lower() or "does not exist" in str(err).lower():
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # no prompt of that name
             return []
         raise
 

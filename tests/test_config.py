@@ -126,3 +126,13 @@ def test_the_registry_always_follows_the_tracking_store(tmp_path) -> None:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_yaml_reads_off_and_no_as_text_and_only_true_false_as_booleans(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("serve:\n  require_api_key: true\n  guardrails:\n    chat: {pii: off, toxicity: flag}\n")
+    cfg = load_config(path)
+    assert cfg.serve.require_api_key is True and cfg.serve.guardrails.chat.pii == "off"
+    assert (
+        load_config(None, ["serve.guardrails.completions.toxicity=off"]).serve.guardrails.completions.toxicity == "off"
+    )

@@ -17,6 +17,26 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2's booleans: only true / false. YAML 1.1 (PyYAML's default) also reads on, off, yes
+    and no as booleans, and `off` is a value of several settings here (serve.guardrails.*.pii)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse config YAML (files and `--set` values) with YAML 1.2's booleans."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 DEFAULT_HOME = ".tuneloop"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"  # the embedded default
@@ -694,11 +714,6 @@ class OutputPolicy(Strict):
         "a phone number or card arriving token by token is redacted before any digit leaves. 0 with pii off.",
     )
 
-    @field_validator("pii", "toxicity", mode="before")
-    @classmethod
-    def _yaml_off(cls, value: Any) -> Any:
-        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
-
     @field_validator("pii_entities")
     @classmethod
     def _known(cls, entities: list[str]) -> list[str]:
@@ -1056,12 +1071,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"Override {item!r}: expected key.path=value, e.g. train.max_steps=5")
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), read_yaml(raw)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `data` with each `key.path=value` override set (values parsed as YAML)."""
-    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    out = read_yaml(yaml.safe_dump(data)) or {}
     for item in overrides:
         keys, value = _parse_override(item)
         node = out
@@ -1077,7 +1092,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML config (default `configs/local.yaml`), apply overrides, and validate it."""
     path = Path(path) if path else DEFAULT_CONFIG
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist") from None
     except yaml.YAMLError as err:
