@@ -27,8 +27,9 @@ from typing import Any, Literal
 import pandas as pd
 from prefect import task
 
+from tasks.bias import evaluate_bias, load_probes, probes_digest, worst_pairs
 from tasks.data import MESSAGES, PROMPT, RESPONSE
-from tuneloop.config import LOWER_IS_BETTER, EvalConfig, GateConfig, evaluated_metrics
+from tuneloop.config import BIAS_METRICS, LOWER_IS_BETTER, EvalConfig, GateConfig, evaluated_metrics
 from tuneloop.gate import Figures, RuleResult, evaluate_rule, parse_rule
 from tuneloop.models import BaseRef
 from tuneloop.prompts import PromptSpec
@@ -74,14 +75,18 @@ class ModelEvaluation:
 
     label: str
     reports: dict[str, EvalReport]  # slice name → its report
+    bias: dict[str, EvalReport] = field(default_factory=dict)  # bias category → its counterfactual pairs
 
     def figures(self) -> dict[tuple[str, str], float]:
-        """(metric, slice name) → value: what the gate's rules read."""
-        return {(m, name): v for name, r in self.reports.items() for m, v in r.metrics.items()}
+        """(metric, slice name or bias category) → value: what the gate's rules read."""
+        return {(m, name): v for name, r in {**self.reports, **self.bias}.items() for m, v in r.metrics.items()}
 
     def flat(self) -> dict[str, float]:
-        """`<slice>/<metric>` → value: the names logged to MLflow (eval/<slice>/<metric>)."""
-        return {f"{name}/{m}": v for name, r in self.reports.items() for m, v in r.metrics.items()}
+        """`<slice>/<metric>` (and `bias/<category>/<metric>`) → value: the names logged to MLflow
+        (eval/<slice>/<metric>)."""
+        out = {f"{name}/{m}": v for name, r in self.reports.items() for m, v in r.metrics.items()}
+        out |= {f"bias/{name}/{m}": v for name, r in self.bias.items() for m, v in r.metrics.items()}
+        return out
 
 
 @dataclass
@@ -90,7 +95,7 @@ class PairedDifference:
     mean: float  # candidate - champion, over the same examples
     low: float  # bootstrap confidence interval of the mean difference
     high: float
-    slice: str = ""  # the slice's name
+    slice: str = ""  # the slice's name (or the bias category)
 
 
 @dataclass
@@ -393,12 +398,16 @@ _CACHED_SETTINGS = (
 EVAL_CACHE_FORMAT = 1
 
 
-def _cache_key(model_sha256: str, eval_slice: EvalSlice, cfg: EvalConfig, prompt: str = "") -> str:
+def _cache_key(
+    model_sha256: str, eval_slice: EvalSlice | None, cfg: EvalConfig, prompt: str = "", what: str = ""
+) -> str:
+    """Key of a model's figures on a slice (or, `eval_slice` None, of its bias figures on probes `what`)."""
     import hashlib
     import json
 
     settings = {k: getattr(cfg, k) for k in _CACHED_SETTINGS}
-    parts = [EVAL_CACHE_FORMAT, model_sha256, eval_slice.digest, settings] + ([prompt] if prompt else [])
+    digest = eval_slice.digest if eval_slice is not None else f"bias:{what}"
+    parts = [EVAL_CACHE_FORMAT, model_sha256, digest, settings] + ([prompt] if prompt else [])
     text = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -413,15 +422,19 @@ def _read_cached(path: Path, label: str, slice_ref: str) -> EvalReport | None:
     return EvalReport(label, data["metrics"], data["examples"], data["per_example"], slice_ref)
 
 
-def _write_cached(path: Path, report: EvalReport) -> None:
-    import json
+def _cacheable(report: EvalReport) -> dict[str, Any]:
+    return {"metrics": report.metrics, "examples": report.examples, "per_example": report.per_example}
 
+
+def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(
-        json.dumps({"metrics": report.metrics, "examples": report.examples, "per_example": report.per_example})
-    )
+    tmp.write_text(json.dumps(data))
     tmp.replace(path)  # a reader never sees half an entry
+
+
+def _write_cached(path: Path, report: EvalReport) -> None:
+    _write_json(path, _cacheable(report))
 
 
 @task(name="evaluate-model")
@@ -453,8 +466,25 @@ def evaluate_model(
             reports[sl.name] = cached
         else:
             todo.append(sl)
-    if todo:
+    bias, probes = {}, load_probes(cfg.bias) if cfg.bias.categories else {}
+    bias_key = _cache_key(identity, None, cfg, rendering, probes_digest(probes, cfg.bias)) if probes else ""
+    bias_file = cache_dir / "bias" / f"{bias_key}.json" if cache_dir and probes else None
+    if bias_file is not None and bias_file.exists():
+        try:
+            data = json.loads(bias_file.read_text())
+            bias = {
+                c: EvalReport(label, d["metrics"], d["examples"], d["per_example"], f"bias:{c}")
+                for c, d in data.items()
+            }
+            log.info("%s: bias figures of an earlier evaluation of the same model (cache)", label)
+        except (OSError, ValueError, KeyError):
+            bias = {}
+    if todo or (probes and not bias):
         model, tok = _load(target, dtype)
+        if probes and not bias:
+            bias = evaluate_bias(model, tok, cfg, label, probes, prompt, prompt_variables)
+            if bias_file is not None:
+                _write_json(bias_file, {c: _cacheable(r) for c, r in bias.items()})
         for sl in todo:
             rows = eval_rows.fn(sl.rows, cfg, sl.ref)
             if prompt is not None:
@@ -462,7 +492,7 @@ def evaluate_model(
             reports[sl.name] = score_model(model, tok, rows, cfg, label, sl.ref)
             if cache_dir is not None:
                 _write_cached(cache_dir / f"{_cache_key(identity, sl, cfg, rendering)}.json", reports[sl.name])
-    return ModelEvaluation(label, {sl.name: reports[sl.name] for sl in slices})
+    return ModelEvaluation(label, {sl.name: reports[sl.name] for sl in slices}, bias)
 
 
 def _as_internal(rows: pd.DataFrame) -> pd.DataFrame:
@@ -519,9 +549,10 @@ def latency_and_cost(latencies_ms: list[float], tokens: int, seconds: float, pri
 def compare_reports(candidate: ModelEvaluation, champion: ModelEvaluation) -> list[PairedDifference]:
     """Return candidate - champion per slice and metric on the same examples, with bootstrap intervals."""
     diffs = []
-    for name, mine in candidate.reports.items():
-        theirs = champion.reports.get(name)
-        if theirs is None:
+    pairs = [(name, mine, champion.reports.get(name)) for name, mine in candidate.reports.items()]
+    pairs += [(name, mine, champion.bias.get(name)) for name, mine in candidate.bias.items()]
+    for name, mine, theirs in pairs:
+        if theirs is None or (mine.examples and theirs.examples and len(mine.examples) != len(theirs.examples)):
             continue
         for m in mine.per_example:
             if m in theirs.per_example:
@@ -547,6 +578,8 @@ def decide_gate(
         new,
         list(candidate.reports),
         {(d.metric, d.slice): (d.low, d.high) for d in comparison},
+        [c for c in candidate.bias if c in champion.bias],
+        frozenset(BIAS_METRICS),
     )
     results = [r for rule in cfg.rules for r in evaluate_rule(parse_rule(rule), figures)]
     failed_judge = {
@@ -678,6 +711,54 @@ def changes_table(changes: list[tuple[float, dict, dict]], metric: str, title: s
     )
 
 
+def bias_section(candidate: ModelEvaluation, champion: ModelEvaluation, comparison: list[PairedDifference]) -> str:
+    """The bias figures per category side by side with paired intervals, and each model's worst
+    counterfactual pairs (what a reviewer reads to see what a gap is made of)."""
+    if not candidate.bias:
+        return ""
+    diffs = {(d.slice, d.metric): d for d in comparison}
+    rows = []
+    for category, mine in candidate.bias.items():
+        theirs = champion.bias.get(category)
+        for m in (m for m in BIAS_METRICS if m in mine.metrics):
+            d = diffs.get((category, m))
+            rows.append(
+                [
+                    category,
+                    m,
+                    fmt(theirs.metrics.get(m) if theirs else None),
+                    fmt(mine.metrics[m]),
+                    fmt_signed(d.mean) if d else "–",
+                    fmt_interval(d.low, d.high) if d else "–",
+                ]
+            )
+    html = Table(
+        ["category", "metric", champion.label, candidate.label, "change (paired)", "95% interval"],
+        rows,
+        title="Bias per category: counterfactual pairs (lower is better; stereotype_score: 0 is no preference)",
+    ).html()
+    for who, evaluation in ((candidate.label, candidate), (champion.label, champion)):
+        worst = [(c, e) for c, r in evaluation.bias.items() for e in worst_pairs(r, 3)]
+        worst = sorted(worst, key=lambda t: -t[1].get("bias_gap", 0.0))[:6]
+        if worst:
+            html += Table(
+                ["category", "bias_gap", "prompt", "answer", "counterfactual prompt", "answer"],
+                [
+                    [
+                        c,
+                        fmt(e.get("bias_gap")),
+                        e["prompt"],
+                        e["answer"],
+                        e["counterfactual"],
+                        e["counterfactual_answer"],
+                    ]
+                    for c, e in worst
+                ],
+                title=f"Worst counterfactual pairs: {who}",
+            ).html()
+    return f"<h2>Bias</h2>{html}"
+
+
 @task(name="write-eval-report")
 def write_eval_report(
     candidate: ModelEvaluation,
@@ -718,18 +799,25 @@ def write_eval_report(
         axes[0][0].legend(fontsize=8)
         figures.append(figure_html("Metrics in [0, 1], slice by slice", png_base64(fig)))
         plt.close(fig)
-    if comparison:
-        fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(comparison) + 1.2))
-        means = [d.mean for d in comparison]
-        errors = [[d.mean - d.low for d in comparison], [d.high - d.mean for d in comparison]]
-        ax.errorbar(means, range(len(comparison)), xerr=errors, fmt="o", capsize=4)
+    on_slices = [d for d in comparison if d.slice in candidate.reports]
+    on_groups = [d for d in comparison if d.slice in candidate.bias and d.metric == "bias_gap"]
+    for diffs, caption in (
+        (on_slices, "Paired gains with their intervals (right of 0: better)"),
+        (on_groups, "Bias gap per category, paired with the same pairs (left of 0: narrower, better)"),
+    ):
+        if not diffs:
+            continue
+        fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(diffs) + 1.2))
+        means = [d.mean for d in diffs]
+        errors = [[d.mean - d.low for d in diffs], [d.high - d.mean for d in diffs]]
+        ax.errorbar(means, range(len(diffs)), xerr=errors, fmt="o", capsize=4)
         ax.axvline(0, color="grey", lw=1)
         ax.set(
-            yticks=range(len(comparison)),
-            yticklabels=[f"{d.slice} {d.metric}" for d in comparison],
+            yticks=range(len(diffs)),
+            yticklabels=[f"{d.slice} {d.metric}" for d in diffs],
             title=f"{candidate.label} − {champion.label}, paired, 95% interval",
         )
-        figures.append(figure_html("Paired gains with their intervals (right of 0: better)", png_base64(fig)))
+        figures.append(figure_html(caption, png_base64(fig)))
         plt.close(fig)
     examples = ""
     for name, mine in candidate.reports.items():
@@ -768,6 +856,7 @@ def write_eval_report(
         f"<p>{html.escape(verdict.reason)}</p>{gate_table(verdict).html()}"
         f"{slices_table(candidate, champion, comparison).html()}{''.join(figures)}"
         f"<h2>Examples that changed most ({metric})</h2>{examples or '<p>none</p>'}"
+        f"{bias_section(candidate, champion, comparison)}"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page("tuneloop evaluation", body))

@@ -110,7 +110,20 @@ class ModelCard:
         for sl, r in candidate.reports.items():
             figures = ", ".join(f"{m} {fmt(r.metrics[m])}" for m in SAFETY_METRICS if m in r.metrics)
             summary.append(f"- {sl}: {figures or 'not measured'}")
-        summary += ["", "## Bias", "", lineage.get("tuneloop.bias_summary", "- Not measured for this version.")]
+        summary += ["", "## Bias (counterfactual pairs; lower is better)", ""]
+        bias = getattr(candidate, "bias", {}) or {}
+        if bias:
+            summary += [
+                "| category | bias_gap | change vs the reference [interval] | stereotype_score |",
+                "|---|---|---|---|",
+            ]
+            for category, r in bias.items():
+                d = gains.get((category, "bias_gap"))
+                change = f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" if d else "—"
+                stereo = fmt(r.metrics["stereotype_score"]) if "stereotype_score" in r.metrics else "—"
+                summary.append(f"| {category} | {fmt(r.metrics.get('bias_gap'))} | {change} | {stereo} |")
+        else:
+            summary.append("- Not measured for this version (eval.bias.categories).")
         limits = list(tl.registry.known_limitations)
         small = [sl for sl, r in candidate.reports.items() if len(r.examples) < 100]
         if small:
@@ -123,6 +136,8 @@ class ModelCard:
         details += ["", "## Every figure", ""]
         for sl, r in candidate.reports.items():
             details.append(f"- {sl}: " + ", ".join(f"{m} {fmt(v)}" for m, v in sorted(r.metrics.items())))
+        for category, r in bias.items():
+            details.append(f"- bias {category}: " + ", ".join(f"{m} {fmt(v)}" for m, v in sorted(r.metrics.items())))
         return cls(f"{name} v{version}", summary, details)
 
 

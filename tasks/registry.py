@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -598,10 +598,12 @@ def champion_or_base(champion: ModelVersionRef | None, base: BaseRef, dst: Path)
     return fetch_adapter(champion.uri, dst), f"champion v{champion.version}"
 
 
-def _gains(comparison: list[PairedDifference]) -> dict[str, float]:
-    """Paired gains as metric names: `<slice>/gain/<metric>` and its `_ci_low` / `_ci_high`."""
+def _gains(comparison: list[PairedDifference], categories: Iterable[str] = ()) -> dict[str, float]:
+    """Paired gains as metric names: `<slice>/gain/<metric>` (`bias/<category>/gain/<metric>`) and
+    its `_ci_low` / `_ci_high`."""
+    grouped = set(categories)
     return {
-        f"{d.slice}/gain/{d.metric}{suffix}": value
+        f"{'bias/' if d.slice in grouped else ''}{d.slice}/gain/{d.metric}{suffix}": value
         for d in comparison
         for suffix, value in (("", d.mean), ("_ci_low", d.low), ("_ci_high", d.high))
     }
@@ -624,8 +626,9 @@ def record_evaluation(
     client = MlflowClient()
     now = int(time.time() * 1000)
     figures = {
-        **{f"eval/{k}": v for k, v in _gains(comparison).items()},
+        **{f"eval/{k}": v for k, v in _gains(comparison, candidate.bias).items()},
         **{f"eval/{name}/champion/{m}": v for name, r in reference.reports.items() for m, v in r.metrics.items()},
+        **{f"eval/bias/{name}/champion/{m}": v for name, r in reference.bias.items() for m, v in r.metrics.items()},
     }
     client.log_batch(
         run_id,
@@ -643,6 +646,9 @@ def record_evaluation(
         log_eval_examples.fn(run_id, r.examples, f"{name}/candidate")
     for name, r in reference.reports.items():
         log_eval_examples.fn(run_id, r.examples, f"{name}/{reference.label.split()[0]}")
+    for who, evaluation in (("candidate", candidate), (reference.label.split()[0], reference)):
+        for name, r in evaluation.bias.items():  # every counterfactual pair, both answers
+            log_eval_examples.fn(run_id, r.examples, f"bias/{name}/{who}")
 
 
 def version_lineage(

@@ -381,3 +381,53 @@ def test_eval_report_shows_slices_side_by_side_rules_and_changed_examples(tmp_pa
     assert "med@1" in page and "trivia@2" in page  # both slices, side by side
     assert "med@1: improved most" in page and "med@1: regressed most" in page and "trivia@2: regressed most" in page
     assert "q&lt;0&gt;" in page and "+1.000" in page and "-1.000" in page
+
+
+def test_bias_rules_name_categories_and_all_is_every_category_measured(tmp_path) -> None:
+    from tasks.evaluate import write_eval_report
+
+    def with_bias(label: str, gaps: dict[str, float]) -> ModelEvaluation:
+        e = evaluation(label, med={"token_f1": 0.4, **SAFE})
+        pair = {
+            "prompt": "He is kind.",
+            "counterfactual": "She is kind.",
+            "answer": "yes",
+            "counterfactual_answer": "no",
+        }
+        e.bias = {c: EvalReport(label, {"bias_gap": g}, [{**pair, "bias_gap": g}], {}, "") for c, g in gaps.items()}
+        return e
+
+    champion = with_bias("champion v1", {"gender": 0.1, "age": 0.2})
+    candidate = with_bias("candidate", {"gender": 0.3, "age": 0.2})
+    widened = [interval("gender", "bias_gap", 0.1, 0.3), interval("age", "bias_gap", -0.05, 0.05)]
+    verdict = decide_gate.fn(candidate, champion, widened, GateConfig(), "med")
+    assert verdict.decision == "rejected"
+    bias = [r for r in verdict.rules if "bias_gap" in r.rule]
+    assert [(r.slice, r.outcome) for r in bias] == [("gender", "fail"), ("age", "pass")]  # one result per category
+    # `all` over slice metrics is still every slice, not the categories
+    assert [r.slice for r in verdict.rules if r.rule.startswith("toxicity_rate")] == ["med"]
+    page = write_eval_report.fn(candidate, champion, widened, verdict, tmp_path / "r.html").read_text()
+    assert "Bias per category" in page and "Worst counterfactual pairs: candidate" in page
+    assert "He is kind." in page and page.count("data:image/png;base64,") == 2  # slice metrics, bias gaps
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        (
+            "bias_gap[old] <= 0.3",
+            "bias_gap is per bias category: name one of gender, nationality, religion, age or all",
+        ),
+        ("bias_gap <= 0.3", "is per bias category"),
+        ("token_f1[gender] >= 0.1", "gender is a bias category, not a slice"),
+        ("bias_gap[gender] <= token_f1", "are per bias category and token_f1 per slice"),
+        ("bias_gap[banana] <= 0.3", "name one of gender"),
+    ],
+)
+def test_bias_rules_that_cannot_hold_stop_the_config_from_loading(rule: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [f"gate.rules=[{rule!r}]"])
+    with pytest.raises(ConfigError, match=re.escape("category age is not measured (eval.bias.categories: gender)")):
+        load_config(None, ["gate.rules=['bias_gap[age] <= 0.3']", "eval.bias.categories=[gender]"])
+    # with no category measured, a rule over all of them has nothing to compare
+    assert load_config(None, ["eval.bias.categories=[]"]).gate.rules

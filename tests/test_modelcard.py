@@ -33,7 +33,11 @@ def card(kind: str = "adapter", lineage: dict | None = None, examples: int = 40)
             "arithmetic@1",
         )
     }
-    comparison = [PairedDifference("token_f1", 0.43, 0.378, 0.485, "arithmetic")]
+    bias = {"gender": EvalReport("candidate", {"bias_gap": 0.21, "stereotype_score": 0.125}, [{}] * 12, {}, "")}
+    comparison = [
+        PairedDifference("token_f1", 0.43, 0.378, 0.485, "arithmetic"),
+        PairedDifference("bias_gap", 0.01, -0.02, 0.04, "gender"),
+    ]
     verdict = GateVerdict("passed", "passed: 3 of 3 rule checks held", [])
     report = DatasetReport("data/arith.jsonl", None, "prompt_response", 360, 40, "d1g3st", [], [], 256)
     return ModelCard.build(
@@ -42,7 +46,7 @@ def card(kind: str = "adapter", lineage: dict | None = None, examples: int = 40)
         kind,
         12_500_000,
         {**LINEAGE, **(lineage or {})},
-        ModelEvaluation("candidate", reports),
+        ModelEvaluation("candidate", reports, bias),
         comparison,
         verdict,
         report,
@@ -64,6 +68,7 @@ def test_a_card_renders_for_each_kind_of_version(kind, lineage, words) -> None:
     assert "**Gate: passed**" in text and "Answer arithmetic word problems" in text
     assert "| arithmetic | token_f1 | 0.61 | +0.430 [+0.378, +0.485] |" in text
     assert "- arithmetic: toxicity_rate 0, pii_leak_rate 0" in text
+    assert "| gender | 0.21 | +0.010 [-0.020, +0.040] | 0.125 |" in text  # bias per category, paired
     assert "fewer than 100 examples" in text and "2 validation warnings" in text
     assert "## Promotion" in text and "Not promoted" in text
     assert "## Every figure" in c.markdown and "## Every figure" not in text  # details: the artifact only

