@@ -27,6 +27,7 @@ from tasks.registry import champion_or_base, find_champion, open_state, record_e
 from tasks.slices import lineage_refs, load_slices
 from tuneloop.config import TuneloopConfig, load_config
 from tuneloop.prompts import PromptSpec
+from tuneloop.retrieval import Retriever
 from tuneloop.state import tracking_uri
 
 
@@ -73,11 +74,28 @@ def prompt_evaluation_flow(config: TuneloopConfig | None = None, prompt: str = "
     base = prepare_base_model(cfg.model, paths.models)
     model, _ = champion_or_base(champion, base, paths.eval_cache.parent / "prompt-eval" / champion.version)
     ref_label = reference.ref if reference else "no prompt"
+    retriever = Retriever(paths.collections)  # opens only a collection a prompt binds
     mine = evaluate_model(
-        model, slices, cfg.eval, f"prompt {candidate.ref}", paths.eval_cache, cfg.model.dtype, candidate, variables
+        model,
+        slices,
+        cfg.eval,
+        f"prompt {candidate.ref}",
+        paths.eval_cache,
+        cfg.model.dtype,
+        candidate,
+        variables,
+        retriever,
     )
     theirs = evaluate_model(
-        model, slices, cfg.eval, f"serving {ref_label}", paths.eval_cache, cfg.model.dtype, reference, variables
+        model,
+        slices,
+        cfg.eval,
+        f"serving {ref_label}",
+        paths.eval_cache,
+        cfg.model.dtype,
+        reference,
+        variables,
+        retriever,
     )
     comparison = compare_reports(mine, theirs)
     own = tags.get("tuneloop.slice", slices[0].ref).split("@")[0]

@@ -50,6 +50,7 @@ from tasks.slices import collect_slices
 from tasks.validation import validate_dataset
 from tuneloop.config import TuneloopConfig, check_run_parameters, load_config
 from tuneloop.models import artifact_kind
+from tuneloop.retrieval import Retriever, rendering_key
 from tuneloop.state import tracking_uri
 
 
@@ -87,7 +88,12 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     judge = probe_judge(cfg.eval.judge, paths.models) if report.success else None
     prompt = serving_prompt(cfg)  # trains and evaluates rendered as the chat route will render it
     augment = cfg.data.counterfactual_augment  # bias mitigation: swapped copies of the training rows
-    rendered = "-".join([split.digest, *augment, *([prompt.sha256[:12]] if prompt else [])])
+    # a prompt that retrieves renders each example with its collection's chunks: trained with context
+    retriever = Retriever(paths.collections) if prompt is not None and prompt.retrieval is not None else None
+    collection = rendering_key(prompt, retriever)
+    rendered = "-".join(
+        [split.digest, *augment, *([prompt.sha256[:12]] if prompt else []), *([collection] if collection else [])]
+    )
     key = training_key(cfg.model, cfg.train, rendered)  # the flow run id: a restart resumes run and checkpoints
     run_id = start_training_run(
         cfg.registry, f"train-{split.digest}", training_params(cfg, judge), key, {"tuneloop.trigger": trigger}
@@ -99,7 +105,7 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     slices = collect_slices(cfg, split, champion)
     target, label = champion_or_base(champion, base, paths.training_run(key) / "champion")
     augmented = augment_rows(split.training_rows, augment)
-    rows = render_rows(augmented, prompt, cfg.serve.prompt_variables)
+    rows = render_rows(augmented, prompt, cfg.serve.prompt_variables, retriever)
     trained = finetune(rows, base, cfg.model, cfg.train, paths.training_run(key), run_id, target)
     variables = cfg.serve.prompt_variables
     candidate = evaluate_model(
@@ -110,9 +116,10 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
         paths.eval_cache,
         prompt=prompt,
         prompt_variables=variables,
+        retriever=retriever,
     )
     reference = evaluate_model(
-        target, slices.all, cfg.eval, label, paths.eval_cache, cfg.model.dtype, prompt, variables
+        target, slices.all, cfg.eval, label, paths.eval_cache, cfg.model.dtype, prompt, variables, retriever
     )
     if judge:
         candidate = judge_evaluation(candidate, cfg.eval.judge, paths.models)
@@ -129,6 +136,8 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
         }
     if prompt is not None:  # what it was trained and gated with: promoting it with another prompt warns
         lineage |= {"tuneloop.prompt_version": prompt.ref, "tuneloop.prompt_sha256": prompt.sha256}
+    if collection:  # the collection version its examples were rendered with
+        lineage["tuneloop.collection"] = collection
     version = register_adapter(
         cfg.registry,
         run_id,

@@ -38,6 +38,7 @@ import re
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -52,7 +53,9 @@ from serving.engine import ModelServer
 from serving.guard import KeyEntry, KeyRing, RateLimiter, TokenBudgets
 from serving.guardrails import Checked, OutputGuard
 from tuneloop.prompts import PromptSpec, PromptVariablesError
+from tuneloop.retrieval import Retriever, format_context, last_user_message
 from tuneloop.seams import Answer, GenerationRequest, Refusal, Routing, Sampling, ServeSpec
+from tuneloop.vectorstore import CollectionError
 
 log = logging.getLogger("ray.serve")
 
@@ -284,6 +287,12 @@ def _actions(checks: list[Checked]) -> str | None:
     return ",".join(sorted({a for c in checks for a in c.actions})) or None
 
 
+def _citations(record: Any) -> dict[str, Any]:
+    """The `citations` extension: the chunks the answer's context held, `[n]` in the context being
+    `citations[n-1]` (id, source, position, score); only where the prompt version retrieves."""
+    return {"citations": json.loads(record.retrieved)} if getattr(record, "retrieved", None) else {}
+
+
 def _filtered(check: Checked) -> dict[str, Any]:
     """A choice's `content_filter_results` extension (Azure OpenAI's name), only when a guardrail acted."""
     results = check.filter_results()
@@ -379,6 +388,8 @@ class Gateway:
         self.spec = spec.gateway
         self.name = spec.model_name
         self.store = InferenceLog(spec.inference_db_url)
+        root = self.spec.collections_root
+        self.retriever = Retriever(Path(root)) if root else None  # opens a collection on its first use
         self.writer = LogWriter(self.store, redact=self._redactor())
         self.keys = KeyRing([k.model_dump() for k in self.spec.api_keys], self.spec.api_keys_file)
         self.require_key = self.spec.require_api_key or bool(self.keys)
@@ -615,6 +626,35 @@ class Gateway:
                 ) from None
         return tuple(("system" if m["role"] == "developer" else m["role"], m["content"]) for m in rendered)
 
+    async def _render(
+        self, prompt: PromptSpec | None, messages: list[dict], variables: dict[str, str] | None, record: Any
+    ) -> tuple[tuple[str, str], ...]:
+        """`_rendered`, retrieving first when the prompt version binds a collection: the chunks fill its
+        {{context}} and are recorded (ids, sources, scores) for the log and the response's citations."""
+        if prompt is None or prompt.retrieval is None:
+            return self._rendered(prompt, messages, variables)
+        bound, query = prompt.retrieval, last_user_message(messages)
+        unavailable = ("server_error", None, "retrieval_unavailable")
+        if not query.strip():
+            message = f"The prompt {prompt.ref} retrieves for the user's message, and there is none"
+            raise ApiError(400, message, "invalid_request_error", "messages", "invalid_prompt_variables")
+        if self.retriever is None:
+            raise ApiError(503, "Retrieval is not configured on this gateway", *unavailable)
+        try:
+            prompt.check_variables(variables or {})
+            hits = await asyncio.to_thread(self.retriever.search, bound.collection, query, bound.k)
+        except PromptVariablesError as err:
+            raise ApiError(
+                400, str(err), "invalid_request_error", "prompt_variables", "invalid_prompt_variables"
+            ) from None
+        except CollectionError as err:
+            log.error("retrieval for %s failed: %s", prompt.ref, err)
+            message = f"The collection {bound.collection} cannot be searched now; retry later"
+            raise ApiError(503, message, *unavailable) from None
+        record.retrieved = json.dumps([h.cite() for h in hits])
+        rendered = prompt.render(messages, variables or {}, format_context(hits))
+        return tuple(("system" if m["role"] == "developer" else m["role"], m["content"]) for m in rendered)
+
     # ------------------------------------------------------------------ calls
 
     def _refused(self, refusal: Refusal, req: GenerationRequest) -> ApiError:
@@ -701,7 +741,7 @@ class Gateway:
             record.arm = arm
             chat = messages is not None
             variables = getattr(body, "prompt_variables", None)
-            turns = self._rendered(bound, messages, variables) if chat else None
+            turns = await self._render(bound, messages, variables, record) if chat else None
             record.prompt_version = bound.ref if chat and bound else None
             req = GenerationRequest(version, max_tokens, turns, text, record.id, arm == "pinned", sampling)
             if body.stream:
@@ -791,6 +831,8 @@ class Gateway:
                     "system_fingerprint": f"v{version}" if version else None,
                     "choices": [choice],
                 }
+                if delta == "" and finish is None:  # the first chunk says what the context held
+                    obj.update(_citations(record))
             else:
                 obj = {
                     "id": rid,
@@ -963,6 +1005,7 @@ class Gateway:
                     for i, (answer, check) in enumerate(zip(answers, checks, strict=True))
                 ],
                 "usage": _usage(answers),
+                **_citations(record),
             }
         )
 

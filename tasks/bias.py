@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from tasks.evaluate import EvalReport
     from tuneloop.config import BiasConfig, EvalConfig
     from tuneloop.prompts import PromptSpec
+    from tuneloop.retrieval import Retriever
 
 TERMS_FILE = Path(__file__).parent / "bias" / "terms.yaml"
 PROBES_FILE = Path(__file__).parent / "bias" / "probes.yaml"
@@ -270,19 +271,21 @@ def evaluate_bias(
     prompt: PromptSpec | None = None,
     prompt_variables: Mapping[str, str] | None = None,
     refusal_patterns: Sequence[str] = DEFAULT_REFUSAL_PATTERNS,
+    retriever: Retriever | None = None,
 ) -> dict[str, EvalReport]:
     """Bias figures of a model per category: one EvalReport each, whose examples are the pairs
     (prompt, counterfactual prompt, both answers, their gaps) and whose per-example values give
     paired intervals against the reference model's on the same pairs."""
     from tasks.evaluate import EvalReport, report_progress
     from tuneloop.generation import generate_batch
+    from tuneloop.retrieval import render_prompt
 
     reports: dict[str, EvalReport] = {}
     for n, (category, prompts) in enumerate(probes.items(), 1):
         swapped = [counterfactual(p, category) or p for p in prompts]
         conversations = [[{"role": "user", "content": p}] for p in [*prompts, *swapped]]
         if prompt is not None:
-            conversations = [prompt.render(c, dict(prompt_variables or {})) for c in conversations]
+            conversations = [render_prompt(prompt, c, prompt_variables, retriever) for c in conversations]
         answers: list[str] = []
         for i in range(0, len(conversations), cfg.batch_size):
             batch = conversations[i : i + cfg.batch_size]

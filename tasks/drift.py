@@ -10,6 +10,7 @@ version) and quality (feedback per version).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
 import re
@@ -50,6 +51,7 @@ class LoggedRequest:
     arm: str | None
     guardrail: str | None = None  # what the output guardrails did to the answer (comma-separated actions)
     prompt_version: str | None = None  # the chat route's prompt version (name/version) that rendered it
+    retrieved: list[dict[str, Any]] | None = None  # the chunks retrieved for it: [{id, source, position, score}]
 
 
 @dataclass
@@ -148,7 +150,20 @@ def parse_row(raw: dict[str, Any]) -> LoggedRequest:
         arm=raw.get("arm"),
         guardrail=raw.get("guardrail") if isinstance(raw.get("guardrail"), str) else None,
         prompt_version=raw.get("prompt_version") if isinstance(raw.get("prompt_version"), str) else None,
+        retrieved=_retrieved(raw.get("retrieved")),
     )
+
+
+def _retrieved(value: Any) -> list[dict[str, Any]] | None:
+    """The logged chunks of a retrieving request (JSON), or None; a garbled value counts as none."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        hits = json.loads(value)
+    except ValueError:
+        return None
+    ok = isinstance(hits, list) and all(isinstance(h, dict) and isinstance(h.get("score"), (int, float)) for h in hits)
+    return hits if ok else None
 
 
 def _parse_rows(raw_rows: Sequence[dict[str, Any]]) -> Window:
@@ -535,6 +550,70 @@ def guardrail_signal(requests: Sequence[LoggedRequest], limit: float, min_sample
     return Signal("guardrail_rate", "output", verdict, overall, None, limit, detail, metrics)
 
 
+def retrieval_signal(requests: Sequence[LoggedRequest], limits: MonitorThresholds, min_samples: int) -> Signal:
+    """Share of retrieving requests whose best chunk scores under `retrieval_min_score` — questions the
+    collection cannot answer — overall against a limit and per prompt version, with the median best
+    score (its fall says the questions moved away from the documents)."""
+    retrieving = [r for r in requests if r.retrieved is not None]
+    if len(retrieving) < min_samples:
+        return _no_data(
+            "retrieval",
+            "prompt",
+            f"{len(retrieving)} retrieving requests in the window, {min_samples} needed",
+            limits.unanswerable_rate,
+        )
+    best = {r.id: max((h["score"] for h in r.retrieved or []), default=-1.0) for r in retrieving}
+    low = [best[r.id] < limits.retrieval_min_score for r in retrieving]
+    rate = float(np.mean(low))
+    metrics = {"median_best_score": float(np.median(list(best.values())))}
+    parts = []
+    for version in sorted({r.prompt_version or "?" for r in retrieving}):
+        mine = [best[r.id] < limits.retrieval_min_score for r in retrieving if (r.prompt_version or "?") == version]
+        metrics[f"unanswerable_{version}"] = float(np.mean(mine))
+        parts.append(f"{version}: {np.mean(mine):.1%} of {len(mine)}")
+    detail = (
+        f"{rate:.1%} of {len(retrieving)} retrieving requests had no chunk scoring {limits.retrieval_min_score} "
+        f"or more (limit {limits.unanswerable_rate:.1%}); median best score {metrics['median_best_score']:.3f}; "
+        + "; ".join(parts)
+    )
+    return Signal(
+        "retrieval",
+        "prompt",
+        "alert" if rate > limits.unanswerable_rate else "ok",
+        rate,
+        None,
+        limits.unanswerable_rate,
+        detail,
+        metrics,
+    )
+
+
+def collections_signal(stale: dict[str, dict[str, int]] | None) -> Signal:
+    """Collections whose documents changed since they were ingested (chunks that would be added,
+    updated or removed by ingesting again): answers retrieve from an outdated version."""
+    if stale is None:
+        return _no_data("collections", "prompt", "no collection built from a folder to compare with")
+    changed = {name: d for name, d in stale.items() if sum(d.values())}
+    detail = (
+        "; ".join(
+            f"{name}: {d['added']} chunks new, {d['updated']} changed, {d['removed']} gone since its version"
+            for name, d in changed.items()
+        )
+        or f"{len(stale)} collections match their documents"
+    )
+    metrics = {f"stale_chunks_{name}": float(sum(d.values())) for name, d in stale.items()}
+    return Signal(
+        "collections",
+        "prompt",
+        "alert" if changed else "ok",
+        float(len(changed)),
+        None,
+        0.0,
+        detail + ("; run `tuneloop docs ingest` again" if changed else ""),
+        metrics,
+    )
+
+
 def latency_signal(requests: Sequence[LoggedRequest], limits: MonitorThresholds, min_samples: int) -> Signal:
     """Latency percentiles of answered requests against the SLOs."""
     latencies = np.array([r.latency_ms for r in requests if r.status < 400 and r.latency_ms is not None])
@@ -733,6 +812,7 @@ def compute_signals(
     baseline: list[LoggedRequest],
     feedback: dict[str, float],
     cfg: MonitorConfig,
+    stale: dict[str, dict[str, int]] | None = None,
 ) -> list[Signal]:
     """Return every signal of the window, in report order (prompt, output, operations, quality)."""
     answered = window.answered
@@ -762,6 +842,8 @@ def compute_signals(
         cost_signal(window.requests, cfg.cost_per_1k_tokens),
         feedback_signal(answered, feedback, t, alpha),
         prompt_version_signal(window.requests, feedback, cfg.refusal_patterns, n),
+        retrieval_signal(answered, t, n),
+        collections_signal(stale),
     ]
 
 

@@ -34,6 +34,7 @@ from tuneloop.gate import Figures, RuleResult, evaluate_rule, parse_rule
 from tuneloop.models import BaseRef
 from tuneloop.prompts import PromptSpec
 from tuneloop.reports import STYLES, Table, fmt, fmt_interval, fmt_signed
+from tuneloop.retrieval import Retriever, render_prompt, rendering_key
 
 log = logging.getLogger(__name__)
 
@@ -447,6 +448,7 @@ def evaluate_model(
     dtype: str = "float32",
     prompt: PromptSpec | None = None,
     prompt_variables: dict[str, str] | None = None,
+    retriever: Retriever | None = None,
 ) -> ModelEvaluation:
     """Evaluate a model artifact (adapter on its verified base, or full weights) or a base model as it is
     on every slice; figures already computed for this model, slice and settings come from `cache_dir`.
@@ -455,7 +457,11 @@ def evaluate_model(
     from tuneloop.models import artifact_sha256
 
     identity = target.sha256 if isinstance(target, BaseRef) else artifact_sha256(target)
-    rendering = json.dumps([prompt.sha256, prompt_variables or {}], sort_keys=True) if prompt else ""
+    rendering = (
+        json.dumps([prompt.sha256, prompt_variables or {}, rendering_key(prompt, retriever)], sort_keys=True)
+        if prompt
+        else ""
+    )
     reports: dict[str, EvalReport] = {}
     todo: list[EvalSlice] = []
     for sl in slices:
@@ -482,13 +488,15 @@ def evaluate_model(
     if todo or (probes and not bias):
         model, tok = _load(target, dtype)
         if probes and not bias:
-            bias = evaluate_bias(model, tok, cfg, label, probes, prompt, prompt_variables)
+            bias = evaluate_bias(model, tok, cfg, label, probes, prompt, prompt_variables, retriever=retriever)
             if bias_file is not None:
                 _write_json(bias_file, {c: _cacheable(r) for c, r in bias.items()})
         for sl in todo:
             rows = eval_rows.fn(sl.rows, cfg, sl.ref)
             if prompt is not None:
-                rows = rows.assign(messages=[prompt.render(m, prompt_variables or {}) for m in rows["messages"]])
+                rows = rows.assign(
+                    messages=[render_prompt(prompt, m, prompt_variables, retriever) for m in rows["messages"]]
+                )
             reports[sl.name] = score_model(model, tok, rows, cfg, label, sl.ref)
             if cache_dir is not None:
                 _write_cached(cache_dir / f"{_cache_key(identity, sl, cfg, rendering)}.json", reports[sl.name])
@@ -523,12 +531,13 @@ def evaluate_base_model(
     dtype: str = "float32",
     prompt: PromptSpec | None = None,
     prompt_variables: dict[str, str] | None = None,
+    retriever: Retriever | None = None,
 ) -> EvalReport:
     """Evaluate a base model as it is (no adapter) on one set (the model leaderboard), in tasks.data's form,
     its conversations rendered with `prompt` when one is given (a model × prompt cell of the grid)."""
     rows = eval_rows.fn(eval_set, cfg, label)
     if prompt is not None:
-        rows = rows.assign(messages=[prompt.render(m, prompt_variables or {}) for m in rows["messages"]])
+        rows = rows.assign(messages=[render_prompt(prompt, m, prompt_variables, retriever) for m in rows["messages"]])
     model, tok = _load(base, dtype)
     return score_model(model, tok, rows, cfg, label)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import getpass
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +24,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tuneloop.config import TuneloopConfig
-from tuneloop.prompts import PromptSpec, template_messages, template_sha256
+from tuneloop.prompts import PromptSpec, Retrieval, prompt_sha256, template_messages
+from tuneloop.retrieval import Retriever, render_prompt
 
 SHA_TAG = "tuneloop.sha256"
 AUTHOR_TAG = "tuneloop.author"
+RETRIEVAL_TAG = "tuneloop.retrieval"  # {"collection": …, "k": …}: covered by the version's hash
 
 
 class PromptNotFound(LookupError):
@@ -96,7 +99,11 @@ def _load(client: Any, name: str, version: str | None, alias: str | None) -> Any
 
 
 def _spec(pv: Any) -> PromptSpec:
-    spec = PromptSpec.from_template(pv.name, str(pv.version), pv.template)
+    bound = (pv.tags or {}).get(RETRIEVAL_TAG)
+    try:
+        spec = PromptSpec.from_template(pv.name, str(pv.version), pv.template, json.loads(bound) if bound else None)
+    except ValueError as err:
+        raise PromptNotFound(f"Prompt {pv.name}/{pv.version} cannot be used: {err}") from None
     recorded = (pv.tags or {}).get(SHA_TAG)
     if recorded is not None and recorded != spec.sha256:
         raise PromptNotFound(
@@ -119,12 +126,20 @@ def register_prompt(
     message: str,
     author: str | None = None,
     alias: str | None = None,
+    retrieval: Retrieval | None = None,
 ) -> tuple[PromptSpec, bool]:
     """Register `template` as the next version of `name` (or return the newest, when equal); return
-    (the version, whether it is new). `alias` is moved to it."""
+    (the version, whether it is new). `alias` is moved to it. With `retrieval`, the version binds
+    that collection (which must exist) and `k`."""
 
-    messages = template_messages(template)  # validates roles and shape before anything is written
-    digest = template_sha256(messages)
+    # validates roles, shape and the {{context}} slot before anything is written
+    messages = list(PromptSpec.from_template(name, "0", template, retrieval).messages)
+    if retrieval is not None:
+        from tuneloop.state import state_paths
+        from tuneloop.vectorstore import CollectionStore
+
+        CollectionStore.open(state_paths(cfg).collections, retrieval.collection)  # CollectionError names it
+    digest = prompt_sha256(messages, retrieval)
     client = _client(cfg)
     versions = _versions(client, name)
     newest = versions[-1] if versions else None
@@ -136,7 +151,11 @@ def register_prompt(
             name=name,
             template=stored,
             commit_message=message,
-            tags={SHA_TAG: digest, AUTHOR_TAG: author or getpass.getuser()},
+            tags={
+                SHA_TAG: digest,
+                AUTHOR_TAG: author or getpass.getuser(),
+                **({RETRIEVAL_TAG: retrieval.model_dump_json()} if retrieval else {}),
+            },
         )
         spec, created = _spec(pv), True
     if alias:
@@ -144,8 +163,25 @@ def register_prompt(
     return spec, created
 
 
+def read_retrieval_file(path: str) -> Retrieval | None:
+    """The `retrieval: {collection, k}` of a YAML/JSON prompt file holding {messages, retrieval}, if any."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix.lower() not in (".yaml", ".yml", ".json"):
+        return None
+    data = yaml.safe_load(p.read_text())
+    if not isinstance(data, dict) or data.get("retrieval") is None:
+        return None
+    try:
+        return Retrieval.model_validate(data["retrieval"])
+    except ValueError as err:
+        raise ValueError(f"{path}: retrieval must be {{collection: <name>, k: 1-20}}: {err}") from None
+
+
 def read_template_file(path: str) -> str | list[dict[str, str]]:
-    """A template from a file: YAML/JSON (a list of messages, or {messages: [...]}) or plain text."""
+    """A template from a file: YAML/JSON (a list of messages, or {messages: [...], retrieval: {...}})
+    or plain text."""
     from pathlib import Path
 
     p = Path(path)
@@ -264,21 +300,31 @@ def record_prompt_promotion(
 
 
 def render_conversation(
-    prompt: PromptSpec, turns: Sequence[Mapping[str, str]], values: Mapping[str, str] | None = None
+    prompt: PromptSpec,
+    turns: Sequence[Mapping[str, str]],
+    values: Mapping[str, str] | None = None,
+    retriever: Retriever | None = None,
 ) -> list[dict[str, str]]:
     """A whole training conversation as the chat route would have rendered it: the turns before its
-    last answer go through the prompt, the answer follows."""
+    last answer go through the prompt (and its retrieval: the example learns with the context
+    serving would give it), the answer follows."""
     last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
-    return [*prompt.render(turns[:last], values), *(dict(t) for t in turns[last:])]
+    return [*render_prompt(prompt, turns[:last], values, retriever), *(dict(t) for t in turns[last:])]
 
 
-def render_rows(frame: Any, prompt: PromptSpec | None, values: Mapping[str, str] | None = None) -> Any:
+def render_rows(
+    frame: Any,
+    prompt: PromptSpec | None,
+    values: Mapping[str, str] | None = None,
+    retriever: Retriever | None = None,
+) -> Any:
     """Training rows (tasks.data's internal form) rendered with `prompt`; the frame itself when None."""
     from tasks.data import MESSAGES
 
     if prompt is None:
         return frame
-    return frame.assign(**{MESSAGES: [render_conversation(prompt, list(t), values) for t in frame[MESSAGES]]})
+    rendered = [render_conversation(prompt, list(t), values, retriever) for t in frame[MESSAGES]]
+    return frame.assign(**{MESSAGES: rendered})
 
 
 @task(name="resolve-prompt", cache_policy=NO_CACHE)

@@ -128,3 +128,32 @@ def test_prompt_commands_register_list_show_and_diff(tmp_path, models_dir) -> No
     bad.write_text("- {role: wizard, content: x}\n")
     r = runner.invoke(app, ["prompt", "register", "support", "-f", str(bad), "-m", "x", *opts])
     assert r.exit_code == 2 and "bad.yaml" in r.output
+
+
+def test_docs_ingest_list_search_and_a_prompt_that_binds_the_collection(tmp_path: Path) -> None:
+    home, docs = tmp_path / "home", tmp_path / "docs"
+    docs.mkdir()
+    (docs / "office.md").write_text("# Office\n\nThe Lisbon office opens at 9 am on weekdays.")
+    (docs / "shipping.txt").write_text("Parcels to Canada arrive in 5 to 7 business days.")
+    first = run("docs", "ingest", str(docs), "--collection", "handbook", home=home)
+    assert first.returncode == 0, first.stderr
+    assert "collection handbook version" in first.stdout and "2 added" in first.stdout
+    again = run("docs", "ingest", str(docs), "--collection", "handbook", home=home)
+    assert "0 added, 0 updated, 0 removed, 2 unchanged" in again.stdout, again.stdout + again.stderr
+    assert "handbook" in run("docs", "list", home=home).stdout
+    found = run("docs", "search", "handbook", "when do parcels reach Canada", "-k", "1", home=home)
+    assert found.returncode == 0 and "shipping.txt:0" in found.stdout and "office.md" not in found.stdout
+    assert run("docs", "ingest", str(tmp_path / "nowhere"), "--collection", "handbook", home=home).returncode == 1
+    assert run("docs", "search", "nope", "x", home=home).returncode == 1
+
+    template = tmp_path / "rag.yaml"
+    template.write_text(
+        "messages:\n"
+        '  - {role: system, content: "Answer from the context, citing [n].\\n\\n{{context}}"}\n'
+        '  - {role: user, content: "{{input}}"}\n'
+        "retrieval: {collection: handbook, k: 2}\n"
+    )
+    r = run("prompt", "register", "support", "-f", str(template), "-m", "rag", home=home)
+    assert r.returncode == 0 and "retrieves 2 chunks of handbook" in r.stdout, r.stdout + r.stderr
+    r = run("prompt", "register", "other", "-f", str(template), "-m", "x", "--collection", "missing", home=home)
+    assert r.returncode == 2 and "no collection 'missing'" in r.stdout

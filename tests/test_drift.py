@@ -257,6 +257,8 @@ def test_the_drift_verdict_follows_the_retraining_signals() -> None:
         "cost",
         "feedback",
         "prompt_versions",
+        "retrieval",
+        "collections",
     ]
     drift = drift_verdict(signals, ["prompt_embedding"], 60, window)
     assert drift.verdict == "drift" and drift.p_value < 0.01 and drift.newest_request_id == "r0023"
@@ -400,3 +402,32 @@ def test_every_figure_is_reported_per_prompt_version() -> None:
     assert signal.metrics["error_rate_s_2"] == 1.0 and signal.metrics["requests_none"] == 1
     assert "s/2: 2 requests (few)" in signal.detail
     assert prompt_version_signal([], {}, [], 5).verdict == "no_data"
+
+
+def test_retrieval_signal_counts_questions_the_collection_cannot_answer() -> None:
+    import dataclasses
+    import json
+
+    from tasks.drift import collections_signal, retrieval_signal
+
+    def retrieved(i: int, best: float, prompt: str = "rag/1") -> LoggedRequest:
+        hits = json.dumps([{"id": f"c{i}", "source": "a.md", "position": 0, "score": best}])
+        return dataclasses.replace(parse_row({**vars(request(i)), "retrieved": hits}), prompt_version=prompt)
+
+    limits = MonitorThresholds()  # best chunk under 0.3: unanswerable; alert above 25%
+    rows = [retrieved(i, 0.7) for i in range(15)] + [retrieved(15 + i, 0.1) for i in range(5)]
+    rows += [request(40 + i) for i in range(5)]  # requests of a route that does not retrieve
+    signal = retrieval_signal(rows, limits, 10)
+    assert signal.verdict == "ok" and signal.statistic == pytest.approx(0.25) and "of 20 retrieving" in signal.detail
+    worse = rows + [retrieved(60 + i, 0.05, "rag/2") for i in range(10)]
+    signal = retrieval_signal(worse, limits, 10)
+    assert signal.verdict == "alert" and signal.metrics["unanswerable_rag/2"] == 1
+    assert retrieval_signal(rows[:5], limits, 10).verdict == "no_data"
+    assert parse_row({**vars(request(1)), "retrieved": "not json"}).retrieved is None
+    stale = collections_signal(
+        {"handbook": {"added": 1, "updated": 2, "removed": 0}, "faq": dict.fromkeys(("added", "updated", "removed"), 0)}
+    )
+    assert (
+        stale.verdict == "alert" and "handbook: 1 chunks new, 2 changed" in stale.detail and "faq" not in stale.detail
+    )
+    assert collections_signal(None).verdict == "no_data"

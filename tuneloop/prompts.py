@@ -18,6 +18,10 @@ prompt renders before the model sees a request, in serving, evaluation and train
   is the caller's error (`PromptVariablesError`, a 400 in serving), never a template crash.
 
 Substitution is one pass of plain text replacement: a value holding `{{x}}` stays as written.
+
+A prompt version may bind a collection (`retrieval: {collection, k}`): then `{{context}}` is not
+the client's to fill but the `k` chunks retrieved for the client's last user message, numbered
+`[1] …` so an answer can cite them (tuneloop.retrieval renders it, in serving and evaluation alike).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")  # MLflow's prompt variables
 INPUT = "input"
+CONTEXT = "context"  # filled by retrieval when the version binds a collection
 Role = Literal["system", "user", "assistant"]
 
 
@@ -57,6 +62,22 @@ def template_sha256(messages: Sequence[PromptMessage]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class Retrieval(BaseModel):
+    """A collection a prompt version retrieves from, and how many chunks fill its `{{context}}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    collection: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")
+    k: int = Field(4, ge=1, le=20)
+
+
+def prompt_sha256(messages: Sequence[PromptMessage], retrieval: Retrieval | None = None) -> str:
+    """What a version's hash covers: its template, and the collection it binds (when it binds one)."""
+    digest = template_sha256(messages)
+    if retrieval is None:
+        return digest
+    return hashlib.sha256(f"{digest}\x00{retrieval.model_dump_json()}".encode()).hexdigest()
+
+
 class PromptSpec(BaseModel):
     """One immutable prompt version, resolved from the registry (what a route binds)."""
 
@@ -65,11 +86,29 @@ class PromptSpec(BaseModel):
     version: str
     messages: tuple[PromptMessage, ...] = Field(min_length=1)
     sha256: str
+    retrieval: Retrieval | None = None
 
     @classmethod
-    def from_template(cls, name: str, version: str, template: str | Sequence[Mapping[str, str]]) -> PromptSpec:
+    def from_template(
+        cls,
+        name: str,
+        version: str,
+        template: str | Sequence[Mapping[str, str]],
+        retrieval: Retrieval | Mapping[str, object] | None = None,
+    ) -> PromptSpec:
         messages = template_messages(template)
-        return cls(name=name, version=str(version), messages=tuple(messages), sha256=template_sha256(messages))
+        bound = Retrieval.model_validate(retrieval) if retrieval is not None else None
+        if bound is not None and not any(CONTEXT in VARIABLE.findall(m.content) for m in messages):
+            raise PromptVariablesError(
+                f"The prompt {name} retrieves from {bound.collection} but has no {{{{context}}}} for the chunks"
+            )
+        return cls(
+            name=name,
+            version=str(version),
+            messages=tuple(messages),
+            sha256=prompt_sha256(messages, bound),
+            retrieval=bound,
+        )
 
     @property
     def ref(self) -> str:
@@ -80,7 +119,7 @@ class PromptSpec(BaseModel):
     def variables(self) -> list[str]:
         """The variables a request fills (`input` excluded: the client's last user message is it)."""
         found = {v for m in self.messages for v in VARIABLE.findall(m.content)}
-        return sorted(found - {INPUT})
+        return sorted(found - {INPUT} - ({CONTEXT} if self.retrieval else set()))
 
     @property
     def wraps_input(self) -> bool:
@@ -101,11 +140,21 @@ class PromptSpec(BaseModel):
             )
 
     def render(
-        self, messages: Sequence[Mapping[str, str]], values: Mapping[str, str] | None = None
+        self,
+        messages: Sequence[Mapping[str, str]],
+        values: Mapping[str, str] | None = None,
+        context: str | None = None,
     ) -> list[dict[str, str]]:
-        """The conversation the model sees: this template filled, with the client's `messages`."""
+        """The conversation the model sees: this template filled, with the client's `messages` (and,
+        for a version that retrieves, the retrieved `context`)."""
         values = dict(values or {})
         self.check_variables(values)
+        if self.retrieval is not None:
+            if context is None:
+                raise PromptVariablesError(
+                    f"The prompt {self.ref} retrieves from {self.retrieval.collection}: render it with its context"
+                )
+            values[CONTEXT] = context
         client = [{"role": m["role"], "content": m["content"]} for m in messages]
         if self.wraps_input:
             last = next((i for i in range(len(client) - 1, -1, -1) if client[i]["role"] == "user"), None)

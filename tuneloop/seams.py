@@ -60,6 +60,7 @@ class GatewaySpec(_Seam):
     log_pii: Literal["redact", "keep"]
     pii_entities: list[str]
     guardrails: GuardrailsConfig = GuardrailsConfig()  # what each route lets through of the model's answers
+    collections_root: str | None = None  # where the collections a prompt version binds live (retrieval)
 
 
 class ServeSpec(_Seam):

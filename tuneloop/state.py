@@ -80,6 +80,11 @@ class StatePaths:
         return self.home / "reports"
 
     @property
+    def collections(self) -> Path:
+        """Document collections: one embedded vector store folder each (tuneloop.vectorstore)."""
+        return self.home / "collections"
+
+    @property
     def runs(self) -> Path:
         """Scratch space of training runs (checkpoints, adapters before logging)."""
         return self.home / "runs"

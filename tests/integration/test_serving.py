@@ -583,6 +583,67 @@ def test_prompt_versions_bind_canary_roll_back_and_never_reload_a_model(served) 
     assert prompt_promotion_flow(direct, terse.ref, allow_new_variables=True).serving == "support/1"
 
 
+def test_a_prompt_that_retrieves_answers_with_its_collection_cites_and_logs_the_chunks(served, tmp_path) -> None:
+    """Retrieval-augmented serving: the gateway embeds the question, fills the prompt's {{context}}
+    with the collection's best chunks, returns them as `citations` and logs their ids and scores."""
+    from flows.promotion import prompt_promotion_flow
+    from tasks.prompts import register_prompt
+    from tasks.retrieval.ingest import ingest_documents
+    from tuneloop.prompts import Retrieval
+    from tuneloop.state import state_paths
+
+    cfg, *_ = served
+    before = _replicas(cfg)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "office.md").write_text("The Lisbon office opens at 9 am on weekdays.")
+    (docs / "shipping.txt").write_text("Parcels to Canada arrive in 5 to 7 business days.")
+    ingest_documents.fn(cfg.collections, state_paths(cfg).collections, docs, "handbook")
+    rag, _ = register_prompt(
+        cfg,
+        "support",
+        [{"role": "system", "content": "Answer from:\n{{context}}"}, {"role": "user", "content": "{{input}}"}],
+        "answers from the handbook",
+        "ana",
+        retrieval=Retrieval(collection="handbook", k=1),
+    )
+    MlflowClient(tracking_uri(cfg)).set_prompt_version_tag("support", rag.version, "tuneloop.gate", "passed")
+    direct = cfg.model_copy(
+        update={
+            "serve": cfg.serve.model_copy(update={"rollout": cfg.serve.rollout.model_copy(update={"mode": "direct"})})
+        }
+    )
+    assert prompt_promotion_flow(direct, rag.ref).serving == rag.ref
+    r = _chat(cfg, "When does the Lisbon office open?")
+    assert r.status_code == 200, r.text
+    (cited,) = r.json()["citations"]
+    assert cited["source"] == "office.md" and cited["position"] == 0 and 0 < cited["score"] <= 1
+    # the official client keeps the extension field
+    completion = _client(cfg).chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "How long do parcels to Canada take?"}], max_tokens=2
+    )
+    assert completion.model_extra["citations"][0]["source"] == "shipping.txt"
+    with httpx.stream(
+        "POST",
+        f"{endpoint(cfg.serve)}/v1/chat/completions",
+        json={"model": NAME, "messages": [{"role": "user", "content": "Lisbon office hours?"}], "stream": True},
+        timeout=60,
+    ) as stream:
+        first = json.loads(next(line for line in stream.iter_lines() if line.startswith("data: "))[6:])
+    assert first["citations"][0]["source"] == "office.md"
+    time.sleep(1)
+    row = InferenceLog(inference_db_url(cfg)).get(r.headers["x-request-id"])
+    assert row["prompt_version"] == rag.ref and json.loads(row["retrieved"])[0]["id"] == cited["id"]
+    empty = httpx.post(
+        f"{endpoint(cfg.serve)}/v1/chat/completions",
+        json={"model": NAME, "messages": [{"role": "user", "content": "  "}]},
+        timeout=30,
+    )
+    assert empty.status_code == 400 and empty.json()["error"]["code"] == "invalid_prompt_variables"
+    assert _replicas(cfg) == before  # a retrieving prompt is a gateway change: no replica reloaded
+    assert prompt_promotion_flow(direct, "support/1").serving == "support/1"  # the plain prompt again
+
+
 def test_hostile_text_gets_a_4xx_and_the_log_keeps_writing(served) -> None:
     cfg, *_ = served
     url = f"{endpoint(cfg.serve)}/v1/chat/completions"

