@@ -25,6 +25,7 @@ import yaml
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
+from flows.collections import ingest_collection_flow
 from flows.monitoring import monitoring_flow
 from flows.promotion import promotion_flow, prompt_promotion_flow
 from flows.prompts import prompt_evaluation_flow
@@ -69,6 +70,10 @@ def serve_deployments(cfg: TuneloopConfig, *, schedules: bool) -> None:
         ),
         prompt_promotion_flow.to_deployment(
             name=name(cfg.prefect.prompt_promotion_deployment), parameters=params, tags=["tuneloop"]
+        ),
+        # Documents into a collection: the form asks for the path and the collection's name.
+        ingest_collection_flow.to_deployment(
+            name=name(cfg.prefect.collection_ingest_deployment), parameters=params, tags=["tuneloop"]
         ),
         # Overlapping checks would only wait on each other's decision (tasks.retrain): a check
         # that comes due while one runs is cancelled, the next cron tick reads the newer window.

@@ -130,6 +130,7 @@ def test_prompt_commands_register_list_show_and_diff(tmp_path, models_dir) -> No
     assert r.exit_code == 2 and "bad.yaml" in r.output
 
 
+@pytest.mark.slow  # ten CLI processes, two Prefect flows: ~2 minutes
 def test_docs_ingest_list_search_and_a_prompt_that_binds_the_collection(tmp_path: Path) -> None:
     home, docs = tmp_path / "home", tmp_path / "docs"
     docs.mkdir()
@@ -145,6 +146,14 @@ def test_docs_ingest_list_search_and_a_prompt_that_binds_the_collection(tmp_path
     assert found.returncode == 0 and "shipping.txt:0" in found.stdout and "office.md" not in found.stdout
     assert run("docs", "ingest", str(tmp_path / "nowhere"), "--collection", "handbook", home=home).returncode == 1
     assert run("docs", "search", "nope", "x", home=home).returncode == 1
+    labelled = tmp_path / "q.jsonl"
+    labelled.write_text('{"question": "When do parcels reach Canada?", "relevant": ["shipping.txt"]}\n')
+    scored = run("docs", "evaluate", "handbook", "-q", str(labelled), "-k", "1", home=home)
+    assert scored.returncode == 0 and "recall_at_k 1.000" in scored.stdout, scored.stdout + scored.stderr
+    strict = run(
+        "docs", "evaluate", "handbook", "-q", str(labelled), "--set", "collections.rules=['mrr > 1']", home=home
+    )
+    assert strict.returncode == 1 and "FAIL: mrr > 1" in strict.stdout
 
     template = tmp_path / "rag.yaml"
     template.write_text(

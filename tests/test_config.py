@@ -75,6 +75,7 @@ def test_deployment_names_are_flow_slash_deployment_and_listed_once() -> None:
         "monitoring-flow/tuneloop-monitoring",
         "prompt-evaluation-flow/tuneloop-prompt-evaluation",
         "prompt-promotion-flow/tuneloop-prompt-promotion",
+        "collection-ingest-flow/tuneloop-collection-ingest",
     ]
     with pytest.raises(ValueError, match="'tuneloop-promotion' is not '<flow name>/<deployment name>'"):
         load_config(None, ["prefect.promotion_deployment=tuneloop-promotion"])

@@ -161,3 +161,28 @@ def test_a_collection_whose_documents_changed_is_stale(docs: Path, tmp_path: Pat
     (docs / "new.md").write_text("A new page.")
     (docs / "refunds.pdf").unlink()
     assert collection_staleness.fn(cfg, root) == {"handbook": {"added": 1, "updated": 1, "removed": 1}}
+
+
+def test_retrieval_is_measured_by_recall_and_mrr_against_labelled_questions(docs: Path, tmp_path: Path) -> None:
+    from tasks.retrieval.evaluate import QuestionsError, evaluate_retrieval, read_questions, write_retrieval_report
+
+    root = tmp_path / "collections"
+    ingest_documents.fn(CollectionsConfig(), root, docs, "handbook")
+    labelled = tmp_path / "q.jsonl"
+    rows = [
+        {"question": "How long does shipping to Japan take?", "relevant": ["faq.jsonl#ship-jp"]},
+        {"question": "When does the Lisbon office open?", "relevant": "office.txt"},
+        {"question": "What is the capital of Mongolia?", "relevant": ["atlas.md"]},  # not in the collection
+    ]
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = evaluate_retrieval(
+        Retriever(root), "handbook", read_questions(labelled), 2, ["recall_at_k >= 0.9", "mrr >= 0.5"]
+    )
+    assert result.metrics["recall_at_k"] == pytest.approx(2 / 3) and [e["rank"] for e in result.examples][2] is None
+    assert result.metrics["mrr"] == pytest.approx(sum(1 / e["rank"] for e in result.examples if e["rank"]) / 3)
+    assert not result.passed and result.rules[0].startswith("FAIL: recall_at_k >= 0.9")
+    html = write_retrieval_report(result, tmp_path / "r.html").read_text()
+    assert "capital of Mongolia" in html and "data:image/png;base64," in html
+    labelled.write_text('{"question": "x", "relevant": []}\n')
+    with pytest.raises(QuestionsError, match=r"q.jsonl:1: `relevant` must list"):
+        read_questions(labelled)

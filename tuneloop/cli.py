@@ -764,6 +764,36 @@ def docs_ingest(
     )
 
 
+@docs_app.command("evaluate")
+def docs_evaluate(
+    collection: Annotated[str, typer.Argument(help="Collection name")],
+    questions: Annotated[
+        Path, typer.Option("--questions", "-q", help="JSONL: {question, relevant: [source or chunk id, ...]}")
+    ],
+    k: Annotated[int, typer.Option("-k", min=1, max=100, help="Chunks retrieved per question")] = 5,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """recall@k and MRR of labelled questions; exit 1 when collections.rules fail."""
+    cfg = _config(config, set_)
+    _environment(cfg, use_server=False, verbose=verbose)
+    from flows.collections import evaluate_collection_flow
+
+    with console.status(f"evaluating retrieval from {collection}"):
+        try:
+            result = evaluate_collection_flow(cfg, collection, str(questions), k)
+        except Exception as err:
+            raise _fail(err) from err
+    figures = ", ".join(f"{m} {v:.3f}" for m, v in result.metrics.items())
+    verdict = "[green]passed[/green]" if result.passed else "[red]failed[/red]"
+    console.print(f"{collection}@{result.version}, k={k}: {figures} {verdict}")
+    for line in result.rules:
+        console.print(f"  {line}")
+    if not result.passed:
+        raise typer.Exit(1)
+
+
 @docs_app.command("list")
 def docs_list(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Every collection with its version, size and embedder."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -609,6 +610,7 @@ class PrefectConfig(Strict):
     monitoring_deployment: str = "monitoring-flow/tuneloop-monitoring"
     prompt_evaluation_deployment: str = "prompt-evaluation-flow/tuneloop-prompt-evaluation"
     prompt_promotion_deployment: str = "prompt-promotion-flow/tuneloop-prompt-promotion"
+    collection_ingest_deployment: str = "collection-ingest-flow/tuneloop-collection-ingest"
     deployments: Literal["serve", "work_pools"] = Field(
         "serve",
         description="How `tuneloop up` registers the training, promotion and monitoring deployments. "
@@ -624,6 +626,7 @@ class PrefectConfig(Strict):
         "monitoring_deployment",
         "prompt_evaluation_deployment",
         "prompt_promotion_deployment",
+        "collection_ingest_deployment",
     )
     @classmethod
     def _flow_slash_deployment(cls, v: str) -> str:
@@ -640,6 +643,7 @@ class PrefectConfig(Strict):
             self.monitoring_deployment,
             self.prompt_evaluation_deployment,
             self.prompt_promotion_deployment,
+            self.collection_ingest_deployment,
         ]
 
 
@@ -1085,6 +1089,22 @@ class CollectionsConfig(Strict):
     )
     chunk_tokens: int = Field(128, ge=16, le=512, description="Chunk size, in tokens of the embedder.")
     chunk_overlap: int = Field(32, ge=0, description="Tokens each chunk repeats from the one before.")
+    rules: list[str] = Field(
+        [],
+        description="Rules a retrieval evaluation (`tuneloop docs evaluate`) must pass, in the gate's language "
+        "over recall_at_k, mrr and mean_best_score, e.g. 'recall_at_k >= 0.8'.",
+    )
+    experiment: str = Field("tuneloop-retrieval", description="MLflow experiment of retrieval evaluations.")
+
+    @field_validator("rules")
+    @classmethod
+    def _rules_parse(cls, rules: list[str]) -> list[str]:
+        from tuneloop.gate import check_metrics, parse_rule
+
+        names = ["recall_at_k", "mrr", "mean_best_score"]
+        for rule in rules:
+            check_metrics(parse_rule(rule), names, names)
+        return rules
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> CollectionsConfig:
@@ -1193,8 +1213,11 @@ def trusted_security() -> SecurityConfig:
     return load_config(os.environ.get("TUNELOOP_CONFIG") or None).security
 
 
-def check_run_parameters(cfg: TuneloopConfig, trusted: SecurityConfig | None = None) -> None:
-    """Refuse a run whose config names a host or path outside the worker's allow-lists."""
+def check_run_parameters(
+    cfg: TuneloopConfig, trusted: SecurityConfig | None = None, paths: Sequence[tuple[str, str]] = ()
+) -> None:
+    """Refuse a run whose config (or its own `paths` parameters: (name, path)) names a host or path
+    outside the worker's allow-lists."""
     from urllib.parse import urlparse
 
     trusted = trusted or trusted_security()
@@ -1206,10 +1229,15 @@ def check_run_parameters(cfg: TuneloopConfig, trusted: SecurityConfig | None = N
                 problems.append(f"{setting}.base_url names host {host!r}, not in security.allowed_hosts")
     if trusted.allowed_paths:
         roots = [Path(r).resolve() for r in trusted.allowed_paths]
-        paths = [("data.path", cfg.data.path), ("monitor.retrain_data", cfg.monitor.retrain_data)]
+        named = [
+            ("data.path", cfg.data.path),
+            ("monitor.retrain_data", cfg.monitor.retrain_data),
+            ("eval.bias.probes", cfg.eval.bias.probes),
+            *paths,
+        ]
         if cfg.monitor.reference != "champion":
-            paths.append(("monitor.reference", cfg.monitor.reference))
-        for setting, value in paths:
+            named.append(("monitor.reference", cfg.monitor.reference))
+        for setting, value in named:
             if value is None or (setting == "data.path" and cfg.data.format == "hub"):
                 continue
             where = Path(str(value)).expanduser().resolve()
