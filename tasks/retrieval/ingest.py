@@ -124,7 +124,7 @@ def _pdf_text(file: Path) -> str:
 def chunk_text(text: str, source: str, tokenizer, size: int, overlap: int) -> list[Chunk]:
     """Windows of `size` tokens (of the embedder's tokenizer) stepping by size - overlap, each the
     exact span of the original text it covers."""
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     offsets = encoded["offset_mapping"]
     if not offsets:
         return []
