@@ -34,7 +34,7 @@ from tuneloop.gate import Figures, RuleResult, evaluate_rule, parse_rule
 from tuneloop.models import BaseRef
 from tuneloop.prompts import PromptSpec
 from tuneloop.reports import STYLES, Table, fmt, fmt_interval, fmt_signed
-from tuneloop.retrieval import Retriever, render_prompt, rendering_key
+from tuneloop.retrieval import Retriever, format_context, render_prompt, rendering_key
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +370,9 @@ def score_model(
         {"prompt": p, "messages": m, "reference": r, "prediction": y, **f}
         for p, m, r, y, f in zip(prompts, conversations, references, predictions, findings)
     ]
+    if "context" in rows:  # retrieved for it: what its answer should be grounded in
+        for example, context in zip(examples, rows["context"]):
+            example["context"] = context
     log.info(
         "%s on %s: %s on %d examples",
         label,
@@ -438,6 +441,19 @@ def _write_cached(path: Path, report: EvalReport) -> None:
     _write_json(path, _cacheable(report))
 
 
+def _rendered(
+    rows: pd.DataFrame, prompt: PromptSpec | None, variables: dict[str, str] | None, retriever: Retriever | None
+) -> pd.DataFrame:
+    """Evaluation rows rendered as the chat route renders them; a retrieving prompt also keeps each
+    row's retrieved `context` (the judge checks answers against it: groundedness)."""
+    if prompt is None:
+        return rows
+    if prompt.retrieval is None or retriever is None:  # without a retriever: render_prompt says what is missing
+        return rows.assign(messages=[render_prompt(prompt, m, variables, retriever) for m in rows["messages"]])
+    rendered = [retriever.render(prompt, m, variables) for m in rows["messages"]]
+    return rows.assign(messages=[t for t, _ in rendered], context=[format_context(h) for _, h in rendered])
+
+
 @task(name="evaluate-model")
 def evaluate_model(
     target: Path | BaseRef,
@@ -492,11 +508,7 @@ def evaluate_model(
             if bias_file is not None:
                 _write_json(bias_file, {c: _cacheable(r) for c, r in bias.items()})
         for sl in todo:
-            rows = eval_rows.fn(sl.rows, cfg, sl.ref)
-            if prompt is not None:
-                rows = rows.assign(
-                    messages=[render_prompt(prompt, m, prompt_variables, retriever) for m in rows["messages"]]
-                )
+            rows = _rendered(eval_rows.fn(sl.rows, cfg, sl.ref), prompt, prompt_variables, retriever)
             reports[sl.name] = score_model(model, tok, rows, cfg, label, sl.ref)
             if cache_dir is not None:
                 _write_cached(cache_dir / f"{_cache_key(identity, sl, cfg, rendering)}.json", reports[sl.name])
@@ -535,9 +547,7 @@ def evaluate_base_model(
 ) -> EvalReport:
     """Evaluate a base model as it is (no adapter) on one set (the model leaderboard), in tasks.data's form,
     its conversations rendered with `prompt` when one is given (a model × prompt cell of the grid)."""
-    rows = eval_rows.fn(eval_set, cfg, label)
-    if prompt is not None:
-        rows = rows.assign(messages=[render_prompt(prompt, m, prompt_variables, retriever) for m in rows["messages"]])
+    rows = _rendered(eval_rows.fn(eval_set, cfg, label), prompt, prompt_variables, retriever)
     model, tok = _load(base, dtype)
     return score_model(model, tok, rows, cfg, label)
 

@@ -7,7 +7,10 @@ Two rubrics, text files in `tasks/rubrics/` (or paths), each run recording their
 SHA-256 (`JudgeInfo.params`):
 - answer quality: `SCORE: 1-5` + `RATIONALE` per example → `judge_score`, the mean score;
 - hallucination: `VERDICT: SUPPORTED|UNSUPPORTED` (by the question and the reference) →
-  `hallucination_rate`, the share of judged answers that are unsupported.
+  `hallucination_rate`, the share of judged answers that are unsupported. Where the example's
+  prompt retrieved context (a prompt version bound to a collection), the question the rubric
+  sees holds that context: the verdict is then groundedness — is the answer supported by what
+  was retrieved — and not only by the reference.
 
 An example whose judge call failed or whose judge answer does not parse is marked
 (`judge_error`), left out of both figures and counted in `judge_failed`; the gate then
@@ -172,13 +175,19 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _with_context(example: dict[str, Any]) -> str:
+    """The question as the hallucination rubric sees it: with the retrieved context, when there was one."""
+    context = example.get("context")
+    return f"Context:\n{context}\n\nQuestion: {example['prompt']}" if context else example["prompt"]
+
+
 @task(name="judge-answers")
 def judge_answers(report: EvalReport, cfg: JudgeConfig, models_dir: Path) -> EvalReport:
     """Return `report` with a judge score, a hallucination verdict and their rationales per example."""
     info, backend = open_judge(cfg, models_dir)
     rows = report.examples
     asks = [info.rubric.render(e["prompt"], e["reference"], e["prediction"]) for e in rows]
-    asks += [info.hallucination_rubric.render(e["prompt"], e["reference"], e["prediction"]) for e in rows]
+    asks += [info.hallucination_rubric.render(_with_context(e), e["reference"], e["prediction"]) for e in rows]
     answers = backend.complete(asks)
     examples, scores, hallucinated = [], [], []
     for example, quality, support in zip(rows, answers[: len(rows)], answers[len(rows) :]):
@@ -229,4 +238,5 @@ def judge_evaluation(evaluation: ModelEvaluation, cfg: JudgeConfig, models_dir: 
     return ModelEvaluation(
         evaluation.label,
         {name: judge_answers.fn(report, cfg, models_dir) for name, report in evaluation.reports.items()},
+        evaluation.bias,  # the bias figures are not judged: kept as they were
     )

@@ -163,3 +163,21 @@ def test_an_unreachable_or_refusing_endpoint_is_a_clear_error(monkeypatch, tmp_p
 
 def test_a_disabled_judge_probes_nothing(tmp_path: Path) -> None:
     assert probe_judge.fn(JudgeConfig(), tmp_path) is None
+
+
+def test_with_retrieved_context_the_hallucination_rubric_checks_groundedness(monkeypatch, tmp_path: Path) -> None:
+    """An answer to a retrieving prompt is judged against what was retrieved (and the reference);
+    judging keeps the evaluation's bias figures as they were."""
+    from tasks.judge import judge_evaluation
+
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    report = answers("Paris.")
+    report.examples[0]["context"] = "[1] Paris is the capital and largest city of France."
+    evaluation = ModelEvaluation("candidate", {"geo": report}, {"gender": EvalReport("candidate", {"bias_gap": 0.1})})
+    with judge_server() as (url, requests):
+        judged = judge_evaluation.fn(evaluation, endpoint_cfg(url), tmp_path)
+    verdict_asks = [r["messages"][0]["content"] for r in requests if "VERDICT:" in r["messages"][0]["content"]]
+    assert verdict_asks and "Context:\n[1] Paris is the capital" in verdict_asks[0]
+    assert "Question: What is the capital of France?" in verdict_asks[0]
+    assert judged.reports["geo"].metrics["hallucination_rate"] == 0
+    assert judged.bias["gender"].metrics["bias_gap"] == 0.1

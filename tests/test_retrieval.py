@@ -186,3 +186,48 @@ def test_retrieval_is_measured_by_recall_and_mrr_against_labelled_questions(docs
     labelled.write_text('{"question": "x", "relevant": []}\n')
     with pytest.raises(QuestionsError, match=r"q.jsonl:1: `relevant` must list"):
         read_questions(labelled)
+
+
+def test_an_evaluation_with_a_retrieving_prompt_answers_with_the_context_and_keeps_it(
+    docs: Path, tmp_path: Path, models_dir: Path
+) -> None:
+    import pandas as pd
+
+    from tasks.evaluate import EvalSlice, evaluate_model
+    from tuneloop.config import load_config
+    from tuneloop.models import resolve_base
+
+    root = tmp_path / "collections"
+    ingest_documents.fn(CollectionsConfig(), root, docs, "handbook")
+    spec = PromptSpec.from_template(
+        "support",
+        "1",
+        [{"role": "system", "content": "Context:\n{{context}}"}, {"role": "user", "content": "{{input}}"}],
+        {"collection": "handbook", "k": 1},
+    )
+    rows = pd.DataFrame(
+        {
+            "messages": [
+                [
+                    {"role": "user", "content": "How long is shipping to Japan?"},
+                    {"role": "assistant", "content": "10 days"},
+                ]
+            ]
+        }
+    )
+    cfg = load_config(None, ["eval.bias.categories=[]", "eval.max_new_tokens=2", "gate.rules=['token_f1 >= 0']"])
+    base = resolve_base("builtin:tiny-llama", models_dir)
+    result = evaluate_model.fn(
+        base,
+        [EvalSlice("geo", 1, "d1", rows)],
+        cfg.eval,
+        "base",
+        tmp_path / "cache",
+        prompt=spec,
+        retriever=Retriever(root),
+    )
+    (example,) = result.reports["geo"].examples
+    assert example["context"].startswith("[1] Shipping\n\nShipping to Japan")
+    assert example["messages"][0]["content"] == f"Context:\n{example['context']}"
+    with pytest.raises(PromptVariablesError, match="no collections here"):
+        evaluate_model.fn(base, [EvalSlice("geo", 1, "d1", rows)], cfg.eval, "base", prompt=spec)
