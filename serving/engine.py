@@ -112,14 +112,18 @@ class ModelServer:
         art = self._verified_artifact(spec.base_uri)
         self.base_ref = read_base_ref(art)
         self.full_version: str | None = None
+        cuda = torch.cuda.is_available()
+        self.dtype = spec.engine.resolved_dtype(cuda, cuda and torch.cuda.is_bf16_supported())
+        attention = None if spec.engine.attn_implementation == "auto" else spec.engine.attn_implementation
         if (art / "model").is_dir():  # a fully fine-tuned version is its own base, with no adapter
             from tuneloop.models import load_adapter_model
 
-            model, self.tokenizer = load_adapter_model(art)
+            model, self.tokenizer = load_adapter_model(art, self.dtype, attention)
             self.full_version = spec.base_version
         else:
-            model, self.tokenizer = load_base(self.base_ref)
+            model, self.tokenizer = load_base(self.base_ref, self.dtype, attn_implementation=attention)
             model.eval()
+        self.attention = str(getattr(model.config, "_attn_implementation", attention or "auto"))
         if torch.cuda.is_available():  # a replica given num_gpus sees its GPU(s)
             model.to("cuda")
         self.engine: Engine = BatchingEngine(model, self.tokenizer, spec.engine, fixed_version=self.full_version)
@@ -219,6 +223,8 @@ class ModelServer:
             merged=self.engine.merged_versions(),
             engine=type(self.engine).__name__,
             decoding=self.engine.stats(),
+            dtype=self.dtype,
+            attention=self.attention,
         )
 
     # ------------------------------------------------------------------ requests

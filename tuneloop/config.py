@@ -784,6 +784,16 @@ class ServeConfig(Strict):
     num_replicas: int = Field(2, ge=1)
     replica_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved per model replica.")
     torch_threads: int = Field(1, ge=1, description="Torch threads per replica.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights and compute of the model replicas. auto: bfloat16 on a GPU that has it (float16 on "
+        "one that does not), float32 on CPU (bfloat16 matmuls are slow on most CPUs: BENCHMARKS.md).",
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel of the replicas (transformers' attn_implementation). auto: transformers' "
+        "choice (SDPA where the model supports it); flash_attention_2 needs a GPU and the flash-attn package.",
+    )
     max_batch_size: int = Field(8, ge=1, description="Continuous batching: most requests decoded together per replica.")
     batch_wait_timeout_s: float = Field(
         0.05, ge=0, description="An idle replica waits this long for more requests before it starts a batch."

@@ -212,11 +212,13 @@ def load_base(
     ref: BaseRef,
     dtype: str = "float32",
     quantization_config: Any = None,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a base model and tokenizer, checking the weights against the recorded hash.
 
     `quantization_config` (a transformers `BitsAndBytesConfig`) loads the weights quantized
-    onto the current GPU (QLoRA).
+    onto the current GPU (QLoRA); `attn_implementation` (sdpa, eager, flash_attention_2; None:
+    transformers' choice) picks the attention kernel.
     """
     import torch
     from safetensors import SafetensorError
@@ -239,6 +241,8 @@ def load_base(
             if quantization_config
             else {}
         )
+        if attn_implementation:
+            placement["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=getattr(torch, dtype), **placement)
     except (OSError, ValueError, SafetensorError) as err:  # missing, not a model, or damaged files
         raise BaseModelError(f"Base model {ref.location!r} cannot be loaded: {err}") from err
@@ -328,7 +332,9 @@ def artifact_kind(artifact_dir: Path) -> str:
     raise BaseModelError(f"Model artifact {artifact_dir} holds neither adapter/ nor model/")
 
 
-def load_adapter_model(artifact_dir: Path, dtype: str = "float32") -> tuple[Any, Any]:
+def load_adapter_model(
+    artifact_dir: Path, dtype: str = "float32", attn_implementation: str | None = None
+) -> tuple[Any, Any]:
     """Load an artifact (base + adapter, or full weights); return (model in eval mode, tokenizer)."""
     from transformers import AutoTokenizer
 
@@ -341,12 +347,13 @@ def load_adapter_model(artifact_dir: Path, dtype: str = "float32") -> tuple[Any,
         import torch
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(artifact_dir / "model", dtype=getattr(torch, dtype))
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(artifact_dir / "model", dtype=getattr(torch, dtype), **extra)
         model.eval()
         return model, tok
     from peft import PeftModel
 
-    base, _ = load_base(read_base_ref(artifact_dir), dtype)
+    base, _ = load_base(read_base_ref(artifact_dir), dtype, attn_implementation=attn_implementation)
     model = PeftModel.from_pretrained(base, artifact_dir / "adapter")
     model.eval()
     return model, tok

@@ -43,6 +43,15 @@ class EngineSpec(_Seam):
     merge_default: bool
     prefix_cache: int = Field(ge=0)
     max_prompt_tokens: int = Field(ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+    def resolved_dtype(self, cuda: bool, bf16: bool) -> str:
+        """The dtype a replica loads with: `auto` is bfloat16 on a GPU that has it, float16 on one
+        that does not, float32 on CPU."""
+        if self.dtype != "auto":
+            return self.dtype
+        return ("bfloat16" if bf16 else "float16") if cuda else "float32"
 
 
 class GatewaySpec(_Seam):
@@ -273,6 +282,8 @@ class ReplicaInfo:
     merged: list[str] = field(default_factory=list)
     engine: str = ""
     decoding: DecodingStats = field(default_factory=DecodingStats)
+    dtype: str = ""  # what the weights were loaded as
+    attention: str = ""  # the attention implementation transformers chose or was given
 
 
 # --------------------------------------------------------------------------- promotion

@@ -60,6 +60,8 @@ def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> ServeSpe
             merge_default=s.merge_default,
             prefix_cache=s.prefix_cache,
             max_prompt_tokens=s.max_prompt_tokens,
+            dtype=s.dtype,
+            attn_implementation=s.attn_implementation,
         ),
         gateway=GatewaySpec(
             default_max_tokens=s.default_max_tokens,
