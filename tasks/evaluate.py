@@ -671,6 +671,34 @@ def gate_table(verdict: GateVerdict) -> Table:
     )
 
 
+def side_by_side(
+    mine: dict[str, EvalReport],
+    theirs: dict[str, EvalReport],
+    comparison: list[PairedDifference],
+    metrics: tuple[str, ...],
+    versioned: bool = True,
+) -> list[list[str]]:
+    """Rows of (slice@version, or the category when not `versioned`; metric; the reference's figure,
+    the candidate's, the paired change and its interval)."""
+    diffs = {(d.slice, d.metric): d for d in comparison}
+    rows = []
+    for name, report in mine.items():
+        other = theirs.get(name)
+        for m in (m for m in metrics if m in report.metrics):
+            d = diffs.get((name, m))
+            rows.append(
+                [
+                    (report.slice or name) if versioned else name,
+                    m,
+                    fmt(other.metrics.get(m) if other else None),
+                    fmt(report.metrics[m]),
+                    fmt_signed(d.mean) if d else "–",
+                    fmt_interval(d.low, d.high) if d else "–",
+                ]
+            )
+    return rows
+
+
 def slices_table(
     candidate: ModelEvaluation,
     champion: ModelEvaluation,
@@ -678,22 +706,7 @@ def slices_table(
     metrics: tuple[str, ...] = MAIN_METRICS,
 ) -> Table:
     """Slices side by side: per slice and metric, the champion's figure, the candidate's, the paired gain."""
-    diffs = {(d.slice, d.metric): d for d in comparison}
-    rows = []
-    for name, mine in candidate.reports.items():
-        theirs = champion.reports.get(name)
-        for m in (m for m in metrics if m in mine.metrics):
-            d = diffs.get((name, m))
-            rows.append(
-                [
-                    mine.slice or name,
-                    m,
-                    fmt(theirs.metrics.get(m) if theirs else None),
-                    fmt(mine.metrics[m]),
-                    fmt_signed(d.mean) if d else "–",
-                    fmt_interval(d.low, d.high) if d else "–",
-                ]
-            )
+    rows = side_by_side(candidate.reports, champion.reports, comparison, metrics)
     return Table(
         ["slice", "metric", champion.label, candidate.label, "gain (paired)", "95% interval"],
         rows,
@@ -735,22 +748,7 @@ def bias_section(candidate: ModelEvaluation, champion: ModelEvaluation, comparis
     counterfactual pairs (what a reviewer reads to see what a gap is made of)."""
     if not candidate.bias:
         return ""
-    diffs = {(d.slice, d.metric): d for d in comparison}
-    rows = []
-    for category, mine in candidate.bias.items():
-        theirs = champion.bias.get(category)
-        for m in (m for m in BIAS_METRICS if m in mine.metrics):
-            d = diffs.get((category, m))
-            rows.append(
-                [
-                    category,
-                    m,
-                    fmt(theirs.metrics.get(m) if theirs else None),
-                    fmt(mine.metrics[m]),
-                    fmt_signed(d.mean) if d else "–",
-                    fmt_interval(d.low, d.high) if d else "–",
-                ]
-            )
+    rows = side_by_side(candidate.bias, champion.bias, comparison, BIAS_METRICS, versioned=False)
     html = Table(
         ["category", "metric", champion.label, candidate.label, "change (paired)", "95% interval"],
         rows,

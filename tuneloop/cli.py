@@ -107,6 +107,22 @@ def _flow_progress(title: str) -> Iterator[None]:
             yield
 
 
+def _run_flow(cfg: TuneloopConfig, verbose: bool, title: str, target: str, *args: Any, bars: bool = True) -> Any:
+    """Run the flow `target` ("module:function") in this process with `cfg`: the state dir's settings
+    first (the flow's modules are imported after them), then progress bars (or a spinner), and a
+    failure printed as the command line prints errors."""
+    import importlib
+
+    _environment(cfg, use_server=False, verbose=verbose)
+    module, _, name = target.partition(":")
+    flow = getattr(importlib.import_module(module), name)
+    with _flow_progress(title) if bars else console.status(title):
+        try:
+            return flow(cfg, *args)
+        except Exception as err:
+            raise _fail(err) from err
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -432,14 +448,8 @@ def train(
 ) -> None:
     """Validate DATA, fine-tune, evaluate against the champion, register (and promote)."""
     cfg = _config(config, set_, [f"data.path={data}"])
-    _environment(cfg, use_server=False, verbose=verbose)
-    from flows.training import training_flow
-
-    with _flow_progress("training flow: validate, train, evaluate against the champion, register"):
-        try:
-            result = training_flow(cfg, trigger="cli")
-        except Exception as err:
-            raise _fail(err) from err
+    title = "training flow: validate, train, evaluate against the champion, register"
+    result = _run_flow(cfg, verbose, title, "flows.training:training_flow", "cli")
     console.print(
         f"Registered {result.version.name} v{result.version.version}: gate {result.decision}, "
         f"{'alias ' + result.alias if result.alias else 'no alias'}"
@@ -459,14 +469,7 @@ def promote(
 ) -> None:
     """Deploy a version that passed the gate to Ray Serve and make it champion; keep the old one if it fails."""
     cfg = _config(config, set_)
-    _environment(cfg, use_server=False, verbose=verbose)
-    from flows.promotion import promotion_flow
-
-    with console.status("promotion flow"):
-        try:
-            result = promotion_flow(cfg, version)
-        except Exception as err:
-            raise _fail(err) from err
+    result = _run_flow(cfg, verbose, "promotion flow", "flows.promotion:promotion_flow", version, bars=False)
     console.print(
         f"v{result.serving} serves at {result.endpoint} (was {result.previous or 'nothing'}; {result.strategy})"
     )
@@ -692,14 +695,7 @@ def prompt_evaluate(
 ) -> None:
     """Gate a prompt version against the serving prompt on the champion model's slices (before promote)."""
     cfg = _config(config, set_)
-    _environment(cfg, use_server=False, verbose=verbose)
-    from flows.prompts import prompt_evaluation_flow
-
-    with _flow_progress(f"evaluating prompt {ref}"):
-        try:
-            result = prompt_evaluation_flow(cfg, ref)
-        except Exception as err:
-            raise _fail(err) from err
+    result = _run_flow(cfg, verbose, f"evaluating prompt {ref}", "flows.prompts:prompt_evaluation_flow", ref)
     colour = "green" if result.decision == "passed" else "red"
     console.print(
         f"{result.prompt} vs {result.compared_with}: [{colour}]{result.decision}[/{colour}] ({result.reason})"
@@ -719,14 +715,8 @@ def prompt_promote(
 ) -> None:
     """Serve a prompt version on the chat route through the canary and rules (no model reloads)."""
     cfg = _config(config, set_)
-    _environment(cfg, use_server=False, verbose=verbose)
-    from flows.promotion import prompt_promotion_flow
-
-    with console.status("prompt promotion flow"):
-        try:
-            result = prompt_promotion_flow(cfg, ref, allow_new_variables)
-        except Exception as err:
-            raise _fail(err) from err
+    target = "flows.promotion:prompt_promotion_flow"
+    result = _run_flow(cfg, verbose, "prompt promotion flow", target, ref, allow_new_variables, bars=False)
     console.print(
         f"{result.serving} serves on the chat route (was {result.previous or 'no prompt'}; {result.strategy})"
     )
@@ -748,14 +738,8 @@ def docs_ingest(
 ) -> None:
     """Chunk, embed and store documents; unchanged chunks are not embedded again."""
     cfg = _config(config, set_)
-    _environment(cfg, use_server=False, verbose=verbose)
-    from flows.collections import ingest_collection_flow
-
-    with _flow_progress(f"ingesting {path}"):
-        try:
-            report = ingest_collection_flow(cfg, str(path), collection)
-        except Exception as err:
-            raise _fail(err) from err
+    target = "flows.collections:ingest_collection_flow"
+    report = _run_flow(cfg, verbose, f"ingesting {path}", target, str(path), collection)
     console.print(
         f"collection [bold]{report.collection}[/bold] version {report.version}: {report.chunks} chunks from "
         f"{report.documents} documents; {report.added} added, {report.updated} updated, {report.removed} removed, "
@@ -777,14 +761,8 @@ def docs_evaluate(
 ) -> None:
     """recall@k and MRR of labelled questions; exit 1 when collections.rules fail."""
     cfg = _config(config, set_)
-    _environment(cfg, use_server=False, verbose=verbose)
-    from flows.collections import evaluate_collection_flow
-
-    with console.status(f"evaluating retrieval from {collection}"):
-        try:
-            result = evaluate_collection_flow(cfg, collection, str(questions), k)
-        except Exception as err:
-            raise _fail(err) from err
+    target, title = "flows.collections:evaluate_collection_flow", f"evaluating retrieval from {collection}"
+    result = _run_flow(cfg, verbose, title, target, collection, str(questions), k, bars=False)
     figures = ", ".join(f"{m} {v:.3f}" for m, v in result.metrics.items())
     verdict = "[green]passed[/green]" if result.passed else "[red]failed[/red]"
     console.print(f"{collection}@{result.version}, k={k}: {figures} {verdict}")
@@ -931,14 +909,7 @@ def monitor(
         *([f"monitor.reference={reference}"] if reference else []),
     ]
     cfg = _config(config, set_, extra)
-    _environment(cfg, use_server=False, verbose=verbose)
-    from flows.monitoring import monitoring_flow
-
-    with console.status("monitoring flow"):
-        try:
-            result = monitoring_flow(cfg)
-        except Exception as err:
-            raise _fail(err) from err
+    result = _run_flow(cfg, verbose, "monitoring flow", "flows.monitoring:monitoring_flow", bars=False)
     from tasks.drift_report import signals_table
 
     version = f"v{result.champion_version}" if result.champion_version else "(none)"

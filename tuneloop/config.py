@@ -716,9 +716,26 @@ class RolloutConfig(Strict):
 
 
 class AutoscalingConfig(Strict):
-    min_replicas: int = Field(1, ge=0)
+    """Ray Serve's own autoscaler for the model replicas (its autoscaling_config), bounded here."""
+
+    min_replicas: int = Field(1, ge=1, description="Never fewer (1: a version is always loaded somewhere).")
     max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(8, gt=0)
+    target_ongoing_requests: float = Field(8, gt=0, description="Requests in flight per replica Serve aims at.")
+    upscale_delay_s: float = Field(
+        30, ge=0, description="Load must stay above target this long before a replica is added."
+    )
+    downscale_delay_s: float = Field(
+        600, ge=0, description="Load must stay below target this long before a replica is removed."
+    )
+    look_back_period_s: float = Field(30, gt=0, description="Window over which Serve averages the load.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"serve.autoscaling.max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})"
+            )
+        return self
 
 
 OUTPUT_PII_ENTITIES = ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN"]
