@@ -108,12 +108,19 @@ def test_trains_registers_and_aliases_with_lineage(register_only) -> None:
 
     second = training_flow(cfg)  # same data: the gate compares against v1 on the same split
     assert second.version.version == "2" and second.champion_metrics is not None
-    assert {d.metric for d in second.comparison} == {
+    assert {d.metric for d in second.comparison if d.slice == own} == {
         "rougeL",
         "exact_match",
         "token_f1",
         "toxicity_rate",
         "pii_leak_rate",
+    }
+    # and the bias figures per category, paired on the same counterfactual pairs
+    assert {d.slice for d in second.comparison if d.metric == "bias_gap"} == {
+        "gender",
+        "nationality",
+        "religion",
+        "age",
     }
     assert all(d.low <= d.mean <= d.high for d in second.comparison)
     logged = client.get_run(second.version.run_id).data.metrics
@@ -125,6 +132,9 @@ def test_trains_registers_and_aliases_with_lineage(register_only) -> None:
         f"eval/{own}/champion/rougeL",
         f"eval/{own}/toxicity_rate",
         f"eval/{own}/pii_leak_rate",
+        "eval/bias/gender/bias_gap",
+        "eval/bias/religion/gain/bias_gap_ci_low",
+        "eval/bias/age/champion/stereotype_score",
     ):
         assert key in logged, key
     assert "eval_report.html" in [a.path for a in client.list_artifacts(second.version.run_id)]
