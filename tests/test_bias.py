@@ -95,7 +95,7 @@ def test_crows_pairs_come_from_the_installed_benchmark_by_category() -> None:
 
     pairs = crows_pairs("religion", 5)
     assert len(pairs) == 5 and all(s != t and "[MASK]" not in s for s, t in pairs)
-    assert crows_pairs("age", 0) == []
+    assert crows_pairs("age", 0) == ()
 
 
 # --- the gate catches a biased adapter ------------------------------------------------------

@@ -117,6 +117,14 @@ def test_ingest_search_and_re_ingest_embed_only_what_changed(docs: Path, tmp_pat
 
     retriever = Retriever(root)
     hits = retriever.search("handbook", "When does the Porto office open?", 2)
+    before = retriever.store("handbook")
+    (docs / "office.txt").write_text("Our office moved again, to Faro; it opens at 10 am.")
+    ingest_documents.fn(cfg, root, docs, "handbook")  # as another process would
+    assert retriever.store("handbook") is not before  # the retriever answers from the new version
+    assert "Faro" in retriever.search("handbook", "Where is the office now?", 1)[0].text
+    (docs / "office.txt").write_text("Our office moved to Porto; it opens at 8 am.")
+    ingest_documents.fn(cfg, root, docs, "handbook")
+    hits = retriever.search("handbook", "When does the Porto office open?", 2)
     assert hits[0].source == "office.txt" and "Porto" in hits[0].text and hits[0].score > hits[1].score
     assert hits[0].cite() == {"id": hits[0].id, "source": "office.txt", "position": 0, "score": round(hits[0].score, 4)}
 

@@ -6,7 +6,8 @@
 The query is the client's last user message; the `k` most similar chunks of the bound
 collection fill the prompt's `{{context}}`, numbered `[1] …` in order of similarity, so an answer
 can cite them and a reader can check it. A prompt version that binds no collection renders as
-before (no hits). Stores and the embedder are opened once per process and reused.
+before (no hits). The embedder is loaded once per process; a store is reopened only when an
+ingest has changed it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from tuneloop.embedder import load_embedder
 from tuneloop.prompts import PromptSpec, PromptVariablesError
-from tuneloop.vectorstore import CollectionStore, Hit
+from tuneloop.vectorstore import META, CollectionStore, Hit
 
 EMBED_MAX_TOKENS = 512  # as ingestion embeds chunks (the embedder's own cut-off applies below)
 
@@ -35,14 +36,23 @@ class Retriever:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._stores: dict[str, CollectionStore] = {}
+        self._stores: dict[str, tuple[float, CollectionStore]] = {}
         self._lock = threading.Lock()
 
     def store(self, name: str) -> CollectionStore:
+        """The collection, opened again when an ingest has written it since (every ingest rewrites
+        its metadata file): a long-lived gateway answers from the newest version, not the one it
+        first opened."""
+        meta = self.root / name / META
         with self._lock:
-            if name not in self._stores:
-                self._stores[name] = CollectionStore.open(self.root, name)
-            return self._stores[name]
+            try:
+                written = meta.stat().st_mtime
+            except OSError:
+                written = -1.0  # gone (or a bad name): open() says which
+            cached = self._stores.get(name)
+            if cached is None or cached[0] != written:
+                self._stores[name] = (written, CollectionStore.open(self.root, name))
+            return self._stores[name][1]
 
     def search(self, collection: str, query: str, k: int) -> list[Hit]:
         store = self.store(collection)
