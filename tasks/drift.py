@@ -550,10 +550,24 @@ def guardrail_signal(requests: Sequence[LoggedRequest], limit: float, min_sample
     return Signal("guardrail_rate", "output", verdict, overall, None, limit, detail, metrics)
 
 
-def retrieval_signal(requests: Sequence[LoggedRequest], limits: MonitorThresholds, min_samples: int) -> Signal:
-    """Share of retrieving requests whose best chunk scores under `retrieval_min_score` — questions the
-    collection cannot answer — overall against a limit and per prompt version, with the median best
-    score (its fall says the questions moved away from the documents)."""
+def retrieval_signal(
+    requests: Sequence[LoggedRequest],
+    limits: MonitorThresholds,
+    min_samples: int,
+    launch: Sequence[LoggedRequest] = (),
+    alpha: float = 0.01,
+) -> Signal:
+    """How well the collection answers the questions asked of it.
+
+    - The share of retrieving requests whose best chunk scores under `retrieval_min_score` —
+      questions the collection cannot answer — overall against a limit and per prompt version.
+    - Drift of the queries against the collection: the best scores of the window against those of
+      the version's first answers (`launch`), a one-sided Mann-Whitney test that they fell. Best
+      scores measure each question against the documents, not against other questions: they fall
+      when users ask about what the collection does not hold, before many fall under the threshold.
+    """
+    from scipy.stats import mannwhitneyu
+
     retrieving = [r for r in requests if r.retrieved is not None]
     if len(retrieving) < min_samples:
         return _no_data(
@@ -562,7 +576,11 @@ def retrieval_signal(requests: Sequence[LoggedRequest], limits: MonitorThreshold
             f"{len(retrieving)} retrieving requests in the window, {min_samples} needed",
             limits.unanswerable_rate,
         )
-    best = {r.id: max((h["score"] for h in r.retrieved or []), default=-1.0) for r in retrieving}
+
+    def best_score(r: LoggedRequest) -> float:
+        return max((h["score"] for h in r.retrieved or []), default=-1.0)
+
+    best = {r.id: best_score(r) for r in retrieving}
     low = [best[r.id] < limits.retrieval_min_score for r in retrieving]
     rate = float(np.mean(low))
     metrics = {"median_best_score": float(np.median(list(best.values())))}
@@ -576,12 +594,24 @@ def retrieval_signal(requests: Sequence[LoggedRequest], limits: MonitorThreshold
         f"or more (limit {limits.unanswerable_rate:.1%}); median best score {metrics['median_best_score']:.3f}; "
         + "; ".join(parts)
     )
+    then = [best_score(r) for r in launch if r.retrieved is not None and r.id not in best]
+    shifted = False
+    if len(then) >= min_samples:
+        p = float(mannwhitneyu(list(best.values()), then, alternative="less").pvalue)
+        metrics |= {"launch_median_best_score": float(np.median(then)), "best_score_p_value": p}
+        shifted = p < alpha
+        detail += (
+            f"; best scores against the version's first {len(then)}: median {metrics['launch_median_best_score']:.3f}"
+            f" then, p = {p:.3g} that they fell" + (" (the questions moved away from the documents)" if shifted else "")
+        )
+    else:
+        detail += f"; {len(then)} retrieving requests among the version's first answers: too few to test a shift"
     return Signal(
         "retrieval",
         "prompt",
-        "alert" if rate > limits.unanswerable_rate else "ok",
+        "alert" if rate > limits.unanswerable_rate or shifted else "ok",
         rate,
-        None,
+        metrics.get("best_score_p_value"),
         limits.unanswerable_rate,
         detail,
         metrics,
@@ -842,7 +872,7 @@ def compute_signals(
         cost_signal(window.requests, cfg.cost_per_1k_tokens),
         feedback_signal(answered, feedback, t, alpha),
         prompt_version_signal(window.requests, feedback, cfg.refusal_patterns, n),
-        retrieval_signal(answered, t, n),
+        retrieval_signal(answered, t, n, baseline, alpha),
         collections_signal(stale),
     ]
 

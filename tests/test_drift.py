@@ -423,6 +423,17 @@ def test_retrieval_signal_counts_questions_the_collection_cannot_answer() -> Non
     signal = retrieval_signal(worse, limits, 10)
     assert signal.verdict == "alert" and signal.metrics["unanswerable_rag/2"] == 1
     assert retrieval_signal(rows[:5], limits, 10).verdict == "no_data"
+    # Queries drifting from the collection: best scores fall, few yet under the threshold
+    rng = np.random.default_rng(0)
+    launch = [retrieved(100 + i, float(rng.uniform(0.55, 0.8))) for i in range(30)]
+    same = [retrieved(200 + i, float(rng.uniform(0.55, 0.8))) for i in range(30)]
+    drifted = [retrieved(300 + i, float(rng.uniform(0.32, 0.6))) for i in range(30)]
+    held = retrieval_signal(same, limits, 10, launch)
+    assert held.verdict == "ok" and held.p_value is not None and held.p_value > 0.01
+    moved = retrieval_signal(drifted, limits, 10, launch)
+    assert moved.statistic == 0 and moved.verdict == "alert" and moved.p_value < 0.01
+    assert "the questions moved away from the documents" in moved.detail
+    assert "too few to test a shift" in retrieval_signal(drifted, limits, 10, launch[:3]).detail
     assert parse_row({**vars(request(1)), "retrieved": "not json"}).retrieved is None
     stale = collections_signal(
         {"handbook": {"added": 1, "updated": 2, "removed": 0}, "faq": dict.fromkeys(("added", "updated", "removed"), 0)}
