@@ -194,13 +194,38 @@ def run_demo(
         ) as live:
             report.stages["retraining_state"] = wait_for_retraining(after.retraining_flow_run_id, retraining_timeout_s)
         report.stages["live_traffic"] = live.result()
+    stage("collections: ingest story summaries, ask the serving version with and without them")
+    report.stages["retrieval"] = demo_retrieval(cfg, url, name)
     stage("")
     report.stages["serving"] = serving_version.fn(cfg.serve)
     report.seconds = time.perf_counter() - start
     return report
 
 
-DEMO_STAGES = 6
+DEMO_STAGES = 7
+
+
+def demo_retrieval(cfg: TuneloopConfig, url: str, model: str, max_tokens: int = 24) -> Any:
+    """Ingest NarrativeQA story summaries (the ingest flow), register a prompt version bound to
+    them, and ask questions about the stories alone and with it (tasks/retrieval/demo.py)."""
+    from flows.collections import ingest_collection_flow
+    from tasks.prompts import register_prompt
+    from tasks.retrieval.demo import COLLECTION, TEMPLATE, RetrievalShowcase, ask_with_and_without, export_stories
+    from tuneloop.prompts import Retrieval
+    from tuneloop.retrieval import Retriever
+    from tuneloop.state import collections_location, state_paths
+
+    folder, questions = export_stories(state_paths(cfg).data)
+    ingested = ingest_collection_flow(cfg, str(folder), COLLECTION)
+    spec, _ = register_prompt(
+        cfg,
+        "story-qa",
+        TEMPLATE,
+        "demo: answer from the story summaries",
+        retrieval=Retrieval(collection=COLLECTION, k=2),
+    )
+    rows = ask_with_and_without(url, model, spec, Retriever(collections_location(cfg)), questions, max_tokens)
+    return RetrievalShowcase(COLLECTION, ingested.version, ingested.chunks, spec.ref, rows)
 
 
 def registry_table(cfg: TuneloopConfig, metric: str = "token_f1") -> Table:
@@ -288,6 +313,8 @@ def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
         if key in report.stages:
             t = report.stages[key]
             console.print(f"{label}: {t.ok}/{t.sent} answered, by version {t.versions}")
+    if "retrieval" in report.stages:
+        _retrieval_summary(report.stages["retrieval"])
     console.print(
         f"Retraining run: {report.stages.get('retraining_state', 'not started')}; now serving "
         f"v{report.stages['serving']}; loop took {report.seconds:.0f} s:"
@@ -302,6 +329,31 @@ def _demo_summary(cfg: TuneloopConfig, report: DemoReport) -> None:
         '       -d \'{"messages": [{"role": "user", "content": "Which medicine is this question about? '
         "Answer with its generic name.\\n\\ncan i take ibuprofen with a cold?\"}]}'\n"
         "  .venv/bin/tuneloop down    # stop everything"
+    )
+
+
+def _retrieval_summary(shown: Any) -> None:
+    table = Table(
+        ["question (references)", "alone", "with retrieval (cited)", "token F1"],
+        title=f"Questions about stories, asked of the serving version alone and through {shown.prompt} "
+        f"(collection {shown.collection} v{shown.version}, {shown.chunks} chunks)",
+    )
+    for r in shown.rows:
+        cited = ", ".join(c["source"].split("#")[-1] for c in r["cited"])
+        table.rows.append(
+            [
+                f"{r['question']} ({' / '.join(r['references'])})",
+                r["alone"],
+                f"{r['with_retrieval']} [{cited}]",
+                f"{r['f1_alone']:.2f} → {r['f1_with_retrieval']:.2f}",
+            ]
+        )
+    console.print(table.rich())
+    right = sum(r["f1_with_retrieval"] > r["f1_alone"] for r in shown.rows)
+    console.print(
+        f"token F1 {shown.mean('f1_alone'):.3f} alone → {shown.mean('f1_with_retrieval'):.3f} with retrieval; "
+        f"better with it on {right} of {len(shown.rows)} (a 135M model: retrieval gives it the names, "
+        "not always the answer)"
     )
 
 
@@ -775,13 +827,18 @@ def docs_evaluate(
 @docs_app.command("list")
 def docs_list(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Every collection with its version, size and embedder."""
-    from tuneloop.state import state_paths
-    from tuneloop.vectorstore import CollectionStore, list_collections
+    from tuneloop.state import collections_location
+    from tuneloop.vectorstore import CollectionError, CollectionStore, list_collections
 
-    root = state_paths(_config(config, set_)).collections
+    root = collections_location(_config(config, set_))
     rows = []
-    for name in list_collections(root):
-        d = CollectionStore.open(root, name).describe()
+    try:
+        described = [CollectionStore.open(root, name).describe() for name in list_collections(root)]
+    except CollectionError as err:  # a server that cannot be reached
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    for d in described:
+        name = d["name"]
         rows.append([name, d["version"], d["chunks"], d.get("documents", "?"), d["embedder"]])
     console.print(Table(["collection", "version", "chunks", "documents", "embedder"], rows, title="Collections").rich())
 
@@ -796,17 +853,18 @@ def docs_search(
 ) -> None:
     """The chunks most similar to a query, with their scores and sources."""
     from tuneloop.embedder import load_embedder
-    from tuneloop.state import state_paths
+    from tuneloop.state import collections_location
     from tuneloop.vectorstore import CollectionError, CollectionStore
 
     cfg = _config(config, set_)
     try:
-        store = CollectionStore.open(state_paths(cfg).collections, collection)
+        store = CollectionStore.open(collections_location(cfg), collection)
+        vector = load_embedder(store.meta["embedder"], 512)([query])[0]
+        hits = store.search(vector, k)
     except CollectionError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
-    vector = load_embedder(store.meta["embedder"], 512)([query])[0]
-    rows = [[f"{h.score:.3f}", f"{h.source}:{h.position}", h.text[:200]] for h in store.search(vector, k)]
+    rows = [[f"{h.score:.3f}", f"{h.source}:{h.position}", h.text[:200]] for h in hits]
     console.print(Table(["score", "source", "text"], rows, title=f"{collection}: {query}").rich())
 
 

@@ -81,6 +81,20 @@ def test_loop_registers_two_versions_the_second_triggered_by_drift(loop) -> None
     assert promotion.data.metrics["challenger_requests"] >= cfg.serve.rollout.min_requests
 
 
+def test_the_demo_asks_about_stories_with_and_without_their_collection(loop) -> None:
+    from tuneloop.state import collections_location
+    from tuneloop.vectorstore import CollectionStore
+
+    cfg, report = loop
+    shown = report.stages["retrieval"]
+    assert shown.chunks > 0 and len(shown.rows) == 6 and shown.prompt.startswith("story-qa/")
+    for r in shown.rows:
+        assert not r["alone"].startswith("(HTTP") and not r["with_retrieval"].startswith("(HTTP"), r
+        assert len(r["cited"]) == 2 and all(c["source"].startswith("stories.jsonl#s") for c in r["cited"])
+        assert 0 <= r["f1_alone"] <= 1 and 0 <= r["f1_with_retrieval"] <= 1
+    assert CollectionStore.open(collections_location(cfg), "stories").version == shown.version
+
+
 def test_endpoint_answers_and_every_request_is_logged(loop) -> None:
     cfg, report = loop
     body = {
