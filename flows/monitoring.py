@@ -36,7 +36,7 @@ from tasks.registry import find_champion, open_state
 from tasks.retrain import RetrainingTarget, decide_and_start_retraining
 from tasks.retrieval.ingest import collection_staleness
 from tuneloop.config import MonitorThresholds, Persistence, TuneloopConfig, check_run_parameters, load_config
-from tuneloop.state import inference_db_url
+from tuneloop.state import collections_location, inference_db_url
 
 
 @dataclass
@@ -79,7 +79,7 @@ def monitoring_flow(
     version = champion.version if champion else None
     baseline = read_launch_window(db, version, m.window, [r.id for r in win.answered])
     feedback = read_feedback(db, [r.id for r in win.answered])
-    stale = collection_staleness(cfg.collections, paths.collections)  # documents changed since ingested
+    stale = collection_staleness(cfg.collections, collections_location(cfg))  # documents changed since ingested
     signals = compute_signals(ref, win, embeddings, baseline, feedback, m, stale)
     drift = judge_drift(signals, m, ref, win)
     label = flow_run.get_name() or "local"

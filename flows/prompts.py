@@ -28,7 +28,7 @@ from tasks.slices import lineage_refs, load_slices
 from tuneloop.config import TuneloopConfig, load_config
 from tuneloop.prompts import PromptSpec
 from tuneloop.retrieval import Retriever
-from tuneloop.state import tracking_uri
+from tuneloop.state import collections_location, tracking_uri
 
 
 @dataclass
@@ -74,7 +74,7 @@ def prompt_evaluation_flow(config: TuneloopConfig | None = None, prompt: str = "
     base = prepare_base_model(cfg.model, paths.models)
     model, _ = champion_or_base(champion, base, paths.eval_cache.parent / "prompt-eval" / champion.version)
     ref_label = reference.ref if reference else "no prompt"
-    retriever = Retriever(paths.collections)  # opens only a collection a prompt binds
+    retriever = Retriever(collections_location(cfg))  # opens only a collection a prompt binds
     mine = evaluate_model(
         model,
         slices,

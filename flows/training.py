@@ -51,7 +51,7 @@ from tasks.validation import validate_dataset
 from tuneloop.config import TuneloopConfig, check_run_parameters, load_config
 from tuneloop.models import artifact_kind
 from tuneloop.retrieval import Retriever, rendering_key
-from tuneloop.state import tracking_uri
+from tuneloop.state import collections_location, tracking_uri
 
 
 def _end_mlflow_run(flow, flow_run, state) -> None:
@@ -89,7 +89,7 @@ def training_flow(config: TuneloopConfig | None = None, trigger: str = "manual")
     prompt = serving_prompt(cfg)  # trains and evaluates rendered as the chat route will render it
     augment = cfg.data.counterfactual_augment  # bias mitigation: swapped copies of the training rows
     # a prompt that retrieves renders each example with its collection's chunks: trained with context
-    retriever = Retriever(paths.collections) if prompt is not None and prompt.retrieval is not None else None
+    retriever = Retriever(collections_location(cfg)) if prompt is not None and prompt.retrieval is not None else None
     collection = rendering_key(prompt, retriever)
     rendered = "-".join(
         [split.digest, *augment, *([prompt.sha256[:12]] if prompt else []), *([collection] if collection else [])]

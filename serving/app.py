@@ -38,7 +38,6 @@ import re
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -389,7 +388,7 @@ class Gateway:
         self.name = spec.model_name
         self.store = InferenceLog(spec.inference_db_url)
         root = self.spec.collections_root
-        self.retriever = Retriever(Path(root)) if root else None  # opens a collection on its first use
+        self.retriever = Retriever(root) if root else None  # opens a collection on its first use
         self.writer = LogWriter(self.store, redact=self._redactor())
         self.keys = KeyRing([k.model_dump() for k in self.spec.api_keys], self.spec.api_keys_file)
         self.require_key = self.spec.require_api_key or bool(self.keys)

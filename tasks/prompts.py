@@ -135,10 +135,10 @@ def register_prompt(
     # validates roles, shape and the {{context}} slot before anything is written
     messages = list(PromptSpec.from_template(name, "0", template, retrieval).messages)
     if retrieval is not None:
-        from tuneloop.state import state_paths
+        from tuneloop.state import collections_location
         from tuneloop.vectorstore import CollectionStore
 
-        CollectionStore.open(state_paths(cfg).collections, retrieval.collection)  # CollectionError names it
+        CollectionStore.open(collections_location(cfg), retrieval.collection)  # CollectionError names it
     digest = prompt_sha256(messages, retrieval)
     client = _client(cfg)
     versions = _versions(client, name)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.postgres import Postgres
 from tuneloop.config import DEFAULT_CONFIG, DEFAULT_GATE_RULES, TuneloopConfig, load_config
 from tuneloop.state import DEFAULT_ENV
 
@@ -94,3 +97,26 @@ def prefect_api() -> str:
     os.environ.pop("PREFECT_API_URL", None)
     with prefect_test_harness(server_startup_timeout=180):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def pgvector_server() -> Iterator[Postgres]:
+    """One PostgreSQL 16 with pgvector for the session (tests/postgres.py); a database per test."""
+    from tests.postgres import pgvector_bindir, running_postgres
+
+    why = "pgserver (a dev dependency: PostgreSQL with pgvector) is not installed"
+    with running_postgres(pgvector_bindir(), "tuneloop", why) as server:
+        yield server
+
+
+@pytest.fixture(params=["lancedb", pytest.param("pgvector", marks=pytest.mark.slow)])
+def collections_at(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path | str:
+    """Where a test's collections live, once per store: an embedded LanceDB folder, and a database of
+    its own on a real pgvector server (`collections.store`; its password from PGPASSWORD, as a team's)."""
+    if request.param == "lancedb":
+        return tmp_path / "collections"
+    server: Postgres = request.getfixturevalue("pgvector_server")
+    database = f"collections_{secrets.token_hex(4)}"
+    server.create_database(database)
+    monkeypatch.setenv("PGPASSWORD", server.password)
+    return server.uri(database, driver="")

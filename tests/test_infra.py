@@ -388,6 +388,10 @@ def test_mlflow_compose_file() -> None:
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
     assert not services["postgres"].get("ports") and not services["minio"].get("ports")
+    # The team's collections: pgvector in the image, its database made on first start (tests/test_retrieval.py
+    # runs that script on a real PostgreSQL with pgvector).
+    assert services["postgres"]["image"].startswith("pgvector/pgvector:pg")
+    assert "CREATE EXTENSION IF NOT EXISTS vector" in (INFRA / "mlflow" / "initdb" / "20-collections.sql").read_text()
     mlflow = services["mlflow"]
     assert mlflow["build"]["dockerfile"] == "mlflow/Dockerfile"
     assert (INFRA / "mlflow" / mlflow["build"]["context"] / "mlflow" / "Dockerfile").is_file()

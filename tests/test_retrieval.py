@@ -1,5 +1,6 @@
 """Collections for real: files chunked by the embedder's tokens, embedded by the builtin MiniLM,
-stored in LanceDB on disk; re-ingestion embeds only what changed; prompts that retrieve."""
+stored in LanceDB on disk and (the same tests, marked slow) in pgvector on a real PostgreSQL
+server; re-ingestion embeds only what changed; prompts that retrieve."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tuneloop.config import CollectionsConfig
 from tuneloop.embedder import sentence_transformer
 from tuneloop.prompts import PromptSpec, PromptVariablesError, Retrieval
 from tuneloop.retrieval import Retriever, render_prompt
-from tuneloop.vectorstore import CollectionError, CollectionStore, list_collections
+from tuneloop.vectorstore import CollectionError, CollectionStore, is_server, list_collections
 
 EMBEDDER = "builtin:all-minilm-l6-v2"
 
@@ -99,8 +100,8 @@ def test_chunks_are_token_windows_with_overlap_over_the_original_text() -> None:
     assert [c.position for c in chunks] == list(range(len(chunks))) and len({c.id for c in chunks}) == len(chunks)
 
 
-def test_ingest_search_and_re_ingest_embed_only_what_changed(docs: Path, tmp_path: Path) -> None:
-    cfg, root = CollectionsConfig(), tmp_path / "collections"
+def test_ingest_search_and_re_ingest_embed_only_what_changed(docs: Path, collections_at: Path | str) -> None:
+    cfg, root = CollectionsConfig(), collections_at
     first = ingest_documents.fn(cfg, root, docs, "handbook")
     assert (first.added, first.updated, first.removed, first.unchanged) == (5, 0, 0, 0)
     assert first.skipped_files == ["logo.png"] and list_collections(root) == ["handbook"]
@@ -120,7 +121,8 @@ def test_ingest_search_and_re_ingest_embed_only_what_changed(docs: Path, tmp_pat
     before = retriever.store("handbook")
     (docs / "office.txt").write_text("Our office moved again, to Faro; it opens at 10 am.")
     ingest_documents.fn(cfg, root, docs, "handbook")  # as another process would
-    assert retriever.store("handbook") is not before  # the retriever answers from the new version
+    if not is_server(root):  # files an ingest replaced: opened again (a server is always current)
+        assert retriever.store("handbook") is not before
     assert "Faro" in retriever.search("handbook", "Where is the office now?", 1)[0].text
     (docs / "office.txt").write_text("Our office moved to Porto; it opens at 8 am.")
     ingest_documents.fn(cfg, root, docs, "handbook")
@@ -129,18 +131,18 @@ def test_ingest_search_and_re_ingest_embed_only_what_changed(docs: Path, tmp_pat
     assert hits[0].cite() == {"id": hits[0].id, "source": "office.txt", "position": 0, "score": round(hits[0].score, 4)}
 
 
-def test_a_collection_keeps_its_embedder_and_names_are_checked(tmp_path: Path) -> None:
-    CollectionStore.create_or_open(tmp_path, "docs", EMBEDDER, 384)
+def test_a_collection_keeps_its_embedder_and_names_are_checked(collections_at: Path | str) -> None:
+    CollectionStore.create_or_open(collections_at, "docs", EMBEDDER, 384)
     with pytest.raises(CollectionError, match="holds vectors of builtin:all-minilm-l6-v2, not other-model"):
-        CollectionStore.create_or_open(tmp_path, "docs", "other-model", 384)
+        CollectionStore.create_or_open(collections_at, "docs", "other-model", 384)
     with pytest.raises(CollectionError, match="collection name '../x'"):
-        CollectionStore.open(tmp_path, "../x")
+        CollectionStore.open(collections_at, "../x")
     with pytest.raises(CollectionError, match=r"no collection 'nope' .*collections: docs"):
-        CollectionStore.open(tmp_path, "nope")
+        CollectionStore.open(collections_at, "nope")
 
 
-def test_a_prompt_that_retrieves_fills_its_context_with_numbered_chunks(docs: Path, tmp_path: Path) -> None:
-    root = tmp_path / "collections"
+def test_a_prompt_that_retrieves_fills_its_context_with_numbered_chunks(docs: Path, collections_at: Path | str) -> None:
+    root = collections_at
     ingest_documents.fn(CollectionsConfig(), root, docs, "handbook")
     template = [
         {"role": "system", "content": "Answer from the context and cite it as [n].\n\n{{context}}"},
@@ -158,10 +160,10 @@ def test_a_prompt_that_retrieves_fills_its_context_with_numbered_chunks(docs: Pa
         PromptSpec.from_template("support", "2", "{{input}}", Retrieval(collection="handbook"))
 
 
-def test_a_collection_whose_documents_changed_is_stale(docs: Path, tmp_path: Path) -> None:
+def test_a_collection_whose_documents_changed_is_stale(docs: Path, collections_at: Path | str) -> None:
     from tasks.retrieval.ingest import collection_staleness
 
-    cfg, root = CollectionsConfig(), tmp_path / "collections"
+    cfg, root = CollectionsConfig(), collections_at
     assert collection_staleness.fn(cfg, root) is None
     ingest_documents.fn(cfg, root, docs, "handbook")
     assert collection_staleness.fn(cfg, root) == {"handbook": {"added": 0, "updated": 0, "removed": 0}}
@@ -171,10 +173,12 @@ def test_a_collection_whose_documents_changed_is_stale(docs: Path, tmp_path: Pat
     assert collection_staleness.fn(cfg, root) == {"handbook": {"added": 1, "updated": 1, "removed": 1}}
 
 
-def test_retrieval_is_measured_by_recall_and_mrr_against_labelled_questions(docs: Path, tmp_path: Path) -> None:
+def test_retrieval_is_measured_by_recall_and_mrr_against_labelled_questions(
+    docs: Path, tmp_path: Path, collections_at: Path | str
+) -> None:
     from tasks.retrieval.evaluate import QuestionsError, evaluate_retrieval, read_questions, write_retrieval_report
 
-    root = tmp_path / "collections"
+    root = collections_at
     ingest_documents.fn(CollectionsConfig(), root, docs, "handbook")
     labelled = tmp_path / "q.jsonl"
     rows = [
@@ -239,3 +243,74 @@ def test_an_evaluation_with_a_retrieving_prompt_answers_with_the_context_and_kee
     assert example["messages"][0]["content"] == f"Context:\n{example['context']}"
     with pytest.raises(PromptVariablesError, match="no collections here"):
         evaluate_model.fn(base, [EvalSlice("geo", 1, "d1", rows)], cfg.eval, "base", prompt=spec)
+
+
+def test_a_collection_server_that_cannot_be_reached_says_where_and_never_the_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.postgres import free_port
+    from tuneloop.vectorstore_pg import CollectionUnavailable
+
+    monkeypatch.setenv("PGPASSWORD", "s3cret-pw")
+    port = free_port()  # nothing listens there
+    with pytest.raises(CollectionUnavailable, match=rf"collection server 127.0.0.1:{port}/team: ") as err:
+        CollectionStore.open(f"postgresql://tuneloop@127.0.0.1:{port}/team", "docs")
+    assert "s3cret" not in str(err.value)
+    with pytest.raises(CollectionUnavailable):  # the gateway answers CollectionError with a 503
+        list_collections(f"postgresql://tuneloop@127.0.0.1:{port}/team")
+
+
+def test_the_config_names_a_collection_server_without_its_password() -> None:
+    from pydantic import ValidationError
+
+    assert CollectionsConfig(store="postgresql://tuneloop@db:5432/team").store == "postgresql://tuneloop@db:5432/team"
+    with pytest.raises(ValidationError, match="PGPASSWORD or ~/.pgpass"):
+        CollectionsConfig(store="postgresql://tuneloop:hunter2@db/team")
+    with pytest.raises(ValidationError, match="PGPASSWORD or ~/.pgpass"):
+        CollectionsConfig(store="postgresql://db/team?password=hunter2")
+    with pytest.raises(ValidationError, match="must be a postgresql:// URI"):
+        CollectionsConfig(store="/srv/collections")
+
+
+@pytest.mark.slow
+def test_a_server_without_pgvector_is_refused_before_anything_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.postgres import debian_bindir, running_postgres
+    from tuneloop.vectorstore_pg import CollectionUnavailable
+
+    # Debian's PostgreSQL (as .ci/run installs it) has no pgvector: a real server without the extension.
+    with running_postgres(debian_bindir(), "tuneloop", "Debian's postgresql is not installed") as server:
+        server.create_database("plain")
+        monkeypatch.setenv("PGPASSWORD", server.password)
+        with pytest.raises(CollectionUnavailable, match="has no pgvector extension.*pgvector/pgvector image"):
+            CollectionStore.create_or_open(server.uri("plain", driver=""), "docs", EMBEDDER, 384)
+        assert server.query("plain", "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+
+
+@pytest.mark.slow
+def test_the_team_database_script_makes_a_collection_store(pgvector_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """infra/mlflow/initdb/20-collections.sql, run by psql as the postgres image runs it, on a real
+    PostgreSQL with pgvector: the database it makes holds collections."""
+    import subprocess
+
+    from tests.postgres import pgvector_bindir
+    from tuneloop.config import REPO_ROOT, load_config
+
+    server = pgvector_server
+    script = REPO_ROOT / "infra" / "mlflow" / "initdb" / "20-collections.sql"
+    dsn = f"host=127.0.0.1 port={server.port} user={server.user} dbname=postgres"
+    env = {"PGPASSWORD": server.password, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [str(pgvector_bindir() / "psql"), dsn, "-v", "ON_ERROR_STOP=1", "-f", str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert server.query("collections", "SELECT extname FROM pg_extension WHERE extname = 'vector'") == [("vector",)]
+    team = load_config(REPO_ROOT / "configs" / "team.yaml").collections.store
+    assert team is not None and team.endswith("/collections")  # the database the script makes
+    monkeypatch.setenv("PGPASSWORD", server.password)
+    store = CollectionStore.create_or_open(server.uri("collections", driver=""), "handbook", EMBEDDER, 384)
+    assert len(store) == 0 and list_collections(server.uri("collections", driver="")) == ["handbook"]

@@ -1109,6 +1109,12 @@ class PrivacyConfig(Strict):
 
 
 class CollectionsConfig(Strict):
+    store: str | None = Field(
+        None,
+        description="Where collections live. None: embedded LanceDB folders under the state dir. A team: "
+        "postgresql://user@host:port/database, a PostgreSQL server with pgvector that every worker and replica "
+        "reaches; its password from PGPASSWORD or ~/.pgpass, never in the config.",
+    )
     embedder: str = Field(
         "builtin:all-minilm-l6-v2",
         description="Sentence-transformers model that embeds chunks and queries (builtin:all-minilm-l6-v2 ships "
@@ -1132,6 +1138,27 @@ class CollectionsConfig(Strict):
         for rule in rules:
             check_metrics(parse_rule(rule), names, names)
         return rules
+
+    @field_validator("store")
+    @classmethod
+    def _server_uri(cls, store: str | None) -> str | None:
+        if store is None:
+            return None
+        from urllib.parse import urlsplit
+
+        from tuneloop.vectorstore import SERVER_SCHEMES
+
+        if not store.startswith(SERVER_SCHEMES):
+            raise ValueError(
+                "collections.store must be a postgresql:// URI (or unset for the embedded store), "
+                f"not {store.split(':')[0]!r}"
+            )
+        if urlsplit(store).password or "password=" in store:
+            raise ValueError(
+                "collections.store holds a password: give it in PGPASSWORD or ~/.pgpass (libpq reads both), "
+                "not in the config"
+            )
+        return store
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> CollectionsConfig:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tuneloop.embedder import load_embedder
 from tuneloop.prompts import PromptSpec, PromptVariablesError
-from tuneloop.vectorstore import META, CollectionStore, Hit
+from tuneloop.vectorstore import CollectionStore, Hit, Location, is_server
 
 EMBED_MAX_TOKENS = 512  # as ingestion embeds chunks (the embedder's own cut-off applies below)
 
@@ -32,10 +32,11 @@ def last_user_message(messages: Sequence[Mapping[str, str]]) -> str:
 
 
 class Retriever:
-    """Collections under one root, opened on first use; thread-safe (the gateway calls it from threads)."""
+    """Collections of one location (a folder, or a pgvector server), opened on first use; thread-safe
+    (the gateway calls it from threads)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+    def __init__(self, location: Location) -> None:
+        self.location: Location = location if is_server(location) else Path(location)
         self._stores: dict[str, tuple[float, CollectionStore]] = {}
         self._lock = threading.Lock()
 
@@ -43,15 +44,11 @@ class Retriever:
         """The collection, opened again when an ingest has written it since (every ingest rewrites
         its metadata file): a long-lived gateway answers from the newest version, not the one it
         first opened."""
-        meta = self.root / name / META
         with self._lock:
-            try:
-                written = meta.stat().st_mtime
-            except OSError:
-                written = -1.0  # gone (or a bad name): open() says which
+            written = CollectionStore.written(self.location, name)
             cached = self._stores.get(name)
             if cached is None or cached[0] != written:
-                self._stores[name] = (written, CollectionStore.open(self.root, name))
+                self._stores[name] = (written, CollectionStore.open(self.location, name))
             return self._stores[name][1]
 
     def search(self, collection: str, query: str, k: int) -> list[Hit]:

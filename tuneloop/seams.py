@@ -69,7 +69,7 @@ class GatewaySpec(_Seam):
     log_pii: Literal["redact", "keep"]
     pii_entities: list[str]
     guardrails: GuardrailsConfig = GuardrailsConfig()  # what each route lets through of the model's answers
-    collections_root: str | None = None  # where the collections a prompt version binds live (retrieval)
+    collections_root: str | None = None  # where bound collections live: a folder, or a postgresql:// URI
 
 
 class ServeSpec(_Seam):

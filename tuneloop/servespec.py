@@ -42,7 +42,7 @@ def keys_required(cfg: TuneloopConfig) -> bool:
 
 def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> ServeSpec:
     """The deployments' static settings; `base_version` (default: the champion) picks the base model."""
-    from tuneloop.state import inference_db_url, state_paths, tracking_uri
+    from tuneloop.state import collections_location, inference_db_url, tracking_uri
 
     s, name = cfg.serve, cfg.registry.model_name
     version = base_version or champion_version(cfg)
@@ -76,7 +76,7 @@ def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> ServeSpe
             log_pii=s.log_pii,
             pii_entities=list(s.pii_entities),
             guardrails=s.guardrails,
-            collections_root=str(state_paths(cfg).collections),
+            collections_root=str(collections_location(cfg)),
         ),
     )
 

@@ -149,6 +149,11 @@ def tracking_uri(cfg: TuneloopConfig) -> str:
     return cfg.mlflow.tracking_uri or f"sqlite:///{state_paths(cfg).mlflow_db}"
 
 
+def collections_location(cfg: TuneloopConfig) -> Path | str:
+    """Where collections live: the team's pgvector server (`collections.store`), else the state dir."""
+    return cfg.collections.store or state_paths(cfg).collections
+
+
 def inference_db_url(cfg: TuneloopConfig) -> str:
     return cfg.serve.inference_db_url or f"sqlite:///{state_paths(cfg).inference_db}"
 

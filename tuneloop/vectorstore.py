@@ -1,23 +1,28 @@
 """Document collections: chunks of text and their embeddings in a vector store — the one module
 that owns the store (ingestion writes through it, the gateway and evaluation read through it).
 
-    store = CollectionStore.open(paths.collections, "handbook")
+    store = CollectionStore.open(location, "handbook")   # a folder, or a postgresql:// server
     store.upsert(chunks, vectors)                  # by chunk id: a changed chunk replaces its row
     hits = store.search(vector, k=4)               # [Hit(id, text, source, position, score)]
     store.version                                  # digest of (id, content hash) pairs and the embedder
 
-The store is LanceDB, embedded: a folder under the state dir (`collections/<name>/`), no server,
-chosen by measurement against Qdrant's local mode and a numpy scan (bench/retrieval.py,
-BENCHMARKS.md "Retrieval"). Up to `INDEX_MIN_ROWS` chunks a query scans every vector (exact);
-above, LanceDB's IVF-HNSW-SQ index answers (rebuilt when the collection has grown by half),
-searching 3/4 of its partitions and re-ranking `REFINE_FACTOR` × k candidates exactly: at 100k
-chunks recall@5 1.0 against the exact answer at 10 ms, where IVF-PQ with its defaults found 0.23
-(measured; the numbers are in BENCHMARKS.md). Cosine similarity of unit-norm vectors: `score` 1
-is the same direction.
+Two stores behind the same methods, picked by where the collections live (`collections.store`):
+
+- **LanceDB, embedded** (the default): a folder under the state dir (`collections/<name>/`), no
+  server, chosen by measurement against Qdrant's local mode and a numpy scan (bench/retrieval.py,
+  BENCHMARKS.md "Retrieval"). Up to `INDEX_MIN_ROWS` chunks a query scans every vector (exact);
+  above, LanceDB's IVF-HNSW-SQ index answers (rebuilt when the collection has grown by half),
+  searching 3/4 of its partitions and re-ranking `REFINE_FACTOR` × k candidates exactly: at 100k
+  chunks recall@5 1.0 against the exact answer at 10 ms, where IVF-PQ with its defaults found 0.23
+  (measured; the numbers are in BENCHMARKS.md).
+- **pgvector on PostgreSQL** for a team (`postgresql://user@host/db`; tuneloop.vectorstore_pg):
+  every worker and replica sees the same collections, the server keeps an HNSW index up to date.
+
+Cosine similarity of unit-norm vectors: `score` 1 is the same direction.
 
 A collection's version names what lineage records (a prompt version bound to it, an evaluation
 that retrieved from it): the SHA-256 of its sorted (chunk id, content hash) pairs and its
-embedder — the same chunks embedded by the same model, the same version.
+embedder — the same chunks embedded by the same model, the same version, in either store.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,7 @@ TABLE = "chunks"
 META = "collection.json"
 INDEX_MIN_ROWS = 20_000  # below: an exact scan is fast enough (BENCHMARKS.md "Retrieval")
 REFINE_FACTOR = 10
+SERVER_SCHEMES = ("postgresql://", "postgres://")
 
 
 class CollectionError(ValueError):
@@ -81,31 +88,129 @@ def check_name(name: str) -> str:
     return name
 
 
-class CollectionStore:
+Location = Path | str  # a folder of embedded collections, or a postgresql:// server
+
+
+def is_server(location: Location) -> bool:
+    return isinstance(location, str) and location.startswith(SERVER_SCHEMES)
+
+
+class CollectionStore(ABC):
+    """One collection: its chunks with their vectors, and what made them (`meta`: the embedder, its
+    dimension, the chunking settings, the folder it mirrors). Open one with `open` or
+    `create_or_open`, which pick the store by the location."""
+
+    meta: dict[str, Any]
+    name: str
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def create_or_open(cls, location: Location, name: str, embedder: str, dim: int) -> CollectionStore:
+        """Open the collection, creating it for `embedder` (vectors of `dim`) if it does not exist;
+        refuse one built with another embedder (its vectors would not compare)."""
+        check_name(name)
+        if is_server(location):
+            from tuneloop.vectorstore_pg import PgVectorStore
+
+            store: CollectionStore = PgVectorStore.create_or_open(str(location), name, embedder, dim)
+        else:
+            store = LanceStore.create_or_open(Path(location), name, embedder, dim)
+        if store.meta["embedder"] != embedder:
+            raise CollectionError(
+                f"collection {name!r} holds vectors of {store.meta['embedder']}, not {embedder}: "
+                "ingest into a new collection (or delete this one) to change the embedder"
+            )
+        return store
+
+    @classmethod
+    def open(cls, location: Location, name: str) -> CollectionStore:
+        check_name(name)
+        if is_server(location):
+            from tuneloop.vectorstore_pg import PgVectorStore
+
+            return PgVectorStore.open(str(location), name)
+        return LanceStore.open(Path(location), name)
+
+    @staticmethod
+    def written(location: Location, name: str) -> float:
+        """When an ingest last changed the collection's store objects, for a reader that keeps one open
+        (the gateway's retriever): an embedded store is files a new ingest may replace, so it is
+        reopened when this changes; a server store is always current (0.0)."""
+        if is_server(location):
+            return 0.0
+        try:
+            return (Path(location) / name / META).stat().st_mtime
+        except OSError:
+            return -1.0  # gone (or a bad name): open() says which
+
+    # ------------------------------------------------------------------ the same in every store
+
+    @property
+    def version(self) -> str:
+        pairs = sorted((i, h) for i, (_, h) in self.hashes().items())
+        text = json.dumps([self.meta["embedder"], pairs])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.meta, "chunks": len(self), "version": self.version}
+
+    def _check_vectors(self, chunks: Sequence[Chunk], vectors: np.ndarray) -> np.ndarray:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(chunks), self.meta["dim"]):
+            raise CollectionError(
+                f"{len(chunks)} chunks need {len(chunks)} vectors of {self.meta['dim']}, not {vectors.shape}"
+            )
+        return vectors
+
+    # ------------------------------------------------------------------ each store's own
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def hashes(self, sources: Sequence[str] | None = None) -> dict[str, tuple[str, str]]:
+        """chunk id → (source, content hash), of every chunk or of the named sources'."""
+
+    @abstractmethod
+    def search(self, vector: np.ndarray, k: int) -> list[Hit]:
+        """The `k` chunks most similar to a unit-norm query vector, best first."""
+
+    @abstractmethod
+    def texts(self, ids: Sequence[str]) -> dict[str, str]:
+        """chunk id → text, of the ids that exist."""
+
+    @abstractmethod
+    def upsert(self, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
+        """Insert the chunks, or replace those whose id exists, all or none."""
+
+    @abstractmethod
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove the chunks of these ids (those that do not exist are no error)."""
+
+    @abstractmethod
+    def reindex(self) -> bool:
+        """Build or rebuild the ANN index if the store needs it now; return whether it did."""
+
+    @abstractmethod
+    def record(self, **fields: Any) -> None:
+        """Keep what made the collection (chunking settings, sources, last ingest) beside it."""
+
+
+class LanceStore(CollectionStore):
     """One collection on disk: a LanceDB table of chunks and a small JSON file of what made them."""
 
     def __init__(self, root: Path, name: str, table: Any, meta: dict[str, Any]) -> None:
         self.root, self.name, self._table, self.meta = root, name, table, meta
 
-    # ------------------------------------------------------------------ opening
-
     @classmethod
-    def create_or_open(cls, root: Path, name: str, embedder: str, dim: int) -> CollectionStore:
-        """Open the collection, creating it for `embedder` (vectors of `dim`) if it does not exist;
-        refuse one built with another embedder (its vectors would not compare)."""
+    def create_or_open(cls, root: Path, name: str, embedder: str, dim: int) -> LanceStore:  # type: ignore[override]
         import lancedb
         import pyarrow as pa
 
-        path = Path(root) / check_name(name)
-        meta_path = path / META
-        if meta_path.exists():
-            store = cls.open(root, name)
-            if store.meta["embedder"] != embedder:
-                raise CollectionError(
-                    f"collection {name!r} holds vectors of {store.meta['embedder']}, not {embedder}: "
-                    "ingest into a new collection (or delete this one) to change the embedder"
-                )
-            return store
+        path = root / name
+        if (path / META).exists():
+            return cls.open(root, name)
         path.mkdir(parents=True, exist_ok=True)
         schema = pa.schema(
             [
@@ -119,14 +224,14 @@ class CollectionStore:
         )
         table = lancedb.connect(str(path)).create_table(TABLE, schema=schema, exist_ok=True)
         meta = {"name": name, "embedder": embedder, "dim": dim, "indexed_rows": 0}
-        _write_json(meta_path, meta)
+        _write_json(path / META, meta)
         return cls(path, name, table, meta)
 
     @classmethod
-    def open(cls, root: Path, name: str) -> CollectionStore:
+    def open(cls, root: Path, name: str) -> LanceStore:  # type: ignore[override]
         import lancedb
 
-        path = Path(root) / check_name(name)
+        path = root / name
         try:
             meta = json.loads((path / META).read_text())
         except FileNotFoundError:
@@ -142,19 +247,11 @@ class CollectionStore:
         return int(self._table.count_rows())
 
     def hashes(self, sources: Sequence[str] | None = None) -> dict[str, tuple[str, str]]:
-        """chunk id → (source, content hash), of every chunk or of the named sources'."""
         rows = self._table.search().select(["id", "source", "content_hash"]).limit(None).to_arrow().to_pylist()
         wanted = set(sources) if sources is not None else None
         return {r["id"]: (r["source"], r["content_hash"]) for r in rows if wanted is None or r["source"] in wanted}
 
-    @property
-    def version(self) -> str:
-        pairs = sorted((i, h) for i, (_, h) in self.hashes().items())
-        text = json.dumps([self.meta["embedder"], pairs])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
-        """The `k` chunks most similar to a unit-norm query vector, best first."""
         if k < 1:
             raise CollectionError(f"k must be at least 1, not {k}")
         query = self._table.search(np.asarray(vector, dtype=np.float32)).distance_type("cosine").limit(k)
@@ -173,16 +270,12 @@ class CollectionStore:
     # ------------------------------------------------------------------ writing
 
     def upsert(self, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
-        """Insert the chunks, or replace those whose id exists (one atomic LanceDB commit)."""
+        """One atomic LanceDB commit."""
         import pyarrow as pa
 
         if not chunks:
             return
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.shape != (len(chunks), self.meta["dim"]):
-            raise CollectionError(
-                f"{len(chunks)} chunks need {len(chunks)} vectors of {self.meta['dim']}, not {vectors.shape}"
-            )
+        vectors = self._check_vectors(chunks, vectors)
         rows = pa.table(
             {
                 "id": [c.id for c in chunks],
@@ -220,16 +313,16 @@ class CollectionStore:
         return True
 
     def record(self, **fields: Any) -> None:
-        """Keep what made the collection (chunking settings, sources, last ingest) beside it."""
         self.meta.update(fields)
         _write_json(self.root / META, self.meta)
 
-    def describe(self) -> dict[str, Any]:
-        return {**self.meta, "chunks": len(self), "version": self.version}
 
+def list_collections(location: Location) -> list[str]:
+    if is_server(location):
+        from tuneloop.vectorstore_pg import list_server_collections
 
-def list_collections(root: Path) -> list[str]:
-    root = Path(root)
+        return list_server_collections(str(location))
+    root = Path(location)
     return sorted(p.name for p in root.iterdir() if (p / META).exists()) if root.exists() else []
 
 

@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneloop.config import CollectionsConfig
 from tuneloop.embedder import load_embedder, sentence_transformer
-from tuneloop.vectorstore import Chunk, CollectionError, CollectionStore, chunk_id, content_hash
+from tuneloop.vectorstore import Chunk, CollectionError, CollectionStore, Location, chunk_id, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def chunk_text(text: str, source: str, tokenizer, size: int, overlap: int) -> li
 
 
 @task(name="ingest-documents", cache_policy=NO_CACHE)
-def ingest_documents(cfg: CollectionsConfig, root: Path, path: Path, name: str) -> IngestReport:
+def ingest_documents(cfg: CollectionsConfig, root: Location, path: Path, name: str) -> IngestReport:
     """Bring a collection up to date with the documents under `path` (see the module's docstring)."""
     from tasks.evaluate import report_progress
 
@@ -205,7 +205,7 @@ def store_sources(store: CollectionStore) -> set[str]:
 
 
 @task(name="check-collections", cache_policy=NO_CACHE)
-def collection_staleness(cfg: CollectionsConfig, root: Path) -> dict[str, dict[str, int]] | None:
+def collection_staleness(cfg: CollectionsConfig, root: Location) -> dict[str, dict[str, int]] | None:
     """Per collection built from a folder: the chunks ingesting that folder again would add, update
     and remove (all 0: up to date). Nothing is embedded or written. None: no such collection."""
     from tuneloop.vectorstore import list_collections

@@ -7,143 +7,30 @@ A throwaway server (initdb + pg_ctl) listens on 127.0.0.1 in a temp dir and is r
 
 from __future__ import annotations
 
-import glob
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psycopg2
 import pytest
 
+from tests.postgres import Postgres, debian_bindir, free_port, running_postgres
 from tuneloop.config import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
 
-def _pg_bin() -> Path | None:
-    """Return the folder of initdb/pg_ctl: on PATH, else Debian's newest /usr/lib/postgresql/<v>/bin."""
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).resolve().parent
-    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
-    return Path(versions[-1]).parent if versions else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class Postgres:
-    port: int
-    user: str
-    password: str
-
-    def uri(self, database: str) -> str:
-        return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
-
-    def create_database(self, name: str) -> None:
-        conn = psycopg2.connect(
-            host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname="postgres"
-        )
-        conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        conn.close()
-
-    def query(self, database: str, sql: str) -> list[tuple]:
-        conn = psycopg2.connect(
-            host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname=database
-        )
-        with conn, conn.cursor() as cur:
-            cur.execute(sql)
-            rows = cur.fetchall()
-        conn.close()
-        return rows
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[Postgres]:
-    """A PostgreSQL server of its own on 127.0.0.1, with password auth over TCP."""
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL binaries not found (initdb): apt-get install postgresql (.ci/run does)")
-    # initdb and pg_ctl refuse to run as root: as root, run them as Debian's postgres user.
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser: cannot start PostgreSQL as an unprivileged user")
-        try:
-            import pwd
-
-            pg_user = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and no 'postgres' user (the Debian package creates it)")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    # Not pytest's tmp_path: its parents are private to root, where the postgres user cannot go.
-    root = Path(tempfile.mkdtemp(prefix="tuneloop-pg-"))
-    if as_user:
-        os.chown(root, pg_user.pw_uid, pg_user.pw_gid)
-    server = Postgres(port=_free_port(), user="mlflow", password=secrets.token_urlsafe(16))
-    pwfile = root / "pw"
-    pwfile.write_text(server.password)
-    if as_user:
-        os.chown(pwfile, pg_user.pw_uid, pg_user.pw_gid)
-    data, log = root / "data", root / "server.log"
-
-    def run(*argv: str) -> None:
-        done = subprocess.run([*as_user, *argv], capture_output=True, text=True, timeout=120, check=False)
-        assert done.returncode == 0, f"{argv[0]} failed:\n{done.stdout}\n{done.stderr}"
-
-    run(
-        str(bindir / "initdb"),
-        "-D",
-        str(data),
-        "-U",
-        server.user,
-        f"--pwfile={pwfile}",
-        "--auth-host=scram-sha-256",
-        "--auth-local=trust",
-        "-E",
-        "UTF8",
-        "--locale=C.UTF-8",
-    )
-    # Loopback only; the unix socket in the data dir (the default /var/run/postgresql may not be ours).
-    run(
-        str(bindir / "pg_ctl"),
-        "-D",
-        str(data),
-        "-l",
-        str(log),
-        "-w",
-        "-t",
-        "60",
-        "-o",
-        f"-c listen_addresses=127.0.0.1 -p {server.port} -k {data}",
-        "start",
-    )
-    try:
+    with running_postgres(
+        debian_bindir(), "mlflow", "PostgreSQL binaries not found (initdb): apt-get install postgresql (.ci/run does)"
+    ) as server:
         yield server
-    finally:
-        subprocess.run(
-            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_tracking_and_registry_on_postgres(postgres: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,7 +91,7 @@ def test_team_server_with_basic_auth_on_postgres(postgres: Postgres, tmp_path: P
 
     postgres.create_database("team")
     postgres.create_database("team_auth")
-    port = _free_port()
+    port = free_port()
     password = "a-long-admin-password-" + secrets.token_hex(4)
     env = {
         **os.environ,
