@@ -618,9 +618,12 @@ def retrieval_signal(
     )
 
 
-def collections_signal(stale: dict[str, dict[str, int]] | None) -> Signal:
+def collections_signal(stale: dict[str, dict[str, int]] | str | None) -> Signal:
     """Collections whose documents changed since they were ingested (chunks that would be added,
-    updated or removed by ingesting again): answers retrieve from an outdated version."""
+    updated or removed by ingesting again): answers retrieve from an outdated version. A string:
+    the collection server could not be reached (the gateway answers retrieving requests 503)."""
+    if isinstance(stale, str):
+        return Signal("collections", "prompt", "alert", None, None, 0.0, f"collections not checked: {stale}")
     if stale is None:
         return _no_data("collections", "prompt", "no collection built from a folder to compare with")
     changed = {name: d for name, d in stale.items() if sum(d.values())}
@@ -842,7 +845,7 @@ def compute_signals(
     baseline: list[LoggedRequest],
     feedback: dict[str, float],
     cfg: MonitorConfig,
-    stale: dict[str, dict[str, int]] | None = None,
+    stale: dict[str, dict[str, int]] | str | None = None,
 ) -> list[Signal]:
     """Return every signal of the window, in report order (prompt, output, operations, quality)."""
     answered = window.answered

@@ -442,3 +442,8 @@ def test_retrieval_signal_counts_questions_the_collection_cannot_answer() -> Non
         stale.verdict == "alert" and "handbook: 1 chunks new, 2 changed" in stale.detail and "faq" not in stale.detail
     )
     assert collections_signal(None).verdict == "no_data"
+    down = collections_signal("collection server db:5432/team: connection refused")
+    assert (
+        down.verdict == "alert"
+        and down.detail == "collections not checked: collection server db:5432/team: connection refused"
+    )

@@ -258,6 +258,11 @@ def test_a_collection_server_that_cannot_be_reached_says_where_and_never_the_pas
     assert "s3cret" not in str(err.value)
     with pytest.raises(CollectionUnavailable):  # the gateway answers CollectionError with a 503
         list_collections(f"postgresql://tuneloop@127.0.0.1:{port}/team")
+    from tasks.retrieval.ingest import collection_staleness
+
+    # monitoring says so and goes on checking drift (the `collections` signal alerts with it)
+    said = collection_staleness.fn(CollectionsConfig(), f"postgresql://tuneloop@127.0.0.1:{port}/team")
+    assert isinstance(said, str) and f"127.0.0.1:{port}/team" in said
 
 
 def test_the_config_names_a_collection_server_without_its_password() -> None:

@@ -205,13 +205,22 @@ def store_sources(store: CollectionStore) -> set[str]:
 
 
 @task(name="check-collections", cache_policy=NO_CACHE)
-def collection_staleness(cfg: CollectionsConfig, root: Location) -> dict[str, dict[str, int]] | None:
+def collection_staleness(cfg: CollectionsConfig, root: Location) -> dict[str, dict[str, int]] | str | None:
     """Per collection built from a folder: the chunks ingesting that folder again would add, update
-    and remove (all 0: up to date). Nothing is embedded or written. None: no such collection."""
+    and remove (all 0: up to date). Nothing is embedded or written. None: no such collection. A
+    string: the collection server cannot be reached — said, so a monitoring run still checks drift."""
     from tuneloop.vectorstore import list_collections
+    from tuneloop.vectorstore_pg import CollectionUnavailable
 
+    try:
+        return _staleness(cfg, root, list_collections(root))
+    except CollectionUnavailable as err:
+        return str(err)
+
+
+def _staleness(cfg: CollectionsConfig, root: Location, names: list[str]) -> dict[str, dict[str, int]] | None:
     out: dict[str, dict[str, int]] = {}
-    for name in list_collections(root):
+    for name in names:
         store = CollectionStore.open(root, name)
         folder = store.meta.get("source_path")
         if not folder:
