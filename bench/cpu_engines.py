@@ -42,6 +42,8 @@ def nq_prompts(n: int) -> list[str]:
 
 
 def hf_generate(model, tok, ids: list[list[int]], max_tokens: int, batch: int) -> tuple[list[list[int]], float]:
+    """tuneloop.generation.generate_ids' left-padded batch, with EOS ignored (`min_new_tokens`) and
+    the raw token ids kept: every engine writes the same number of tokens, compared token by token."""
     import torch
 
     out, start = [], time.perf_counter()
@@ -97,6 +99,7 @@ def main() -> None:
     import ctranslate2
     import torch
 
+    from tuneloop.generation import chat_prompt
     from tuneloop.models import load_base, resolve_base
 
     threads = os.cpu_count() or 1
@@ -106,11 +109,7 @@ def main() -> None:
         base = resolve_base("builtin:smollm2-135m-instruct", root / "models")
         model, tok = load_base(base)
         model.eval()
-        ids = [
-            tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-            for p in nq_prompts(args.prompts)
-        ]
-        ids = [list(i["input_ids"]) if isinstance(i, dict) or hasattr(i, "keys") else list(i) for i in ids]
+        ids = [chat_prompt(tok, [{"role": "user", "content": p}]) for p in nq_prompts(args.prompts)]
         results: dict[str, dict] = {}
         reference: list[list[int]] = []
 

@@ -100,6 +100,7 @@ def main() -> None:
 
     from bench.cpu_engines import nq_prompts
     from tasks.evaluate import paired_bootstrap
+    from tuneloop.generation import chat_prompt
     from tuneloop.models import load_base, resolve_base
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,10 +111,7 @@ def main() -> None:
     order = sorted(range(len(influence)), key=lambda i: influence[i])
     print("block influence (low: the layer changes its input least):", [round(x, 4) for x in influence])
     held_out = texts(args.texts, skip=16)
-    prompts = []
-    for q in nq_prompts(args.prompts):
-        encoded = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-        prompts.append(list(encoded["input_ids"]) if hasattr(encoded, "keys") else list(encoded))
+    prompts = [chat_prompt(tok, [{"role": "user", "content": q}]) for q in nq_prompts(args.prompts)]
     parent_nll = nll(model, tok, held_out)
     generate(model, prompts[:1], 4, pad)  # warm-up
     rows = {}

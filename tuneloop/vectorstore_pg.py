@@ -188,8 +188,8 @@ class PgVectorStore(CollectionStore):
             raise CollectionError(f"k must be at least 1, not {k}")
         query = _vector(np.asarray(vector, dtype=np.float32).ravel())
         with self._db.cursor() as cur:
-            cur.execute(f"SET LOCAL hnsw.ef_search = {max(EF_SEARCH, k)}")
-            cur.execute(
+            cur.execute(  # one round trip: the candidate list for this transaction, then the search
+                f"SET LOCAL hnsw.ef_search = {max(EF_SEARCH, int(k))}; "
                 f"SELECT id, text, source, position, 1 - (embedding <=> %s::vector) FROM {self._table} "
                 "ORDER BY embedding <=> %s::vector LIMIT %s",
                 (query, query, k),
