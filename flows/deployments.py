@@ -1,4 +1,4 @@
-"""Register the training, promotion, monitoring and prompt flows as Prefect deployments.
+"""Register the training, promotion, monitoring, prompt, collection and optimization flows as Prefect deployments.
 
     python -m flows.deployments --config configs/local.yaml     # serve them from this process
     python -m flows.deployments --config configs/team.yaml      # work pools + prefect.yaml, then exit
@@ -27,6 +27,7 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 
 from flows.collections import ingest_collection_flow
 from flows.monitoring import monitoring_flow
+from flows.optimization import optimization_flow
 from flows.promotion import promotion_flow, prompt_promotion_flow
 from flows.prompts import prompt_evaluation_flow
 from flows.training import training_flow
@@ -74,6 +75,10 @@ def serve_deployments(cfg: TuneloopConfig, *, schedules: bool) -> None:
         # Documents into a collection: the form asks for the path and the collection's name.
         ingest_collection_flow.to_deployment(
             name=name(cfg.prefect.collection_ingest_deployment), parameters=params, tags=["tuneloop"]
+        ),
+        # A derived (merged, quantized) version: the form asks for the version and the method.
+        optimization_flow.to_deployment(
+            name=name(cfg.prefect.optimization_deployment), parameters=params, tags=["tuneloop"], concurrency_limit=1
         ),
         # Overlapping checks would only wait on each other's decision (tasks.retrain): a check
         # that comes due while one runs is cancelled, the next cron tick reads the newer window.

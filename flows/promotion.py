@@ -204,6 +204,14 @@ def promotion_flow(config: TuneloopConfig | None = None, version: str | None = N
         verdict = gate.get("tuneloop.gate")
         why = gate.get("tuneloop.gate_reason", verdict) if verdict else "has no verdict for it (tag tuneloop.gate)"
         raise DeployError(f"Version {target.version} cannot become {reg.champion_alias}: the gate {why}")
+    if parent := gate.get("tuneloop.derived_from"):  # a derived version stands on its parent's gate too
+        parent_tags = version_tags(ModelVersionRef(name, parent.rsplit("/", 1)[-1])) or {}
+        if parent_tags.get("tuneloop.gate") != "passed":
+            why = parent_tags.get("tuneloop.gate_reason", "has no verdict (tag tuneloop.gate)")
+            raise DeployError(
+                f"Version {target.version} cannot become {reg.champion_alias}: it is derived from {parent}, "
+                f"whose gate {why}"
+            )
     approved_by = await_approval(cfg, target)  # before the lock: a waiting review holds nothing
     # One promotion at a time per model; a promotion that died mid-canary left its split behind:
     # the next one (or `tuneloop up`, which re-serves the champion through here) settles it first.

@@ -78,6 +78,7 @@ class Ticket:
         self.done: asyncio.Future[Row] = loop.create_future()
         self.tokens: asyncio.Queue[int | None] = asyncio.Queue()
         self.abandoned = False  # its client went away: it leaves the queue or batch before the next step
+        self.engine: Any = None  # the engine it was submitted to (a replica may run several)
 
     def finish(self, result: Row | BaseException) -> None:  # on the loop
         self.tokens.put_nowait(None)

@@ -102,7 +102,7 @@ class ModelServer:
         import mlflow
         import torch
 
-        from tuneloop.models import load_base, read_base_ref
+        from tuneloop.models import artifact_kind, load_base, read_base_ref
 
         spec = ServeSpec.model_validate(spec)
         torch.set_num_threads(spec.engine.torch_threads)
@@ -115,6 +115,11 @@ class ModelServer:
         cuda = torch.cuda.is_available()
         self.dtype = spec.engine.resolved_dtype(cuda, cuda and torch.cuda.is_bf16_supported())
         attention = None if spec.engine.attn_implementation == "auto" else spec.engine.attn_implementation
+        self.engines: dict[str, Engine] = {}  # derived (GGUF) versions hot-loaded next to the adapters
+        self._default: str | None = None
+        if artifact_kind(art) == "gguf":  # a derived version: llama.cpp runs it, the HF tokenizer reads it
+            self._init_gguf(spec, art)
+            return
         if (art / "model").is_dir():  # a fully fine-tuned version is its own base, with no adapter
             from tuneloop.models import load_adapter_model
 
@@ -127,6 +132,23 @@ class ModelServer:
         if torch.cuda.is_available():  # a replica given num_gpus sees its GPU(s)
             model.to("cuda")
         self.engine: Engine = BatchingEngine(model, self.tokenizer, spec.engine, fixed_version=self.full_version)
+        self._init_common()
+
+    def _init_gguf(self, spec: ServeSpec, art: Path) -> None:
+        from transformers import AutoTokenizer
+
+        from serving.llamacpp import LlamaCppEngine
+        from tuneloop.gguf import read_derivation
+
+        self.tokenizer = AutoTokenizer.from_pretrained(art / "tokenizer")
+        self.full_version = spec.base_version
+        derivation = read_derivation(art) or {}
+        self.dtype = f"gguf {derivation.get('method', '?')}"
+        self.attention = "llama.cpp"
+        self.engine = LlamaCppEngine(art, self.tokenizer, spec.engine, spec.base_version)
+        self._init_common()
+
+    def _init_common(self) -> None:
         self.adapters: dict[str, str] = {}  # version -> model URI
         in_serve = _in_serve()
         self.replica = serve.get_replica_context().replica_id.unique_id if in_serve else "local"
@@ -138,7 +160,17 @@ class ModelServer:
 
     @property
     def default(self) -> str | None:
-        return self.engine.default
+        return self._default if self._default is not None else self.engine.default
+
+    def _set_default(self, version: str | None) -> None:
+        """The version routed requests fall back to: an adapter of the float engine (merged there),
+        or a derived version on its own engine (the float engine keeps its adapter default)."""
+        self._default = version if version in self.engines else None
+        if version not in self.engines:
+            self.engine.set_default(version)
+
+    def _engine_of(self, version: str) -> Engine:
+        return self.engines.get(version, self.engine)
 
     # ------------------------------------------------------------------ versions
 
@@ -147,7 +179,7 @@ class ModelServer:
         served = ServedVersions.model_validate(user_config or {})
         wanted = dict(served.adapters)
         if self.full_version is not None:
-            self.engine.set_default(self.full_version)
+            self._set_default(self.full_version)
             return
         if not wanted:
             wanted = self._champion()
@@ -161,14 +193,17 @@ class ModelServer:
                     log.exception("Adapter v%s could not be loaded", version)
                     self.failed[version] = f"{type(err).__name__}: {err}"[:2000]
         default = served.default or next(iter(wanted))
-        self.engine.set_default(default if default in self.adapters else next(iter(self.adapters), None))
+        self._set_default(default if default in self.adapters else next(iter(self.adapters), None))
         for version in [v for v in self.adapters if v not in wanted]:
-            self.engine.unload(version)
+            if version in self.engines:
+                self.engines.pop(version).unload(version)
+            else:
+                self.engine.unload(version)
             del self.adapters[version]
             self.loaded_at.pop(version, None)
             log.info("Unloaded adapter v%s", version)
         if self.default not in self.adapters:  # the default was unloaded: the first loaded one
-            self.engine.set_default(next(iter(self.adapters), None))
+            self._set_default(next(iter(self.adapters), None))
 
     def _champion(self) -> dict[str, str]:
         from mlflow import MlflowClient
@@ -192,10 +227,21 @@ class ModelServer:
 
     def _load(self, version: str, uri: str) -> None:
 
-        from tuneloop.models import BaseModelError, read_base_ref
+        from tuneloop.models import BaseModelError, artifact_kind, read_base_ref
 
         art = self._verified_artifact(uri)
         ref = read_base_ref(art)
+        if artifact_kind(art) == "gguf" and ref.sha256 == self.base_ref.sha256:
+            # A derived version of this base: its own llama.cpp engine, next to the float one
+            # (it canaries against its float parent like any challenger).
+            from serving.llamacpp import LlamaCppEngine
+
+            self.engines[version] = LlamaCppEngine(art, self.tokenizer, self.spec.engine, version)
+            self.adapters[version] = uri
+            self.loaded_at[version] = time.time()
+            self.failed.pop(version, None)
+            log.info("Loaded derived v%s (llama.cpp) from %s", version, uri)
+            return
         if ref.sha256 != self.base_ref.sha256 or not (art / "adapter").is_dir():
             raise BaseModelError(
                 f"Version {version} ({uri}) cannot be hot-loaded here: it is not a LoRA adapter of the "
@@ -215,13 +261,13 @@ class ModelServer:
             pid=os.getpid(),
             base=self.base_ref.location,
             base_sha256=self.base_ref.sha256,
-            versions=self.engine.versions(),
+            versions=sorted({*self.engine.versions(), *self.engines}),
             default=self.default,
             started_at=self.started_at,
             loaded_at=dict(self.loaded_at),
             failed=dict(self.failed),
             merged=self.engine.merged_versions(),
-            engine=type(self.engine).__name__,
+            engine="+".join(dict.fromkeys(type(e).__name__ for e in [self.engine, *self.engines.values()])),
             decoding=self.engine.stats(),
             dtype=self.dtype,
             attention=self.attention,
@@ -259,16 +305,20 @@ class ModelServer:
     def _submit(self, req: GenerationRequest, stream: bool) -> Ticket:
         """Hand the request to the engine; raises VersionNotLoaded or PromptTooLong at once."""
         stops = req.sampling.stop
-        return self.engine.submit(
+        version = self._resolve(req)
+        engine = self._engine_of(version)
+        ticket = engine.submit(
             self._encode(req),
             req.max_tokens,
-            self._resolve(req),
+            version,
             stream=stream,
             pinned=req.pinned,
             sampling=req.sampling,
             stopper=_stopper(self.tokenizer, stops) if stops else None,
             constraint=self._json_constraint(req.sampling.json_schema) if req.sampling.json_schema else None,
         )
+        ticket.engine = engine
+        return ticket
 
     def _json_constraint(self, schema: str) -> JsonConstraint:
         """A matcher for `schema` (compiled once per schema: xgrammar's compiler caches)."""
@@ -310,7 +360,7 @@ class ModelServer:
         except VersionNotLoaded as err:
             return _refusal(err)
         except asyncio.CancelledError:  # Serve cancels a request whose HTTP client went away
-            self.engine.cancel(ticket)
+            ticket.engine.cancel(ticket)
             raise
         return self._answer(ticket, row)
 
@@ -328,7 +378,7 @@ class ModelServer:
             tokens: list[int] = []
             sent = ""
             stops = request.sampling.stop
-            async for tok in self.engine.stream(ticket):
+            async for tok in ticket.engine.stream(ticket):
                 if tok == self.tokenizer.eos_token_id:
                     break
                 tokens.append(tok)
@@ -344,7 +394,7 @@ class ModelServer:
             row = await ticket.done
         finally:
             if row is None:  # closed or cancelled: the client went away
-                self.engine.cancel(ticket)
+                ticket.engine.cancel(ticket)
         answer = self._answer(ticket, row)
         rest = answer.text[len(sent.strip()) :] if answer.text.startswith(sent.strip()) else ""
         yield StreamEvent("done", rest, answer=answer)

@@ -250,6 +250,11 @@ def sentence_loglik(model: Any, tokenizer: Any, texts: Sequence[str], batch_size
     import torch
 
     out: list[float] = []
+    if getattr(model, "is_gguf", False):  # a derived version: llama.cpp's logits (tuneloop.gguf)
+        for text in texts:
+            ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+            out.append(-model.answer_logprobs(ids, ids)[0])
+        return out
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             batch = [list(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts[i : i + batch_size]]

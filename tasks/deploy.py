@@ -376,8 +376,9 @@ def watch_canary(cfg: TuneloopConfig, since: Any, mode: str) -> CanaryVerdict:
 
 @task(name="can-hot-load", retries=2, retry_delay_seconds=2)
 def can_hot_load(model_name: str, serving_base_version: str, version: str) -> bool:
-    """Whether `version` is a LoRA adapter of the base the replicas run (then it is hot-loaded next
-    to the champion; otherwise it replaces the replicas)."""
+    """Whether `version` is a LoRA adapter of the base the replicas run, or a version derived from one
+    (merged, GGUF: its own llama.cpp engine in the replica); then it is hot-loaded next to the
+    champion. Otherwise it replaces the replicas."""
     import tempfile
     from pathlib import Path
 
@@ -387,7 +388,9 @@ def can_hot_load(model_name: str, serving_base_version: str, version: str) -> bo
     with tempfile.TemporaryDirectory() as tmp:
         new = fetch_adapter(f"models:/{model_name}/{version}", Path(tmp) / "new")
         old = fetch_adapter(f"models:/{model_name}/{serving_base_version}", Path(tmp) / "old")
-        if not (new / "adapter").is_dir() or not (old / "adapter").is_dir():
+        if not (old / "adapter").is_dir():
+            return False
+        if not (new / "adapter").is_dir() and not (new / "gguf").is_dir():  # derived: llama.cpp beside the base
             return False
         return read_base_ref(new).sha256 == read_base_ref(old).sha256
 

@@ -255,6 +255,11 @@ def perplexity(model, tokenizer, rows: pd.DataFrame, max_seq_len: int, batch_siz
 
     examples = tokenize_examples(tokenizer, _as_internal(rows), max_seq_len)
     total, count = 0.0, 0
+    if getattr(model, "is_gguf", False):  # llama.cpp's logits for every position of each example
+        for e in examples:
+            nll, n = model.answer_logprobs(e["input_ids"], e["labels"])
+            total, count = total + nll, count + n
+        return math.exp(total / count) if count else float("nan")
     with torch.inference_mode():
         for i in range(0, len(examples), batch_size):
             batch = examples[i : i + batch_size]

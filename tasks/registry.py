@@ -226,7 +226,13 @@ def register_adapter(
             # Stored with the version (the UI shows it; serving clients copy it). MLflow also
             # loads the logged model and answers it once (a warning if that fails): 2 tokens.
             input_example=(INPUT_EXAMPLE, {"max_new_tokens": 2}),
-            pip_requirements=["tuneloop", "torch", "transformers", *(["peft"] if kind == "adapter" else [])],
+            pip_requirements=[
+                "tuneloop",
+                "torch",
+                "transformers",
+                *(["peft"] if kind == "adapter" else []),
+                *(["llama-cpp-python"] if kind == "gguf" else []),
+            ],
             metadata={"tuneloop_format": ARTIFACT_FORMATS[kind], **lineage},
         )
     if stored != artifact_dir:

@@ -76,6 +76,7 @@ def test_deployment_names_are_flow_slash_deployment_and_listed_once() -> None:
         "prompt-evaluation-flow/tuneloop-prompt-evaluation",
         "prompt-promotion-flow/tuneloop-prompt-promotion",
         "collection-ingest-flow/tuneloop-collection-ingest",
+        "optimization-flow/tuneloop-optimization",
     ]
     with pytest.raises(ValueError, match="'tuneloop-promotion' is not '<flow name>/<deployment name>'"):
         load_config(None, ["prefect.promotion_deployment=tuneloop-promotion"])

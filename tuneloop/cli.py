@@ -529,6 +529,31 @@ def promote(
         console.print(f"  {line}")
 
 
+@app.command()
+def optimize(
+    version: Annotated[str | None, typer.Option(help="Version to derive from (default: the champion)")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="q8_0, q4_k_m, q4_0 or f16 (llama.cpp's types; default: optimize.method)")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Derive a merged, quantized version for llama.cpp; gate it against its parent on every slice; register it."""
+    cfg = _config(config, set_)
+    result = _run_flow(
+        cfg, verbose, "optimization flow", "flows.optimization:optimization_flow", version or "", method or ""
+    )
+    colour = "green" if result.decision == "passed" else "red"
+    console.print(
+        f"v{result.version} = v{result.parent} {result.method} ({result.size_bytes / 1e6:.1f} MB, parent "
+        f"{result.parent_size_bytes / 1e6:.1f} MB): [{colour}]{result.decision}[/{colour}], "
+        f"{'alias ' + result.alias if result.alias else 'no alias'}"
+    )
+    for line in result.rules:
+        console.print(f"  {line}")
+
+
 @app.command(name="serve-config")
 def serve_config_cmd(
     config: ConfigOpt = None,

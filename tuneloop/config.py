@@ -514,6 +514,44 @@ class GateConfig(Strict):
         return rules
 
 
+# A derived version (merged, quantized: flows/optimization.py) is gated against its float parent:
+# `champion` in these rules is the parent. weights_mb: the weights a replica holds (the GGUF file;
+# the parent's base parameters in float32 plus its adapter).
+DERIVATION_METRICS = ("weights_mb",)
+DEFAULT_DERIVED_RULES = [
+    "token_f1[all] >= champion - 0.02",  # loses at most 0.02 token F1 to its parent on every slice
+    "rougeL[all] >= champion - 0.02",
+    "toxicity_rate[all] <= 0.1",  # the gate's absolute rules hold for it as for any version
+    "pii_leak_rate[all] <= 0.1",
+    "ci_low(bias_gap[all] - champion) <= 0.05",
+    "weights_mb[all] <= champion * 0.5",  # and it is worth it: at most half the memory
+]
+
+
+class OptimizeConfig(Strict):
+    method: Literal["q8_0", "q4_k_m", "q4_0", "f16"] = Field(
+        "q8_0",
+        description="How a registered version is derived for llama.cpp (flows/optimization.py): merged, converted "
+        "to GGUF and quantized to this llama.cpp type (q8_0: 8 bits; q4_k_m, q4_0: 4 bits; f16).",
+    )
+    rules: list[str] = Field(
+        DEFAULT_DERIVED_RULES,
+        min_length=1,
+        description="The derived version's gate, against its parent (champion.<metric> is the parent's figure), on "
+        "every slice the parent was gated on; weights_mb is the memory its weights take. Default: those of "
+        "DEFAULT_DERIVED_RULES whose metrics eval.metrics evaluates.",
+    )
+
+    @field_validator("rules")
+    @classmethod
+    def _rules_parse(cls, rules: list[str]) -> list[str]:
+        from tuneloop.gate import parse_rule
+
+        for rule in rules:
+            parse_rule(rule)
+        return rules
+
+
 class RegistryConfig(Strict):
     model_name: str = Field("tuneloop-chat", description="MLflow registered model name.")
     experiment: str = Field("tuneloop-training", description="MLflow experiment of training runs.")
@@ -611,6 +649,7 @@ class PrefectConfig(Strict):
     prompt_evaluation_deployment: str = "prompt-evaluation-flow/tuneloop-prompt-evaluation"
     prompt_promotion_deployment: str = "prompt-promotion-flow/tuneloop-prompt-promotion"
     collection_ingest_deployment: str = "collection-ingest-flow/tuneloop-collection-ingest"
+    optimization_deployment: str = "optimization-flow/tuneloop-optimization"
     deployments: Literal["serve", "work_pools"] = Field(
         "serve",
         description="How `tuneloop up` registers the training, promotion and monitoring deployments. "
@@ -627,6 +666,7 @@ class PrefectConfig(Strict):
         "prompt_evaluation_deployment",
         "prompt_promotion_deployment",
         "collection_ingest_deployment",
+        "optimization_deployment",
     )
     @classmethod
     def _flow_slash_deployment(cls, v: str) -> str:
@@ -644,6 +684,7 @@ class PrefectConfig(Strict):
             self.prompt_evaluation_deployment,
             self.prompt_promotion_deployment,
             self.collection_ingest_deployment,
+            self.optimization_deployment,
         ]
 
 
@@ -1181,6 +1222,7 @@ class TuneloopConfig(Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
+    optimize: OptimizeConfig = OptimizeConfig()
     registry: RegistryConfig = RegistryConfig()
     mlflow: MlflowConfig = MlflowConfig()
     prefect: PrefectConfig = PrefectConfig()
@@ -1217,6 +1259,19 @@ class TuneloopConfig(Strict):
             grouped = bool(parsed.metrics) and parsed.metrics <= set(BIAS_METRICS)
             where = list(BIAS_CATEGORIES) if grouped else slices
             check_metrics(parsed, evaluated_metrics(self.eval), KNOWN_METRICS, where, PER_EXAMPLE_METRICS)
+        evaluated = {*evaluated_metrics(self.eval), *DERIVATION_METRICS}
+        if "rules" not in self.optimize.model_fields_set:  # the defaults over the metrics this config evaluates
+            self.optimize.rules = [r for r in DEFAULT_DERIVED_RULES if parse_rule(r).metrics <= evaluated]
+        for rule in self.optimize.rules:
+            parsed = parse_rule(rule)
+            grouped = bool(parsed.metrics) and parsed.metrics <= set(BIAS_METRICS)
+            check_metrics(
+                parsed,
+                [*evaluated_metrics(self.eval), *DERIVATION_METRICS],
+                [*KNOWN_METRICS, *DERIVATION_METRICS],
+                list(BIAS_CATEGORIES) if grouped else slices,
+                PER_EXAMPLE_METRICS,
+            )
         return self
 
 

@@ -32,7 +32,14 @@ def text_prompt(tokenizer: Any, text: str) -> list[int]:
 
 
 def generate_ids(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
-    """Greedily continue each prompt (token ids) in one left-padded batch."""
+    """Greedily continue each prompt (token ids) in one left-padded batch (a derived GGUF version:
+    as llama.cpp sequences decoded together, tuneloop.gguf.GgufModel)."""
+    if getattr(model, "is_gguf", False):
+        results = []
+        for prompt, (tokens, stop) in zip(prompts, model.generate_ids(prompts, max_new_tokens)):
+            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results.append(Generation(text, len(prompt), len(tokens), "stop" if stop else "length"))
+        return results
     import torch
 
     width = max(len(p) for p in prompts)

@@ -36,7 +36,11 @@ TINY = "tiny-llama"
 BASE_REF_FILE = "base.json"
 HASH_FILE = "tuneloop-sha256.txt"
 # The `tuneloop_format` of a registered version's metadata, by artifact kind.
-ARTIFACT_FORMATS = {"adapter": "adapter+base-ref/1", "full": "full-weights+base-ref/1"}
+ARTIFACT_FORMATS = {
+    "adapter": "adapter+base-ref/1",
+    "full": "full-weights+base-ref/1",
+    "gguf": "gguf+base-ref/1",  # a derived version: merged and quantized for llama.cpp (tuneloop.gguf)
+}
 
 # A chat template for the tiny test tokenizer, in the shape of SmolLM2's (ChatML).
 CHATML_TEMPLATE = (
@@ -323,8 +327,11 @@ def verify_artifact(artifact_dir: Path, expected: str | None, what: str) -> None
 
 
 def artifact_kind(artifact_dir: Path) -> str:
-    """Return "full" for an artifact holding all weights (`model/`), "adapter" for a PEFT adapter."""
+    """Return "full" for an artifact holding all weights (`model/`), "adapter" for a PEFT adapter,
+    "gguf" for a derived version (merged and quantized, `gguf/model.gguf`: llama.cpp serves it)."""
     artifact_dir = Path(artifact_dir)
+    if (artifact_dir / "gguf").is_dir():
+        return "gguf"
     if (artifact_dir / "model").is_dir():
         return "full"
     if (artifact_dir / "adapter").is_dir():
@@ -343,6 +350,10 @@ def load_adapter_model(
     tok = AutoTokenizer.from_pretrained(artifact_dir / "tokenizer")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if kind == "gguf":  # llama.cpp decodes it; the HF tokenizer renders and reads its token ids
+        from tuneloop.gguf import GgufModel
+
+        return GgufModel(artifact_dir, tok.eos_token_id), tok
     if kind == "full":  # the weights are all there: the base is lineage only
         import torch
         from transformers import AutoModelForCausalLM
@@ -371,7 +382,7 @@ def find_artifact_dir(downloaded: Path) -> Path:
 # --------------------------------------------------------------------------- encryption at rest
 
 ENCRYPTED_FILE = "tuneloop-encrypted.json"  # marks an encrypted artifact: scheme, key variable, files
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 class ArtifactKeyError(BaseModelError):

@@ -43,6 +43,7 @@ class EngineSpec(_Seam):
     merge_default: bool
     prefix_cache: int = Field(ge=0)
     max_prompt_tokens: int = Field(ge=1)
+    max_new_tokens: int = Field(256, ge=1)  # serve.max_tokens_limit: with the prompt, a request's context
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
 

@@ -60,6 +60,7 @@ def serve_spec(cfg: TuneloopConfig, base_version: str | None = None) -> ServeSpe
             merge_default=s.merge_default,
             prefix_cache=s.prefix_cache,
             max_prompt_tokens=s.max_prompt_tokens,
+            max_new_tokens=s.max_tokens_limit,
             dtype=s.dtype,
             attn_implementation=s.attn_implementation,
         ),

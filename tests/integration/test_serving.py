@@ -503,6 +503,84 @@ def test_a_tampered_adapter_is_refused_and_the_champion_keeps_serving(served) ->
     assert f"{NAME}:{version}" not in models
 
 
+def _slice_for(cfg, version: str) -> None:
+    """A registered evaluation slice named in `version`'s lineage (what a training would have left)."""
+    import pandas as pd
+
+    from tasks.slices import register_slice
+
+    rows = pd.DataFrame(
+        {
+            "messages": [
+                [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": str(2 * i)}]
+                for i in range(4)
+            ]
+        }
+    )
+    sl = register_slice.fn("sums", rows, "test", cfg.registry)
+    MlflowClient(tracking_uri(cfg)).set_model_version_tag(NAME, version, "tuneloop.slices", sl.ref)
+
+
+def test_a_derived_version_is_gated_hot_loaded_on_llama_cpp_canaried_and_promoted(served) -> None:
+    """Derivation → registration with lineage → gate against the parent → hot-load (llama.cpp
+    next to the float engine, no replica restarted) → canary under load → promoted."""
+    from flows.optimization import optimization_flow
+
+    cfg, *_ = served
+    client = MlflowClient(tracking_uri(cfg))
+    parent = str(client.get_model_version_by_alias(NAME, "champion").version)
+    _slice_for(cfg, parent)
+    result = optimization_flow(cfg, parent, "q8_0")
+    assert result.decision == "passed", result.reason
+    assert result.alias == "challenger" and result.size_bytes < result.parent_size_bytes / 2
+    tags = client.get_model_version(NAME, result.version).tags
+    assert tags["tuneloop.derived_from"] == f"models:/{NAME}/{parent}"
+    assert tags["tuneloop.derivation.method"] == "q8_0" and tags["tuneloop.derivation.bits"] == "8"
+    assert int(tags["tuneloop.derivation.size_bytes"]) == result.size_bytes
+    assert tags["tuneloop.artifact"] == "gguf" and tags["tuneloop.gate"] == "passed"
+    assert any("weights_mb" in line for line in tags["tuneloop.gate_rules"].splitlines())
+    before = _replicas(cfg)
+    with _load(cfg) as load:
+        promoted = promotion_flow(cfg, result.version)
+    assert promoted.strategy == "hot-load + canary" and promoted.serving == result.version
+    assert all(a.status == 200 for a in load.answers), [a for a in load.answers if a.status != 200][:3]
+    assert {f"v{parent}", f"v{result.version}"} <= {a.version for a in load.answers}
+    assert _replicas(cfg) == before  # hot-loaded: no replica restarted
+    answer = _chat(cfg, "What is 2 plus 2?").json()
+    assert answer["system_fingerprint"] == f"v{result.version}"
+    with ray_client(f"127.0.0.1:{cfg.serve.ray_port}"):
+        infos = replica_infos(cfg).values()
+    assert all("LlamaCppEngine" in info.engine and result.version in info.versions for info in infos)
+    # back to the float parent for the tests that follow (its adapter is still loaded)
+    assert promotion_flow(cfg, parent).serving == parent
+
+
+def test_a_derived_version_of_a_rejected_parent_is_never_promoted(served) -> None:
+    from flows.optimization import optimization_flow
+    from tasks.deploy import DeployError
+
+    cfg, _, work = served
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.registry.experiment)
+    run_id = client.create_run(exp.experiment_id).info.run_id
+    rejected = register_adapter.fn(
+        cfg.registry,
+        run_id,
+        work / "a2",
+        {"rougeL": 0.1},
+        {"tuneloop.gate": "rejected", "tuneloop.gate_reason": "rejected: worse on sums", "tuneloop.trigger": "test"},
+        ["q"],
+    ).version
+    _slice_for(cfg, rejected)
+    result = optimization_flow(cfg, rejected, "q4_0")
+    assert result.decision == "rejected" and "its parent's gate: rejected: worse on sums" in result.reason
+    assert result.alias is None
+    # even with its own verdict forced to passed, the parent's verdict keeps it from serving
+    client.set_model_version_tag(NAME, result.version, "tuneloop.gate", "passed")
+    with pytest.raises(DeployError, match=f"derived from models:/{NAME}/{rejected}, whose gate rejected"):
+        promotion_flow(cfg, result.version)
+
+
 def test_prompt_versions_bind_canary_roll_back_and_never_reload_a_model(served) -> None:
     """A route = model version + prompt version: prompt changes go through the same canary and
     rules, and the replicas (their processes) stay as they were."""
