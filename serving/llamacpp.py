@@ -62,6 +62,7 @@ class LlamaCppEngine:
         self._waiting: list[Ticket] = []
         self._arrived = threading.Condition()
         self._closed = False
+        self._previous: list[int] | None = None  # the last prompt taken (a lone new one shares with it)
         threading.Thread(target=self._schedule, name=f"tuneloop-llamacpp-{version}", daemon=True).start()
 
     # ------------------------------------------------------------------ versions
@@ -177,12 +178,16 @@ class LlamaCppEngine:
         work: dict[int, tuple[list[int], int]] = {}
         for seq, (item, row) in running.items():
             work[seq] = ([row.tokens[-1]], len(item.prompt) + len(row.tokens) - 1)
+        if fresh:  # what the new prompts begin with (a chat template's system prompt) is decoded once
+            prompts = [item.prompt for item in fresh.values()]
+            self.seqs.share(prompts + ([self._previous] if len(prompts) == 1 and self._previous else []))
+            self._previous = prompts[-1]
         for seq, item in fresh.items():
             if len(item.prompt) >= self.seqs.n_ctx_seq:  # no room for one token (a clamped context)
                 item.loop.call_soon_threadsafe(item.finish, Row(finish_reason="length"))
                 continue
             running[seq] = (item, Row(sampling=item.sampling, stopper=item.stopper, constraint=item.constraint))
-            work[seq] = (list(item.prompt), 0)
+            work[seq] = self.seqs.start(seq, item.prompt)
         if not work:
             return
         start = time.perf_counter()

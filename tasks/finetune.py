@@ -705,8 +705,9 @@ def start_adapter(cfg: TrainConfig, champion: Path | BaseRef, base: BaseRef) -> 
         return None, "base"
     if not isinstance(champion, Path):
         return None, "base (no champion yet)"
-    if artifact_kind(champion) != "adapter":
-        return None, "base (the champion holds full weights, not an adapter)"
+    if (kind := artifact_kind(champion)) != "adapter":
+        held = "full weights" if kind == "full" else "a merged, quantized (GGUF) model"
+        return None, f"base (the champion holds {held}, not an adapter)"
     if read_base_ref(champion).sha256 != base.sha256:
         return None, "base (the champion was trained on another base model)"
     return champion, "champion's adapter"

@@ -283,12 +283,18 @@ def _make_quiet() -> Any:
     return sink
 
 
+MIN_PREFIX = 4  # a shorter shared prefix is not worth its own sequence
+
+
 class Sequences:
     """A GGUF model and one llama.cpp context holding up to `n_seq` sequences of `n_ctx_seq` tokens each.
 
     `decode` runs one `llama_decode` over new tokens of several sequences (a prompt, or one token
     per running sequence) and returns each sequence's last logits; `forget` frees a sequence's KV
-    cells. Not thread-safe: one decoding thread owns it.
+    cells. `start` begins a sequence on the shared prefix: the tokens every prompt starts with (a
+    chat template's system prompt) are decoded once into a sequence of their own and their KV
+    cells shared with each new sequence (`llama_memory_seq_cp` in one unified cache: no copy),
+    so a prompt decodes only its own tokens. Not thread-safe: one decoding thread owns it.
     """
 
     def __init__(self, path: Path, n_seq: int, n_ctx_seq: int, threads: int) -> None:
@@ -307,13 +313,19 @@ class Sequences:
         self.n_seq = n_seq
         self.n_ctx_seq = min(n_ctx_seq, llama_cpp.llama_model_n_ctx_train(self.model))
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = self.n_ctx_seq * n_seq
+        self.prefix_seq = n_seq  # the extra sequence holding the shared prefix
+        self.prefix: list[int] = []
+        cparams.n_ctx = self.n_ctx_seq * (n_seq + 1)
         cparams.n_batch = max(512, self.n_ctx_seq + n_seq)
         cparams.n_ubatch = min(cparams.n_batch, 512)
-        cparams.n_seq_max = n_seq
+        cparams.n_seq_max = n_seq + 1
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        cparams.kv_unified = True  # one cache shared by the sequences: a short answer leaves room for a long one
+        # One cache for all sequences, so that they share the prefix's cells; flash attention on.
+        # Measured with 32 sequences of NQ-open chats (BENCHMARKS.md): unified + flash attention
+        # 162-177 tok/s, a stream per sequence 150-160, without flash attention 95-146.
+        cparams.kv_unified = True
+        cparams.flash_attn_type = 1
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
@@ -338,13 +350,38 @@ class Sequences:
     def forget(self, seq: int) -> None:
         self.ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
-    def decode(self, work: dict[int, tuple[list[int], int]], all_logits: bool = False) -> dict[int, Any]:
+    def share(self, prompts: list[list[int]]) -> None:
+        """Keep as the shared prefix what `prompts` (≥ 2, or one and the current prefix) all begin
+        with, when it is at least MIN_PREFIX tokens and not the prefix already."""
+        if len(prompts) < 2 and not self.prefix:
+            return
+        common = _common_prefix([*prompts, *([self.prefix] if len(prompts) < 2 else [])])
+        if len(common) < MIN_PREFIX or (len(self.prefix) >= len(common) and common == self.prefix[: len(common)]):
+            return
+        self.forget(self.prefix_seq)  # cells other sequences still share stay theirs
+        self.prefix = []
+        self.decode({self.prefix_seq: (common, 0)}, outputs=False)
+        self.prefix = common
+
+    def start(self, seq: int, prompt: list[int]) -> tuple[list[int], int]:
+        """Begin `seq` on the shared prefix; return the prompt's tokens still to decode and their position."""
+        n = min(len(_common_prefix([self.prefix, prompt])) if self.prefix else 0, len(prompt) - 1)
+        if n < MIN_PREFIX:
+            return list(prompt), 0
+        self.ll.llama_memory_seq_cp(self.memory, self.prefix_seq, seq, 0, n)
+        return list(prompt[n:]), n
+
+    def decode(
+        self, work: dict[int, tuple[list[int], int]], all_logits: bool = False, outputs: bool = True
+    ) -> dict[int, Any]:
         """`work`: sequence → (new tokens, position of the first). Return sequence → logits of its
         last token [vocab] (with `all_logits`, of each new token [n, vocab]). Long work is cut into
         several `llama_decode` calls of at most n_batch tokens."""
         np = self.np
         entries = [
-            (seq, tok, pos + i, i == len(toks) - 1) for seq, (toks, pos) in work.items() for i, tok in enumerate(toks)
+            (seq, tok, pos + i, outputs and i == len(toks) - 1)
+            for seq, (toks, pos) in work.items()
+            for i, tok in enumerate(toks)
         ]
         out: dict[int, Any] = {}
         rows: dict[int, list[Any]] = {}
@@ -356,7 +393,7 @@ class Sequences:
                 b.pos[i] = pos
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = seq
-                b.logits[i] = all_logits or last
+                b.logits[i] = (all_logits and outputs) or last
             b.n_tokens = len(chunk)
             rc = self.ll.llama_decode(self.ctx, b)
             if rc != 0:
@@ -364,13 +401,25 @@ class Sequences:
                     f"llama_decode failed ({rc}{': no KV cache room' if rc == 1 else ''}) on {len(chunk)} tokens"
                 )
             for i, (seq, _tok, _pos, last) in enumerate(chunk):
-                if all_logits or last:
+                if (all_logits and outputs) or last:
                     ptr = self.ll.llama_get_logits_ith(self.ctx, i)
                     row = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
                     rows.setdefault(seq, []).append(row)
         for seq, got in rows.items():
             out[seq] = np.stack(got) if all_logits else got[-1]
         return out
+
+
+def _common_prefix(prompts: list[list[int]]) -> list[int]:
+    first = prompts[0]
+    n = len(first)
+    for other in prompts[1:]:
+        n = min(n, len(other))
+        for i in range(n):
+            if other[i] != first[i]:
+                n = i
+                break
+    return list(first[:n])
 
 
 class GgufModel:
@@ -402,7 +451,8 @@ class GgufModel:
         tokens: dict[int, list[int]] = {s: [] for s in range(len(prompts))}
         stopped: dict[int, bool] = {}
         room = {s: max(0, min(budget, seqs.n_ctx_seq - len(p))) for s, p in enumerate(prompts)}
-        work = {s: (list(p), 0) for s, p in enumerate(prompts) if room[s] > 0}
+        seqs.share(prompts)
+        work = {s: seqs.start(s, p) for s, p in enumerate(prompts) if room[s] > 0}
         stopped.update({s: False for s in range(len(prompts)) if room[s] == 0})
         try:
             while work:
