@@ -435,7 +435,9 @@ def main() -> None:
             }
         if derived is not None:
             print(f"derived v{vd} on the deployment: {args.clients} clients, {args.requests} requests …", flush=True)
-            results["derived_promotion"] = promotion_flow(cfg, vd).strategy
+            with ChatLoad(url, name, prompts, 8, clients=8, timeout_s=600) as during:  # its canary's traffic
+                results["derived_promotion"] = promotion_flow(cfg, vd).strategy
+            results["derived_promotion_failed"] = sum(1 for a in during.answers if a.status != 200)
             ChatLoad(url, name, prompts, 4, clients=4, total=8, timeout_s=600).run()  # warm-up
             results["serve_derived"] = load_phase(url, name, prompts, args.max_tokens, args.clients, args.requests)
             results["single_llama_cpp"], results["single_tuneloop_llama"] = single_llama, single_ours

@@ -33,6 +33,7 @@ from ray.serve.exceptions import RayServeException
 from serving.batching import BatchingEngine, Engine, Ticket, VersionNotLoaded
 from tuneloop.seams import (
     Answer,
+    DecodingStats,
     GenerationRequest,
     Refusal,
     ReplicaInfo,
@@ -268,7 +269,7 @@ class ModelServer:
             failed=dict(self.failed),
             merged=self.engine.merged_versions(),
             engine="+".join(dict.fromkeys(type(e).__name__ for e in [self.engine, *self.engines.values()])),
-            decoding=self.engine.stats(),
+            decoding=_summed([self.engine.stats(), *(e.stats() for e in self.engines.values())]),
             dtype=self.dtype,
             attention=self.attention,
         )
@@ -398,6 +399,13 @@ class ModelServer:
         answer = self._answer(ticket, row)
         rest = answer.text[len(sent.strip()) :] if answer.text.startswith(sent.strip()) else ""
         yield StreamEvent("done", rest, answer=answer)
+
+
+def _summed(stats: list[DecodingStats]) -> DecodingStats:
+    """The decoding figures of every engine of a replica, added up."""
+    from dataclasses import fields
+
+    return DecodingStats(**{f.name: sum(getattr(s, f.name) for s in stats) for f in fields(DecodingStats)})
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
