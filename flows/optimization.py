@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import mlflow
@@ -27,11 +28,20 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.deploy import DeployError
-from tasks.evaluate import GateVerdict, ModelEvaluation, compare_reports, decide_gate, evaluate_model, write_eval_report
+from tasks.evaluate import (
+    EvalSlice,
+    GateVerdict,
+    ModelEvaluation,
+    compare_reports,
+    decide_gate,
+    evaluate_model,
+    write_eval_report,
+)
 from tasks.prompts import serving_prompt
 from tasks.registry import (
     ModelVersionRef,
     assign_alias,
+    fail_run,
     fetch_adapter,
     find_alias,
     open_state,
@@ -44,6 +54,7 @@ from tasks.slices import lineage_refs, load_slices
 from tuneloop.config import GateConfig, TuneloopConfig, load_config
 from tuneloop.gguf import Derivation, derive
 from tuneloop.gguf import method as derivation_method
+from tuneloop.models import DIGEST_TAG, verify_artifact
 from tuneloop.retrieval import Retriever
 from tuneloop.state import collections_location, tracking_uri
 
@@ -102,7 +113,6 @@ def optimization_flow(
     """Derive a merged, quantized version of `version` (default: the champion) with `method` (default:
     optimize.method), gate it against it, register it."""
     cfg = config or load_config()
-    logger = get_run_logger()
     mlflow.set_tracking_uri(tracking_uri(cfg))
     paths = open_state(cfg)
     name, reg = cfg.registry.model_name, cfg.registry
@@ -125,6 +135,7 @@ def optimization_flow(
     work = paths.cache / "derive" / f"v{parent.version}-{how.name}"
     shutil.rmtree(work, ignore_errors=True)
     parent_dir = fetch_adapter(f"models:/{name}/{parent.version}", work / "parent")
+    verify_artifact(parent_dir, tags.get(DIGEST_TAG), f"Version {parent.version} of {name}")  # as a replica would
     run_id = start_training_run(
         reg,
         f"derive-v{parent.version}-{how.name}",
@@ -132,6 +143,31 @@ def optimization_flow(
         f"derive-v{parent.version}-{how.name}-{tags.get('tuneloop.artifact_sha256', '')[:16]}",
         {"tuneloop.derived_from": f"models:/{name}/{parent.version}"},
     )
+    try:
+        result = _derive_and_gate(cfg, parent, parent_dir, tags, how.name, slices, work, run_id)
+    except BaseException as err:  # the run says why; nothing is registered
+        fail_run.fn(run_id, f"{type(err).__name__}: {err}"[:4000])
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the registered artifact is in MLflow
+    return result
+
+
+def _derive_and_gate(
+    cfg: TuneloopConfig,
+    parent: ModelVersionRef,
+    parent_dir: Path,
+    tags: dict[str, str],
+    how_name: str,
+    slices: list[EvalSlice],
+    work: Path,
+    run_id: str,
+) -> OptimizationResult:
+    """Derive, evaluate both on every slice, gate, register; the run `run_id` records it all."""
+    logger = get_run_logger()
+    paths = open_state(cfg)
+    name, reg = cfg.registry.model_name, cfg.registry
+    how = derivation_method(how_name)
     logger.info("Deriving v%s with %s (merge → GGUF → quantize)", parent.version, how.name)
     info: Derivation = derive(parent_dir, f"models:/{name}/{parent.version}", how.name, work / "derived", work / "tmp")
     logger.info(
@@ -203,7 +239,6 @@ def optimization_flow(
         figures,
     )
     create_markdown_artifact(key="optimization-result", markdown=summary(result, reference), description=name)
-    shutil.rmtree(work / "tmp", ignore_errors=True)
     return result
 
 

@@ -138,3 +138,25 @@ def test_yaml_reads_off_and_no_as_text_and_only_true_false_as_booleans(tmp_path)
     assert (
         load_config(None, ["serve.guardrails.completions.toxicity=off"]).serve.guardrails.completions.toxicity == "off"
     )
+
+
+def test_a_derived_versions_rules_default_to_the_evaluated_metrics_and_are_checked() -> None:
+    cfg = load_config(None, [])
+    assert "weights_mb[all] <= champion * 0.5" in cfg.optimize.rules and cfg.optimize.method == "q8_0"
+    narrow = load_config(None, ["eval.metrics=[token_f1]", "gate.rules=['token_f1[all] >= 0']"])
+    assert narrow.optimize.rules == [
+        "token_f1[all] >= champion - 0.02",
+        "ci_low(bias_gap[all] - champion) <= 0.05",
+        "weights_mb[all] <= champion * 0.5",
+    ]
+    with pytest.raises(ConfigError, match="metric rougeL is not evaluated"):
+        load_config(
+            None,
+            [
+                "eval.metrics=[token_f1]",
+                "gate.rules=['token_f1[all] >= 0']",
+                "optimize.rules=['rougeL[all] >= champion']",
+            ],
+        )
+    with pytest.raises(ConfigError, match="optimize.method"):
+        load_config(None, ["optimize.method=int3"])

@@ -555,7 +555,7 @@ def test_a_derived_version_is_gated_hot_loaded_on_llama_cpp_canaried_and_promote
     assert promotion_flow(cfg, parent).serving == parent
 
 
-def test_a_derived_version_of_a_rejected_parent_is_never_promoted(served) -> None:
+def test_a_derived_version_of_a_rejected_parent_is_never_promoted(served, monkeypatch) -> None:
     from flows.optimization import optimization_flow
     from tasks.deploy import DeployError
 
@@ -579,6 +579,18 @@ def test_a_derived_version_of_a_rejected_parent_is_never_promoted(served) -> Non
     client.set_model_version_tag(NAME, result.version, "tuneloop.gate", "passed")
     with pytest.raises(DeployError, match=f"derived from models:/{NAME}/{rejected}, whose gate rejected"):
         promotion_flow(cfg, result.version)
+    # a derivation that fails (no converter here) registers nothing and fails its MLflow run
+    from tuneloop.gguf import DerivationError
+
+    before = {v.version for v in client.search_model_versions(f"name='{NAME}'")}
+    monkeypatch.setenv("TUNELOOP_LLAMA_CPP_DIR", "/nonexistent")
+    with pytest.raises(DerivationError, match="convert_hf_to_gguf.py"):
+        optimization_flow(cfg, rejected, "q8_0")
+    assert {v.version for v in client.search_model_versions(f"name='{NAME}'")} == before
+    [run] = client.search_runs(
+        [exp.experiment_id], f"tags.`tuneloop.derived_from` = 'models:/{NAME}/{rejected}'", order_by=["start_time DESC"]
+    )[:1]
+    assert run.info.status == "FAILED" and "DerivationError" in run.data.tags["tuneloop.failure"]
 
 
 def test_prompt_versions_bind_canary_roll_back_and_never_reload_a_model(served) -> None:
