@@ -140,23 +140,10 @@ def sequential_baseline(cfg, version: str, prompts: list[str], max_tokens: int, 
     if merged:  # the adapter merged into the base: plain transformers, no PEFT layers
         model = model.merge_and_unload()
     generate_batch(model, tok, [[{"role": "user", "content": prompts[0]}]], 4)  # warm-up
-    latencies, tokens = [], 0
-    start = time.perf_counter()
-    for p in prompts:
-        t = time.perf_counter()
-        out = generate_batch(model, tok, [[{"role": "user", "content": p}]], max_tokens)[0]
-        latencies.append((time.perf_counter() - t) * 1000)
-        tokens += out.completion_tokens
-    wall = time.perf_counter() - start
-    del model
-    return {
-        "requests": len(prompts),
-        "tokens": tokens,
-        "wall_s": wall,
-        "tok_s": tokens / wall,
-        "p50_ms": statistics.median(latencies),
-        "p99_ms": percentile(latencies, 0.99),
-    }
+    return _timed(
+        prompts,
+        lambda p: generate_batch(model, tok, [[{"role": "user", "content": p}]], max_tokens)[0].completion_tokens,
+    )
 
 
 def derive_version(cfg, version: str, how: str, work: Path) -> tuple[str, Path]:

@@ -122,6 +122,41 @@ class Engine(Protocol):
         ...
 
 
+class TicketQueue:
+    """What an engine does with a request around its decoding: queue it (on the caller's event
+    loop; the engine's thread takes it from `_waiting`), stream its tokens, cancel it."""
+
+    _waiting: list[Ticket]
+    _arrived: threading.Condition
+
+    def _enqueue(
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        version: str,
+        stream: bool,
+        pinned: bool,
+        sampling: Sampling | None,
+        stopper: Callable[[list[int]], bool] | None,
+        constraint: Any,
+    ) -> Ticket:
+        loop = asyncio.get_running_loop()
+        ticket = Ticket(prompt, max_tokens, version, loop, stream, pinned, sampling, stopper, constraint)
+        with self._arrived:
+            self._waiting.append(ticket)
+            self._arrived.notify()
+        return ticket
+
+    async def stream(self, ticket: Ticket) -> AsyncIterator[int]:
+        """The ticket's token ids as they are decoded (submitted with stream=True)."""
+        while (token := await ticket.tokens.get()) is not None:
+            yield token
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Its client went away: the request leaves the queue or its batch before the next step."""
+        ticket.abandoned = True
+
+
 @dataclass
 class _Running:
     """The batch being decoded and what it may take: `version` None takes any version (mixed
@@ -132,7 +167,7 @@ class _Running:
     adapter: str | None
 
 
-class BatchingEngine:
+class BatchingEngine(TicketQueue):
     """Continuous batching of decoding (greedy or sampled, per row) on one transformers model and its PEFT adapters."""
 
     def __init__(self, model: Any, tokenizer: Any, spec: EngineSpec, fixed_version: str | None = None) -> None:
@@ -239,21 +274,7 @@ class BatchingEngine:
     ) -> Ticket:
         """Queue a request (on the caller's event loop); its ticket's `done` gets the row.
         Every Sampling setting is honoured, per row (rows of one batch may differ)."""
-        loop = asyncio.get_running_loop()
-        ticket = Ticket(prompt, max_tokens, version, loop, stream, pinned, sampling, stopper, constraint)
-        with self._arrived:
-            self._waiting.append(ticket)
-            self._arrived.notify()
-        return ticket
-
-    async def stream(self, ticket: Ticket) -> AsyncIterator[int]:
-        """The ticket's token ids as they are decoded (submitted with stream=True)."""
-        while (token := await ticket.tokens.get()) is not None:
-            yield token
-
-    def cancel(self, ticket: Ticket) -> None:
-        """Its client went away: the request leaves the queue or its batch before the next step."""
-        ticket.abandoned = True
+        return self._enqueue(prompt, max_tokens, version, stream, pinned, sampling, stopper, constraint)
 
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])

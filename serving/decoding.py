@@ -126,6 +126,18 @@ def _draw(logits: Any, rows: list[Row], argmax: Any) -> Any:
     return torch.where(ok, tokens, argmax)
 
 
+def record(row: Row, tok: int, eos_id: int, budget: int) -> None:
+    """A decoded token into its row; the row is done at EOS (not kept), a stop string, or its budget."""
+    if tok == eos_id:
+        row.finish_reason = "stop"
+        return
+    row.tokens.append(tok)
+    if row.stopper is not None and row.stopper(row.tokens):
+        row.finish_reason = "stop"
+    elif len(row.tokens) >= budget:
+        row.finish_reason = "length"
+
+
 def common_prefix(prompts: list[list[int]]) -> int:
     """Length of the longest prefix all prompts share, leaving each at least one token of its own."""
     first = prompts[0]
@@ -281,14 +293,7 @@ class Batch:
     def _record(self, nxt: Any, rows: list[Row], budgets: list[int], owners: list[Any]) -> list[tuple[Any, Row, int]]:
         events = []
         for tok, row, budget, owner in zip(nxt.tolist(), rows, budgets, owners):
-            if tok == self.eos_id:
-                row.finish_reason = "stop"
-            else:
-                row.tokens.append(tok)
-                if row.stopper is not None and row.stopper(row.tokens):
-                    row.finish_reason = "stop"
-                elif len(row.tokens) >= budget:
-                    row.finish_reason = "length"
+            record(row, tok, self.eos_id, budget)
             events.append((owner, row, tok))
         return events
 

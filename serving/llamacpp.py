@@ -17,22 +17,21 @@ lacks (BENCHMARKS.md "A CPU engine for derived versions").
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serving.batching import Ticket, Unsupported, VersionNotLoaded
-from serving.decoding import Row, choose
+from serving.batching import Ticket, TicketQueue, Unsupported, VersionNotLoaded
+from serving.decoding import Row, choose, record
 from tuneloop.seams import DecodingStats, EngineSpec, Sampling
 
 log = logging.getLogger("ray.serve")
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(TicketQueue):
     """Continuous batching of one derived version on llama.cpp (no adapters: its LoRA is merged in)."""
 
     def __init__(self, artifact_dir: Path, tokenizer: Any, spec: EngineSpec, version: str) -> None:
@@ -105,19 +104,7 @@ class LlamaCppEngine:
     ) -> Ticket:
         if version != self.version or self._closed:
             raise VersionNotLoaded(f"version {version} is not loaded on this replica")
-        loop = asyncio.get_running_loop()
-        ticket = Ticket(prompt, max_tokens, version, loop, stream, pinned, sampling, stopper, constraint)
-        with self._arrived:
-            self._waiting.append(ticket)
-            self._arrived.notify()
-        return ticket
-
-    async def stream(self, ticket: Ticket) -> AsyncIterator[int]:
-        while (token := await ticket.tokens.get()) is not None:
-            yield token
-
-    def cancel(self, ticket: Ticket) -> None:
-        ticket.abandoned = True
+        return self._enqueue(prompt, max_tokens, version, stream, pinned, sampling, stopper, constraint)
 
     def vocab_size(self) -> int:
         return int(self.seqs.n_vocab)
@@ -202,15 +189,7 @@ class LlamaCppEngine:
         self._counts["row_steps"] += len(order)
         for seq, tok in zip(order, nxt.tolist()):
             item, row = running[seq]
-            room = self.seqs.n_ctx_seq - len(item.prompt)
-            if tok == self.eos_id:
-                row.finish_reason = "stop"
-            else:
-                row.tokens.append(tok)
-                if row.stopper is not None and row.stopper(row.tokens):
-                    row.finish_reason = "stop"
-                elif len(row.tokens) >= min(item.budget, room):
-                    row.finish_reason = "length"
+            record(row, tok, self.eos_id, min(item.budget, self.seqs.n_ctx_seq - len(item.prompt)))
             try:
                 if item.stream:  # EOS too: the shell's stream ends at it, as with the float engine
                     item.loop.call_soon_threadsafe(item.tokens.put_nowait, tok)
