@@ -241,10 +241,13 @@ def _timed(prompts: list[str], answer) -> dict:
     }
 
 
-def load_phase(url: str, name: str, prompts: list[str], max_tokens: int, clients: int, total: int) -> dict:
+def load_phase(
+    url: str, name: str, prompts: list[str], max_tokens: int, clients: int, total: int, extra: dict | None = None
+) -> dict:
+    """`clients` threads asking until `total` requests are answered: throughput, latency, failures."""
     from tasks.traffic import ChatLoad
 
-    load = ChatLoad(url, name, prompts, max_tokens, clients=clients, total=total, timeout_s=600)
+    load = ChatLoad(url, name, prompts, max_tokens, clients=clients, total=total, timeout_s=600, extra=extra)
     load.run()
     ok = [a for a in load.answers if a.status == 200]
     lat = [a.latency_ms for a in ok]
@@ -383,43 +386,12 @@ def main() -> None:
         name = cfg.registry.model_name
         ChatLoad(url, name, prompts, 4, clients=4, total=8, timeout_s=600).run()  # warm-up
         print(f"deployment: {args.clients} clients, {args.requests} requests …", flush=True)
-        load = ChatLoad(url, name, prompts, args.max_tokens, clients=args.clients, total=args.requests, timeout_s=600)
-        load.run()
-        wall = load.wall_s
-        ok = [a for a in load.answers if a.status == 200]
-        lat = [a.latency_ms for a in ok]
-        results["serve"] = {
-            "requests": len(load.answers),
-            "failed": len(load.answers) - len(ok),
-            "tokens": sum(a.tokens for a in ok),
-            "wall_s": wall,
-            "tok_s": sum(a.tokens for a in ok) / wall,
-            "p50_ms": statistics.median(lat),
-            "p99_ms": percentile(lat, 0.99),
-        }
+        results["serve"] = load_phase(url, name, prompts, args.max_tokens, args.clients, args.requests)
         results["modes"] = {}
         for mode in [m for m in args.modes.split(",") if m and m != "greedy"]:
             print(f"deployment, {mode}: {args.clients} clients, {args.requests} requests …", flush=True)
-            phase = ChatLoad(
-                url,
-                name,
-                prompts,
-                args.max_tokens,
-                clients=args.clients,
-                total=args.requests,
-                timeout_s=600,
-                extra=MODES[mode],
-            )
-            phase.run()
-            good = [a for a in phase.answers if a.status == 200]
-            tok_s = sum(a.tokens for a in good) / phase.wall_s
-            results["modes"][mode] = {
-                "requests": len(phase.answers),
-                "failed": len(phase.answers) - len(good),
-                "tok_s": tok_s,
-                "vs_greedy": tok_s / results["serve"]["tok_s"],
-                "p50_ms": statistics.median([a.latency_ms for a in good]) if good else float("nan"),
-            }
+            phase = load_phase(url, name, prompts, args.max_tokens, args.clients, args.requests, MODES[mode])
+            results["modes"][mode] = {**phase, "vs_greedy": phase["tok_s"] / results["serve"]["tok_s"]}
         if derived is not None:
             print(f"derived v{vd} on the deployment: {args.clients} clients, {args.requests} requests …", flush=True)
             with ChatLoad(url, name, prompts, 8, clients=8, timeout_s=600) as during:  # its canary's traffic

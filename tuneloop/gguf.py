@@ -1,7 +1,7 @@
 """Derived versions for llama.cpp: a registered version merged, converted to GGUF and quantized,
 and the llama.cpp sequences that evaluation and serving decode it with.
 
-    info = derive(parent_artifact, "q8_0", out_dir, work_dir)   # out_dir/gguf/model.gguf + tokenizer + base ref
+    info = derive(parent_dir, "models:/m/3", "q8_0", out_dir, work_dir)  # out_dir/gguf/model.gguf, tokenizer, base ref
     seqs = Sequences(out_dir / "gguf" / "model.gguf", n_seq=16, n_ctx_seq=512, threads=2)
     logits = seqs.decode({0: (prompt_ids, 0)})                    # {seq: last logits}; a row per sequence
     seqs.forget(0)                                                # its KV cells are free again
@@ -355,7 +355,7 @@ class Sequences:
         with, when it is at least MIN_PREFIX tokens and not the prefix already."""
         if len(prompts) < 2 and not self.prefix:
             return
-        common = _common_prefix([*prompts, *([self.prefix] if len(prompts) < 2 else [])])
+        common = list(os.path.commonprefix([*prompts, *([self.prefix] if len(prompts) < 2 else [])]))
         if len(common) < MIN_PREFIX or (len(self.prefix) >= len(common) and common == self.prefix[: len(common)]):
             return
         self.forget(self.prefix_seq)  # cells other sequences still share stay theirs
@@ -365,7 +365,7 @@ class Sequences:
 
     def start(self, seq: int, prompt: list[int]) -> tuple[list[int], int]:
         """Begin `seq` on the shared prefix; return the prompt's tokens still to decode and their position."""
-        n = min(len(_common_prefix([self.prefix, prompt])) if self.prefix else 0, len(prompt) - 1)
+        n = min(len(os.path.commonprefix([self.prefix, prompt])) if self.prefix else 0, len(prompt) - 1)
         if n < MIN_PREFIX:
             return list(prompt), 0
         self.ll.llama_memory_seq_cp(self.memory, self.prefix_seq, seq, 0, n)
@@ -408,18 +408,6 @@ class Sequences:
         for seq, got in rows.items():
             out[seq] = np.stack(got) if all_logits else got[-1]
         return out
-
-
-def _common_prefix(prompts: list[list[int]]) -> list[int]:
-    first = prompts[0]
-    n = len(first)
-    for other in prompts[1:]:
-        n = min(n, len(other))
-        for i in range(n):
-            if other[i] != first[i]:
-                n = i
-                break
-    return list(first[:n])
 
 
 class GgufModel:
